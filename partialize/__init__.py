@@ -1,0 +1,32 @@
+"""partialize: convert vision networks to partial-channel form, fine-tune them, report the change.
+
+Importing the package registers the operators (and, once available, the native PartialNet models
+with timm); nothing else happens at import time.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    CheckpointError,
+    ModelError,
+    OperatorError,
+    PartializeError,
+    RecipeError,
+    WeightsUnavailableError,
+)
+from .ops import get_operator, list_operators, register_operator  # noqa: E402
+
+__all__ = [
+    "CheckpointError",
+    "ModelError",
+    "OperatorError",
+    "PartializeError",
+    "RecipeError",
+    "WeightsUnavailableError",
+    "__version__",
+    "get_operator",
+    "list_operators",
+    "register_operator",
+]

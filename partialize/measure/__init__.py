@@ -1,0 +1,1 @@
+"""Measurement: parameters, MACs, speed, and their rendering."""

@@ -1,0 +1,1 @@
+"""Native models registered with timm on import."""

@@ -1,0 +1,113 @@
+"""Small helpers shared by the operators: channel splits, BN folding, conv checks."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..errors import OperatorError
+
+
+def split_channels(channels: int, ratio: float) -> int:
+    """Number of channels the expensive branch gets: round(ratio * C), clamped to [1, C].
+
+    Rounding (not flooring) keeps e.g. C=24, r=1/4 at 6 and C=20, r=1/8 at 3 (2.5 rounds to even
+    in Python, so we round half up explicitly).
+    """
+    if not 0.0 < float(ratio) <= 1.0:
+        raise OperatorError(f"ratio must be in (0, 1], got {ratio!r}")
+    n = int(float(ratio) * channels + 0.5)
+    return max(1, min(channels, n))
+
+
+def bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BN as y = scale * x + shift (per channel)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale.detach(), shift.detach()
+
+
+def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> nn.Conv2d:
+    """Return a new conv computing bn(conv(x)) in eval mode (exact up to rounding)."""
+    if bn.num_features != conv.out_channels:
+        raise ValueError(f"BN has {bn.num_features} channels but conv has {conv.out_channels} outputs")
+    scale, shift = bn_affine(bn)
+    fused = copy.deepcopy(conv)
+    w = conv.weight.detach() * scale.reshape(-1, *([1] * (conv.weight.dim() - 1)))
+    b = shift if conv.bias is None else conv.bias.detach() * scale + shift
+    fused.weight = nn.Parameter(w)
+    fused.bias = nn.Parameter(b)
+    return fused
+
+
+def check_same_size_conv(conv: nn.Conv2d, op: str) -> None:
+    """Raise OperatorError unless ``conv`` keeps channels and spatial size (what PConv can represent)."""
+    name = type(conv).__name__
+    if not isinstance(conv, nn.Conv2d):
+        raise OperatorError(f"{op} converts nn.Conv2d layers, got {name}")
+    reasons = []
+    if conv.in_channels != conv.out_channels:
+        reasons.append(
+            f"in_channels ({conv.in_channels}) != out_channels ({conv.out_channels}): the untouched "
+            "channels pass through as identity, so input and output widths must match"
+        )
+    if tuple(conv.stride) != (1, 1):
+        reasons.append(f"stride {tuple(conv.stride)} != 1: identity channels cannot be downsampled")
+    if conv.groups != 1:
+        reasons.append(f"groups={conv.groups}: a grouped/depthwise conv has no dense top-left block to keep")
+    if conv.padding_mode != "zeros":
+        reasons.append(f"padding_mode={conv.padding_mode!r}: only zero padding is supported")
+    if not reasons and not keeps_spatial_size(conv):
+        reasons.append(
+            f"kernel {tuple(conv.kernel_size)}, dilation {tuple(conv.dilation)} and padding "
+            f"{conv.padding!r} change the spatial size"
+        )
+    if reasons:
+        raise OperatorError(f"{op} cannot represent this {name}: " + "; ".join(reasons))
+
+
+def keeps_spatial_size(conv: nn.Conv2d) -> bool:
+    """True when a stride-1 conv's padding keeps H and W (odd effective kernel, symmetric pad)."""
+    if conv.padding == "same":
+        return True
+    if conv.padding == "valid":
+        return all(k == 1 for k in conv.kernel_size)
+    for k, d, p in zip(conv.kernel_size, conv.dilation, conv.padding):
+        span = d * (k - 1)
+        if span % 2 or p != span // 2:
+            return False
+    return True
+
+
+def conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """Explicit symmetric padding of a size-keeping conv (resolves 'same'/'valid')."""
+    if isinstance(conv.padding, str):
+        return tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
+    return tuple(conv.padding)
+
+
+def copy_top_left(dst: nn.Conv2d, src: nn.Conv2d) -> None:
+    """Copy the top-left [:out, :in] block of ``src``'s weight (and bias) into ``dst``.
+
+    When ``dst`` is wider than ``src`` (a partial source whose other channels were identity), the
+    extra channels get an identity (Dirac) kernel, so the new op computes what the source did.
+    """
+    n_out, n_in = min(dst.out_channels, src.out_channels), min(dst.in_channels, src.in_channels)
+    with torch.no_grad():
+        dst.to(device=src.weight.device, dtype=src.weight.dtype)
+        if n_out < dst.out_channels or n_in < dst.in_channels:
+            dst.weight.zero_()
+            kh, kw = dst.kernel_size
+            for c in range(n_in, min(dst.in_channels, dst.out_channels)):
+                dst.weight[c, c, kh // 2, kw // 2] = 1.0
+        dst.weight[:n_out, :n_in].copy_(src.weight[:n_out, :n_in])
+        if dst.bias is not None:
+            dst.bias.zero_()
+            if src.bias is not None:
+                dst.bias[:n_out].copy_(src.bias[:n_out])

@@ -1,0 +1,130 @@
+"""Ada-PConv (004): a router picks, per input, how many channels the conv processes.
+
+Router (004 eq. 2): alpha = softmax(W_r GAP(X)) over the ratios (default 1/8, 1/4, 1/2).
+``routing="soft"`` (training) returns sum_i alpha_i PConv_i(X) (004 soft fusion);
+``routing="hard"`` (inference) runs, per sample, only the arg-max branch: the batch is grouped by
+branch, so an input costs the router plus one branch.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import OperatorError
+from ._utils import copy_top_left, split_channels
+from .pconv import conv_source
+from .registry import register_operator
+
+ROUTINGS = ("soft", "hard")
+
+
+@register_operator("ada_pconv")
+class AdaPConv(nn.Module):
+    """Input-adaptive partial conv with one conv per ratio and a GAP -> linear -> softmax router."""
+
+    _partialize_leaf = True
+
+    def __init__(
+        self,
+        dim: int,
+        ratios: tuple[float, ...] = (1 / 8, 1 / 4, 1 / 2),
+        kernel_size: int | tuple[int, int] = 3,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = False,
+        routing: str = "soft",
+    ) -> None:
+        super().__init__()
+        if routing not in ROUTINGS:
+            raise OperatorError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+        if len(ratios) < 2:
+            raise OperatorError("Ada-PConv needs at least two ratios to choose from")
+        self.dim = dim
+        self.ratios = tuple(float(r) for r in ratios)
+        self.widths = [split_channels(dim, r) for r in self.ratios]
+        self.routing = routing
+        ks = nn.modules.utils._pair(kernel_size)
+        dl = nn.modules.utils._pair(dilation)
+        if any(k % 2 == 0 for k in ks):
+            raise OperatorError(f"Ada-PConv needs an odd kernel to keep the spatial size, got {ks}")
+        pad = tuple(d * (k - 1) // 2 for k, d in zip(ks, dl))
+        self.branches = nn.ModuleList(nn.Conv2d(n, n, ks, 1, pad, dl, bias=bias) for n in self.widths)
+        self.router = nn.Linear(dim, len(self.ratios))
+        nn.init.zeros_(self.router.weight)
+        nn.init.zeros_(self.router.bias)
+        self.last_choice: torch.Tensor | None = None
+        self.last_probs: torch.Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, widths={self.widths}, routing={self.routing!r}"
+
+    @property
+    def last_histogram(self) -> torch.Tensor:
+        """Samples per branch in the last forward (zeros before the first)."""
+        if self.last_choice is None:
+            return torch.zeros(len(self.widths), dtype=torch.long)
+        return torch.bincount(self.last_choice.cpu(), minlength=len(self.widths))
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """alpha = softmax(W_r GAP(x)) per 004 eq. 2, shape (B, branches)."""
+        return F.softmax(self.router(x.mean(dim=(2, 3))), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.route(x)
+        self.last_probs = probs.detach()
+        self.last_choice = probs.detach().argmax(dim=1)
+        if self.routing == "soft":
+            return self._soft(x, probs)
+        return self._hard(x, self.last_choice)
+
+    def _soft(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        # sum_i a_i cat(conv_i(x[:n_i]), x[n_i:]) = x + sum_i a_i pad(conv_i(x[:n_i]) - x[:n_i])
+        # because the a_i sum to one (004 soft fusion).
+        out = x
+        for i, (conv, n) in enumerate(zip(self.branches, self.widths)):
+            x1 = x[:, :n]
+            delta = (conv(x1) - x1) * probs[:, i].to(x.dtype).reshape(-1, 1, 1, 1)
+            out = out + F.pad(delta, (0, 0, 0, 0, 0, self.dim - n))
+        return out
+
+    def _hard(self, x: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        for i, (conv, n) in enumerate(zip(self.branches, self.widths)):
+            idx = (choice == i).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                continue
+            if idx.numel() == x.shape[0]:
+                out[:, :n] = conv(x[:, :n])
+            else:
+                out[idx, :n] = conv(x[idx, :n])
+        return out
+
+    def expected_macs(self, h: int, w: int) -> float:
+        """MACs of one input under the last routing (hard: chosen branch; soft: all branches)."""
+        per_branch = [
+            n * n * self.branches[i].weight[0, 0].numel() * h * w for i, n in enumerate(self.widths)
+        ]
+        router = self.dim * len(self.widths)
+        if self.routing == "soft" or self.last_choice is None:
+            return float(sum(per_branch) + router)
+        hist = self.last_histogram.double()
+        return float((hist / hist.sum()) @ torch.tensor(per_branch, dtype=torch.double)) + router
+
+    @classmethod
+    def from_module(cls, original: nn.Module, ratios=(1 / 8, 1 / 4, 1 / 2), **params) -> AdaPConv:
+        """Each branch inherits the top-left block of ``original`` (Dirac beyond a PConv's width)."""
+        src, dim = conv_source(original, "Ada-PConv")
+        op = cls(dim, tuple(ratios), src.kernel_size, src.dilation, src.bias is not None, **params)
+        for conv in op.branches:
+            copy_top_left(conv, src)
+        return op.to(src.weight.device)
+
+    def deploy(self) -> AdaPConv:
+        """Inference form: hard routing, eval mode, frozen weights."""
+        op = copy.deepcopy(self).eval()
+        op.routing = "hard"
+        op.last_choice = op.last_probs = None
+        return op.requires_grad_(False)

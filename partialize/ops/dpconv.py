@@ -1,0 +1,215 @@
+"""DPConv (000, "Learnable Dynamic Partial Convolution"): the split ratio is learned per layer.
+
+K = ceil(log2 C) gates g~_k in [-1, 1] are binarised by g_k = step(g~_k) with a straight-through
+estimator. The conv gets n = min(C, 2^{sum_k (1 - g_k)}) channels, i.e. r_p = n / C (000, the r_p
+formula after eq. 6). The channel mask is the Kronecker product of the K vectors [1, 1 - g_k]
+(000 Figure 4); with non-increasing gates it is a prefix of length n, so the trained layer is
+exactly "conv on the first n channels, attention/identity on the rest" and deploys as a static
+PConv/PATConv slice.
+
+Choices (docs/operators.md): the paper writes zeta = sum 2^{2 sum g} but r_p with (1 - g); we take
+zeta_l = (r_p C_l)^2, the squared conv width, which is what kappa = sum (C_l / theta)^2 bounds
+(theta = 4 <=> FasterNet's 1/4). Channel counts that are not powers of two use K = ceil(log2 C) and
+truncate the mask to C, so reachable widths are the powers of two below C, and C itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import OperatorError
+from ._utils import copy_top_left
+from .attention import GATES, GaussianChannelAttention
+from .patconv import PATConv
+from .pconv import PConv, conv_source, is_partial_source
+from .registry import register_operator
+
+DP_ATTENTIONS = ("identity", "ch")
+
+
+def binarize_ste(g_tilde: torch.Tensor) -> torch.Tensor:
+    """g = 1[g~ > 0] forward; gradient passes straight through where |g~| <= 1 (hardtanh STE)."""
+    soft = g_tilde.clamp(-1.0, 1.0)
+    hard = (g_tilde > 0).to(g_tilde.dtype)
+    return hard + (soft - soft.detach())
+
+
+@register_operator("dpconv")
+class DPConv(nn.Module):
+    """Conv on a learned prefix of the channels, identity or PAT_ch attention on the rest."""
+
+    _partialize_leaf = True
+
+    def __init__(
+        self,
+        dim: int,
+        kernel_size: int | tuple[int, int] = 3,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = False,
+        attn: str = "identity",
+        init_ratio: float | None = None,
+        identity_init: bool = False,
+        gate: str = "sigmoid",
+    ) -> None:
+        super().__init__()
+        if attn not in DP_ATTENTIONS:
+            raise OperatorError(f"DPConv attn must be one of {DP_ATTENTIONS}, got {attn!r}")
+        if dim < 2:
+            raise OperatorError("DPConv needs at least 2 channels")
+        self.dim = dim
+        self.num_gates = max(1, math.ceil(math.log2(dim)))
+        ks = nn.modules.utils._pair(kernel_size)
+        dl = nn.modules.utils._pair(dilation)
+        if any(k % 2 == 0 for k in ks):
+            raise OperatorError(f"DPConv needs an odd kernel to keep the spatial size, got {ks}")
+        pad = tuple(d * (k - 1) // 2 for k, d in zip(ks, dl))
+        self.conv = nn.Conv2d(dim, dim, ks, 1, pad, dl, bias=bias)
+        self.gates = nn.Parameter(torch.empty(self.num_gates).uniform_(-1.0, 1.0))  # 000 Alg. 1 init
+        self.attn_type = attn
+        if attn == "ch":
+            self.attn = GaussianChannelAttention(dim, gate=gate, identity_init=identity_init)
+        else:
+            self.attn = None
+        if init_ratio is not None:
+            self.set_ratio(init_ratio)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, gates={self.num_gates}, attn={self.attn_type!r}, ratio={self.ratio:.4f}"
+
+    # --- gates -------------------------------------------------------------------------------
+    def binary_gates(self) -> torch.Tensor:
+        """g_k in {0, 1} (with straight-through gradient)."""
+        return binarize_ste(self.gates)
+
+    def mask(self) -> torch.Tensor:
+        """Channel mask m in {0,1}^C: Kronecker product of [1, 1 - g_k] (000 Figure 4), truncated."""
+        g = self.binary_gates()
+        one = torch.ones_like(g[0])
+        factors = [torch.stack((one, 1.0 - gk)) for gk in g]
+        return functools.reduce(torch.kron, factors)[: self.dim]
+
+    @property
+    def num_conv_channels(self) -> int:
+        """n = min(C, 2^{sum(1 - g_k)}) for the current gates (000: r_p = 2^{sum(1-g_k)}/C)."""
+        zeros = int((self.gates.detach() <= 0).sum())
+        return min(self.dim, 2**zeros)
+
+    @property
+    def ratio(self) -> float:
+        return self.num_conv_channels / self.dim
+
+    def set_ratio(self, ratio: float, margin: float = 0.5) -> None:
+        """Set monotone gates giving the power-of-two width nearest to ratio * C."""
+        target = max(1.0, min(float(self.dim), ratio * self.dim))
+        zeros = min(self.num_gates, max(0, round(math.log2(target))))
+        with torch.no_grad():
+            self.gates.fill_(margin)
+            if zeros:
+                self.gates[self.num_gates - zeros :] = -margin
+
+    def complexity(self) -> torch.Tensor:
+        """zeta_l = n^2 = 2^{2 sum(1 - g_k)}, capped at C^2; differentiable through the STE."""
+        g = self.binary_gates()
+        zeta = torch.pow(2.0, 2.0 * (1.0 - g).sum())
+        return zeta.clamp(max=float(self.dim) ** 2)
+
+    def penalty(self) -> torch.Tensor:
+        """psi_l = sum_i max(0, g~_{i+1} - g~_i): gates should not increase (000, after eq. 8)."""
+        return F.relu(self.gates[1:] - self.gates[:-1]).sum()
+
+    @torch.no_grad()
+    def enforce_monotonic_(self, eps: float = 1e-3) -> None:
+        """g~_k <- max(g~_k, g~_{k+1} + eps), last to first (000 Alg. 1 line 12), within [-1, 1]."""
+        for k in range(self.num_gates - 2, -1, -1):
+            self.gates[k] = torch.maximum(self.gates[k], self.gates[k + 1] + eps)
+        self.gates.clamp_(-1.0, 1.0)
+
+    @torch.no_grad()
+    def anneal_(self, epoch: int, total_epochs: int) -> None:
+        """g~ <- g~ / sqrt(t / T) (000 Alg. 1 line 14), clamped to [-1, 1]; t counts from 1."""
+        t = max(1, min(int(epoch), int(total_epochs)))
+        self.gates.div_(math.sqrt(t / total_epochs)).clamp_(-1.0, 1.0)
+
+    def is_prefix(self) -> bool:
+        """True when the active channels are exactly the first n (monotone gates)."""
+        m = self.mask().detach()
+        n = int(m.sum())
+        return bool(m[:n].all()) and n == self.num_conv_channels
+
+    # --- forward -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mask().to(x.dtype).reshape(1, -1, 1, 1)
+        conv = self.conv(x * m) * m  # 000 eq. 7, conv part: W masked to the active block
+        if self.attn is None:
+            rest = x
+        else:
+            rest = self._masked_attention(x, 1.0 - m)
+        return conv + (1.0 - m) * rest
+
+    def _masked_attention(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """PAT_ch over the inactive channels only: their statistics are the only inputs."""
+        a = self.attn
+        keep = keep.reshape(1, -1)
+        var, mean = torch.var_mean(x.float(), dim=(2, 3), unbiased=False)
+        z = torch.cat((mean * keep, torch.sqrt(var + a.eps) * keep), dim=1).to(x.dtype)
+        s = a.norm(GATES[a.gate](a.fc(z)))
+        return x * s[:, :, None, None]
+
+    # --- conversion / deploy ----------------------------------------------------------------
+    @classmethod
+    def from_module(cls, original: nn.Module, ratio=None, attn: str = "identity", **params) -> DPConv:
+        """Build from a size-keeping dense conv or a PConv with its weights; gates start at ``ratio``.
+
+        ``ratio=None``/"dynamic" starts a partial source at its own width and a dense conv at 1/4.
+        """
+        src, dim = conv_source(original, "DPConv")
+        if ratio in (None, "dynamic", "inherit"):
+            ratio = src.in_channels / dim if is_partial_source(original) else 0.25
+        if is_partial_source(original):
+            params.setdefault("identity_init", True)
+        op = cls(dim, src.kernel_size, src.dilation, src.bias is not None, attn=attn, **params)
+        copy_top_left(op.conv, src)
+        op.set_ratio(float(ratio))
+        return op.to(src.weight.device)
+
+    def deploy(self) -> nn.Module:
+        """Static inference form at the learned width: PConv (identity) or PATConv (ch) slice."""
+        if not self.is_prefix():
+            raise OperatorError(
+                "DPConv gates are not monotone, so the active channels are not a prefix; call "
+                "enforce_monotonic_() (the trainer does every step) before deploying"
+            )
+        n = self.num_conv_channels
+        if n == self.dim:
+            return copy.deepcopy(self.conv).eval().requires_grad_(False)
+        if self.attn is None:
+            op = PConv(
+                self.dim, n / self.dim, self.conv.kernel_size, self.conv.dilation, self.conv.bias is not None
+            )
+            copy_top_left(op.conv, self.conv)
+            return op.deploy()
+        op = PATConv(
+            self.dim,
+            n / self.dim,
+            "ch",
+            self.conv.kernel_size,
+            self.conv.dilation,
+            self.conv.bias is not None,
+            gate=self.attn.gate,
+            eps=self.attn.eps,
+        ).to(self.conv.weight.device, self.conv.weight.dtype)
+        copy_top_left(op.conv, self.conv)
+        a, b = self.attn, op.attn
+        C = self.dim
+        with torch.no_grad():
+            b.fc.weight.copy_(torch.cat((a.fc.weight[n:, n:C], a.fc.weight[n:, C + n :]), dim=1))
+            b.fc.bias.copy_(a.fc.bias[n:])
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(b.norm, name).copy_(getattr(a.norm, name)[n:])
+        return op.eval().deploy()

@@ -1,0 +1,111 @@
+"""PATConv (000 eq. 1): a conv on the first r*C channels in parallel with an attention on the rest."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..errors import OperatorError
+from ._utils import copy_top_left
+from .attention import FusedChannelGate, GaussianChannelAttention, PartialSelfAttention
+from .pconv import PConv, conv_source, is_partial_source, resolve_ratio
+from .registry import register_operator
+
+ATTENTIONS = ("ch", "sf")
+
+
+def build_attention(attn: str, dim: int, identity_init: bool = False, **params) -> nn.Module:
+    """The attention branch for ``attn='ch'`` (PAT_ch) or ``'sf'`` (PAT_sf) on ``dim`` channels."""
+    if attn == "ch":
+        return GaussianChannelAttention(dim, identity_init=identity_init, **params)
+    if attn == "sf":
+        return PartialSelfAttention(dim, **params)
+    raise OperatorError(f"PATConv attn must be one of {ATTENTIONS}, got {attn!r}")
+
+
+@register_operator("patconv")
+class PATConv(nn.Module):
+    """O = cat(C(F[:, :rC]), A(F[:, rC:])) per 000 eq. 1, with A = PAT_ch or PAT_sf."""
+
+    _partialize_leaf = True
+
+    def __init__(
+        self,
+        dim: int,
+        ratio: float = 0.25,
+        attn: str = "ch",
+        kernel_size: int | tuple[int, int] = 3,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = False,
+        identity_init: bool = False,
+        **attn_params,
+    ) -> None:
+        super().__init__()
+        self.pconv = PConv(dim, ratio, kernel_size, dilation, bias)  # holds the conv part
+        self.dim = dim
+        self.dim_conv = self.pconv.dim_conv
+        self.dim_attn = dim - self.dim_conv
+        self.attn_type = attn
+        if self.dim_attn == 0:
+            raise OperatorError(f"PATConv ratio {ratio} leaves no channel for attention (C={dim})")
+        self.attn = build_attention(attn, self.dim_attn, identity_init=identity_init, **attn_params)
+
+    @property
+    def conv(self) -> nn.Conv2d:
+        return self.pconv.conv
+
+    @property
+    def ratio(self) -> float:
+        return self.dim_conv / self.dim
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, dim_conv={self.dim_conv}, attn={self.attn_type!r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = torch.split(x, [self.dim_conv, self.dim_attn], dim=1)
+        return torch.cat((self.conv(x1), self.attn(x2)), dim=1)  # 000 eq. 1
+
+    @classmethod
+    def from_module(
+        cls, original: nn.Module, ratio: float | None = 0.25, attn: str = "ch", **params
+    ) -> PATConv:
+        """Build from a size-keeping dense conv or a PConv: the conv part keeps the top-left block.
+
+        From a PConv (e.g. timm FasterNet's partial conv) the attention starts as the identity, so
+        the converted network computes what the original did until it is fine-tuned.
+        """
+        src, dim = conv_source(original, "PATConv")
+        if is_partial_source(original):
+            params.setdefault("identity_init", True)
+        ratio = resolve_ratio(original, src, dim, ratio)
+        op = cls(dim, ratio, attn, src.kernel_size, src.dilation, src.bias is not None, **params)
+        copy_top_left(op.conv, src)
+        return op.to(src.weight.device)
+
+    def deploy(self) -> PATConvDeploy:
+        """Inference form: the channel attention's BN folded into an affine gate."""
+        return PATConvDeploy(self)
+
+
+class PATConvDeploy(nn.Module):
+    """Eval-only PATConv: the same conv, attention with BN folded; no parameters train."""
+
+    _partialize_leaf = True
+
+    def __init__(self, op: PATConv):
+        super().__init__()
+        self.dim, self.dim_conv, self.dim_attn = op.dim, op.dim_conv, op.dim_attn
+        self.conv = copy.deepcopy(op.conv)
+        if isinstance(op.attn, GaussianChannelAttention):
+            self.attn = FusedChannelGate(op.attn)
+        else:
+            self.attn = copy.deepcopy(op.attn)
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = torch.split(x, [self.dim_conv, self.dim_attn], dim=1)
+        return torch.cat((self.conv(x1), self.attn(x2)), dim=1)

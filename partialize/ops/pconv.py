@@ -1,0 +1,130 @@
+"""PConv (FasterNet): a k x k conv on the first r*C channels, identity on the rest."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..errors import OperatorError
+from ._utils import check_same_size_conv, conv_padding, copy_top_left, split_channels
+from .registry import register_operator
+
+FORWARD_MODES = ("split_cat", "slicing")
+
+
+@register_operator("pconv")
+class PConv(nn.Module):
+    """Partial convolution: ``conv`` on channels ``[:dim_conv]``, identity on ``[dim_conv:]``.
+
+    ``forward_mode="split_cat"`` (training) splits and concatenates; ``"slicing"`` (inference)
+    writes the conv result into a clone of the input. The conv reads the original input, not the
+    clone, so the in-place write is also safe under autograd.
+    """
+
+    _partialize_leaf = True
+
+    def __init__(
+        self,
+        dim: int,
+        ratio: float = 0.25,
+        kernel_size: int | tuple[int, int] = 3,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = False,
+        forward_mode: str = "split_cat",
+    ) -> None:
+        super().__init__()
+        if forward_mode not in FORWARD_MODES:
+            raise OperatorError(f"forward_mode must be one of {FORWARD_MODES}, got {forward_mode!r}")
+        self.dim = dim
+        self.dim_conv = split_channels(dim, ratio)
+        self.dim_untouched = dim - self.dim_conv
+        self.forward_mode = forward_mode
+        ks = nn.modules.utils._pair(kernel_size)
+        dl = nn.modules.utils._pair(dilation)
+        pad = tuple(d * (k - 1) // 2 for k, d in zip(ks, dl))
+        if any(k % 2 == 0 for k in ks):
+            raise OperatorError(f"PConv needs an odd kernel to keep the spatial size, got {ks}")
+        self.conv = nn.Conv2d(self.dim_conv, self.dim_conv, ks, 1, pad, dl, bias=bias)
+
+    @property
+    def ratio(self) -> float:
+        return self.dim_conv / self.dim
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, dim_conv={self.dim_conv}, forward_mode={self.forward_mode!r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.forward_mode == "slicing":
+            return self._forward_slicing(x)
+        x1, x2 = torch.split(x, [self.dim_conv, self.dim_untouched], dim=1)
+        return torch.cat((self.conv(x1), x2), dim=1)
+
+    def _forward_slicing(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        out[:, : self.dim_conv] = self.conv(x[:, : self.dim_conv])
+        return out
+
+    @classmethod
+    def from_module(cls, original: nn.Module, ratio: float | None = 0.25, **kwargs) -> PConv:
+        """Build from a size-keeping dense conv (or another PConv), keeping the top-left block.
+
+        Raises OperatorError for convs whose identity channels cannot pass through unchanged
+        (stride != 1, in != out, groups != 1).
+        """
+        src, dim = conv_source(original, "PConv")
+        ratio = resolve_ratio(original, src, dim, ratio)
+        op = cls(
+            dim,
+            ratio=ratio,
+            kernel_size=src.kernel_size,
+            dilation=src.dilation,
+            bias=src.bias is not None,
+            **kwargs,
+        )
+        if tuple(conv_padding(src)) != tuple(op.conv.padding):
+            raise OperatorError(f"source padding {src.padding} does not keep the spatial size")
+        copy_top_left(op.conv, src)
+        return op.to(src.weight.device)
+
+    def deploy(self) -> PConv:
+        """Inference form: the same weights with the in-place slicing forward, in eval mode."""
+        op = copy.deepcopy(self).eval()
+        op.forward_mode = "slicing"
+        for p in op.parameters():
+            p.requires_grad_(False)
+        return op
+
+
+def conv_source(original: nn.Module, op: str) -> tuple[nn.Conv2d, int]:
+    """(conv whose top-left block a partial op inherits, channel count) for ``original``.
+
+    Accepts a size-keeping dense conv, a PConv, or timm FasterNet's ``Partial_conv3``; anything
+    else raises OperatorError with the reason.
+    """
+    if isinstance(original, PConv):
+        return original.conv, original.dim
+    if is_timm_partial_conv(original):
+        return original.partial_conv3, original.dim_conv3 + original.dim_untouched
+    check_same_size_conv(original, op)
+    return original, original.in_channels
+
+
+def resolve_ratio(original: nn.Module, src: nn.Conv2d, dim: int, ratio) -> float:
+    """``ratio=None`` or ``"inherit"``: a partial source keeps its own ratio, a dense conv gets 1/4."""
+    if ratio in (None, "inherit"):
+        return src.in_channels / dim if is_partial_source(original) else 0.25
+    if isinstance(ratio, str):
+        raise OperatorError(f"ratio must be a number in (0, 1] or 'inherit', got {ratio!r}")
+    return float(ratio)
+
+
+def is_partial_source(original: nn.Module) -> bool:
+    """True when ``original`` is already a partial conv (its other channels were identity)."""
+    return isinstance(original, PConv) or is_timm_partial_conv(original)
+
+
+def is_timm_partial_conv(m: nn.Module) -> bool:
+    """timm's FasterNet Partial_conv3 (attributes partial_conv3, dim_conv3, dim_untouched)."""
+    return all(hasattr(m, a) for a in ("partial_conv3", "dim_conv3", "dim_untouched"))

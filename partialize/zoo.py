@@ -1,0 +1,119 @@
+"""Build a base model from a spec: a timm name, ``torchvision:NAME`` or ``package.module:factory``.
+
+Weights: ``random`` (default, offline), ``pretrained`` (timm/torchvision download; a clear error
+offline) or a local file path (a state_dict in safetensors or a tensors-only torch file).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+
+import torch
+from torch import nn
+
+from .errors import ModelError, WeightsUnavailableError
+
+
+def build_model(spec: str, weights: str = "random", num_classes: int | None = None, **kwargs) -> nn.Module:
+    """Create the model named by ``spec`` with the requested weights (see module docstring)."""
+    pretrained = weights == "pretrained"
+    extra = dict(kwargs)
+    if num_classes is not None:
+        extra["num_classes"] = num_classes
+    if spec.startswith("torchvision:"):
+        model = _torchvision(spec.split(":", 1)[1], pretrained, extra)
+    elif ":" in spec:
+        model = _factory(spec, pretrained, extra)
+    else:
+        model = _timm(spec, pretrained, extra)
+    if weights not in ("random", "pretrained"):
+        load_state_file(model, weights)
+    return model
+
+
+def load_state_file(model: nn.Module, path: str) -> None:
+    """Load a local state_dict file into ``model`` (safetensors, or torch with weights_only=True)."""
+    from .errors import CheckpointError
+
+    if not os.path.isfile(path):
+        raise WeightsUnavailableError(f"weights file {path!r} does not exist")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                state = state["state_dict"]
+    except Exception as e:  # corrupt / truncated / not a tensors-only file
+        raise CheckpointError(f"cannot read weights from {path!r}: {e}") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"weights in {path!r} do not match the model: {len(missing)} missing "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+
+
+def _offline_error(spec: str, e: Exception) -> WeightsUnavailableError:
+    return WeightsUnavailableError(
+        f"pretrained weights for {spec!r} could not be loaded ({type(e).__name__}: {e}). "
+        "This machine may be offline: use --weights random, or --weights PATH to a local file."
+    )
+
+
+def _timm(name: str, pretrained: bool, extra: dict) -> nn.Module:
+    import timm
+
+    from . import models  # noqa: F401  (registers partialnet_* with timm)
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ModelError(
+            f"unknown model {name!r}: not a timm model name{hint} "
+            "(use torchvision:NAME for torchvision, or package.module:factory for your own)"
+        )
+    try:
+        return timm.create_model(name, pretrained=pretrained, **extra)
+    except (OSError, RuntimeError, ConnectionError) as e:
+        if pretrained:
+            raise _offline_error(name, e) from None
+        raise
+
+
+def _torchvision(name: str, pretrained: bool, extra: dict) -> nn.Module:
+    import torchvision
+
+    try:
+        builder = torchvision.models.get_model_builder(name)
+    except ValueError:
+        close = difflib.get_close_matches(name, torchvision.models.list_models(), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ModelError(f"unknown torchvision model {name!r}{hint}") from None
+    try:
+        return builder(weights="DEFAULT" if pretrained else None, **extra)
+    except Exception as e:
+        if pretrained:
+            raise _offline_error(f"torchvision:{name}", e) from None
+        raise
+
+
+def _factory(spec: str, pretrained: bool, extra: dict) -> nn.Module:
+    mod_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ModelError(f"cannot import factory {spec!r}: {e}") from None
+    if pretrained:
+        extra["pretrained"] = True
+    try:
+        model = fn(**extra)
+    except TypeError as e:
+        raise ModelError(f"factory {spec!r} rejected its arguments {sorted(extra)}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"factory {spec!r} returned {type(model).__name__}, not an nn.Module")
+    return model

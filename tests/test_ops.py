@@ -1,0 +1,411 @@
+"""Operators: equivalences, equations re-computed directly, gradients, deploy forms, dtypes."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import rel_err
+from torch import fx, nn
+
+from partialize.errors import OperatorError
+from partialize.ops import (
+    AdaPConv,
+    DPConv,
+    GaussianChannelAttention,
+    MergedSpatialAttention,
+    PartialSelfAttention,
+    PartialSpatialAttention,
+    PATConv,
+    PConv,
+    get_operator,
+    list_operators,
+    register_operator,
+)
+from partialize.ops.dpconv import binarize_ste
+
+
+def _trained_bn(module: nn.Module, *inputs) -> nn.Module:
+    """Run a few train-mode forwards so BN running stats are non-trivial, then eval."""
+    module.train()
+    with torch.no_grad():
+        for _ in range(3):
+            module(*[i + 0.1 * torch.randn_like(i) for i in inputs])
+    return module.eval()
+
+
+# --- PConv ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k,d", [(3, 1), (5, 1), (3, 2), (1, 1)])
+def test_pconv_identity_and_conv_part(k, d):
+    conv = nn.Conv2d(32, 32, k, 1, d * (k - 1) // 2, dilation=d, bias=True)
+    op = PConv.from_module(conv, ratio=0.25)
+    x = torch.randn(2, 32, 11, 13)
+    y = op(x)
+    assert y.shape == x.shape
+    assert torch.equal(y[:, 8:], x[:, 8:])  # untouched channels: exactly identity
+    ref = F.conv2d(x[:, :8], conv.weight[:8, :8], conv.bias[:8], padding=conv.padding, dilation=d)
+    assert rel_err(y[:, :8], ref) < 1e-6
+
+
+def test_pconv_split_cat_equals_slicing_and_slicing_has_gradients():
+    op = PConv(48, 0.25)
+    x = torch.randn(3, 48, 9, 9, requires_grad=True)
+    a = op(x)
+    op.forward_mode = "slicing"
+    b = op(x)
+    assert torch.equal(a, b)
+    b.square().sum().backward()  # the in-place write goes to a clone: autograd is fine
+    assert op.conv.weight.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize(
+    "conv,reason",
+    [
+        (nn.Conv2d(16, 16, 3, 2, 1), "stride"),
+        (nn.Conv2d(16, 32, 3, 1, 1), "in_channels"),
+        (nn.Conv2d(16, 16, 3, 1, 1, groups=16), "groups"),
+        (nn.Conv2d(16, 16, 3, 1, 0), "spatial size"),
+    ],
+)
+def test_pconv_refuses_what_it_cannot_represent(conv, reason):
+    with pytest.raises(OperatorError, match=reason):
+        PConv.from_module(conv, 0.25)
+
+
+def test_pconv_ratio_rounding_and_bounds():
+    assert PConv(40, 0.25).dim_conv == 10
+    assert PConv(20, 1 / 8).dim_conv == 3  # 2.5 rounds half up
+    assert PConv(4, 0.01).dim_conv == 1
+    with pytest.raises(OperatorError, match="ratio"):
+        PConv(16, 1.5)
+
+
+def test_pconv_from_timm_partial_conv_keeps_function():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("fasternet_t0", pretrained=False)
+    src = model.stages[0].blocks[0].spatial_mixing
+    x = torch.randn(2, src.dim_conv3 + src.dim_untouched, 8, 8)
+    op = PConv.from_module(src, ratio=None)  # inherit the source ratio
+    assert op.dim_conv == src.dim_conv3
+    assert rel_err(op(x), src(x)) < 1e-6
+    wider = PConv.from_module(src, ratio=0.5)  # Dirac extension keeps the function
+    assert rel_err(wider(x), src(x)) < 1e-6
+
+
+# --- PAT_ch (eq. 2-4) --------------------------------------------------------------------
+
+
+def test_gaussian_channel_attention_matches_equations():
+    attn = _trained_bn(GaussianChannelAttention(12), torch.randn(4, 12, 7, 7))
+    x = torch.randn(3, 12, 7, 7)
+    hw = 49
+    mu = x.sum(dim=(2, 3)) / hw  # eq. 2
+    std = torch.sqrt(((x - mu[:, :, None, None]) ** 2).sum(dim=(2, 3)) / hw + attn.eps)  # eq. 3
+    z = torch.cat((mu, std), dim=1)
+    pre = z @ attn.fc.weight.T + attn.fc.bias
+    g = torch.sigmoid(pre)
+    bn = attn.norm
+    s = (g - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias  # eq. 4
+    assert rel_err(attn(x), x * s[:, :, None, None]) < 1e-5
+
+
+def test_patconv_is_conv_concat_attention():
+    conv = nn.Conv2d(32, 32, 3, 1, 1, bias=False)
+    op = _trained_bn(PATConv.from_module(conv, 0.25, attn="ch"), torch.randn(4, 32, 8, 8))
+    x = torch.randn(2, 32, 8, 8)
+    y = op(x)
+    assert rel_err(y[:, :8], F.conv2d(x[:, :8], conv.weight[:8, :8], padding=1)) < 1e-6  # eq. 1
+    assert rel_err(y[:, 8:], op.attn(x[:, 8:])) < 1e-6
+
+
+def test_patconv_from_pconv_starts_as_identity_on_attention_channels():
+    src = PConv(40, 0.25)
+    op = PATConv.from_module(src, ratio=None, attn="ch")
+    x = torch.randn(4, 40, 6, 6)
+    for mode in (op.train, op.eval):
+        mode()
+        assert rel_err(op(x), src(x)) < 1e-6
+
+
+# --- PAT_sf (eq. 6) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hw", [(7, 7), (5, 9), (12, 12)])
+def test_partial_self_attention_matches_eq6(hw):
+    h, w = hw
+    attn = PartialSelfAttention(24, num_heads=4, num_buckets=8).eval()
+    with torch.no_grad():
+        attn.rel_bias.normal_()
+    x = torch.randn(2, 24, h, w)
+    tokens = F.layer_norm(x.flatten(2).transpose(1, 2), (24,), attn.norm.weight, attn.norm.bias)
+    q, k, v = (tokens @ attn.qkv.weight.T).chunk(3, dim=-1)
+    split = lambda t: t.reshape(2, h * w, 4, 6).transpose(1, 2)  # noqa: E731
+    q, k, v = split(q), split(k), split(v)
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    pos = torch.stack((ys.flatten(), xs.flatten()), 1).float()
+    dist = torch.sqrt(((pos[:, None] - pos[None]) ** 2).sum(-1)).round().long().clamp(max=7)
+    r = attn.rel_bias[:, dist]  # (heads, N, N)
+    s = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(6) + r, dim=-1)  # eq. 6
+    ref = (s @ v).transpose(1, 2).reshape(2, h * w, 24).transpose(1, 2).reshape(2, 24, h, w)
+    assert rel_err(attn(x), ref) < 1e-5
+
+
+# --- PAT_sp (eq. 5) and its merge ----------------------------------------------------------
+
+
+def test_pat_sp_matches_eq5_and_merges_into_one_conv():
+    mlp2 = nn.Conv2d(64, 32, 1, bias=True)
+    sp = PartialSpatialAttention(mlp2, ratio=0.5)
+    h = torch.randn(4, 64, 9, 9)
+    _trained_bn(sp, h)
+    with torch.no_grad():
+        sp.gate_norm.weight.fill_(1.3)
+        sp.gate_norm.bias.fill_(0.2)
+    y = mlp2(h)
+    bn = sp.gate_norm
+    pre = F.conv2d(y[:, 16:], sp.gate.weight, sp.gate.bias)
+    s = (F.hardsigmoid(pre) - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+    ref = torch.cat((y[:, :16], y[:, 16:] * s), dim=1)  # eq. 5
+    assert rel_err(sp(h), ref) < 1e-6
+    merged = sp.deploy()
+    assert isinstance(merged, MergedSpatialAttention)
+    assert rel_err(merged(h), sp(h)) < 1e-5
+    convs = [m for m in merged.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 and convs[0].out_channels == 33  # no extra 1x1 conv, one extra row
+
+
+def test_pat_sp_identity_init_preserves_the_mlp():
+    mlp2 = nn.Conv2d(16, 8, 1)
+    sp = PartialSpatialAttention.from_module(mlp2, ratio=0.5)
+    h = torch.randn(3, 16, 5, 5)
+    for mode in (sp.train, sp.eval):
+        mode()
+        assert rel_err(sp(h), mlp2(h)) < 1e-6
+
+
+# --- DPConv ------------------------------------------------------------------------------
+
+
+def test_dpconv_ratio_formula_and_mask_prefix():
+    op = DPConv(64)
+    for zeros in range(0, 7):
+        with torch.no_grad():
+            op.gates.fill_(0.7)
+            if zeros:
+                op.gates[6 - zeros :] = -0.7
+        g = (op.gates > 0).float()
+        assert op.ratio == pytest.approx(2 ** float((1 - g).sum()) / 64)  # r_p = 2^{sum(1-g)}/C
+        m = op.mask()
+        n = op.num_conv_channels
+        assert int(m.sum()) == n and bool(m[:n].all())
+
+
+def test_dpconv_non_power_of_two_channels():
+    op = DPConv(48, init_ratio=0.25)  # K = ceil(log2 48) = 6
+    assert op.num_gates == 6
+    assert op.num_conv_channels == 16  # nearest power of two to 12 on the log scale
+    with torch.no_grad():
+        op.gates.fill_(-0.5)  # all zeros -> 2^6 = 64 > 48: capped at C
+    assert op.num_conv_channels == 48 and op.ratio == 1.0
+    assert int(op.mask().sum()) == 48
+    x = torch.randn(2, 48, 6, 6)
+    assert rel_err(op.deploy()(x), op.eval()(x)) < 1e-6
+
+
+def test_dpconv_straight_through_gradient():
+    g = torch.tensor([-1.5, -0.3, 0.0, 0.4, 2.0], requires_grad=True)
+    b = binarize_ste(g)
+    assert torch.equal(b.detach(), torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0]))
+    b.sum().backward()
+    assert torch.equal(g.grad, torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0]))  # identity inside [-1, 1]
+
+
+def test_dpconv_complexity_penalty_and_monotonic_enforcement():
+    op = DPConv(32)
+    with torch.no_grad():
+        op.gates.copy_(torch.tensor([0.5, -0.2, 0.3, -0.4, 0.1]))
+    assert float(op.penalty().detach()) == pytest.approx(0.5 + 0.5)  # increases 0.3-(-0.2), 0.1-(-0.4)
+    assert float(op.complexity()) == pytest.approx(2.0 ** (2 * 2))  # two zero gates -> n=4
+    op.complexity().backward()
+    assert op.gates.grad.abs().sum() > 0  # reaches the gates through the STE
+    op.enforce_monotonic_()
+    assert float(op.penalty()) == 0.0 and op.is_prefix()
+    before = op.gates.detach().clone()
+    op.anneal_(1, 4)  # divide by sqrt(1/4) = multiply by 2, clamp to [-1, 1]
+    assert torch.allclose(op.gates.detach(), (before * 2).clamp(-1, 1))
+
+
+@pytest.mark.parametrize("attn", ["identity", "ch"])
+def test_dpconv_deploy_equals_training_form(attn):
+    conv = nn.Conv2d(32, 32, 3, 1, 1)
+    op = DPConv.from_module(conv, 0.25, attn=attn)
+    _trained_bn(op, torch.randn(4, 32, 8, 8))
+    x = torch.randn(3, 32, 8, 8)
+    dep = op.deploy()
+    assert rel_err(dep(x), op(x)) < 1e-5
+    assert torch.equal(op(x)[:, :8], op(x)[:, :8])  # n = 8 for ratio 1/4 of 32
+    assert op.num_conv_channels == 8
+
+
+def test_dpconv_refuses_to_deploy_non_monotone_gates():
+    op = DPConv(16)
+    with torch.no_grad():
+        op.gates.copy_(torch.tensor([-0.5, 0.5, 0.5, 0.5]))
+    with pytest.raises(OperatorError, match="monotone"):
+        op.deploy()
+
+
+# --- Ada-PConv ---------------------------------------------------------------------------
+
+
+def test_ada_hard_equals_soft_when_router_is_one_hot():
+    conv = nn.Conv2d(32, 32, 3, 1, 1)
+    op = AdaPConv.from_module(conv)
+    x = torch.randn(6, 32, 8, 8)
+    with torch.no_grad():  # make the router decisive and input-dependent
+        op.router.weight.normal_(std=200.0)
+    probs = op.route(x)
+    assert torch.allclose(probs.max(dim=1).values, torch.ones(6), atol=1e-6)
+    soft = op(x)
+    op.routing = "hard"
+    hard = op(x)
+    assert rel_err(hard, soft) < 1e-5
+    hist = op.last_histogram
+    assert int(hist.sum()) == 6 and (hist > 0).sum() >= 2  # several branches actually used
+
+
+def test_ada_hard_runs_only_the_chosen_branch():
+    op = AdaPConv(16, routing="hard")
+    calls = []
+    for i, conv in enumerate(op.branches):
+        conv.register_forward_hook(lambda m, a, o, i=i: calls.append((i, a[0].shape[0])))
+    with torch.no_grad():
+        op.router.bias.copy_(torch.tensor([0.0, 0.0, 9.0]))
+    y = op(torch.randn(5, 16, 6, 6))
+    assert calls == [(2, 5)] and y.shape == (5, 16, 6, 6)
+    assert op.last_histogram.tolist() == [0, 0, 5]
+
+
+def test_ada_soft_is_weighted_mixture_of_branches():
+    op = AdaPConv(16)
+    with torch.no_grad():
+        op.router.weight.normal_()
+    x = torch.randn(3, 16, 5, 5)
+    a = op.route(x)
+    branches = [torch.cat((c(x[:, :n]), x[:, n:]), 1) for c, n in zip(op.branches, op.widths)]
+    ref = sum(a[:, i, None, None, None] * b for i, b in enumerate(branches))
+    assert rel_err(op(x), ref) < 1e-5
+
+
+# --- all operators: gradients, deploy, dtypes, fx ------------------------------------------
+
+
+def _all_ops():
+    conv = nn.Conv2d(32, 32, 3, 1, 1)
+    return {
+        "pconv": (PConv.from_module(conv, 0.25), 32),
+        "patconv_ch": (PATConv.from_module(conv, 0.25, attn="ch"), 32),
+        "patconv_sf": (PATConv.from_module(conv, 0.25, attn="sf"), 32),
+        "pat_sp": (PartialSpatialAttention(nn.Conv2d(64, 32, 1), 0.5), 64),
+        "dpconv": (DPConv.from_module(conv, 0.25), 32),
+        "dpconv_ch": (DPConv.from_module(conv, 0.25, attn="ch"), 32),
+        "ada_pconv": (AdaPConv.from_module(conv), 32),
+    }
+
+
+@pytest.mark.parametrize("name", list(_all_ops()))
+def test_gradients_reach_every_parameter(name):
+    op, cin = _all_ops()[name]
+    op.train()
+    with torch.no_grad():  # move BN/attention away from their exact-identity starting points
+        for n, p in op.named_parameters():
+            if n.endswith(("norm.weight", "router.weight")):
+                p.normal_()
+    y = op(torch.randn(4, cin, 8, 8))
+    (y * torch.randn_like(y)).sum().backward()
+    missing = [n for n, p in op.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == []
+
+
+@pytest.mark.parametrize("name", list(_all_ops()))
+def test_deploy_equals_eval_mode_training_form(name):
+    op, cin = _all_ops()[name]
+    _trained_bn(op, torch.randn(4, cin, 8, 8))
+    if isinstance(op, AdaPConv):
+        with torch.no_grad():
+            op.router.weight.normal_(std=200.0)  # decisive router: soft == hard
+    x = torch.randn(3, cin, 8, 8)
+    dep = op.deploy()
+    assert not dep.training
+    assert rel_err(dep(x), op(x)) < 1e-5
+
+
+@pytest.mark.parametrize("name", list(_all_ops()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dtypes_and_channels_last(name, dtype, channels_last):
+    op, cin = _all_ops()[name]
+    _trained_bn(op, torch.randn(4, cin, 8, 8))
+    if isinstance(op, AdaPConv):
+        with torch.no_grad():
+            op.router.weight.normal_(std=200.0)  # decisive router: soft == hard
+    x = torch.randn(2, cin, 8, 8)
+    ref = op(x)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    op = op.to(dtype=dtype, memory_format=fmt)
+    xx = x.to(dtype=dtype, memory_format=fmt)
+    for m in (op, op.deploy()):
+        y = m(xx)
+        assert y.dtype == dtype and y.shape == ref.shape
+        assert rel_err(y, ref) < (2e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("name", list(_all_ops()))
+def test_traces_with_fx_or_is_marked_leaf(name):
+    op, cin = _all_ops()[name]
+    if getattr(type(op), "_partialize_leaf", False):
+        # a leaf stays one call_module node inside a traced parent
+        class Parent(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.op = op
+
+            def forward(self, x):
+                return self.op(x) + 1
+
+        class Leafy(fx.Tracer):
+            def is_leaf_module(self, m, qn):
+                return getattr(type(m), "_partialize_leaf", False) or super().is_leaf_module(m, qn)
+
+        graph = Leafy().trace(Parent())
+        targets = [n.target for n in graph.nodes if n.op == "call_module"]
+        assert targets == ["op"]
+    else:
+        gm = fx.symbolic_trace(op)
+        x = torch.randn(2, cin, 8, 8)
+        assert rel_err(gm(x), op(x)) < 1e-6
+
+
+# --- registry ------------------------------------------------------------------------------
+
+
+def test_registry_names_and_user_registration():
+    assert {"pconv", "patconv", "pat_sp", "dpconv", "ada_pconv"} <= set(list_operators())
+    assert get_operator("patconv") is PATConv
+
+    @register_operator("test_halfconv")
+    class HalfConv(PConv):
+        @classmethod
+        def from_module(cls, original, **kw):
+            return super().from_module(original, ratio=0.5)
+
+    assert get_operator("test_halfconv") is HalfConv
+    assert HalfConv.from_module(nn.Conv2d(8, 8, 3, 1, 1)).dim_conv == 4
+    with pytest.raises(ValueError, match="already registered"):
+        register_operator("pconv")(HalfConv)
+    from partialize.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="known variants"):
+        get_operator("no_such_op")

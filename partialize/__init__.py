@@ -16,6 +16,7 @@ from .errors import (  # noqa: E402
     RecipeError,
     WeightsUnavailableError,
 )
+from . import models  # noqa: E402,F401  (registers the native models with timm)
 from .ops import get_operator, list_operators, register_operator  # noqa: E402
 
 __all__ = [

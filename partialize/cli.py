@@ -75,5 +75,13 @@ def bench_ops_cmd(threads, channels, sizes, batches, rounds, md_path) -> None:
         click.echo(f"wrote {md_path}")
 
 
+def _register_commands() -> None:
+    from .measure.commands import register as register_measure
+
+    register_measure(main, bench)
+
+
+_register_commands()
+
 if __name__ == "__main__":
     main()

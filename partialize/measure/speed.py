@@ -75,3 +75,192 @@ def time_side_by_side(
         q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0], s[0], s[0]]
         out[name] = Timing(name, statistics.median(s), s[0], s[-1], q[2] - q[0], rounds, calls[name])
     return out
+
+
+# --- whole models, side by side -------------------------------------------------------------------
+
+
+def _stats(samples_s: Timing) -> dict:
+    return {
+        "median": samples_s.median_s * 1e3,
+        "iqr": samples_s.iqr_s * 1e3,
+        "min": samples_s.min_s * 1e3,
+        "max": samples_s.max_s * 1e3,
+        "rounds": samples_s.rounds,
+        "calls_per_round": samples_s.calls_per_round,
+    }
+
+
+def _prepare(model: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
+    if device.type != "cpu" or channels_last:
+        import copy
+
+        model = copy.deepcopy(model).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+    return model.eval()
+
+
+def measure_speed(
+    models: dict[str, torch.nn.Module],
+    input_size: int | tuple[int, int, int] = 224,
+    *,
+    threads: int = 1,
+    batch: int = 16,
+    device: str = "cpu",
+    amp: bool = False,
+    channels_last: bool = False,
+    rounds: int = 7,
+    latency: bool = True,
+    min_round_s: float = 0.1,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Latency at batch 1 and throughput at ``batch``, every model timed interleaved with the others.
+
+    CPU runs under ``torch.set_num_threads(threads)`` (restored after). On CUDA the calls are
+    synchronised, optionally under fp16 autocast (``amp``) and channels_last; peak memory is the
+    extra allocated memory of one batch forward. Figures are medians over ``rounds`` with IQR and
+    range; ``latency_ms`` is ms per batch-1 call, ``throughput_ips`` images per second.
+    """
+    from .flops import _input_chw
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from ..errors import PartializeError
+
+        raise PartializeError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    if amp and dev.type != "cuda":
+        from ..errors import PartializeError
+
+        raise PartializeError(
+            "--amp (fp16 autocast) is only measured on CUDA; drop --amp or use --device cuda"
+        )
+    chw = _input_chw(input_size)
+    prev_threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(threads)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    prepared = {n: _prepare(m, dev, channels_last) for n, m in models.items()}
+    was_training = {n: m.training for n, m in models.items()}
+
+    def runner(m, x):
+        if amp:
+            return lambda: _amp_call(m, x)
+        return lambda: m(x)
+
+    result: dict = {
+        "conditions": {
+            "device": _device_name(dev),
+            "threads": threads if dev.type == "cpu" else None,
+            "batch": batch,
+            "input_size": list(chw),
+            "precision": "amp-fp16" if amp else "fp32",
+            "channels_last": channels_last,
+            "rounds": rounds,
+            "method": "interleaved rounds, medians; latency = batch 1, throughput = batch "
+            f"{batch} images / median time",
+        },
+        "models": {n: {} for n in models},
+    }
+    warmup = 10 if dev.type == "cuda" else 2
+    try:
+        if latency:
+            if progress:
+                progress("latency, batch 1")
+            x1 = torch.randn(1, *chw, device=dev).contiguous(memory_format=fmt)
+            t = time_side_by_side(
+                {n: runner(m, x1) for n, m in prepared.items()},
+                rounds=rounds,
+                warmup=warmup,
+                min_round_s=min_round_s,
+                device=dev,
+            )
+            for n in models:
+                result["models"][n]["latency_ms"] = _stats(t[n])
+        if progress:
+            progress(f"throughput, batch {batch}")
+        xb = torch.randn(batch, *chw, device=dev).contiguous(memory_format=fmt)
+        t = time_side_by_side(
+            {n: runner(m, xb) for n, m in prepared.items()},
+            rounds=rounds,
+            warmup=warmup,
+            min_round_s=min_round_s,
+            device=dev,
+        )
+        for n in models:
+            tm = t[n]
+            result["models"][n]["throughput_ips"] = {
+                "median": batch / tm.median_s,
+                "min": batch / tm.max_s,
+                "max": batch / tm.min_s,
+                "batch_time_ms": _stats(tm),
+            }
+            result["models"][n]["peak_memory_mib"] = (
+                _cuda_peak_mib(prepared[n], xb, amp) if dev.type == "cuda" else None
+            )
+    finally:
+        if dev.type == "cpu":
+            torch.set_num_threads(prev_threads)
+        for n, m in models.items():
+            m.train(was_training[n])
+    return result
+
+
+def _amp_call(m, x):
+    with torch.autocast("cuda", dtype=torch.float16):
+        return m(x)
+
+
+@torch.inference_mode()
+def _cuda_peak_mib(model: torch.nn.Module, x: torch.Tensor, amp: bool) -> float:
+    torch.cuda.synchronize(x.device)
+    torch.cuda.reset_peak_memory_stats(x.device)
+    before = torch.cuda.memory_allocated(x.device)
+    if amp:
+        _amp_call(model, x)
+    else:
+        model(x)
+    torch.cuda.synchronize(x.device)
+    return (torch.cuda.max_memory_allocated(x.device) - before) / 2**20
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(dev)}"
+    from .opbench import machine_description
+
+    return "cpu: " + machine_description(torch.get_num_threads()).split(";")[0]
+
+
+def speed_summary(
+    model_a: torch.nn.Module,
+    model_b: torch.nn.Module,
+    input_size: int | tuple[int, int, int] = 224,
+    threads: int = 1,
+    batch: int = 16,
+    *,
+    names: tuple[str, str] = ("before", "after"),
+    rounds: int = 5,
+    device: str = "cpu",
+) -> dict:
+    """Cheap before/after speed check (what ``partialize convert`` prints): CPU latency at batch 1
+    and throughput at ``batch`` for both models, interleaved, with ratios (b relative to a).
+
+    Returns ``{"conditions", "models": {name: {...}}, "latency_speedup", "throughput_ratio"}`` where
+    ``latency_speedup = latency(a) / latency(b)`` and ``throughput_ratio = throughput(b) / throughput(a)``
+    (both > 1 when b is faster).
+    """
+    a, b = names
+    r = measure_speed(
+        {a: model_a, b: model_b},
+        input_size,
+        threads=threads,
+        batch=batch,
+        device=device,
+        rounds=rounds,
+        min_round_s=0.05,
+    )
+    ma, mb = r["models"][a], r["models"][b]
+    r["latency_speedup"] = ma["latency_ms"]["median"] / mb["latency_ms"]["median"]
+    r["throughput_ratio"] = mb["throughput_ips"]["median"] / ma["throughput_ips"]["median"]
+    return r

@@ -1,9 +1,294 @@
-"""CLI commands for measurement (report, compare, bench MODEL...); registered by partialize.cli."""
+"""CLI commands for measurement: ``report``, ``compare`` and ``bench models`` (also reachable as
+``bench MODEL [MODEL ...]``); registered by partialize.cli through :func:`register`."""
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
+
 import click
+
+from ..errors import CheckpointError, PartializeError
+
+
+def _friendly_errors(fn):
+    """Print PartializeError messages without a traceback and exit non-zero (as partialize.cli does)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PartializeError as e:
+            click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(e.exit_code)
+
+    return wrapper
+
+
+def load_model(spec: str, weights: str = "random"):
+    """A model from a saved checkpoint (an existing path, via partialize.io.load) or a model spec."""
+    if os.path.exists(spec):
+        try:
+            from ..io import load
+        except ImportError:
+            raise CheckpointError(
+                f"{spec!r} is a path, but this partialize cannot load checkpoints yet (partialize.io is "
+                "missing); give a model name instead"
+            ) from None
+        return load(spec)
+    from ..zoo import build_model
+
+    return build_model(spec, weights=weights)
+
+
+def _display_name(spec: str) -> str:
+    return os.path.basename(os.path.normpath(spec)) if os.path.exists(spec) else spec
+
+
+def _speed_options(fn):
+    opts = [
+        click.option("--input-size", default=224, show_default=True, help="Square input resolution H=W."),
+        click.option(
+            "--threads", default=1, show_default=True, help="CPU threads (torch.set_num_threads) for timing."
+        ),
+        click.option("--batch", default=16, show_default=True, help="Batch size for the throughput figure."),
+        click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]."),
+        click.option("--amp", is_flag=True, help="CUDA only: time under fp16 autocast."),
+        click.option("--channels-last", is_flag=True, help="Time with channels_last memory format."),
+        click.option("--rounds", default=7, show_default=True, help="Interleaved timing rounds (medians)."),
+        click.option(
+            "--weights",
+            default="random",
+            show_default=True,
+            help="For model names: random, pretrained (needs the network) or a local state_dict file.",
+        ),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+class _ModelsByDefault(click.Group):
+    """A group whose unknown sub-command names are taken as model names for ``bench models``."""
+
+    def resolve_command(self, ctx, args):
+        name = args[0] if args else None
+        if name is not None and not name.startswith("-") and self.get_command(ctx, name) is None:
+            return "models", self.get_command(ctx, "models"), args
+        return super().resolve_command(ctx, args)
 
 
 def register(main: click.Group, bench: click.Group) -> None:
     """Attach this module's commands to the top-level group and the `bench` group."""
+    main.add_command(report_cmd)
+    main.add_command(compare_cmd)
+    bench.add_command(bench_models_cmd)
+    if type(bench) is click.Group:  # let `partialize bench resnet50 resnet18` mean `bench models ...`
+        bench.__class__ = _ModelsByDefault
+    bench.help = (bench.help or "").rstrip() + (
+        "\n\n`partialize bench MODEL [MODEL ...]` is short for `partialize bench models MODEL ...`."
+    )
+
+
+@click.command("report")
+@click.argument("model_or_checkpoint")
+@click.option("--baseline", help="The original model (name or checkpoint) to compare against.")
+@click.option("--name", help="Name for the model in the report (default: the argument).")
+@click.option("--data", type=click.Path(file_okay=False), help="ImageFolder (DIR/val or DIR) for top-1/5.")
+@click.option("--data-limit", type=int, help="Evaluate at most this many images.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
+@click.option("--md", "md_path", type=click.Path(dir_okay=False), help="Write the report as Markdown.")
+@click.option(
+    "--pruning-baseline", is_flag=True, help="Also prune --baseline to the same MACs and measure it."
+)
+@click.option("--no-speed", is_flag=True, help="Skip timing (params, MACs, accuracy only).")
+@_speed_options
+@_friendly_errors
+def report_cmd(
+    model_or_checkpoint,
+    baseline,
+    name,
+    data,
+    data_limit,
+    json_path,
+    md_path,
+    pruning_baseline,
+    no_speed,
+    input_size,
+    threads,
+    batch,
+    device,
+    amp,
+    channels_last,
+    rounds,
+    weights,
+) -> None:
+    """Measure a model (or saved checkpoint): params, MACs, speed and, with --data, accuracy.
+
+    MACs are multiply-adds per image (fvcore, the papers' "FLOPs"), cross-checked against
+    torch.utils.flop_counter. DPConv layers count at their learned width; Ada-PConv layers as
+    router + expected branch cost over a calibration batch (32 images of --data, else random).
+    With --baseline both models are timed side by side (interleaved rounds, medians) and reported
+    as ratios. --pruning-baseline adds the baseline pruned to the same MACs (torch-pruning,
+    magnitude importance), not fine-tuned. Unmeasured figures read "not measured".
+    """
+    from rich.console import Console
+
+    from .render import render_report_details, render_report_table, report_markdown
+    from .report import build_report
+
+    console = Console()
+    with console.status("loading models") as status:
+        model = load_model(model_or_checkpoint, weights)
+        base = load_model(baseline, weights) if baseline else None
+        rep = build_report(
+            model,
+            name=name or _display_name(model_or_checkpoint),
+            input_size=input_size,
+            baseline=base,
+            baseline_name=_display_name(baseline) if baseline else "baseline",
+            speed=not no_speed,
+            threads=threads,
+            batch=batch,
+            device=device,
+            amp=amp,
+            channels_last=channels_last,
+            rounds=rounds,
+            data=data,
+            data_limit=data_limit,
+            pruning_baseline=pruning_baseline,
+            source=model_or_checkpoint,
+            baseline_source=baseline,
+            progress=lambda msg: status.update(msg),
+        )
+    console.print(render_report_table(rep))
+    for t in render_report_details(rep):
+        console.print(t)
+    for m in rep.entries():
+        for n in m.notes:
+            console.print(f"[dim]{m.name}: {n}[/dim]")
+    if json_path:
+        rep.to_json(json_path)
+        click.echo(f"wrote {json_path}")
+    if md_path:
+        with open(md_path, "w") as f:
+            f.write(report_markdown(rep))
+        click.echo(f"wrote {md_path}")
+
+
+@click.command("compare")
+@click.argument("reports", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--md", "md_path", type=click.Path(dir_okay=False), help="Write the table as Markdown.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG plot.")
+@click.option(
+    "--no-speed", is_flag=True, help="Ignore speed (compare reports timed under different settings)."
+)
+@_friendly_errors
+def compare_cmd(reports, md_path, plot_path, no_speed) -> None:
+    """Put several `partialize report --json` files in one table (ratios vs the first model).
+
+    Refuses, with the reason, reports whose units, input size or speed settings (device, threads,
+    batch, precision, memory format) differ. --plot draws top-1 (or GMACs when accuracy was not
+    measured) against throughput, like PartialNet's Figure 2.
+    """
+    from rich.console import Console
+
+    from .render import compare_markdown, compare_table, plot_entries
+    from .report import check_compatible, compare_entries, load_reports
+
+    reps = load_reports(list(reports))
+    if no_speed:
+        for r in reps:
+            r.speed_conditions = None
+    check_compatible(reps, list(reports))
+    entries = compare_entries(reps, with_speed=not no_speed)
+    conditions = next((r.speed_conditions for r in reps if r.speed_conditions), None)
+    Console().print(compare_table(entries, conditions))
+    if md_path:
+        with open(md_path, "w") as f:
+            f.write(compare_markdown(entries, conditions))
+        click.echo(f"wrote {md_path}")
+    if plot_path:
+        what = plot_entries(entries, plot_path, conditions)
+        click.echo(f"wrote {plot_path} ({what})")
+
+
+@click.command("models")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the timings as JSON.")
+@_speed_options
+@_friendly_errors
+def bench_models_cmd(
+    models, json_path, input_size, threads, batch, device, amp, channels_last, rounds, weights
+) -> None:
+    """Time models side by side: latency at batch 1, throughput at --batch, ratios vs the first.
+
+    Every model runs interleaved with the others round after round, so machine-load drift hits all
+    alike; figures are medians with IQR. Also prints params and MACs (multiply-adds per image).
+    """
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .flops import count_macs, count_params
+    from .speed import measure_speed
+
+    console = Console()
+    with console.status("loading models") as status:
+        loaded = {}
+        for spec in models:
+            name = _display_name(spec)
+            if name in loaded:
+                raise PartializeError(f"model {name!r} is given twice")
+            loaded[name] = load_model(spec, weights)
+        import torch
+
+        macs = {n: count_macs(m, torch.randn(1, 3, input_size, input_size)) for n, m in loaded.items()}
+        status.update("timing side by side")
+        res = measure_speed(
+            loaded,
+            input_size,
+            threads=threads,
+            batch=batch,
+            device=device,
+            amp=amp,
+            channels_last=channels_last,
+            rounds=rounds,
+        )
+    cond = res["conditions"]
+    t = Table(title="partialize bench (ratios vs the first model)")
+    cols = ("model", "params (M)", "GMACs", "latency ms (b=1)", "x first", "img/s", "x first", "peak MiB")
+    for col in cols:
+        t.add_column(col, justify="left" if col == "model" else "right")
+    first = next(iter(loaded))
+    f_lat = res["models"][first]["latency_ms"]["median"]
+    f_thr = res["models"][first]["throughput_ips"]["median"]
+    for n, m in loaded.items():
+        r = res["models"][n]
+        lat, thr = r["latency_ms"], r["throughput_ips"]
+        mem = r.get("peak_memory_mib")
+        t.add_row(
+            n,
+            f"{count_params(m) / 1e6:.2f}",
+            f"{macs[n] / 1e9:.3f}",
+            f"{lat['median']:.2f} ± {lat['iqr']:.2f}",
+            f"{f_lat / lat['median']:.2f}x",
+            f"{thr['median']:.1f}",
+            f"{thr['median'] / f_thr:.2f}x",
+            f"{mem:.0f}" if mem is not None else "not measured",
+        )
+    threads_txt = f", {cond['threads']} thread(s)" if cond.get("threads") else ""
+    t.caption = (
+        f"{cond['device']}{threads_txt}; batch {batch}; {cond['precision']}; medians of {rounds} "
+        "interleaved rounds; latency x = speed-up (first / this); GMACs = 1e9 multiply-adds per image."
+    )
+    console.print(t)
+    if json_path:
+        for n in loaded:
+            res["models"][n]["macs"] = macs[n]
+            res["models"][n]["params"] = count_params(loaded[n])
+        with open(json_path, "w") as f:
+            json.dump(res, f, indent=2)
+        click.echo(f"wrote {json_path}")

@@ -18,8 +18,14 @@ from .errors import (  # noqa: E402
 )
 from . import models  # noqa: E402,F401  (registers the native models with timm)
 from .ops import get_operator, list_operators, register_operator  # noqa: E402
+from .api import apply, plan  # noqa: E402
+from .io import load, save  # noqa: E402
 
 __all__ = [
+    "apply",
+    "load",
+    "plan",
+    "save",
     "CheckpointError",
     "ModelError",
     "OperatorError",

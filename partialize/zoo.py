@@ -30,6 +30,7 @@ def build_model(spec: str, weights: str = "random", num_classes: int | None = No
         model = _timm(spec, pretrained, extra)
     if weights not in ("random", "pretrained"):
         load_state_file(model, weights)
+    model._partialize_spec = {"spec": spec, "kwargs": extra}
     return model
 
 

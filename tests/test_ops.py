@@ -65,13 +65,35 @@ def test_pconv_split_cat_equals_slicing_and_slicing_has_gradients():
     [
         (nn.Conv2d(16, 16, 3, 2, 1), "stride"),
         (nn.Conv2d(16, 32, 3, 1, 1), "in_channels"),
-        (nn.Conv2d(16, 16, 3, 1, 1, groups=16), "groups"),
+        (nn.Conv2d(16, 16, 3, 1, 1, groups=4), "groups"),
         (nn.Conv2d(16, 16, 3, 1, 0), "spatial size"),
     ],
 )
 def test_pconv_refuses_what_it_cannot_represent(conv, reason):
     with pytest.raises(OperatorError, match=reason):
         PConv.from_module(conv, 0.25)
+
+
+def test_pconv_depthwise_and_pooled_stride_generalisations():
+    dw = nn.Conv2d(32, 32, 7, 1, 3, groups=32, bias=True)
+    op = PConv.from_module(dw, 0.25)
+    x = torch.randn(2, 32, 10, 10)
+    y = op(x)
+    ref = F.conv2d(x[:, :8], dw.weight[:8], dw.bias[:8], padding=3, groups=8)
+    assert rel_err(y[:, :8], ref) < 1e-6 and torch.equal(y[:, 8:], x[:, 8:])
+    strided = nn.Conv2d(32, 32, 3, 2, 1)
+    with pytest.raises(OperatorError, match="stride_mode: pool"):
+        PConv.from_module(strided, 0.25)
+    op = PConv.from_module(strided, 0.25, stride_mode="pool")
+    for hw in (10, 11):  # odd sizes: conv gives ceil(H/2), so does the ceil-mode pool
+        x = torch.randn(2, 32, hw, hw)
+        y = op(x)
+        assert y.shape == strided(x).shape
+        ref = F.conv2d(x[:, :8], strided.weight[:8, :8], strided.bias[:8], stride=2, padding=1)
+        assert rel_err(y[:, :8], ref) < 1e-6
+        pooled = F.avg_pool2d(x[:, 8:], 2, 2, ceil_mode=True, count_include_pad=False)
+        assert torch.equal(y[:, 8:], pooled)
+        assert rel_err(op.deploy()(x), y) < 1e-6
 
 
 def test_pconv_ratio_rounding_and_bounds():

@@ -29,3 +29,7 @@ __all__ = [
     "list_operators",
     "register_operator",
 ]
+
+from .partial_blocks import PartialAttention, PartialMLP  # noqa: E402
+
+__all__ += ["PartialAttention", "PartialMLP"]

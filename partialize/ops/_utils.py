@@ -46,8 +46,14 @@ def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> n
     return fused
 
 
-def check_same_size_conv(conv: nn.Conv2d, op: str) -> None:
-    """Raise OperatorError unless ``conv`` keeps channels and spatial size (what PConv can represent)."""
+def check_same_size_conv(
+    conv: nn.Conv2d, op: str, allow_stride: bool = False, allow_depthwise: bool = False
+) -> None:
+    """Raise OperatorError unless ``conv`` keeps channels and spatial size (what PConv can represent).
+
+    ``allow_stride`` accepts strided convs whose padding is the size-keeping one; ``allow_depthwise``
+    accepts depthwise convs (groups == in == out).
+    """
     name = type(conv).__name__
     if not isinstance(conv, nn.Conv2d):
         raise OperatorError(f"{op} converts nn.Conv2d layers, got {name}")
@@ -57,9 +63,11 @@ def check_same_size_conv(conv: nn.Conv2d, op: str) -> None:
             f"in_channels ({conv.in_channels}) != out_channels ({conv.out_channels}): the untouched "
             "channels pass through as identity, so input and output widths must match"
         )
-    if tuple(conv.stride) != (1, 1):
-        reasons.append(f"stride {tuple(conv.stride)} != 1: identity channels cannot be downsampled")
-    if conv.groups != 1:
+    if tuple(conv.stride) != (1, 1) and not (allow_stride and conv.stride[0] == conv.stride[1]):
+        hint = "" if allow_stride else " (PConv converts it with stride_mode: pool)"
+        reasons.append(f"stride {tuple(conv.stride)} != 1: identity channels cannot be downsampled{hint}")
+    depthwise = conv.groups == conv.in_channels == conv.out_channels and conv.groups > 1
+    if conv.groups != 1 and not (allow_depthwise and depthwise):
         reasons.append(f"groups={conv.groups}: a grouped/depthwise conv has no dense top-left block to keep")
     if conv.padding_mode != "zeros":
         reasons.append(f"padding_mode={conv.padding_mode!r}: only zero padding is supported")

@@ -36,17 +36,33 @@ class GaussianChannelAttention(nn.Module):
     """PAT_ch attention: gate each channel by a map of its mean and std over H*W.
 
     mu, std per 000 eq. 2-3 (one pass with var_mean); s = BN(gate(W [mu, std])), F~ = F * s
-    per 000 eq. 4. ``identity_init`` zeroes the BN scale and sets its shift to 1, so s == 1 and the
-    module starts as the identity (used when converting a PConv whose other channels were identity).
+    per 000 eq. 4. ``mapping="dense"``: W maps all 2C statistics to C gates (a fully connected
+    layer); ``"channelwise"``: each channel's gate sees only its own mean and std (W in R^{C x 2},
+    the shape the paper writes), far fewer parameters for wide layers. ``identity_init`` zeroes
+    the BN scale and sets its shift to 1, so s == 1 and the module starts as the identity (used
+    when converting a PConv whose other channels were identity).
     """
 
-    def __init__(self, dim: int, gate: str = "sigmoid", eps: float = 1e-5, identity_init: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        gate: str = "sigmoid",
+        eps: float = 1e-5,
+        identity_init: bool = False,
+        mapping: str = "dense",
+    ):
         super().__init__()
         self.dim = dim
         self.eps = eps
         self.gate = gate
+        self.mapping = mapping
         _gate_fn(gate)
-        self.fc = nn.Linear(2 * dim, dim)
+        if mapping == "dense":
+            self.fc = nn.Linear(2 * dim, dim)
+        elif mapping == "channelwise":
+            self.fc = ChannelwiseMap(dim)
+        else:
+            raise OperatorError(f"PAT_ch mapping must be 'dense' or 'channelwise', got {mapping!r}")
         self.norm = nn.BatchNorm1d(dim)
         if identity_init:
             nn.init.zeros_(self.norm.weight)
@@ -68,6 +84,20 @@ class GaussianChannelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale(x)
+
+
+class ChannelwiseMap(nn.Module):
+    """gate_c = w_c0 * mu_c + w_c1 * std_c + b_c on z = [mu, std] of shape (B, 2C)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.weight = nn.Parameter(torch.empty(dim, 2).uniform_(-0.5, 0.5))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        mean, std = z[:, : self.dim], z[:, self.dim :]
+        return mean * self.weight[:, 0] + std * self.weight[:, 1] + self.bias
 
 
 class FusedChannelGate(nn.Module):
@@ -104,6 +134,9 @@ class PartialSelfAttention(nn.Module):
 
     000 eq. 6: s = softmax(q k^T / sqrt(d) + R), F~ = v s. Pre-LayerNorm on the channels, no qkv
     bias; R is a per-head table over rounded token distances, so it works for any H x W.
+    ``residual=True`` returns x + attention (PartialNet block v2's extra shortcut around the mixer);
+    ``identity_init`` adds a zero-initialised output projection and the residual, so the module
+    starts as the identity (used when converting a PConv whose other channels were identity).
     """
 
     def __init__(
@@ -114,8 +147,12 @@ class PartialSelfAttention(nn.Module):
         qkv_bias: bool = False,
         norm: bool = True,
         proj: bool = False,
+        residual: bool = False,
+        identity_init: bool = False,
     ):
         super().__init__()
+        if identity_init:  # x + proj(attn(x)) with proj = 0: exactly the identity until trained
+            proj, residual = True, True
         if dim % num_heads:
             # fall back to the largest head count that divides dim
             num_heads = math.gcd(dim, num_heads)
@@ -126,12 +163,19 @@ class PartialSelfAttention(nn.Module):
         self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim) if proj else nn.Identity()
+        self.residual = residual
+        if identity_init:
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
         self.rel_bias = nn.Parameter(torch.zeros(num_heads, num_buckets))
         nn.init.trunc_normal_(self.rel_bias, std=0.02)
         self._index_cache: dict[tuple[int, int, str], torch.Tensor] = {}
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}, num_buckets={self.num_buckets}"
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, num_buckets={self.num_buckets}, "
+            f"residual={self.residual}"
+        )
 
     def position_bias(self, h: int, w: int, device) -> torch.Tensor:
         """R of 000 eq. 6 as (heads, HW, HW)."""
@@ -150,7 +194,8 @@ class PartialSelfAttention(nn.Module):
         bias = self.position_bias(h, w, x.device).to(q.dtype).unsqueeze(0)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # 000 eq. 6
         out = self.proj(out.transpose(1, 2).reshape(b, h * w, c))
-        return out.transpose(1, 2).reshape(b, c, h, w)
+        out = out.transpose(1, 2).reshape(b, c, h, w)
+        return x + out if self.residual else out
 
 
 @register_operator("pat_sp")

@@ -56,6 +56,7 @@ class DPConv(nn.Module):
         init_ratio: float | None = None,
         identity_init: bool = False,
         gate: str = "sigmoid",
+        mapping: str = "dense",
     ) -> None:
         super().__init__()
         if attn not in DP_ATTENTIONS:
@@ -73,7 +74,7 @@ class DPConv(nn.Module):
         self.gates = nn.Parameter(torch.empty(self.num_gates).uniform_(-1.0, 1.0))  # 000 Alg. 1 init
         self.attn_type = attn
         if attn == "ch":
-            self.attn = GaussianChannelAttention(dim, gate=gate, identity_init=identity_init)
+            self.attn = GaussianChannelAttention(dim, gate=gate, identity_init=identity_init, mapping=mapping)
         else:
             self.attn = None
         if init_ratio is not None:
@@ -208,7 +209,10 @@ class DPConv(nn.Module):
         a, b = self.attn, op.attn
         C = self.dim
         with torch.no_grad():
-            b.fc.weight.copy_(torch.cat((a.fc.weight[n:, n:C], a.fc.weight[n:, C + n :]), dim=1))
+            if isinstance(a.fc, nn.Linear):
+                b.fc.weight.copy_(torch.cat((a.fc.weight[n:, n:C], a.fc.weight[n:, C + n :]), dim=1))
+            else:  # channelwise map: each channel's own two weights
+                b.fc.weight.copy_(a.fc.weight[n:])
             b.fc.bias.copy_(a.fc.bias[n:])
             for name in ("weight", "bias", "running_mean", "running_var"):
                 getattr(b.norm, name).copy_(getattr(a.norm, name)[n:])

@@ -21,7 +21,7 @@ def build_attention(attn: str, dim: int, identity_init: bool = False, **params) 
     if attn == "ch":
         return GaussianChannelAttention(dim, identity_init=identity_init, **params)
     if attn == "sf":
-        return PartialSelfAttention(dim, **params)
+        return PartialSelfAttention(dim, identity_init=identity_init, **params)
     raise OperatorError(f"PATConv attn must be one of {ATTENTIONS}, got {attn!r}")
 
 
@@ -40,10 +40,11 @@ class PATConv(nn.Module):
         dilation: int | tuple[int, int] = 1,
         bias: bool = False,
         identity_init: bool = False,
+        depthwise: bool = False,
         **attn_params,
     ) -> None:
         super().__init__()
-        self.pconv = PConv(dim, ratio, kernel_size, dilation, bias)  # holds the conv part
+        self.pconv = PConv(dim, ratio, kernel_size, dilation, bias, depthwise=depthwise)  # conv part
         self.dim = dim
         self.dim_conv = self.pconv.dim_conv
         self.dim_attn = dim - self.dim_conv
@@ -76,7 +77,8 @@ class PATConv(nn.Module):
         From a PConv (e.g. timm FasterNet's partial conv) the attention starts as the identity, so
         the converted network computes what the original did until it is fine-tuned.
         """
-        src, dim = conv_source(original, "PATConv")
+        src, dim = conv_source(original, "PATConv", allow_depthwise=True)
+        params.setdefault("depthwise", src.groups > 1)
         if is_partial_source(original):
             params.setdefault("identity_init", True)
         ratio = resolve_ratio(original, src, dim, ratio)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import OperatorError
@@ -21,6 +22,10 @@ class PConv(nn.Module):
     ``forward_mode="split_cat"`` (training) splits and concatenates; ``"slicing"`` (inference)
     writes the conv result into a clone of the input. The conv reads the original input, not the
     clone, so the in-place write is also safe under autograd.
+
+    Two generalisations (docs/operators.md): ``depthwise=True`` keeps a depthwise conv on the first
+    channels; ``stride > 1`` downsamples the untouched channels with an average pool of the same
+    stride (``ceil_mode``), so a strided size-keeping-padding conv can be partial too.
     """
 
     _partialize_leaf = True
@@ -33,6 +38,8 @@ class PConv(nn.Module):
         dilation: int | tuple[int, int] = 1,
         bias: bool = False,
         forward_mode: str = "split_cat",
+        stride: int = 1,
+        depthwise: bool = False,
     ) -> None:
         super().__init__()
         if forward_mode not in FORWARD_MODES:
@@ -41,25 +48,37 @@ class PConv(nn.Module):
         self.dim_conv = split_channels(dim, ratio)
         self.dim_untouched = dim - self.dim_conv
         self.forward_mode = forward_mode
+        self.stride = int(nn.modules.utils._pair(stride)[0])
+        self.depthwise = depthwise
         ks = nn.modules.utils._pair(kernel_size)
         dl = nn.modules.utils._pair(dilation)
         pad = tuple(d * (k - 1) // 2 for k, d in zip(ks, dl))
         if any(k % 2 == 0 for k in ks):
             raise OperatorError(f"PConv needs an odd kernel to keep the spatial size, got {ks}")
-        self.conv = nn.Conv2d(self.dim_conv, self.dim_conv, ks, 1, pad, dl, bias=bias)
+        groups = self.dim_conv if depthwise else 1
+        self.conv = nn.Conv2d(
+            self.dim_conv, self.dim_conv, ks, self.stride, pad, dl, groups=groups, bias=bias
+        )
 
     @property
     def ratio(self) -> float:
         return self.dim_conv / self.dim
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, dim_conv={self.dim_conv}, forward_mode={self.forward_mode!r}"
+        extra = f", stride={self.stride}" if self.stride > 1 else ""
+        extra += ", depthwise=True" if self.depthwise else ""
+        return f"dim={self.dim}, dim_conv={self.dim_conv}, forward_mode={self.forward_mode!r}{extra}"
+
+    def _untouched(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            return x2
+        return F.avg_pool2d(x2, self.stride, self.stride, ceil_mode=True, count_include_pad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.forward_mode == "slicing":
+        if self.forward_mode == "slicing" and self.stride == 1:
             return self._forward_slicing(x)
         x1, x2 = torch.split(x, [self.dim_conv, self.dim_untouched], dim=1)
-        return torch.cat((self.conv(x1), x2), dim=1)
+        return torch.cat((self.conv(x1), self._untouched(x2)), dim=1)
 
     def _forward_slicing(self, x: torch.Tensor) -> torch.Tensor:
         out = x.clone()
@@ -67,20 +86,28 @@ class PConv(nn.Module):
         return out
 
     @classmethod
-    def from_module(cls, original: nn.Module, ratio: float | None = 0.25, **kwargs) -> PConv:
-        """Build from a size-keeping dense conv (or another PConv), keeping the top-left block.
+    def from_module(
+        cls, original: nn.Module, ratio: float | None = 0.25, stride_mode: str = "refuse", **kwargs
+    ) -> PConv:
+        """Build from a conv (or another PConv), keeping the top-left block of its weight.
 
-        Raises OperatorError for convs whose identity channels cannot pass through unchanged
-        (stride != 1, in != out, groups != 1).
+        Dense and depthwise convs with equal in/out widths and size-keeping padding convert.
+        A strided one converts only with ``stride_mode="pool"`` (untouched channels are average
+        pooled); otherwise, and for in != out or grouped convs, OperatorError says why.
         """
-        src, dim = conv_source(original, "PConv")
+        if stride_mode not in ("refuse", "pool"):
+            raise OperatorError(f"stride_mode must be 'refuse' or 'pool', got {stride_mode!r}")
+        src, dim = conv_source(original, "PConv", allow_stride=stride_mode == "pool", allow_depthwise=True)
         ratio = resolve_ratio(original, src, dim, ratio)
+        depthwise = isinstance(src, nn.Conv2d) and src.groups > 1 and src.groups == src.in_channels
         op = cls(
             dim,
             ratio=ratio,
             kernel_size=src.kernel_size,
             dilation=src.dilation,
             bias=src.bias is not None,
+            stride=src.stride[0],
+            depthwise=depthwise,
             **kwargs,
         )
         if tuple(conv_padding(src)) != tuple(op.conv.padding):
@@ -97,7 +124,9 @@ class PConv(nn.Module):
         return op
 
 
-def conv_source(original: nn.Module, op: str) -> tuple[nn.Conv2d, int]:
+def conv_source(
+    original: nn.Module, op: str, allow_stride: bool = False, allow_depthwise: bool = False
+) -> tuple[nn.Conv2d, int]:
     """(conv whose top-left block a partial op inherits, channel count) for ``original``.
 
     Accepts a size-keeping dense conv, a PConv, or timm FasterNet's ``Partial_conv3``; anything
@@ -107,7 +136,7 @@ def conv_source(original: nn.Module, op: str) -> tuple[nn.Conv2d, int]:
         return original.conv, original.dim
     if is_timm_partial_conv(original):
         return original.partial_conv3, original.dim_conv3 + original.dim_untouched
-    check_same_size_conv(original, op)
+    check_same_size_conv(original, op, allow_stride=allow_stride, allow_depthwise=allow_depthwise)
     return original, original.in_channels
 
 

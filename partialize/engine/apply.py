@@ -1,0 +1,62 @@
+"""Apply: swap modules on the eager model by qualified name (setattr on the parent)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..errors import PartializeError
+from .plan import Plan, build_op, copy_plan_ops
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at qualified ``name`` with ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: Plan,
+    *,
+    inplace: bool = False,
+    check: bool = True,
+    example_input: torch.Tensor | None = None,
+) -> nn.Module:
+    """Return ``model`` with every ``convert`` entry of ``plan`` swapped in (a copy unless inplace).
+
+    With ``check`` a forward pass on the example input verifies the output shape is unchanged.
+    """
+    target = model if inplace else copy.deepcopy(model)
+    ops = copy_plan_ops(plan) if plan._ops else {}
+    for e in plan.converted:
+        op = ops.get(e.layer)
+        if op is None:  # replaying a plan loaded from JSON
+            params = dict(e.params)
+            ratio = params.pop("ratio", None)
+            op = build_op(target.get_submodule(e.layer), e.variant, ratio, params)
+        set_module(target, e.layer, op)
+    target._partialize_plan = plan
+    if check and plan.output_shape is not None:
+        x = example_input
+        if x is None:
+            ref = next((t for t in target.parameters() if t.is_floating_point()), None)
+            x = torch.randn(plan.input_shape, generator=torch.Generator().manual_seed(0))
+            if ref is not None:
+                x = x.to(ref.device, ref.dtype)
+        was = target.training
+        target.eval()
+        try:
+            with torch.no_grad():
+                out = target(x)
+        finally:
+            target.train(was)
+        shape = tuple((out[0] if isinstance(out, (tuple, list)) else out).shape)
+        if shape != tuple(plan.output_shape):
+            raise PartializeError(
+                f"converted model output shape {shape} != original {tuple(plan.output_shape)}"
+            )
+    return target

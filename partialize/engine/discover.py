@@ -1,0 +1,218 @@
+"""Discovery: which layers a model has, with shapes, found by fx tracing + shape propagation, or
+by a named_modules() walk with forward hooks where tracing fails or inside a leaf block."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .macs import MacCounter
+from .tracer import example_input_for, trace
+
+
+@dataclass
+class LayerInfo:
+    """What discovery knows of one module (shapes from the example input, batch 1)."""
+
+    name: str
+    type: str
+    type_path: str
+    found: str  # "fx" | "hook (inside leaf X)" | "hook (tracing failed)"
+    order: int  # call order in the forward pass
+    depth: float = 0.0  # order / number of called modules, in [0, 1]
+    in_shape: tuple[int, ...] | None = None
+    out_shape: tuple[int, ...] | None = None
+    in_channels: int | None = None
+    out_channels: int | None = None
+    kernel: tuple[int, ...] | None = None
+    stride: tuple[int, ...] | None = None
+    groups: int | None = None
+    dilation: tuple[int, ...] | None = None
+    spatial: tuple[int, int] | None = None  # input H, W (feature maps only)
+    stage: int | None = None  # log2(input size / feature size) - 1, floored at 0
+    params: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        """Short human description, e.g. ``Conv2d(64->64, k3, s1)``."""
+        if self.kernel is not None:
+            g = f", g{self.groups}" if self.groups and self.groups > 1 else ""
+            k = "x".join(map(str, self.kernel)) if len(set(self.kernel)) > 1 else str(self.kernel[0])
+            return f"{self.type}({self.in_channels}->{self.out_channels}, k{k}, s{self.stride[0]}{g})"
+        if self.in_channels is not None:
+            return f"{self.type}({self.in_channels}->{self.out_channels})"
+        return self.type
+
+
+@dataclass
+class Discovery:
+    """All modules that ran on the example input, in call order."""
+
+    layers: dict[str, LayerInfo]
+    traced: bool
+    trace_error: str | None
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...] | None
+    macs: int  # total MACs of the original model on the example input (torch flop_counter / 2)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _shape(t) -> tuple[int, ...] | None:
+    if isinstance(t, torch.Tensor):
+        return tuple(t.shape)
+    if isinstance(t, (tuple, list)) and t and isinstance(t[0], torch.Tensor):
+        return tuple(t[0].shape)
+    return None
+
+
+def _channels(m: nn.Module) -> tuple[int | None, int | None]:
+    for a, b in (("in_channels", "out_channels"), ("in_features", "out_features")):
+        if hasattr(m, a) and hasattr(m, b):
+            return getattr(m, a), getattr(m, b)
+    if isinstance(m, nn.MultiheadAttention):
+        return m.embed_dim, m.embed_dim
+    if hasattr(m, "qkv") and isinstance(m.qkv, nn.Linear):
+        return m.qkv.in_features, m.qkv.in_features
+    if hasattr(m, "fc1") and hasattr(m, "fc2"):
+        c1, _ = _channels(m.fc1)
+        _, c2 = _channels(m.fc2)
+        return c1, c2
+    return None, None
+
+
+def discover(
+    model: nn.Module,
+    example_input: torch.Tensor | None = None,
+    input_size: int | tuple[int, ...] | None = None,
+) -> Discovery:
+    """Trace and run ``model`` once (eval mode, no grad) and describe every module that ran."""
+    x = example_input if example_input is not None else example_input_for(model, input_size)
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    try:
+        gm = trace(model)
+        traced, err = True, None
+        graph_modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    except Exception as e:  # any fx failure: fall back to hooks only
+        gm, traced, err, graph_modules = None, False, f"{type(e).__name__}: {e}".splitlines()[0][:300], set()
+    times["trace"] = time.perf_counter() - t0
+
+    records: dict[str, dict] = {}
+    names = {id(m): n for n, m in model.named_modules() if n}
+    counter = [0]
+
+    def hook(mod, args, out):
+        name = names.get(id(mod))
+        if name is None or name in records:
+            return
+        records[name] = {"in": _shape(args[0]) if args else None, "out": _shape(out), "order": counter[0]}
+        counter[0] += 1
+
+    handles = [m.register_forward_hook(hook) for n, m in model.named_modules() if n]
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad(), MacCounter() as fc:
+            if traced:
+                try:
+                    out = ShapeProp(gm).propagate(x)
+                except Exception as e:  # traced but not runnable symbolically: eager forward
+                    traced, err = False, f"shape propagation failed: {type(e).__name__}: {e}"[:300]
+                    records.clear()
+                    counter[0] = 0
+                    out = model(x)
+            else:
+                out = model(x)
+        macs = fc.macs
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    times["forward"] = time.perf_counter() - t0
+
+    if traced:
+        _add_inlined_containers(gm, records)
+
+    in_hw = x.shape[-2:] if x.dim() == 4 else None
+    total = max(1, len(records))
+    layers: dict[str, LayerInfo] = {}
+    modules = dict(model.named_modules())
+    for name, rec in sorted(records.items(), key=lambda kv: kv[1]["order"]):
+        m = modules[name]
+        if traced and rec.get("inlined"):
+            found = "fx (inlined block)"
+        elif traced and name in graph_modules:
+            found = "fx"
+        elif traced:
+            parent = next((g for g in graph_modules if name.startswith(g + ".")), None)
+            found = f"hook (inside leaf {parent})" if parent else "hook"
+        else:
+            found = "hook (tracing failed)"
+        cin, cout = _channels(m)
+        info = LayerInfo(
+            name=name,
+            type=type(m).__name__,
+            type_path=f"{type(m).__module__}.{type(m).__qualname__}",
+            found=found,
+            order=rec["order"],
+            depth=rec["order"] / total,
+            in_shape=rec["in"],
+            out_shape=rec["out"],
+            in_channels=cin,
+            out_channels=cout,
+            params=sum(p.numel() for p in m.parameters()),
+        )
+        if isinstance(m, nn.Conv2d):
+            info.kernel, info.stride = tuple(m.kernel_size), tuple(m.stride)
+            info.groups, info.dilation = m.groups, tuple(m.dilation)
+        if rec["in"] is not None and len(rec["in"]) == 4 and in_hw is not None:
+            info.spatial = (rec["in"][2], rec["in"][3])
+            reduction = max(1.0, in_hw[0] / max(1, rec["in"][2]))
+            info.stage = max(0, round(math.log2(reduction)) - 1)
+        layers[name] = info
+    return Discovery(layers, traced, err, tuple(x.shape), _shape(out), macs, times)
+
+
+def _meta_shape(node) -> tuple[int, ...] | None:
+    tm = node.meta.get("tensor_meta") if hasattr(node, "meta") else None
+    if tm is None:
+        return None
+    if hasattr(tm, "shape"):
+        return tuple(tm.shape)
+    if isinstance(tm, (tuple, list)) and tm and hasattr(tm[0], "shape"):
+        return tuple(tm[0].shape)
+    return None
+
+
+def _add_inlined_containers(gm, records: dict[str, dict]) -> None:
+    """Blocks fx inlined (not leaves) never run as modules: take their shapes from the graph.
+
+    A block's nodes are those whose ``nn_module_stack`` contains it; its input is the first
+    outside value its first node reads, its output the value of its last node.
+    """
+    nodes = list(gm.graph.nodes)
+    spans: dict[str, list[int]] = {}
+    for i, n in enumerate(nodes):
+        for qual in n.meta.get("nn_module_stack") or {}:
+            if qual and qual not in records:
+                spans.setdefault(qual, []).append(i)
+    for qual, idx in spans.items():
+        inside = set(idx)
+        first, last = nodes[idx[0]], nodes[idx[-1]]
+        src = next((a for a in first.all_input_nodes if nodes.index(a) not in inside), None)
+        # order: just after the block's last node (children finish first, as with hooks)
+        last_child = max((r["order"] for q, r in records.items() if q.startswith(qual + ".")), default=-1)
+        records[qual] = {
+            "in": _meta_shape(src) if src is not None else None,
+            "out": _meta_shape(last),
+            "order": last_child + 0.5,
+            "inlined": True,
+        }

@@ -1,0 +1,372 @@
+"""Planning: resolve a recipe against the discovered layers into an ordered list of decisions."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import OperatorError, PartializeError, RecipeError
+from ..ops.registry import get_operator, is_partial_op
+from ..recipe import SKIP_VARIANTS, Recipe, closest_names, load_recipe, name_matches, select_matches
+from .discover import Discovery, LayerInfo, discover
+from .macs import MacCounter
+
+PLAN_FORMAT = 1
+
+
+@dataclass
+class PlanEntry:
+    """One layer's decision. ``status`` is ``convert`` or ``skip`` (then ``reason`` says why)."""
+
+    layer: str
+    original: str
+    status: str
+    variant: str | None = None
+    ratio: float | str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    new: str | None = None
+    delta_params: int = 0
+    delta_macs: int = 0
+    found: str = ""
+    rule: str | None = None
+    reason: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Plan:
+    """An ordered, printable, JSON-serialisable conversion plan."""
+
+    entries: list[PlanEntry]
+    recipe: dict
+    model: dict | None
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...] | None
+    params_before: int
+    macs_before: int
+    traced: bool
+    trace_error: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    _ops: dict[str, nn.Module] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def converted(self) -> list[PlanEntry]:
+        return [e for e in self.entries if e.status == "convert"]
+
+    @property
+    def skipped(self) -> list[PlanEntry]:
+        return [e for e in self.entries if e.status == "skip"]
+
+    @property
+    def params_after(self) -> int:
+        return self.params_before + sum(e.delta_params for e in self.converted)
+
+    @property
+    def macs_after(self) -> int:
+        return self.macs_before + sum(e.delta_macs for e in self.converted)
+
+    def converted_macs_share(self) -> float:
+        """Share of the original MACs that sit in layers the plan converts."""
+        return sum(self._orig_macs.get(e.layer, 0) for e in self.converted) / max(1, self.macs_before)
+
+    _orig_macs: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": PLAN_FORMAT,
+            "model": self.model,
+            "recipe": self.recipe,
+            "input_shape": list(self.input_shape),
+            "output_shape": list(self.output_shape) if self.output_shape else None,
+            "traced": self.traced,
+            "trace_error": self.trace_error,
+            "units": {"macs": "multiply-accumulates (MACs) at batch 1"},
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "converted_macs_share": self.converted_macs_share(),
+            "seconds": self.seconds,
+            "original_macs": self._orig_macs,
+            "entries": [e.to_dict() for e in self.entries],
+        }
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **({"indent": 2} | kw))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        fmt = d.get("format")
+        if fmt != PLAN_FORMAT:
+            raise PartializeError(
+                f"plan format {fmt!r} is not supported (this partialize reads {PLAN_FORMAT})"
+            )
+        p = cls(
+            entries=[PlanEntry(**e) for e in d["entries"]],
+            recipe=d["recipe"],
+            model=d.get("model"),
+            input_shape=tuple(d["input_shape"]),
+            output_shape=tuple(d["output_shape"]) if d.get("output_shape") else None,
+            params_before=d["params_before"],
+            macs_before=d["macs_before"],
+            traced=d["traced"],
+            trace_error=d.get("trace_error"),
+            seconds=d.get("seconds", {}),
+        )
+        p._orig_macs = d.get("original_macs", {})
+        return p
+
+    def __str__(self) -> str:
+        from .render import plan_text
+
+        return plan_text(self)
+
+
+def _mro_names(m: nn.Module) -> tuple[str, ...]:
+    out = []
+    for c in type(m).__mro__:
+        out += [c.__name__, f"{c.__module__}.{c.__qualname__}"]
+    return tuple(out)
+
+
+def _resolve(recipe: Recipe, info: LayerInfo, mro: tuple[str, ...]) -> tuple[dict | None, list[int]]:
+    """Merge defaults and matching rules by precedence; None when no rule matches."""
+    # level 1: type/predicates only, 2: glob or re: name, 3: exact name (defaults are level 0)
+    matches = [
+        (1 + r.select.name_kind(), i)
+        for i, r in enumerate(recipe.rules)
+        if select_matches(r.select, info, mro)
+    ]
+    if not matches:
+        return None, []
+    # defaults < type/predicate rules < glob/regex name < exact name; file order among equals
+    order = [i for _, i in sorted(matches)]
+    merged = {
+        "variant": recipe.defaults.variant,
+        "ratio": recipe.defaults.ratio,
+        "params": dict(recipe.defaults.params),
+    }
+    for i in order:
+        r = recipe.rules[i]
+        if r.variant is not None:
+            merged["variant"] = r.variant
+        if r.ratio is not None:
+            merged["ratio"] = r.ratio
+        merged["params"].update(r.params)
+    return merged, order
+
+
+def _variant_for_ratio(variant: str, ratio) -> tuple[str, dict]:
+    """``ratio: dynamic`` means DPConv, ``adaptive`` means Ada-PConv (PATConv keeps its attention)."""
+    if ratio == "dynamic" and variant in ("pconv", "patconv", "dpconv"):
+        return "dpconv", ({"attn": "ch"} if variant == "patconv" else {})
+    if ratio == "adaptive" and variant in ("pconv", "ada_pconv"):
+        return "ada_pconv", {}
+    return variant, {}
+
+
+def build_op(module: nn.Module, variant: str, ratio, params: dict) -> nn.Module:
+    """Instantiate ``variant`` from ``module`` (weights inherited), on its device and dtype."""
+    cls = get_operator(variant)
+    kwargs = dict(params)
+    if ratio is not None and ratio not in ("dynamic", "adaptive"):
+        kwargs["ratio"] = ratio
+    sig = inspect.signature(cls.from_module)
+    if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+        unknown = [k for k in kwargs if k not in sig.parameters]
+        if unknown:
+            raise RecipeError(
+                f"variant {variant!r} has no parameter(s) {unknown}; it takes "
+                f"{[p for p in sig.parameters if p not in ('cls', 'original')]}"
+            )
+    try:
+        op = cls.from_module(module, **kwargs)
+    except TypeError as e:
+        raise RecipeError(f"variant {variant!r} rejected parameters {sorted(kwargs)}: {e}") from None
+    ref = next((t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()), None)
+    if ref is not None:
+        op = op.to(device=ref.device, dtype=ref.dtype)
+    op.train(module.training)
+    return op
+
+
+def _macs_of(module: nn.Module, shape: tuple[int, ...] | None, mha: bool) -> int:
+    if shape is None:
+        return 0
+    ref = next((t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()), None)
+    x = torch.zeros(
+        shape,
+        device=ref.device if ref is not None else "cpu",
+        dtype=ref.dtype if ref is not None else torch.float32,
+    )
+    was = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), MacCounter() as fc:
+            if mha:
+                module(x, x, x, need_weights=False)
+            else:
+                module(x)
+    finally:
+        module.train(was)
+    return fc.macs
+
+
+def make_plan(
+    model: nn.Module,
+    recipe=None,
+    *,
+    discovery: Discovery | None = None,
+    example_input: torch.Tensor | None = None,
+    input_size: int | None = None,
+    ratio=0.25,
+    variant: str | None = None,
+) -> Plan:
+    """Resolve ``recipe`` (default: shipped ``default`` with ``ratio``/``variant``) on ``model``."""
+    t_start = time.perf_counter()
+    rec = _default_recipe(ratio, variant) if recipe is None else load_recipe(recipe)
+    if discovery is None:
+        discovery = discover(model, example_input, input_size or rec.input_size)
+    t_plan = time.perf_counter()
+    modules = dict(model.named_modules())
+    # plan in definition order (parents before children), so a block converted as a whole
+    # claims its children
+    names = [n for n in modules if n in discovery.layers]
+    # strict: every rule must match something
+    hits = [0] * len(rec.rules)
+    entries: list[PlanEntry] = []
+    ops: dict[str, nn.Module] = {}
+    orig_macs: dict[str, int] = {}
+    converted_prefixes: list[str] = []
+    for name in names:
+        info = discovery.layers[name]
+        m = modules[name]
+        mro = _mro_names(m)
+        merged, order = _resolve(rec, info, mro)
+        for i in order:
+            hits[i] += 1
+        if merged is None:
+            continue
+        rule_desc = ", ".join(f"rules[{i}]" for i in order)
+        base = PlanEntry(
+            layer=name, original=info.describe(), status="skip", found=info.found, rule=rule_desc
+        )
+        if any(name_matches(p, name) for p in rec.ignore):
+            base.reason = "in the recipe's ignore list"
+            entries.append(base)
+            continue
+        parent = next((p for p in converted_prefixes if name.startswith(p + ".")), None)
+        if parent is not None:
+            base.reason = f"inside {parent}, which is converted as a whole"
+            entries.append(base)
+            continue
+        variant_name = merged["variant"]
+        if variant_name in SKIP_VARIANTS:
+            base.reason = "the recipe says skip"
+            entries.append(base)
+            continue
+        if is_partial_op(m):
+            base.reason = "already a partialize operator"
+            entries.append(base)
+            continue
+        variant_name, implied = _variant_for_ratio(variant_name, merged["ratio"])
+        params = implied | merged["params"]
+        try:
+            op = build_op(m, variant_name, merged["ratio"], params)
+        except OperatorError as e:
+            base.reason = str(e)
+            entries.append(base)
+            continue
+        mha = isinstance(m, nn.MultiheadAttention)
+        before = _macs_of(m, info.in_shape, mha)
+        after = _macs_of(op, info.in_shape, mha)
+        orig_macs[name] = before
+        ops[name] = op
+        converted_prefixes.append(name)
+        ratio_out = getattr(op, "ratio", merged["ratio"])
+        entries.append(
+            PlanEntry(
+                layer=name,
+                original=info.describe(),
+                status="convert",
+                variant=variant_name,
+                ratio=round(float(ratio_out), 6) if isinstance(ratio_out, (int, float)) else ratio_out,
+                params=params if merged["ratio"] is None else params | {"ratio": merged["ratio"]},
+                new=op.extra_repr().replace("\n", " ") if hasattr(op, "extra_repr") else type(op).__name__,
+                delta_params=sum(p.numel() for p in op.parameters()) - sum(p.numel() for p in m.parameters()),
+                delta_macs=after - before,
+                found=info.found,
+                rule=rule_desc,
+            )
+        )
+    if rec.strict:
+        dead = [i for i, h in enumerate(hits) if h == 0]
+        if dead:
+            msgs = []
+            for i in dead:
+                sel = rec.rules[i].select
+                pats = sel.name if isinstance(sel.name, list) else [sel.name] if sel.name else []
+                close = sorted({c for p in pats for c in closest_names(p, names)})
+                hint = f"; closest layer names: {', '.join(close)}" if close else ""
+                msgs.append(f"rules[{i}] ({sel.model_dump(exclude_none=True)}) matches no layer{hint}")
+            raise RecipeError(
+                "; ".join(msgs) + ". Fix the selector, or set `strict: false` in the recipe to allow it."
+            )
+    params_before = sum(p.numel() for p in model.parameters())
+    plan = Plan(
+        entries=entries,
+        recipe=rec.model_dump(mode="json", exclude_none=True),
+        model=infer_spec(model),
+        input_shape=discovery.input_shape,
+        output_shape=discovery.output_shape,
+        params_before=params_before,
+        macs_before=discovery.macs,
+        traced=discovery.traced,
+        trace_error=discovery.trace_error,
+        seconds=dict(discovery.seconds)
+        | {"plan": time.perf_counter() - t_plan, "total": time.perf_counter() - t_start},
+    )
+    plan._ops = ops
+    plan._orig_macs = orig_macs
+    return plan
+
+
+def _default_recipe(ratio, variant) -> Recipe:
+    rec = load_recipe("default")
+    data = rec.model_dump(mode="json", exclude_none=True)
+    data["defaults"]["ratio"] = ratio
+    if variant is not None:
+        data["defaults"]["variant"] = variant
+        for r in data["rules"]:
+            r.pop("variant", None)
+    for r in data["rules"]:
+        r.pop("ratio", None)
+    return Recipe.model_validate(data)
+
+
+def copy_plan_ops(plan: Plan) -> dict[str, nn.Module]:
+    """Operators built by the plan, deep-copied so the plan can be applied more than once."""
+    return {k: copy.deepcopy(v) for k, v in plan._ops.items()}
+
+
+def infer_spec(model: nn.Module) -> dict | None:
+    """How to rebuild the base model: set by ``zoo.build_model``, else a timm architecture name."""
+    spec = getattr(model, "_partialize_spec", None)
+    if spec is not None:
+        return spec
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("architecture"):
+        kwargs = {}
+        if getattr(model, "num_classes", None) is not None:
+            kwargs["num_classes"] = model.num_classes
+        return {"spec": cfg["architecture"], "kwargs": kwargs}
+    return None

@@ -1,0 +1,425 @@
+"""Partial-channel forms of whole blocks: MLPs / inverted residuals and attention.
+
+``PartialMLP`` (``partial_mlp``): the block's hidden expansion runs on the first r*C channels
+only (hidden width r*H, weights = the top-left blocks of the original layers); the other channels
+pass through the block unchanged: for a residual block (inverted residual) they keep x, for a
+branch that sits inside a residual (a transformer/ConvNeXt MLP) the branch outputs 0 for them.
+MACs of the block scale by about r^2.
+
+``PartialAttention`` (``partial_attention``): multi-head self-attention on the last (1 - r)*C
+channels (whole heads, q/k/v/proj inherited as sub-blocks), a cheap mixer on the first r*C
+channels: identity, or a depthwise 3x3 conv on the token grid when the grid is known (feature
+maps, or token sequences given ``grid=(H, W)`` with ``prefix_tokens`` leading tokens).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import OperatorError
+from ._utils import split_channels
+from .registry import register_operator
+
+_PASSTHROUGH = (
+    nn.Identity,
+    nn.Dropout,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.LeakyReLU,
+    nn.Mish,
+    nn.Hardsigmoid,
+)
+
+
+def _slice_layer(m: nn.Module, n_in: int | None, n_out: int | None, where: str) -> nn.Module:
+    """Copy of ``m`` restricted to its first ``n_in`` input and ``n_out`` output channels."""
+    if (
+        isinstance(m, _PASSTHROUGH)
+        or not any(True for _ in m.parameters())
+        and not any(True for _ in m.buffers())
+    ):
+        return copy.deepcopy(m)  # no weights: channel-agnostic (activations, dropout, pooling)
+    if isinstance(m, nn.Linear):
+        new = nn.Linear(n_in, n_out, bias=m.bias is not None)
+        with torch.no_grad():
+            new.weight.copy_(m.weight[:n_out, :n_in])
+            if m.bias is not None:
+                new.bias.copy_(m.bias[:n_out])
+        return new.to(m.weight.device, m.weight.dtype)
+    if isinstance(m, nn.Conv2d):
+        dw = m.groups == m.in_channels == m.out_channels and m.groups > 1
+        if m.groups != 1 and not dw:
+            raise OperatorError(f"{where}: grouped conv (groups={m.groups}) cannot be sliced")
+        if dw:
+            n_in = n_out = n_out if n_out is not None else n_in
+        new = nn.Conv2d(
+            n_in,
+            n_out,
+            m.kernel_size,
+            m.stride,
+            m.padding,
+            m.dilation,
+            groups=n_out if dw else 1,
+            bias=m.bias is not None,
+            padding_mode=m.padding_mode,
+        )
+        with torch.no_grad():
+            new.weight.copy_(m.weight[:n_out] if dw else m.weight[:n_out, :n_in])
+            if m.bias is not None:
+                new.bias.copy_(m.bias[:n_out])
+        return new.to(m.weight.device, m.weight.dtype)
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        new = copy.deepcopy(m)
+        n = n_out
+        new.num_features = n
+        with torch.no_grad():
+            for name in ("weight", "bias"):
+                p = getattr(m, name)
+                if p is not None:
+                    setattr(new, name, nn.Parameter(p[:n].clone()))
+            for name in ("running_mean", "running_var"):
+                b = getattr(m, name)
+                if b is not None:
+                    setattr(new, name, b[:n].clone())
+        return new
+    if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+        new = nn.LayerNorm(n_out, eps=m.eps, elementwise_affine=m.elementwise_affine, bias=m.bias is not None)
+        if m.elementwise_affine:
+            with torch.no_grad():
+                new.weight.copy_(m.weight[:n_out])
+                if m.bias is not None:
+                    new.bias.copy_(m.bias[:n_out])
+        return new.to(m.weight.device if m.weight is not None else "cpu")
+    if isinstance(m, nn.Sequential):
+        raise OperatorError(f"{where}: nested Sequential must be flattened first")
+    raise OperatorError(f"{where}: cannot slice a {type(m).__name__} to part of its channels")
+
+
+def _width_change(m: nn.Module) -> tuple[int, int] | None:
+    """(in, out) widths of a channel-mixing layer, None for channel-wise ones."""
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features
+    if isinstance(m, nn.Conv2d) and not (m.groups == m.in_channels == m.out_channels and m.groups > 1):
+        return m.in_channels, m.out_channels
+    return None
+
+
+def mlp_layers(block: nn.Module) -> tuple[list[nn.Module], bool, int] | None:
+    """Flatten a known MLP-like block into (layers, residual, channel_dim) or None if unknown.
+
+    Known: timm ``Mlp``/``ConvMlp`` (fc1, act, drop1, norm, fc2, drop2), torchvision ``MLP`` /
+    ``MLPBlock`` and plain Sequentials of Linear/1x1 conv layers, timm ``InvertedResidual``
+    (conv_pw, bn1, conv_dw, bn2, aa, se, conv_pwl, bn3, skip) and torchvision ``InvertedResidual``.
+    """
+    name = type(block).__name__
+    if name in ("Mlp", "ConvMlp") and hasattr(block, "fc1") and hasattr(block, "fc2"):
+        seq = [
+            getattr(block, a)
+            for a in ("fc1", "act", "drop1", "norm", "drop", "fc2", "drop2")
+            if isinstance(getattr(block, a, None), nn.Module)
+        ]
+        ch_dim = 1 if isinstance(block.fc1, nn.Conv2d) else -1
+        return seq, False, ch_dim
+    if name == "InvertedResidual" and hasattr(block, "conv_pw") and hasattr(block, "conv_pwl"):
+        if not getattr(block, "has_skip", False):
+            raise OperatorError(
+                "inverted residual without a skip connection (stride 2 or in != out): "
+                "its untouched channels would have nowhere to go"
+            )
+        if getattr(block, "conv_s2d", None) is not None:
+            raise OperatorError("inverted residual with a space-to-depth stem is not supported")
+        seq = [
+            block.conv_pw,
+            block.bn1,
+            block.conv_dw,
+            block.bn2,
+            block.aa,
+            block.se,
+            block.conv_pwl,
+            block.bn3,
+        ]
+        return seq, True, 1
+    if name == "InvertedResidual" and hasattr(block, "conv") and hasattr(block, "use_res_connect"):
+        if not block.use_res_connect:
+            raise OperatorError(
+                "inverted residual without a skip connection (stride 2 or in != out): "
+                "its untouched channels would have nowhere to go"
+            )
+        return _flatten(block.conv), True, 1
+    if isinstance(block, nn.Sequential):
+        flat = _flatten(block)
+        kinds = [m for m in flat if _width_change(m) is not None]
+        if len(kinds) == 2 and _width_change(kinds[0])[1] == _width_change(kinds[1])[0]:
+            first = kinds[0]
+            ch_dim = 1 if isinstance(first, nn.Conv2d) else -1
+            return flat, False, ch_dim
+    return None
+
+
+def _flatten(seq: nn.Module) -> list[nn.Module]:
+    out = []
+    for m in seq.children() if isinstance(seq, nn.Sequential) else [seq]:
+        if isinstance(m, nn.Sequential):
+            out.extend(_flatten(m))
+        else:
+            out.append(m)
+    return out
+
+
+@register_operator("partial_mlp")
+class PartialMLP(nn.Module):
+    """Run an MLP-like block on the first r*C channels only (see module docstring)."""
+
+    _partialize_leaf = True
+
+    def __init__(self, layers: list[nn.Module], dim: int, dim_part: int, residual: bool, channel_dim: int):
+        super().__init__()
+        self.layers = nn.Sequential(*layers)
+        self.dim, self.dim_part = dim, dim_part
+        self.residual = residual
+        self.channel_dim = channel_dim
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, dim_part={self.dim_part}, residual={self.residual}"
+
+    @property
+    def ratio(self) -> float:
+        return self.dim_part / self.dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cd = self.channel_dim
+        x1, x2 = torch.split(x, [self.dim_part, self.dim - self.dim_part], dim=cd)
+        y1 = self.layers(x1)
+        if self.residual:
+            return torch.cat((x1 + y1, x2), dim=cd)
+        return torch.cat((y1, torch.zeros_like(x2)), dim=cd)
+
+    @classmethod
+    def from_module(
+        cls, original: nn.Module, ratio: float = 0.5, hidden_ratio: float | None = None, **_
+    ) -> PartialMLP:
+        """Slice a known MLP-like block (see ``mlp_layers``) to its first ``ratio`` of the channels."""
+        found = mlp_layers(original)
+        if found is None:
+            raise OperatorError(
+                f"partial_mlp does not know how to slice a {type(original).__name__} (known: timm "
+                "Mlp/ConvMlp, torchvision MLP, inverted residuals with a skip, Sequential of two "
+                "Linear/1x1 conv layers)"
+            )
+        layers, residual, ch_dim = found
+        mixers = [m for m in layers if _width_change(m) is not None]
+        if len(mixers) != 2:
+            raise OperatorError(f"partial_mlp expects exactly two channel-mixing layers, found {len(mixers)}")
+        dim, hidden = _width_change(mixers[0])
+        if _width_change(mixers[1]) != (hidden, dim):
+            raise OperatorError("partial_mlp needs an MLP whose output width equals its input width")
+        n = split_channels(dim, ratio)
+        h = split_channels(hidden, hidden_ratio if hidden_ratio is not None else ratio)
+        sliced, seen = [], 0
+        for m in layers:
+            if m is mixers[0]:
+                sliced.append(_slice_layer(m, n, h, type(original).__name__))
+                seen = 1
+            elif m is mixers[1]:
+                sliced.append(_slice_layer(m, h, n, type(original).__name__))
+                seen = 2
+            else:
+                width = h if seen == 1 else n
+                sliced.append(_slice_layer(m, width, width, type(original).__name__))
+        return cls(sliced, dim, n, residual, ch_dim)
+
+    def deploy(self) -> PartialMLP:
+        """Inference form: eval mode, frozen (BN folding is done model-wide by partialize.deploy)."""
+        return copy.deepcopy(self).eval().requires_grad_(False)
+
+
+@register_operator("partial_attention")
+class PartialAttention(nn.Module):
+    """Self-attention on the last (1 - r)*C channels, a cheap mixer on the first r*C."""
+
+    _partialize_leaf = True
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads_attn: int,
+        head_dim: int,
+        qkv_bias: bool,
+        proj_bias: bool,
+        mixer: str = "identity",
+        grid: tuple[int, int] | None = None,
+        prefix_tokens: int = 0,
+        scale: float | None = None,
+        mha_api: bool = False,
+        batch_first: bool = True,
+    ):
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads_attn
+        self.head_dim = head_dim
+        self.dim_attn = num_heads_attn * head_dim
+        self.dim_cheap = dim - self.dim_attn
+        self.scale = scale
+        self.qkv = nn.Linear(self.dim_attn, 3 * self.dim_attn, bias=qkv_bias)
+        self.proj = nn.Linear(self.dim_attn, self.dim_attn, bias=proj_bias)
+        self.mixer_type = mixer
+        self.grid = tuple(grid) if grid is not None else None
+        self.prefix_tokens = prefix_tokens
+        self.mha_api = mha_api
+        self.batch_first = batch_first
+        if mixer == "dwconv":
+            self.mixer = nn.Conv2d(self.dim_cheap, self.dim_cheap, 3, 1, 1, groups=self.dim_cheap)
+            nn.init.dirac_(self.mixer.weight, groups=self.dim_cheap)
+            nn.init.zeros_(self.mixer.bias)
+        elif mixer == "identity":
+            self.mixer = nn.Identity()
+        else:
+            raise OperatorError(f"partial_attention mixer must be 'identity' or 'dwconv', got {mixer!r}")
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, attn_channels={self.dim_attn} ({self.num_heads} heads), "
+            f"cheap_channels={self.dim_cheap}, mixer={self.mixer_type!r}"
+        )
+
+    @property
+    def ratio(self) -> float:
+        return self.dim_cheap / self.dim
+
+    def _attend(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, _ = t.shape
+        q, k, v = self.qkv(t).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.dim_attn))
+
+    def _cheap(self, t: torch.Tensor) -> torch.Tensor:
+        if self.mixer_type == "identity":
+            return t
+        b, n, c = t.shape
+        h, w = self.grid
+        pre, grid_tokens = t[:, : self.prefix_tokens], t[:, self.prefix_tokens :]
+        fmap = grid_tokens.transpose(1, 2).reshape(b, c, h, w)
+        return torch.cat((pre, self.mixer(fmap).flatten(2).transpose(1, 2)), dim=1)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if self.mha_api:
+            # nn.MultiheadAttention call: (query, key, value, ...) -> (out, None); self-attention only
+            key = args[0] if args else kwargs.get("key", x)
+            if key is not x:
+                raise OperatorError("partial_attention replaces self-attention only (query is key is value)")
+            t = x if self.batch_first else x.transpose(0, 1)
+            out = self._tokens(t)
+            return (out if self.batch_first else out.transpose(0, 1)), None
+        if x.dim() == 4:  # feature map (B, C, H, W)
+            b, c, h, w = x.shape
+            x1, x2 = torch.split(x, [self.dim_cheap, self.dim_attn], dim=1)
+            a = self._attend(x2.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, self.dim_attn, h, w)
+            cheap = self.mixer(x1) if self.mixer_type == "dwconv" else x1
+            return torch.cat((cheap, a), dim=1)
+        return self._tokens(x)
+
+    def _tokens(self, t: torch.Tensor) -> torch.Tensor:
+        t1, t2 = torch.split(t, [self.dim_cheap, self.dim_attn], dim=-1)
+        return torch.cat((self._cheap(t1), self._attend(t2)), dim=-1)
+
+    @classmethod
+    def from_module(
+        cls,
+        original: nn.Module,
+        ratio: float = 0.25,
+        mixer: str = "identity",
+        grid: tuple[int, int] | None = None,
+        prefix_tokens: int | None = None,
+        **_,
+    ) -> PartialAttention:
+        """Build from timm ``Attention`` or ``nn.MultiheadAttention`` (self-attention), keeping whole heads.
+
+        The last ``round((1 - ratio) * heads)`` heads keep attention with their q/k/v/proj blocks.
+        """
+        if isinstance(original, nn.MultiheadAttention):
+            return cls._from_mha(original, ratio, mixer, grid, prefix_tokens or 0)
+        needed = ("qkv", "proj", "num_heads", "head_dim")
+        if not all(hasattr(original, a) for a in needed) or not isinstance(original.qkv, nn.Linear):
+            raise OperatorError(
+                f"partial_attention supports timm Attention (qkv, proj) and nn.MultiheadAttention, "
+                f"not {type(original).__name__}"
+            )
+        for attr in ("q_norm", "k_norm", "norm"):
+            if not isinstance(getattr(original, attr, nn.Identity()), nn.Identity):
+                raise OperatorError(
+                    f"partial_attention: {type(original).__name__}.{attr} is not supported yet"
+                )
+        if getattr(original, "gate", None) is not None:
+            raise OperatorError("partial_attention: gated attention is not supported")
+        heads, hd = original.num_heads, original.head_dim
+        dim = original.qkv.in_features
+        if heads * hd != dim:
+            raise OperatorError("partial_attention needs attention width == model width")
+        keep = heads - split_channels(heads, ratio) if ratio > 0 else heads
+        keep = max(1, min(heads - 1, keep)) if heads > 1 else 1
+        if grid is None and mixer == "dwconv":
+            raise OperatorError("partial_attention mixer 'dwconv' on tokens needs grid: [H, W]")
+        op = cls(
+            dim,
+            keep,
+            hd,
+            original.qkv.bias is not None,
+            original.proj.bias is not None,
+            mixer,
+            grid,
+            prefix_tokens if prefix_tokens is not None else 0,
+            scale=getattr(original, "scale", None),
+        )
+        op._inherit(
+            original.qkv.weight, original.qkv.bias, original.proj.weight, original.proj.bias, heads, hd
+        )
+        return op.to(original.qkv.weight.device)
+
+    @classmethod
+    def _from_mha(cls, mha: nn.MultiheadAttention, ratio, mixer, grid, prefix_tokens) -> PartialAttention:
+        if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
+            raise OperatorError("partial_attention needs nn.MultiheadAttention with equal q/k/v widths")
+        if mha.bias_k is not None or mha.add_zero_attn or mha.dropout:
+            raise OperatorError("partial_attention: bias_kv, add_zero_attn and dropout are not supported")
+        heads, dim = mha.num_heads, mha.embed_dim
+        hd = dim // heads
+        keep = max(1, min(heads - 1, heads - split_channels(heads, ratio))) if heads > 1 else 1
+        op = cls(
+            dim,
+            keep,
+            hd,
+            mha.in_proj_bias is not None,
+            mha.out_proj.bias is not None,
+            mixer,
+            grid,
+            prefix_tokens,
+            mha_api=True,
+            batch_first=mha.batch_first,
+        )
+        op._inherit(mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias, heads, hd)
+        return op.to(mha.in_proj_weight.device)
+
+    def _inherit(self, w_qkv, b_qkv, w_proj, b_proj, heads: int, hd: int) -> None:
+        dim = heads * hd
+        lo = dim - self.dim_attn  # the kept heads are the last ones
+        rows = torch.cat([torch.arange(j * dim + lo, (j + 1) * dim) for j in range(3)])
+        with torch.no_grad():
+            self.qkv.weight.copy_(w_qkv[rows][:, lo:])
+            if b_qkv is not None:
+                self.qkv.bias.copy_(b_qkv[rows])
+            self.proj.weight.copy_(w_proj[lo:, lo:])
+            if b_proj is not None:
+                self.proj.bias.copy_(b_proj[lo:])
+
+    def deploy(self) -> PartialAttention:
+        """Inference form: eval mode, frozen."""
+        return copy.deepcopy(self).eval().requires_grad_(False)

@@ -8,8 +8,9 @@
    (``fold_bn_into_conv``) and replaced by ``nn.Identity``.
 
 Pairs are found by torch.fx tracing (registered operators kept as leaves): a conv node whose only
-user is a BN node. Where tracing fails, the module's children are traced one by one, and inside an
-``nn.Sequential`` that cannot be traced, adjacent (conv, BN) children are paired. Only exact
+user is a BN node. A submodule that cannot be traced becomes a leaf and is analysed on its own; a
+module whose own forward cannot be traced is analysed child by child, and inside such an
+``nn.Sequential`` adjacent (conv, BN) children are paired. Only exact
 ``nn.Conv1d/2d/3d`` and ``nn.BatchNorm1d/2d/3d``/``SyncBatchNorm`` types with running statistics are
 folded (subclasses such as weight-standardised convs or BN+activation layers change the maths), and a
 module that is registered or called more than once is never folded.
@@ -72,10 +73,24 @@ def deploy_operators(model: nn.Module) -> int:
 
 
 class _LeafTracer(torch.fx.Tracer):
-    """fx tracer that keeps partialize operators (and their deploy forms) as leaves."""
+    """fx tracer that keeps partialize operators (and their deploy forms) and ``extra`` names as leaves,
+    and records the innermost submodule whose forward could not be traced."""
+
+    def __init__(self, extra: set[str]) -> None:
+        super().__init__()
+        self.extra = extra
+        self.failed_at: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_partial_op(m) or super().is_leaf_module(m, qualname)
+        return qualname in self.extra or is_partial_op(m) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_at is None:  # the first handler to run is the innermost module
+                self.failed_at = self.path_of_module(m)
+            raise
 
 
 def _is_conv(m: nn.Module) -> bool:
@@ -89,70 +104,74 @@ def _is_foldable_bn(m: nn.Module, conv: nn.Module) -> bool:
     return (dims is None or dims == _CONVS[type(conv)]) and m.num_features == conv.out_channels
 
 
-def _pairs_fx(module: nn.Module, prefix: str) -> list[tuple[str, str]]:
-    graph = _LeafTracer().trace(module)
+def _trace(module: nn.Module, max_retries: int = 64) -> tuple[torch.fx.Graph, set[str]] | None:
+    """Trace ``module``, turning untraceable submodules into leaves; None if its own forward fails."""
+    extra: set[str] = set()
+    for _ in range(max_retries):
+        tracer = _LeafTracer(extra)
+        try:
+            return tracer.trace(module), extra
+        except Exception as e:
+            if not tracer.failed_at or tracer.failed_at in extra:
+                _log.debug("fx trace of %s failed (%s)", type(module).__name__, e)
+                return None
+            extra = extra | {tracer.failed_at}
+    return None
+
+
+def _collect(module: nn.Module, prefix: str, pairs: list, calls: dict[str, int]) -> None:
+    """Add (conv, bn) candidates under ``module`` to ``pairs`` and count module calls in ``calls``."""
+    if is_partial_op(module):
+        return
+    traced = _trace(module)
+    if traced is None:  # the module's own forward is untraceable: look inside its children
+        if isinstance(module, nn.Sequential):
+            names = list(module._modules)
+            for name in names:
+                calls[prefix + name] = calls.get(prefix + name, 0) + 1
+            for a, b in zip(names, names[1:]):
+                conv, bn = module._modules[a], module._modules[b]
+                if conv is not None and _is_conv(conv) and _is_foldable_bn(bn, conv):
+                    pairs.append((prefix + a, prefix + b))
+        for name, child in module.named_children():
+            _collect(child, f"{prefix}{name}.", pairs, calls)
+        return
+    graph, extra = traced
     mods = dict(module.named_modules())
-    calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    pairs = []
+            calls[prefix + node.target] = calls.get(prefix + node.target, 0) + 1
     for node in graph.nodes:
         if node.op != "call_module" or not _is_conv(mods[node.target]) or len(node.users) != 1:
             continue
         (user,) = node.users
-        if user.op != "call_module" or user.args[:1] != (node,) or len(user.args) + len(user.kwargs) != 1:
+        if user.op != "call_module" or user.args != (node,) or user.kwargs:
             continue
-        bn = mods[user.target]
-        if not _is_foldable_bn(bn, mods[node.target]):
-            continue
-        if calls[node.target] != 1 or calls[user.target] != 1:
-            continue
-        pairs.append((prefix + node.target, prefix + user.target))
-    return pairs
-
-
-def _pairs_sequential(seq: nn.Sequential, prefix: str) -> list[tuple[str, str]]:
-    names = list(seq._modules)
-    pairs = []
-    for a, b in zip(names, names[1:]):
-        conv, bn = seq._modules[a], seq._modules[b]
-        if conv is not None and bn is not None and _is_conv(conv) and _is_foldable_bn(bn, conv):
-            pairs.append((prefix + a, prefix + b))
-    return pairs
+        if _is_foldable_bn(mods[user.target], mods[node.target]):
+            pairs.append((prefix + node.target, prefix + user.target))
+    for name in sorted(extra):  # untraceable submodules were leaves here: analyse their insides
+        _collect(mods[name], f"{prefix}{name}.", pairs, calls)
 
 
 def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """Qualified names (conv, bn) where the BN reads only that conv's output and can be folded.
 
-    fx tracing first; where a module cannot be traced, its children are tried one by one and an
-    untraceable ``nn.Sequential`` contributes its adjacent (conv, BN) children.
+    fx tracing first (untraceable submodules become leaves and are analysed on their own); a module
+    whose own forward cannot be traced is analysed child by child, and if it is an ``nn.Sequential``
+    its adjacent (conv, BN) children are paired. A module called, or registered, more than once
+    anywhere is never folded.
     """
     pairs: list[tuple[str, str]] = []
-
-    def visit(module: nn.Module, prefix: str) -> None:
-        if is_partial_op(module):
-            return
-        try:
-            pairs.extend(_pairs_fx(module, prefix))
-            return
-        except Exception as e:  # untraceable (data-dependent control flow, unsupported op...)
-            _log.debug("fx trace of %r failed (%s); descending", prefix or type(module).__name__, e)
-        if isinstance(module, nn.Sequential):
-            pairs.extend(_pairs_sequential(module, prefix))
-        for name, child in module.named_children():
-            visit(child, f"{prefix}{name}.")
-
-    visit(model, "")
-    # never fold a module that is registered under several names (shared weights)
-    seen: dict[int, int] = {}
+    calls: dict[str, int] = {}
+    _collect(model, "", pairs, calls)
+    registered: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
-        seen[id(m)] = seen.get(id(m), 0) + 1
+        registered[id(m)] = registered.get(id(m), 0) + 1
     mods = dict(model.named_modules())
-    used: set[str] = set()
-    out = []
+    out, used = [], set()
     for c, b in pairs:
-        if seen[id(mods[c])] == 1 and seen[id(mods[b])] == 1 and c not in used and b not in used:
+        once = all(calls.get(n, 0) == 1 and registered[id(mods[n])] == 1 for n in (c, b))
+        if once and c not in used and b not in used:
             used.update((c, b))
             out.append((c, b))
     return out

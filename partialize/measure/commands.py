@@ -87,7 +87,8 @@ def register(main: click.Group, bench: click.Group) -> None:
     if type(bench) is click.Group:  # let `partialize bench resnet50 resnet18` mean `bench models ...`
         bench.__class__ = _ModelsByDefault
     bench.help = (bench.help or "").rstrip() + (
-        "\n\n`partialize bench MODEL [MODEL ...]` is short for `partialize bench models MODEL ...`."
+        "\n\n`partialize bench MODEL [MODEL ...] [OPTIONS]` is short for `partialize bench models MODEL ...`"
+        " (options go after the model names)."
     )
 
 

@@ -226,14 +226,15 @@ def bench_models_cmd(
     """Time models side by side: latency at batch 1, throughput at --batch, ratios vs the first.
 
     Every model runs interleaved with the others round after round, so machine-load drift hits all
-    alike; figures are medians with IQR. Also prints params and MACs (multiply-adds per image).
+    alike; figures are medians with IQR. Also prints params and MACs (multiply-adds per image;
+    DPConv / Ada-PConv counted as in `report`, over 32 random calibration images).
     """
     import json
 
     from rich.console import Console
     from rich.table import Table
 
-    from .flops import count_macs, count_params
+    from .flops import count_params, macs_breakdown
     from .speed import measure_speed
 
     console = Console()
@@ -244,9 +245,7 @@ def bench_models_cmd(
             if name in loaded:
                 raise PartializeError(f"model {name!r} is given twice")
             loaded[name] = load_model(spec, weights)
-        import torch
-
-        macs = {n: count_macs(m, torch.randn(1, 3, input_size, input_size)) for n, m in loaded.items()}
+        macs = {n: macs_breakdown(m, input_size, crosscheck=False)["total"] for n, m in loaded.items()}
         status.update("timing side by side")
         res = measure_speed(
             loaded,

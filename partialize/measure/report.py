@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import PartializeError
 from .flops import MAC_UNIT, _input_chw, macs_breakdown, params_per_module
+from .render import render_report_details, render_report_table, report_markdown  # noqa: F401  (re-exported)
 from .speed import measure_speed, speed_summary  # noqa: F401  (speed_summary re-exported for convert)
 
 SCHEMA = "partialize.report"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import models  # noqa: E402,F401  (registers the native models with timm)
+from .api import apply, plan  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError,
     ModelError,
@@ -16,10 +18,8 @@ from .errors import (  # noqa: E402
     RecipeError,
     WeightsUnavailableError,
 )
-from . import models  # noqa: E402,F401  (registers the native models with timm)
-from .ops import get_operator, list_operators, register_operator  # noqa: E402
-from .api import apply, plan  # noqa: E402
 from .io import load, save  # noqa: E402
+from .ops import get_operator, list_operators, register_operator  # noqa: E402
 
 __all__ = [
     "apply",

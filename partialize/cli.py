@@ -75,6 +75,145 @@ def bench_ops_cmd(threads, channels, sizes, batches, rounds, md_path) -> None:
         click.echo(f"wrote {md_path}")
 
 
+@main.command()
+@click.argument("model")
+@click.option(
+    "--recipe",
+    "-r",
+    "recipe_path",
+    default="default",
+    show_default=True,
+    help="Recipe file, or the name of a shipped recipe (see `partialize recipe list`).",
+)
+@click.option(
+    "--weights",
+    default="random",
+    show_default=True,
+    help="random | pretrained (downloads; needs network) | PATH to a local state_dict file.",
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False),
+    help="Write the converted model here (.safetensors: plan + tensors).",
+)
+@click.option("--input-size", type=int, help="Example input size for discovery [default: the model's].")
+@click.option("--num-classes", type=int, help="Build the base model with this many classes.")
+@click.option("--dry-run", is_flag=True, help="Print the plan only: no conversion, nothing written.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan (and summary) as JSON on stdout.")
+@click.option(
+    "--speed/--no-speed",
+    default=True,
+    show_default=True,
+    help="Measure CPU latency (batch 1) and throughput before vs after, side by side.",
+)
+@click.option("--threads", default=1, show_default=True, help="torch threads for the speed check.")
+@click.option("--batch", default=16, show_default=True, help="Batch size for the throughput check.")
+@_friendly_errors
+def convert(
+    model, recipe_path, weights, out, input_size, num_classes, dry_run, as_json, speed, threads, batch
+) -> None:
+    """Convert MODEL to partial-channel form by a recipe and print what changed.
+
+    MODEL is a timm name (resnet50), torchvision:NAME (torchvision:resnet50) or
+    package.module:factory for your own nn.Module. The plan lists every converted layer with
+    its change in params and MACs (multiply-accumulates, batch 1), and every matched layer that
+    was left alone with the reason. Example:
+
+      partialize convert resnet50 --recipe recipes/resnet50-patconv.yaml --out r50.safetensors
+    """
+    import json
+    import sys as _sys
+
+    from rich.console import Console
+
+    from .engine.apply import apply_plan
+    from .engine.plan import make_plan
+    from .engine.render import plan_table, summary_table
+    from .io import save
+    from .recipe import load_recipe
+    from .zoo import build_model
+
+    stream = _sys.stderr if as_json else _sys.stdout
+    console = Console(stderr=as_json, width=None if stream.isatty() else 150)
+    rec = load_recipe(recipe_path)
+    base = build_model(model, weights=weights, num_classes=num_classes)
+    if weights == "random":
+        console.print(
+            "[dim]weights: random (use --weights pretrained or --weights PATH to convert "
+            "trained weights)[/dim]"
+        )
+    base.eval()
+    plan = make_plan(base, rec, input_size=input_size or rec.input_size)
+    result = {"model": model, "recipe": rec.name or recipe_path, "plan": plan.to_dict()}
+    if not as_json:
+        console.print(plan_table(plan))
+        console.print(summary_table(plan))
+    if dry_run:
+        if as_json:
+            click.echo(json.dumps(result, indent=2))
+        return
+    converted = apply_plan(base, plan)
+    if speed:
+        from .engine.render import speed_table
+        from .measure.speed import speed_summary
+
+        console.print(f"[dim]measuring speed: {threads} thread(s), batch 1 and {batch}...[/dim]")
+        s = speed_summary(
+            base,
+            converted,
+            tuple(plan.input_shape[1:]),
+            threads=threads,
+            batch=batch,
+            names=("original", "converted"),
+        )
+        result["speed"] = s
+        if not as_json:
+            console.print(speed_table(s, plan))
+    if out:
+        path = save(converted, out)
+        result["out"] = path
+        if not as_json:
+            console.print(f"wrote {path}")
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+
+
+@main.group()
+def recipe() -> None:
+    """Inspect and validate recipes."""
+
+
+@recipe.command("validate")
+@click.argument("file")
+@_friendly_errors
+def recipe_validate(file) -> None:
+    """Check FILE against the recipe schema; errors name the line, field and fix."""
+    from .recipe import load_recipe
+
+    rec = load_recipe(file)
+    click.echo(f"{file}: valid recipe {rec.name or ''} ({len(rec.rules)} rules)".replace("  ", " "))
+
+
+@recipe.command("schema")
+def recipe_schema() -> None:
+    """Print the recipe JSON Schema."""
+    import json
+
+    from .recipe import recipe_json_schema
+
+    click.echo(json.dumps(recipe_json_schema(), indent=2))
+
+
+@recipe.command("list")
+def recipe_list() -> None:
+    """List the shipped recipes with their descriptions."""
+    from .recipe import list_shipped_recipes, load_recipe
+
+    for name in list_shipped_recipes():
+        click.echo(f"{name:28s} {load_recipe(name).description or ''}")
+
+
 def _register_commands() -> None:
     from .measure.commands import register as register_measure
 

@@ -139,7 +139,7 @@ def discover(
     times["forward"] = time.perf_counter() - t0
 
     if traced:
-        _add_inlined_containers(gm, records)
+        _add_inlined_containers(gm, records, set(names.values()))
 
     in_hw = x.shape[-2:] if x.dim() == 4 else None
     total = max(1, len(records))
@@ -192,7 +192,7 @@ def _meta_shape(node) -> tuple[int, ...] | None:
     return None
 
 
-def _add_inlined_containers(gm, records: dict[str, dict]) -> None:
+def _add_inlined_containers(gm, records: dict[str, dict], known: set[str]) -> None:
     """Blocks fx inlined (not leaves) never run as modules: take their shapes from the graph.
 
     A block's nodes are those whose ``nn_module_stack`` contains it; its input is the first
@@ -202,7 +202,7 @@ def _add_inlined_containers(gm, records: dict[str, dict]) -> None:
     spans: dict[str, list[int]] = {}
     for i, n in enumerate(nodes):
         for qual in n.meta.get("nn_module_stack") or {}:
-            if qual and qual not in records:
+            if qual in known and qual not in records:  # keys like "relu@1" mark repeated calls
                 spans.setdefault(qual, []).append(i)
     for qual, idx in spans.items():
         inside = set(idx)

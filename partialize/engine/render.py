@@ -44,3 +44,34 @@ def plan_text(plan) -> str:
     con.print(plan_table(plan))
     con.print(summary_table(plan))
     return buf.getvalue()
+
+
+def speed_table(s: dict, plan=None) -> Table:
+    """Before/after speed (from measure.speed.speed_summary), with the MACs-proportional limit."""
+    c = s.get("conditions", {})
+    title = (
+        f"speed ({c.get('device', 'cpu')}, {c.get('threads', '?')} thread(s), medians of "
+        f"{c.get('rounds', '?')} interleaved rounds)"
+    )
+    t = Table(title=title)
+    for col in ("", "original", "converted", "ratio"):
+        t.add_column(col, justify="right")
+    a, b = s["models"]["original"], s["models"]["converted"]
+    t.add_row(
+        "latency, batch 1 (ms)",
+        f"{a['latency_ms']['median']:.2f}",
+        f"{b['latency_ms']['median']:.2f}",
+        f"{s['latency_speedup']:.2f}x faster",
+    )
+    t.add_row(
+        f"throughput, batch {c.get('batch', '?')} (img/s)",
+        f"{a['throughput_ips']['median']:.1f}",
+        f"{b['throughput_ips']['median']:.1f}",
+        f"{s['throughput_ratio']:.2f}x",
+    )
+    if plan is not None and plan.macs_after:
+        limit = plan.macs_before / plan.macs_after
+        t.add_row(
+            "MACs-proportional limit", "", "", f"{limit:.2f}x (reached: {s['throughput_ratio'] / limit:.0%})"
+        )
+    return t

@@ -1,0 +1,358 @@
+"""Conversion engine: discovery, plans, precedence, apply, save/load, recipe errors, CLI."""
+
+import json
+import os
+
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+from conftest import rel_err
+from torch import nn
+
+import partialize
+from partialize.cli import main
+from partialize.engine.discover import discover
+from partialize.errors import CheckpointError, RecipeError
+from partialize.ops import PartialAttention, PartialMLP, PartialSpatialAttention, PATConv, PConv
+from partialize.recipe import load_recipe, parse_recipe
+
+timm = pytest.importorskip("timm")
+
+
+def _convertible_3x3(model):
+    return {
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+        and m.kernel_size == (3, 3)
+        and m.stride == (1, 1)
+        and m.groups == 1
+        and m.in_channels == m.out_channels
+    }
+
+
+def test_resnet18_default_plan_converts_exactly_the_eligible_convs_with_exact_macs():
+    model = torchvision.models.resnet18()
+    plan = partialize.plan(model, input_size=64)
+    assert {e.layer for e in plan.converted} == _convertible_3x3(model)
+    skipped = {e.layer: e.reason for e in plan.skipped}
+    assert "stride" in skipped["layer2.0.conv1"] and "in_channels" in skipped["layer2.0.conv1"]
+    # independent count: a C->C 3x3 conv at HxW costs 9 C^2 HW MACs, its PConv 9 (C/4)^2 HW
+    d = discover(model, input_size=64)
+    expect = 0
+    for name in _convertible_3x3(model):
+        c, (h, w) = d.layers[name].in_channels, d.layers[name].out_shape[2:]
+        expect += 9 * (c // 4) ** 2 * h * w - 9 * c * c * h * w
+    assert sum(e.delta_macs for e in plan.converted) == expect
+    assert all(e.found == "fx" for e in plan.converted)
+    expect_params = 0
+    for e in plan.converted:
+        conv = model.get_submodule(e.layer)
+        expect_params += 9 * (conv.in_channels // 4) ** 2 - conv.weight.numel()
+    assert plan.params_after - plan.params_before == expect_params
+    json.loads(plan.to_json())  # serialisable
+    assert "layer1.0.conv1" in str(plan)
+
+
+def test_apply_leaves_input_untouched_and_keeps_output_shape_dtype_and_modes():
+    model = torchvision.models.resnet18(num_classes=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    conv = partialize.apply(model, ratio=0.5, input_size=64)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert isinstance(conv.layer1[0].conv1, PConv) and not isinstance(model.layer1[0].conv1, PConv)
+    assert conv.layer1[0].conv1.dim_conv == 32
+    x = torch.randn(2, 3, 64, 64)
+    conv.train()
+    out = conv(x)
+    out.sum().backward()
+    conv.eval()
+    assert conv(x).shape == model(x).shape == (2, 10)
+    bf = partialize.apply(model.to(torch.bfloat16), input_size=32)
+    assert bf(x[:, :, :32, :32].bfloat16()).dtype == torch.bfloat16
+
+
+def test_inplace_apply_modifies_the_model():
+    model = torchvision.models.resnet18()
+    out = partialize.apply(model, inplace=True, input_size=64)
+    assert out is model and isinstance(model.layer1[0].conv1, PConv)
+
+
+def test_precedence_type_then_glob_then_exact_name():
+    model = torchvision.models.resnet18()
+    rec = {
+        "version": 1,
+        "defaults": {"variant": "pconv", "ratio": 0.25},
+        "rules": [
+            {"select": {"name": "layer1.0.conv1"}, "ratio": 0.75},  # exact: highest, though first
+            {"select": {"name": "layer1.*"}, "ratio": 0.5},  # glob
+            {"select": {"type": "Conv2d", "kernel": 3}, "ratio": 0.125},  # type only: lowest
+            {"select": {"name": "re:layer4\\.1\\.conv[12]"}, "variant": "skip"},
+        ],
+    }
+    plan = partialize.plan(model, rec, input_size=64)
+    ratio = {e.layer: e.ratio for e in plan.converted}
+    assert ratio["layer1.0.conv1"] == 0.75
+    assert ratio["layer1.1.conv2"] == 0.5
+    assert ratio["layer3.1.conv1"] == 0.125
+    reasons = {e.layer: e.reason for e in plan.skipped}
+    assert reasons["layer4.1.conv1"] == "the recipe says skip"
+
+
+def test_ignore_list_and_reasons():
+    model = torchvision.models.resnet18()
+    rec = {"version": 1, "rules": [{"select": {"type": "Conv2d", "kernel": 3}}], "ignore": ["layer1.*"]}
+    plan = partialize.plan(model, rec, input_size=64)
+    reasons = {e.layer: e.reason for e in plan.skipped}
+    assert reasons["layer1.0.conv1"] == "in the recipe's ignore list"
+    assert not any(e.layer.startswith("layer1.") for e in plan.converted)
+
+
+def test_resnet50_recipe_converts_strided_convs_too():
+    model = torchvision.models.resnet50()
+    plan = partialize.plan(model, "resnet50-patconv")
+    variants = {e.layer: e.variant for e in plan.converted}
+    assert variants["layer2.0.conv2"] == "pconv" and variants["layer2.1.conv2"] == "patconv"
+    assert len(plan.converted) == 16
+    assert plan.macs_after / plan.macs_before < 0.6
+
+
+def test_timm_convnext_recipe_converts_mixers_and_mlps():
+    model = timm.create_model("convnext_atto", pretrained=False)
+    rec = load_recipe("convnext_tiny-patconv")
+    rec = rec.model_copy(
+        update={
+            "rules": [
+                rec.rules[0],
+                rec.rules[1].model_copy(
+                    update={"select": rec.rules[1].select.model_copy(update={"type": ["Mlp", "ConvMlp"]})}
+                ),
+            ]
+        }
+    )
+    conv = partialize.apply(model, rec, input_size=64)
+    assert isinstance(conv.stages[0].blocks[0].conv_dw, PATConv)
+    assert isinstance(conv.stages[0].blocks[0].mlp, PartialMLP)
+    x = torch.randn(2, 3, 64, 64)
+    assert conv.eval()(x).shape == model.eval()(x).shape
+
+
+def test_timm_vit_attention_and_mlp():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64)
+    rec = {
+        "version": 1,
+        "rules": [
+            {"select": {"name": "blocks.*.attn"}, "variant": "partial_attention", "ratio": 0.34},
+            {"select": {"name": "blocks.*.mlp"}, "variant": "partial_mlp", "ratio": 0.5},
+        ],
+    }
+    plan = partialize.plan(model, rec, input_size=64)
+    assert len(plan.converted) == 2 * len(model.blocks)
+    assert all(e.found == "fx" for e in plan.converted)  # attention and MLP blocks are leaves
+    conv = partialize.apply(model, rec, input_size=64)
+    attn = conv.blocks[0].attn
+    assert isinstance(attn, PartialAttention) and attn.num_heads == 2 and attn.dim_cheap == 64
+    x = torch.randn(2, 3, 64, 64)
+    assert conv.eval()(x).shape == (2, 1000)
+    # the kept heads are the original's last two, with q/k/v/proj restricted to their channels
+    orig = model.blocks[0].attn.eval()
+    t = torch.randn(2, 17, 192)
+    w, b = orig.qkv.weight.reshape(3, 192, 192), orig.qkv.bias.reshape(3, 192)
+    q, k, v = (t[..., 64:] @ w[j, 64:, 64:].T + b[j, 64:] for j in range(3))
+    split = lambda z: z.reshape(2, 17, 2, 64).transpose(1, 2)  # noqa: E731
+    heads = torch.softmax(split(q) @ split(k).transpose(-1, -2) * orig.scale, -1) @ split(v)
+    ref = heads.transpose(1, 2).reshape(2, 17, 128) @ orig.proj.weight[64:, 64:].T + orig.proj.bias[64:]
+    assert rel_err(attn.eval()(t)[..., 64:], ref) < 1e-5
+    assert torch.equal(attn(t)[..., :64], t[..., :64])  # identity mixer on the cheap channels
+
+
+def test_torchvision_vit_multihead_attention():
+    model = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=16, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128
+    )
+    rec = {
+        "version": 1,
+        "rules": [{"select": {"type": "MultiheadAttention"}, "variant": "partial_attention", "ratio": 0.25}],
+    }
+    conv = partialize.apply(model, rec, input_size=32)
+    assert isinstance(conv.encoder.layers[0].self_attention, PartialAttention)
+    assert conv.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+
+
+def test_fasternet_to_partialnet_keeps_the_function():
+    model = timm.create_model("fasternet_t0", pretrained=False).eval()
+    conv = partialize.apply(model, "fasternet-to-partialnet", input_size=96)
+    blk0, blk3 = conv.stages[0].blocks[0], conv.stages[3].blocks[0]
+    assert isinstance(blk0.spatial_mixing, PATConv) and blk0.spatial_mixing.attn_type == "ch"
+    assert isinstance(blk3.spatial_mixing, PATConv) and blk3.spatial_mixing.attn_type == "sf"
+    assert isinstance(blk0.mlp[3], PartialSpatialAttention)
+    x = torch.randn(2, 3, 96, 96)
+    assert rel_err(conv.eval()(x), model(x)) < 1e-5  # every added attention starts as identity
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.body = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        if x.mean() > 0:  # not symbolically traceable
+            x = self.body(x)
+        else:
+            x = self.body(-x)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_fallback_discovery_for_untraceable_model():
+    model = Untraceable()
+    d = discover(model, input_size=16)
+    assert not d.traced and "trace" in (d.trace_error or "").lower() or d.trace_error
+    assert d.layers["body"].found == "hook (tracing failed)"
+    assert d.layers["body"].in_shape == (1, 16, 16, 16)
+    conv = partialize.apply(model, input_size=16)
+    assert isinstance(conv.body, PConv) and not isinstance(conv.stem, PConv)
+
+
+# --- recipe errors -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text,expect",
+    [
+        ("version: 1\nrules:\n  - select: {type: Conv2d\n", ["invalid YAML", ":4"]),
+        (
+            "version: 1\nrules:\n  - select: {type: Conv2d}\n    ratoi: 0.5\n",
+            [":4", "rules.0.ratoi", "allowed fields", "ratio"],
+        ),
+        (
+            "version: 1\nrules:\n  - select: {type: Conv2d}\n    variant: pconv2\n",
+            ["unknown variant 'pconv2'", "pconv"],
+        ),
+        ("version: 1\nrules:\n  - select: {name: 're:layer[1'}\n", [":3", "bad regular expression"]),
+        ("version: 2\nrules:\n  - select: {type: Conv2d}\n", [":1", "version"]),
+        ("version: 1\nrules: []\n", [":2", "at least one rule"]),
+        (
+            "version: 1\nrules:\n  - select: {type: Conv2d}\n    ratio: 1.5\n",
+            [":4", "ratio must be in (0, 1]"],
+        ),
+    ],
+)
+def test_recipe_errors_name_line_field_and_fix(text, expect):
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(text, "my.yaml")
+    msg = str(err.value)
+    assert "my.yaml" in msg
+    for part in expect:
+        assert part in msg, msg
+
+
+def test_rule_matching_nothing_lists_closest_names_unless_not_strict():
+    model = torchvision.models.resnet18()
+    rec = {"version": 1, "rules": [{"select": {"name": "layer1.0.conv3"}}]}
+    with pytest.raises(RecipeError, match="matches no layer.*layer1.0.conv1"):
+        partialize.plan(model, rec, input_size=32)
+    rec["strict"] = False
+    assert partialize.plan(model, rec, input_size=32).converted == []
+
+
+def test_unknown_variant_parameter_is_a_recipe_error():
+    model = torchvision.models.resnet18()
+    rec = {"version": 1, "rules": [{"select": {"name": "layer1.0.conv1"}, "params": {"atn": "ch"}}]}
+    with pytest.raises(RecipeError, match="atn"):
+        partialize.plan(model, rec, input_size=32)
+
+
+# --- save / load ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe", ["resnet50-patconv", "dynamic", "adaptive"])
+def test_save_load_round_trip_identical_outputs(tmp_path, recipe):
+    from partialize.zoo import build_model
+
+    model = build_model("torchvision:resnet18", num_classes=7)
+    rec = load_recipe(recipe).model_copy(update={"strict": False})
+    conv = partialize.apply(model, rec, input_size=64)
+    with torch.no_grad():  # make trained-looking state: non-default BN stats and gates
+        for m in conv.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2)
+    path = partialize.save(conv, tmp_path / "m.safetensors")
+    back = partialize.load(path)
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(back.eval()(x), conv.eval()(x))
+    assert [e.layer for e in back._partialize_plan.converted] == [
+        e.layer for e in conv._partialize_plan.converted
+    ]
+
+
+def test_load_errors_are_clear_and_nothing_is_unpickled(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 20)
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        partialize.load(bad)
+    from partialize.zoo import build_model
+
+    conv = partialize.apply(build_model("torchvision:resnet18"), input_size=32)
+    path = partialize.save(conv, tmp_path / "ok.safetensors")
+    data = open(path, "rb").read()
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError):
+        partialize.load(trunc)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        partialize.load(tmp_path / "missing.safetensors")
+
+
+# --- CLI -----------------------------------------------------------------------------------
+
+
+def test_cli_convert_dry_run_and_json(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(
+        main, ["convert", "torchvision:resnet18", "--recipe", "default", "--input-size", "64", "--dry-run"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "layer1.0.conv1" in r.output and "MACs" in r.output
+    r = runner.invoke(main, ["convert", "torchvision:resnet18", "--input-size", "64", "--dry-run", "--json"])
+    assert r.exit_code == 0
+    data = json.loads(r.stdout)
+    assert data["plan"]["macs_after"] < data["plan"]["macs_before"]
+    assert len([e for e in data["plan"]["entries"] if e["status"] == "convert"]) == 13
+    out = tmp_path / "c.safetensors"
+    r = runner.invoke(
+        main, ["convert", "torchvision:resnet18", "--input-size", "64", "--no-speed", "--out", str(out)]
+    )
+    assert r.exit_code == 0 and out.exists()
+    assert isinstance(partialize.load(out).layer1[0].conv1, PConv)
+
+
+def test_cli_errors_without_traceback(tmp_path, monkeypatch):
+    runner = CliRunner()
+    r = runner.invoke(main, ["convert", "resnet5O", "--dry-run"])
+    assert r.exit_code != 0 and "unknown model" in r.output and "Traceback" not in r.output
+    bad = tmp_path / "r.yaml"
+    bad.write_text("version: 1\nrules:\n  - select: {typo: Conv2d}\n")
+    r = runner.invoke(main, ["recipe", "validate", str(bad)])
+    assert r.exit_code != 0 and "r.yaml:3" in r.output and "typo" in r.output
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = runner.invoke(main, ["convert", "resnet18", "--weights", "pretrained", "--dry-run"])
+    assert r.exit_code != 0 and "--weights random" in r.output and "Traceback" not in r.output
+
+
+def test_cli_recipe_schema_and_validate_shipped():
+    runner = CliRunner()
+    r = runner.invoke(main, ["recipe", "schema"])
+    schema = json.loads(r.output)
+    assert "rules" in schema["properties"] and "Select" in json.dumps(schema)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for f in sorted(os.listdir(os.path.join(here, "recipes"))):
+        if f.endswith(".yaml"):
+            r = runner.invoke(main, ["recipe", "validate", os.path.join(here, "recipes", f)])
+            assert r.exit_code == 0, r.output

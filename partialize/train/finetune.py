@@ -1,0 +1,480 @@
+"""The training loop: task loss (+ distillation), DPConv complexity (000 eq. 8), Ada-PConv router
+budget, AdamW with linear warm-up and cosine decay, AMP on CUDA, optional EMA, DDP under torchrun,
+atomic best/last checkpoints every epoch and bit-exact resume on CPU with a fixed seed."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointError, PartializeError
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .constraints import (
+    RouterBudget,
+    ada_layers,
+    dpconv_complexity_loss,
+    dpconv_layers,
+    kappa_from_theta,
+    learned_ratios,
+)
+from .distill import DistillationLoss
+
+
+class TrainingError(PartializeError):
+    """Training cannot go on (non-finite loss, mismatched resume, bad settings)."""
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` did: per-epoch history and where things were written."""
+
+    history: list[dict]
+    best_top1: float | None
+    best_epoch: int | None
+    final_top1: float | None
+    ratios: dict[str, dict]
+    checkpoints: dict[str, str] = field(default_factory=dict)
+    log_path: str | None = None
+    resumed_from_epoch: int | None = None
+    ema: nn.Module | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("ema")
+        return d
+
+
+def world_info() -> tuple[int, int, int]:
+    """(rank, world size, local rank); (0, 1, 0) when not distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return (
+            torch.distributed.get_rank(),
+            torch.distributed.get_world_size(),
+            int(os.environ.get("LOCAL_RANK", 0)),
+        )
+    return 0, 1, 0
+
+
+def init_distributed() -> bool:
+    """Join the process group when launched by torchrun (NCCL on GPU, gloo on CPU); True if so."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1:
+        return False
+    if not torch.distributed.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+    return True
+
+
+def lr_at(step: int, total: int, warmup: int, base: float, min_lr: float = 0.0) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay from ``base`` to ``min_lr``."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return min_lr + (base - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def param_groups(model: nn.Module, weight_decay: float, gate_lr_scale: float = 1.0) -> list[dict]:
+    """AdamW groups: decay on weights (ndim > 1), none on biases/norms; DPConv gates apart, no decay."""
+    gates = {id(m.gates) for m in dpconv_layers(model).values()}
+    decay, no_decay, gate = [], [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (gate if id(p) in gates else decay if p.ndim > 1 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+    ]
+    if gate:
+        groups.append({"params": gate, "weight_decay": 0.0, "lr_scale": gate_lr_scale})
+    return [g for g in groups if g["params"]]
+
+
+def set_routing(model: nn.Module, routing: str) -> None:
+    """Soft routing while training, hard at evaluation (Ada-PConv, 004)."""
+    for m in ada_layers(model).values():
+        m.routing = routing
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False) -> dict:
+    """Top-1 (%), mean cross-entropy and, per Ada-PConv layer, the hard-routing branch histogram."""
+    was = model.training
+    model.eval()
+    set_routing(model, "hard")
+    ada = ada_layers(model)
+    hist = {n: torch.zeros(len(m.widths), dtype=torch.long) for n, m in ada.items()}
+    correct = seen = 0
+    loss_sum = 0.0
+    try:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                logits = model(x)
+            loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            seen += y.numel()
+            for n, m in ada.items():
+                hist[n] += m.last_histogram
+    finally:
+        model.train(was)
+        set_routing(model, "soft")
+    return {
+        "top1": 100.0 * correct / max(1, seen),
+        "loss": loss_sum / max(1, seen),
+        "images": seen,
+        "branch_histogram": {n: h.tolist() for n, h in hist.items()},
+    }
+
+
+def freeze_dynamic(model: nn.Module) -> dict[str, dict]:
+    """In place: each DPConv becomes its static slice at the learned width and each Ada-PConv its
+    hard-routing form (their ``deploy()``); returns the frozen width per DPConv layer."""
+    from ..engine.apply import set_module
+    from ..ops import AdaPConv, DPConv
+
+    ratios = learned_ratios(model)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, DPConv):
+            if not m.is_prefix():
+                m.enforce_monotonic_()  # 000 Alg. 1 line 12
+            set_module(model, name, m.deploy())
+        elif isinstance(m, AdaPConv):
+            set_module(model, name, m.deploy())
+    return ratios
+
+
+def _plan_json(model: nn.Module) -> str:
+    plan = getattr(model, "_partialize_plan", None)
+    return plan.to_json(indent=None) if plan is not None else ""
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        disable=not enabled,
+        transient=True,
+    )
+
+
+def finetune(
+    model: nn.Module,
+    train_loader,
+    val_loader=None,
+    *,
+    teacher: nn.Module | None = None,
+    epochs: int,
+    lr: float,
+    weight_decay: float = 0.05,
+    warmup_epochs: float = 0,
+    min_lr: float = 0.0,
+    label_smoothing: float = 0.1,
+    mixup: float = 0.0,
+    cutmix: float = 0.0,
+    num_classes: int | None = None,
+    kd_temperature: float = 4.0,
+    kd_weight: float = 0.5,
+    ema_decay: float | None = None,
+    amp: bool = True,
+    clip_grad: float | None = None,
+    seed: int = 0,
+    theta: float | None = None,
+    kappa: float | None = None,
+    dp_alpha: float = -0.01,
+    dp_beta: float = 0.9,
+    gate_lr_scale: float = 1.0,
+    router_budget: float | None = None,
+    router_weight: float = 1.0,
+    out_dir: str | None = None,
+    resume: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    on_epoch_end: Callable[[dict], None] | None = None,
+    log: Callable[[str], None] | None = print,
+) -> FinetuneResult:
+    """Train ``model`` in place and return the per-epoch history.
+
+    Loss: ``(1 - kd_weight) * task + kd_weight * T^2 KL`` against ``teacher`` (task alone without one);
+    with DPConv layers and a target (``theta`` or ``kappa``) it becomes 000 eq. 8, with gate
+    monotonicity enforced after every step and annealing after every epoch (000 Algorithm 1); with
+    ``router_budget`` the Ada-PConv budget term is added. ``out_dir`` receives ``last.pt``/``best.pt``
+    (atomic, every epoch) and ``log.jsonl``; ``resume=True`` continues from ``out_dir/last.pt``.
+    Under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP and rank 0 alone writes.
+    """
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+
+    if epochs < 1:
+        raise TrainingError(f"epochs must be >= 1, got {epochs}")
+    distributed = init_distributed()
+    rank, world, local = world_info()
+    say = log if (log is not None and rank == 0) else (lambda s: None)
+    if device is None:
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    use_amp = bool(amp and device.type == "cuda")
+    torch.manual_seed(seed)
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+
+    raw = model.to(device)
+    if teacher is not None:
+        teacher = teacher.to(device).eval().requires_grad_(False)
+    dp = dpconv_layers(raw)
+    if kappa is None and theta is not None:
+        kappa = kappa_from_theta(raw, theta)
+    if kappa is not None and not dp:
+        raise TrainingError(
+            "a DPConv target (theta / target MACs) was given but the model has no DPConv layers"
+        )
+    opt = torch.optim.AdamW(param_groups(raw, weight_decay, gate_lr_scale), lr=lr, betas=(0.9, 0.999))
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    ema = None
+    if ema_decay:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(raw, decay=ema_decay)
+    budget = RouterBudget(raw, router_budget, router_weight) if router_budget is not None else None
+
+    mix = None
+    if mixup > 0 or cutmix > 0:
+        if num_classes is None:
+            raise TrainingError("mixup/cutmix need num_classes")
+        mix = Mixup(
+            mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes
+        )
+    hard_task = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    crit_hard = DistillationLoss(hard_task, kd_temperature, kd_weight if teacher is not None else 0.0)
+    crit_soft = DistillationLoss(
+        SoftTargetCrossEntropy(), kd_temperature, kd_weight if teacher is not None else 0.0
+    )
+
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise TrainingError("the train loader is empty (fewer images than one batch?)")
+    total = epochs * steps_per_epoch
+    warmup = int(round(warmup_epochs * steps_per_epoch))
+
+    start_epoch, step, best, best_epoch = 0, 0, None, None
+    history: list[dict] = []
+    resumed = None
+    last_path = os.path.join(out_dir, "last.pt") if out_dir else None
+    best_path = os.path.join(out_dir, "best.pt") if out_dir else None
+    log_path = os.path.join(out_dir, "log.jsonl") if out_dir else None
+    config = {
+        "epochs": epochs,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "warmup_epochs": warmup_epochs,
+        "seed": seed,
+        "steps_per_epoch": steps_per_epoch,
+        "world_size": world,
+        "kappa": kappa,
+        "kd": teacher is not None,
+    }
+    if resume:
+        if not out_dir:
+            raise TrainingError("resume needs out_dir (where last.pt is)")
+        if os.path.isfile(last_path):
+            st = load_checkpoint(last_path)
+            old = st.get("config", {})
+            for key in ("epochs", "steps_per_epoch", "world_size"):
+                if old.get(key) != config[key]:
+                    raise CheckpointError(
+                        f"{last_path!r} was written with {key}={old.get(key)!r}, "
+                        f"this run has {config[key]!r}; "
+                        "resume with the same settings (or start a new --out)"
+                    )
+            try:
+                raw.load_state_dict(st["model"])
+            except RuntimeError as e:
+                raise CheckpointError(f"{last_path!r} does not match this model: {e}") from None
+            opt.load_state_dict(st["optimizer"])
+            scaler.load_state_dict(st["scaler"])
+            if ema is not None and st.get("ema") is not None:
+                ema.module.load_state_dict(st["ema"])
+            start_epoch, step = int(st["epoch"]) + 1, int(st["step"])
+            best, best_epoch = st.get("best_top1"), st.get("best_epoch")
+            history = list(st.get("history", []))
+            set_rng_state(st["rng"])
+            resumed = start_epoch
+            say(f"resumed from {last_path} after epoch {start_epoch} (step {step})")
+        else:
+            say(f"--resume: no {last_path} yet, starting from scratch")
+    if rank == 0 and log_path:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(log_path, "w") as f:  # rewritten from the checkpoint's history: no duplicates
+            for rec in history:
+                f.write(json.dumps(rec) + "\n")
+
+    net: nn.Module = raw
+    if distributed:
+        net = nn.parallel.DistributedDataParallel(raw, device_ids=[local] if device.type == "cuda" else None)
+    sampler = getattr(train_loader, "sampler", None)
+
+    for epoch in range(start_epoch, epochs):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        net.train()
+        set_routing(raw, "soft")
+        t0 = time.perf_counter()
+        sums = {"loss": 0.0, "task": 0.0, "n": 0, "zeta": 0.0, "router_cost": 0.0, "steps": 0}
+        with _progress(progress and rank == 0) as bar:
+            task_id = bar.add_task(f"epoch {epoch + 1}/{epochs}", total=steps_per_epoch, info="")
+            for x, y in train_loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                cur_lr = lr_at(step, total, warmup, lr, min_lr)
+                for g in opt.param_groups:
+                    g["lr"] = cur_lr * g["lr_scale"]
+                crit = crit_hard
+                if mix is not None and x.shape[0] % 2 == 0:
+                    x, y = mix(x, y)
+                    crit = crit_soft
+                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                    logits = net(x)
+                    t_logits = None
+                    if teacher is not None:
+                        with torch.no_grad():
+                            t_logits = teacher(x)
+                    task = crit(logits.float(), y, None if t_logits is None else t_logits.float())
+                loss = task
+                if kappa is not None:
+                    loss, terms = dpconv_complexity_loss(task, raw, kappa, alpha_over=dp_alpha, beta=dp_beta)
+                    sums["zeta"] += terms.zeta
+                if budget is not None:
+                    term, cost = budget.loss()
+                    if term is not None:
+                        loss = loss + term
+                        sums["router_cost"] += cost
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"loss is {float(loss)} at epoch {epoch + 1}, step {step}: "
+                        "lower --lr, or turn AMP off"
+                    )
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if clip_grad:
+                    scaler.unscale_(opt)
+                    nn.utils.clip_grad_norm_(raw.parameters(), clip_grad)
+                scaler.step(opt)
+                scaler.update()
+                for m in dp.values():
+                    m.enforce_monotonic_()  # 000 Alg. 1 line 12
+                if ema is not None:
+                    ema.update(raw, step=step)
+                step += 1
+                b = x.shape[0]
+                sums["loss"] += float(loss.detach()) * b
+                sums["task"] += float(task.detach()) * b
+                sums["n"] += b
+                sums["steps"] += 1
+                bar.update(task_id, advance=1, info=f"loss {sums['loss'] / sums['n']:.4f} lr {cur_lr:.2e}")
+        if kappa is not None:
+            for m in dp.values():
+                m.anneal_(epoch + 1, epochs)  # 000 Alg. 1 line 14, t counted from 1
+        rec: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": step,
+            "lr": lr_at(step - 1, total, warmup, lr, min_lr),
+            "train_loss": sums["loss"] / max(1, sums["n"]),
+            "train_task_loss": sums["task"] / max(1, sums["n"]),
+        }
+        if val_loader is not None:
+            ev = evaluate(raw, val_loader, device, use_amp)
+            rec.update(val_top1=ev["top1"], val_loss=ev["loss"])
+            if ev["branch_histogram"]:
+                rec["branch_histogram"] = ev["branch_histogram"]
+            if ema is not None:
+                rec["ema_val_top1"] = evaluate(ema.module, val_loader, device, use_amp)["top1"]
+        if dp:
+            rec["ratios"] = {n: r["ratio"] for n, r in learned_ratios(raw).items()}
+            if kappa is not None:
+                rec["zeta"] = sum(float(m.complexity().detach()) for m in dp.values())
+                rec["kappa"] = kappa
+        if budget is not None and sums["steps"]:
+            rec["router_expected_cost"] = sums["router_cost"] / sums["steps"]
+        rec["time_s"] = time.perf_counter() - t0
+        history.append(rec)
+        score = rec.get("val_top1", -rec["train_loss"])
+        improved = best is None or score > best
+        if improved:
+            best, best_epoch = score, epoch + 1
+        if rank == 0 and out_dir:
+            state = {
+                "model": raw.state_dict(),
+                "plan": _plan_json(raw),
+                "optimizer": opt.state_dict(),
+                "scheduler": {
+                    "step": step,
+                    "total": total,
+                    "warmup": warmup,
+                    "base_lr": lr,
+                    "min_lr": min_lr,
+                },
+                "scaler": scaler.state_dict(),
+                "ema": ema.module.state_dict() if ema is not None else None,
+                "epoch": epoch,
+                "step": step,
+                "best_top1": best,
+                "best_epoch": best_epoch,
+                "history": history,
+                "config": config,
+                "rng": rng_state(),
+            }
+            save_checkpoint(state, last_path)
+            if improved:
+                save_checkpoint(
+                    {k: state[k] for k in ("model", "plan", "epoch", "best_top1", "config")}, best_path
+                )
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        if distributed:
+            torch.distributed.barrier()
+        msg = f"epoch {epoch + 1}/{epochs}: train loss {rec['train_loss']:.4f}"
+        if "val_top1" in rec:
+            msg += f", val top-1 {rec['val_top1']:.2f}%"
+        if dp:
+            msg += f", mean DPConv ratio {sum(rec['ratios'].values()) / len(dp):.3f}"
+        if "branch_histogram" in rec:
+            tot = [sum(v) for v in zip(*rec["branch_histogram"].values())]
+            msg += f", branch histogram {tot}"
+        say(msg + f" ({rec['time_s']:.1f}s)")
+        if on_epoch_end is not None:
+            on_epoch_end(rec)
+    if budget is not None:
+        budget.remove()
+    set_routing(raw, "hard")
+    last_top1 = history[-1].get("val_top1") if history else None
+    ckpts = {"last": last_path, "best": best_path} if out_dir else {}
+    return FinetuneResult(
+        history=history,
+        best_top1=best if val_loader is not None else None,
+        best_epoch=best_epoch,
+        final_top1=last_top1,
+        ratios=learned_ratios(raw),
+        checkpoints=ckpts,
+        log_path=log_path,
+        resumed_from_epoch=resumed,
+        ema=ema.module if ema is not None else None,
+    )

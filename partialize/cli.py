@@ -218,6 +218,8 @@ def _register_commands() -> None:
     from .measure.commands import register as register_measure
 
     register_measure(main, bench)
+    from .train.commands import register as register_train
+    register_train(main)
 
 
 _register_commands()

@@ -11,9 +11,10 @@ Pairs are found by torch.fx tracing (registered operators kept as leaves): a con
 user is a BN node. A submodule that cannot be traced becomes a leaf and is analysed on its own; a
 module whose own forward cannot be traced is analysed child by child, and inside such an
 ``nn.Sequential`` adjacent (conv, BN) children are paired. Only exact
-``nn.Conv1d/2d/3d`` and ``nn.BatchNorm1d/2d/3d``/``SyncBatchNorm`` types with running statistics are
-folded (subclasses such as weight-standardised convs or BN+activation layers change the maths), and a
-module that is registered or called more than once is never folded.
+``nn.Conv1d/2d/3d`` (or a deployed partialize operator with ``fold_bn``, e.g. PConv, PATConv) and
+``nn.BatchNorm1d/2d/3d``/``SyncBatchNorm`` types with running statistics are folded (subclasses such
+as weight-standardised convs change the maths); timm's ``BatchNormAct2d`` folds its BN and leaves its
+activation in place. A module that is registered or called more than once is never folded.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import logging
 import torch.fx
 from torch import nn
 
-from .ops._utils import fold_bn_into_conv
+from .ops._utils import bn_remainder, fold_bn_into_conv, is_foldable_bn
 from .ops.registry import get_operator, is_partial_op, list_operators
 
 __all__ = ["deploy", "deploy_operators", "find_conv_bn_pairs", "fold_batchnorm"]
@@ -82,7 +83,12 @@ class _LeafTracer(torch.fx.Tracer):
         self.failed_at: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.extra or is_partial_op(m) or super().is_leaf_module(m, qualname)
+        return (
+            qualname in self.extra
+            or is_partial_op(m)
+            or is_foldable_bn(m)  # timm's BatchNormAct2d must stay one node to be paired
+            or super().is_leaf_module(m, qualname)
+        )
 
     def call_module(self, m, forward, args, kwargs):
         try:
@@ -94,14 +100,20 @@ class _LeafTracer(torch.fx.Tracer):
 
 
 def _is_conv(m: nn.Module) -> bool:
-    return type(m) in _CONVS
+    """An exact conv, or a deployed partialize operator that can absorb a following BN."""
+    return type(m) in _CONVS or callable(getattr(m, "fold_bn", None))
+
+
+def _out_channels(m: nn.Module) -> int:
+    return m.out_channels if type(m) in _CONVS else m.dim
 
 
 def _is_foldable_bn(m: nn.Module, conv: nn.Module) -> bool:
-    if type(m) not in _BNS or not m.track_running_stats or m.running_mean is None:
+    if not is_foldable_bn(m):
         return False
-    dims = _BNS[type(m)]
-    return (dims is None or dims == _CONVS[type(conv)]) and m.num_features == conv.out_channels
+    dims = _BNS.get(type(m), 2)  # timm BatchNormAct2d is 2-d
+    conv_dims = _CONVS.get(type(conv), 2)
+    return (dims is None or dims == conv_dims) and m.num_features == _out_channels(conv)
 
 
 def _trace(module: nn.Module, max_retries: int = 64) -> tuple[torch.fx.Graph, set[str]] | None:
@@ -188,6 +200,7 @@ def fold_batchnorm(model: nn.Module) -> int:
     pairs = find_conv_bn_pairs(model)
     for conv_name, bn_name in pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        _set(model, conv_name, fold_bn_into_conv(conv, bn))
-        _set(model, bn_name, nn.Identity())
+        folded = conv.fold_bn(bn) if callable(getattr(conv, "fold_bn", None)) else fold_bn_into_conv(conv, bn)
+        _set(model, conv_name, folded)
+        _set(model, bn_name, bn_remainder(bn))
     return len(pairs)

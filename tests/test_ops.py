@@ -14,6 +14,7 @@ from partialize.ops import (
     DPConv,
     GaussianChannelAttention,
     MergedSpatialAttention,
+    PartialMLP,
     PartialSelfAttention,
     PartialSpatialAttention,
     PATConv,
@@ -431,3 +432,39 @@ def test_registry_names_and_user_registration():
 
     with pytest.raises(RecipeError, match="known variants"):
         get_operator("no_such_op")
+
+
+# --- BN folded into deployed operators -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: PConv(32, 0.25),
+        lambda: PConv.from_module(nn.Conv2d(32, 32, 3, 2, 1), 0.25, stride_mode="pool"),
+        lambda: PATConv(32, 0.25, "ch"),
+        lambda: PATConv(32, 0.25, "sf"),
+    ],
+)
+def test_fold_bn_into_deployed_operator(make):
+    op = make()
+    bn = nn.BatchNorm2d(32)
+    seq = _trained_bn(nn.Sequential(op, bn), torch.randn(4, 32, 8, 8))
+    with torch.no_grad():
+        bn.weight.normal_(1, 0.3)
+        bn.bias.normal_(0, 0.3)
+    x = torch.randn(3, 32, 8, 8)
+    fused = op.eval().deploy().fold_bn(bn)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert rel_err(fused(x), seq(x)) < 1e-5
+
+
+def test_partial_mlp_deploy_folds_its_batchnorms():
+    timm = pytest.importorskip("timm")
+    block = timm.create_model("mobilenetv2_100", pretrained=False).blocks[1][1]
+    op = _trained_bn(PartialMLP.from_module(block, 0.5), torch.randn(4, 24, 8, 8))
+    x = torch.randn(2, 24, 8, 8)
+    dep = op.deploy()
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in dep.modules())
+    assert rel_err(dep(x), op(x)) < 1e-5
+    assert torch.equal(op(x)[:, 12:], x[:, 12:])  # the other half passes the block unchanged

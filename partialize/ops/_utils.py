@@ -33,6 +33,29 @@ def bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.
     return scale.detach(), shift.detach()
 
 
+def bn_remainder(bn: nn.Module) -> nn.Module:
+    """What is left of a BN-like layer once its normalisation is folded away: nn.Identity for a
+    plain BN, the activation (and dropout) for timm's BatchNormAct2d."""
+    act = getattr(bn, "act", None)
+    if isinstance(act, nn.Module) and not isinstance(act, nn.Identity):
+        drop = getattr(bn, "drop", None)
+        if isinstance(drop, nn.Module) and not isinstance(drop, nn.Identity):
+            return nn.Sequential(drop, act)
+        return act
+    return nn.Identity()
+
+
+def is_foldable_bn(m: nn.Module) -> bool:
+    """An eval-foldable BN: exact torch BN types, or timm's BatchNormAct2d (BN + act)."""
+    if not isinstance(m, nn.modules.batchnorm._BatchNorm) or not m.track_running_stats:
+        return False
+    if m.running_mean is None:
+        return False
+    if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
+        return True
+    return type(m).__name__ == "BatchNormAct2d" and hasattr(m, "act")
+
+
 def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> nn.Conv2d:
     """Return a new conv computing bn(conv(x)) in eval mode (exact up to rounding)."""
     if bn.num_features != conv.out_channels:

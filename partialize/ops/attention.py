@@ -111,6 +111,13 @@ class FusedChannelGate(nn.Module):
         a, b = bn_affine(attn.norm)
         self.register_buffer("gate_scale", a.clone())
         self.register_buffer("gate_shift", b.clone())
+        self.register_buffer("out_shift", None)
+
+    def fold_output_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """Absorb a following per-channel affine (a folded BN): y = x * (scale * s) + shift."""
+        self.gate_scale = self.gate_scale * scale
+        self.gate_shift = self.gate_shift * scale
+        self.out_shift = shift.reshape(1, -1, 1, 1).clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         var, mean = torch.var_mean(x.float(), dim=(2, 3), unbiased=False)
@@ -118,7 +125,9 @@ class FusedChannelGate(nn.Module):
         s = torch.addcmul(
             self.gate_shift.to(x.dtype), _gate_fn(self.gate)(self.fc(z)), self.gate_scale.to(x.dtype)
         )
-        return x * s[:, :, None, None]
+        if self.out_shift is None:
+            return x * s[:, :, None, None]
+        return torch.addcmul(self.out_shift.to(x.dtype), x, s[:, :, None, None])
 
 
 def distance_index(h: int, w: int, num_buckets: int, device=None) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import OperatorError
-from ._utils import split_channels
+from ._utils import bn_remainder, fold_bn_into_conv, is_foldable_bn, split_channels
 from .registry import register_operator
 
 _PASSTHROUGH = (
@@ -238,8 +238,15 @@ class PartialMLP(nn.Module):
         return cls(sliced, dim, n, residual, ch_dim)
 
     def deploy(self) -> PartialMLP:
-        """Inference form: eval mode, frozen (BN folding is done model-wide by partialize.deploy)."""
-        return copy.deepcopy(self).eval().requires_grad_(False)
+        """Inference form: eval mode, frozen, each (conv, BN) pair of the block folded."""
+        new = copy.deepcopy(self).eval()
+        layers = list(new.layers)
+        for i in range(len(layers) - 1):
+            conv, bn = layers[i], layers[i + 1]
+            if type(conv) is nn.Conv2d and is_foldable_bn(bn) and bn.num_features == conv.out_channels:
+                layers[i], layers[i + 1] = fold_bn_into_conv(conv, bn), bn_remainder(bn)
+        new.layers = nn.Sequential(*layers)
+        return new.requires_grad_(False)
 
 
 @register_operator("partial_attention")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import OperatorError
-from ._utils import copy_top_left
+from ._utils import bn_affine, copy_top_left
 from .attention import FusedChannelGate, GaussianChannelAttention, PartialSelfAttention
 from .pconv import PConv, conv_source, is_partial_source, resolve_ratio
 from .registry import register_operator
@@ -111,3 +111,33 @@ class PATConvDeploy(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1, x2 = torch.split(x, [self.dim_conv, self.dim_attn], dim=1)
         return torch.cat((self.conv(x1), self.attn(x2)), dim=1)
+
+    def fold_bn(self, bn: nn.modules.batchnorm._BatchNorm) -> PATConvDeploy:
+        """``bn(self(x))`` in one module: BN[:n] folded into the conv, BN[n:] into the gate (PAT_ch)
+        or applied as an affine after the attention (PAT_sf)."""
+        if bn.num_features != self.dim:
+            raise OperatorError(f"BN has {bn.num_features} channels, PATConv {self.dim}")
+        n = self.dim_conv
+        new = copy.deepcopy(self)
+        scale, shift = bn_affine(bn)
+        w = self.conv.weight.detach() * scale[:n].reshape(-1, 1, 1, 1)
+        b = shift[:n] if self.conv.bias is None else self.conv.bias.detach() * scale[:n] + shift[:n]
+        new.conv.weight = nn.Parameter(w, requires_grad=False)
+        new.conv.bias = nn.Parameter(b, requires_grad=False)
+        if isinstance(new.attn, FusedChannelGate):
+            new.attn.fold_output_affine(scale[n:], shift[n:])
+        else:
+            new.attn = nn.Sequential(new.attn, ChannelAffine(scale[n:], shift[n:]))
+        return new
+
+
+class ChannelAffine(nn.Module):
+    """y = scale * x + shift per channel of a (B, C, H, W) map (a folded eval BN)."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor):
+        super().__init__()
+        self.register_buffer("scale", scale.reshape(1, -1, 1, 1).clone())
+        self.register_buffer("shift", shift.reshape(1, -1, 1, 1).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift.to(x.dtype), x, self.scale.to(x.dtype))

@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import OperatorError
-from ._utils import check_same_size_conv, conv_padding, copy_top_left, split_channels
+from ._utils import (
+    bn_affine,
+    check_same_size_conv,
+    conv_padding,
+    copy_top_left,
+    fold_bn_into_conv,
+    split_channels,
+)
 from .registry import register_operator
 
 FORWARD_MODES = ("split_cat", "slicing")
@@ -115,6 +122,10 @@ class PConv(nn.Module):
         copy_top_left(op.conv, src)
         return op.to(src.weight.device)
 
+    def fold_bn(self, bn: nn.modules.batchnorm._BatchNorm) -> PConvBN:
+        """Inference form of ``bn(self(x))``: BN folded into the conv and an affine on the rest."""
+        return PConvBN(self, bn)
+
     def deploy(self) -> PConv:
         """Inference form: the same weights with the in-place slicing forward, in eval mode."""
         op = copy.deepcopy(self).eval()
@@ -122,6 +133,56 @@ class PConv(nn.Module):
         for p in op.parameters():
             p.requires_grad_(False)
         return op
+
+
+class PConvBN(nn.Module):
+    """Eval-only ``BN(PConv(x))``: BN[:n] folded into the conv, BN[n:] an affine on the untouched
+    channels, written in one pass (addcmul into the output) instead of a copy plus a BN pass."""
+
+    _partialize_leaf = True
+
+    def __init__(self, op: PConv, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        if bn.num_features != op.dim:
+            raise OperatorError(f"BN has {bn.num_features} channels, PConv {op.dim}")
+        n = op.dim_conv
+        self.dim, self.dim_conv, self.stride = op.dim, n, op.stride
+        scale, shift = bn_affine(bn)
+        part = copy.deepcopy(bn)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            t = getattr(bn, name)
+            if t is not None:
+                setattr(
+                    part, name, nn.Parameter(t[:n].clone()) if name in ("weight", "bias") else t[:n].clone()
+                )
+        part.num_features = n
+        self.conv = fold_bn_into_conv(op.conv, part)
+        self.register_buffer("scale", scale[n:].reshape(1, -1, 1, 1).clone())
+        self.register_buffer("shift", shift[n:].reshape(1, -1, 1, 1).clone())
+        self.eval().requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x[:, : self.dim_conv], x[:, self.dim_conv :]
+        y1 = self.conv(x1)
+        if self.stride > 1:
+            x2 = F.avg_pool2d(x2, self.stride, self.stride, ceil_mode=True, count_include_pad=False)
+        out = torch.empty(
+            (x.shape[0], self.dim, *y1.shape[2:]),
+            dtype=y1.dtype,
+            device=y1.device,
+            memory_format=_memory_format(x),
+        )
+        out[:, : self.dim_conv] = y1
+        torch.addcmul(self.shift.to(x.dtype), x2, self.scale.to(x.dtype), out=out[:, self.dim_conv :])
+        return out
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return (
+        torch.channels_last
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        else torch.contiguous_format
+    )
 
 
 def conv_source(

@@ -283,8 +283,9 @@ def finetune_cmd(converted, teacher, teacher_weights, kd_temperature, kd_weight,
     """
     from ..io import load
     from ..zoo import build_model
-    from .data import image_folder_loaders
+    from .data import check_data_dir, image_folder_loaders
 
+    check_data_dir(data)
     model = load(converted)
     defaults = dict(
         epochs=30, lr=1e-3, batch_size=64, weight_decay=0.05, warmup_epochs=1, smoothing=0.1, mixup=0.0,

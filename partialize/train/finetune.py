@@ -24,6 +24,7 @@ from .constraints import (
     dpconv_complexity_loss,
     dpconv_layers,
     kappa_from_theta,
+    layer_complexity,
     learned_ratios,
 )
 from .distill import DistillationLoss
@@ -99,6 +100,17 @@ def param_groups(model: nn.Module, weight_decay: float, gate_lr_scale: float = 1
     if gate:
         groups.append({"params": gate, "weight_decay": 0.0, "lr_scale": gate_lr_scale})
     return [g for g in groups if g["params"]]
+
+
+@torch.no_grad()
+def sync_buffers(model: nn.Module) -> None:
+    """Average floating buffers (BN running statistics) over the ranks, so every rank ends an epoch
+    with the same model; DDP itself only broadcasts rank 0's buffers before each forward."""
+    world = torch.distributed.get_world_size()
+    for b in model.buffers():
+        if b.is_floating_point():
+            torch.distributed.all_reduce(b)
+            b.div_(world)
 
 
 def set_routing(model: nn.Module, routing: str) -> None:
@@ -390,6 +402,8 @@ def finetune(
                 sums["n"] += b
                 sums["steps"] += 1
                 bar.update(task_id, advance=1, info=f"loss {sums['loss'] / sums['n']:.4f} lr {cur_lr:.2e}")
+        if distributed:
+            sync_buffers(raw)
         if kappa is not None:
             for m in dp.values():
                 m.anneal_(epoch + 1, epochs)  # 000 Alg. 1 line 14, t counted from 1
@@ -410,7 +424,7 @@ def finetune(
         if dp:
             rec["ratios"] = {n: r["ratio"] for n, r in learned_ratios(raw).items()}
             if kappa is not None:
-                rec["zeta"] = sum(float(m.complexity().detach()) for m in dp.values())
+                rec["zeta"] = sum(float(layer_complexity(m).detach()) for m in dp.values())
                 rec["kappa"] = kappa
         if budget is not None and sums["steps"]:
             rec["router_expected_cost"] = sums["router_cost"] / sums["steps"]

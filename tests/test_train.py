@@ -1,0 +1,286 @@
+"""Training: loss goes down, resume is bit-exact, checkpoints survive crashes, DPConv eq. 8 and its
+ratios, distillation formula, router budget, CLI errors, and a 2-process gloo DDP run."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import partialize
+from partialize.errors import CheckpointError
+from partialize.ops import AdaPConv, DPConv
+from partialize.train import (
+    DistillationLoss,
+    dpconv_complexity_loss,
+    finetune,
+    freeze_dynamic,
+    kappa_from_theta,
+    kd_loss,
+    load_checkpoint,
+    router_budget_loss,
+    save_checkpoint,
+)
+from partialize.train.data import digits_tensors, make_train_loader
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV_BIN = os.path.dirname(sys.executable)
+
+
+def tiny_net(width: int = 16) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_tensors(size=8)
+
+
+def _loaders(digits, n_train=256, batch=32, seed=0):
+    xt, yt, xv, yv = digits
+    train = make_train_loader(TensorDataset(xt[:n_train], yt[:n_train]), batch, seed)
+    val = DataLoader(TensorDataset(xv[:128], yv[:128]), batch_size=128)
+    return train, val
+
+
+def test_fixed_batch_loss_drops_by_half(digits):
+    xt, yt, _, _ = digits
+    model = partialize.apply(tiny_net(), ratio=0.25, input_size=8)
+    loader = DataLoader(TensorDataset(xt[:32], yt[:32]), batch_size=32)  # one fixed batch per epoch
+    r = finetune(model, loader, None, epochs=40, lr=5e-2, label_smoothing=0.0, weight_decay=0.0,
+                 progress=False, log=None)  # fmt: skip
+    first, last = r.history[0]["train_loss"], r.history[-1]["train_loss"]
+    assert first > 2.0  # ~ln(10) at random init
+    assert last < 0.5 * first
+
+
+def _resume_model():
+    torch.manual_seed(1)
+    m = partialize.apply(tiny_net(), ratio="dynamic", input_size=8)
+    for op in m.modules():
+        if isinstance(op, DPConv):
+            op.set_ratio(1.0)
+    return m
+
+
+RESUME_KW = dict(epochs=4, lr=5e-3, warmup_epochs=1, theta=4.0, gate_lr_scale=20.0, mixup=0.2, cutmix=0.5,
+                 num_classes=10, ema_decay=0.9, seed=3, progress=False, log=None)  # fmt: skip
+
+
+def test_resume_equals_uninterrupted(digits, tmp_path):
+    train, val = _loaders(digits, n_train=128)
+    a = _resume_model()
+    ra = finetune(a, train, val, out_dir=str(tmp_path / "a"), **RESUME_KW)
+
+    class Killed(Exception):
+        pass
+
+    def stop(rec):
+        if rec["epoch"] == 2:
+            raise Killed
+
+    b = _resume_model()
+    with pytest.raises(Killed):
+        finetune(b, train, val, out_dir=str(tmp_path / "b"), on_epoch_end=stop, **RESUME_KW)
+    torch.manual_seed(12345)  # a different RNG state in the new process must not matter
+    b2 = _resume_model()
+    rb = finetune(b2, train, val, out_dir=str(tmp_path / "b"), resume=True, **RESUME_KW)
+    assert rb.resumed_from_epoch == 2
+    sa, sb = a.state_dict(), b2.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert [h["train_loss"] for h in ra.history] == [h["train_loss"] for h in rb.history]
+    ea, eb = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
+    for k in ea["ema"]:
+        assert torch.equal(ea["ema"][k], eb["ema"][k]), k
+    with open(tmp_path / "b" / "log.jsonl") as f:
+        assert [int(__import__("json").loads(line)["epoch"]) for line in f] == [1, 2, 3, 4]
+
+
+def test_checkpoint_is_weights_only_and_complete(digits, tmp_path):
+    train, val = _loaders(digits, n_train=64)
+    m = partialize.apply(tiny_net(), ratio=0.25, input_size=8)
+    finetune(m, train, val, epochs=1, lr=1e-3, ema_decay=0.9, out_dir=str(tmp_path), progress=False, log=None)
+    st = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "scaler", "ema", "epoch", "rng", "plan"} <= set(st)
+    assert st["epoch"] == 0 and st["scheduler"]["step"] == len(train)
+    assert '"entries"' in st["plan"]  # the plan travels as a JSON string
+    assert torch.equal(st["model"]["3.conv.weight"], m.state_dict()["3.conv.weight"])
+    assert os.path.isfile(tmp_path / "best.pt")
+
+
+def test_checkpoint_survives_crash_mid_write(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"epoch": 1, "w": torch.arange(1000.0)}, path)
+
+    def crashing_save(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt  # the process dies half-way through the write
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"epoch": 2, "w": torch.zeros(1000)}, path)
+    monkeypatch.undo()
+    st = load_checkpoint(path)
+    assert st["epoch"] == 1 and torch.equal(st["w"], torch.arange(1000.0))
+    assert os.listdir(tmp_path) == ["last.pt"]  # the temp file was removed
+    path.write_bytes(path.read_bytes()[:100])  # a truncated file (not ours) is a clear error
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_survives_sigkill(tmp_path):
+    """A process rewriting a 4 MB checkpoint in a loop is SIGKILLed: the file on disk is always whole."""
+    code = (
+        "import torch,sys\nfrom partialize.train.checkpoint import save_checkpoint\n"
+        "i=0\nprint('ready',flush=True)\n"
+        "while True:\n i+=1\n save_checkpoint({'epoch':i,'w':torch.full((1<<20,),float(i))},sys.argv[1])\n"
+    )
+    path = tmp_path / "last.pt"
+    p = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, cwd=ROOT)
+    p.stdout.readline()
+    deadline = time.time() + 20
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.7)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    st = load_checkpoint(path)
+    assert st["epoch"] >= 1 and bool((st["w"] == float(st["epoch"])).all())
+
+
+def test_dpconv_loss_matches_eq8():
+    m = nn.Sequential(DPConv(16), DPConv(16))
+    m[0].set_ratio(1.0)  # n = 16
+    m[1].set_ratio(0.5)  # n = 8
+    with torch.no_grad():
+        m[1].gates.copy_(torch.tensor([0.5, -0.5, -0.3, -0.5]))  # n = 8; psi = 0.2 (gate 2 > gate 1)
+    task = torch.tensor(2.0)
+    kappa = kappa_from_theta(m, 4.0)
+    assert kappa == 2 * (16 / 4) ** 2
+    loss, t = dpconv_complexity_loss(task, m, kappa)
+    zeta = 16**2 + 8**2
+    assert t.zeta == zeta and t.alpha == -0.01
+    assert math.isclose(float(loss), 2.0 * (kappa / zeta) ** -0.01 + 0.9 * 0.2, rel_tol=1e-6)
+    loss, t = dpconv_complexity_loss(task, m, kappa=1000.0)  # under budget: alpha = 0
+    assert t.alpha == 0.0 and math.isclose(float(loss), 2.0 + 0.9 * 0.2, rel_tol=1e-6)
+    loss, _ = dpconv_complexity_loss(task, m, kappa)
+    loss.backward()  # at full width (zeta_0 = C^2) eq. 8 still pushes the gates up (fewer channels)
+    assert bool((m[0].gates.grad < 0).all())
+
+
+def test_dpconv_ratios_move_to_target_and_freeze(digits):
+    train, val = _loaders(digits, n_train=256)
+    torch.manual_seed(0)
+    m = partialize.apply(tiny_net(), ratio="dynamic", input_size=8)
+    dp = [op for op in m.modules() if isinstance(op, DPConv)]
+    assert len(dp) == 1
+    dp[0].set_ratio(1.0)
+    kappa = kappa_from_theta(m, 4.0)  # target width 16 / 4 = 4
+    r = finetune(m, train, val, epochs=3, lr=3e-3, theta=4.0, gate_lr_scale=20.0, progress=False, log=None)
+    assert r.history[0]["ratios"]["3"] <= 1.0
+    assert dp[0].ratio <= 0.25  # moved from 1.0 to (at most) the target 1/4
+    assert r.history[-1]["zeta"] <= kappa
+    assert dp[0].is_prefix()
+    x = digits[2][:16]
+    m.eval()
+    ref = m(x)
+    ratios = freeze_dynamic(m)
+    assert ratios["3"]["width"] == dp[0].num_conv_channels
+    assert not any(isinstance(op, DPConv) for op in m.modules())
+    torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)  # frozen slice = what was trained
+
+
+def test_kd_loss_formula():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(8, 10, generator=g), torch.randn(8, 10, generator=g)
+    T = 3.0
+    p_t = F.softmax(t / T, dim=1)
+    manual = (p_t * (p_t.log() - F.log_softmax(s / T, dim=1))).sum(1).mean() * T * T
+    assert math.isclose(float(kd_loss(s, t, T)), float(manual), rel_tol=1e-5)
+    assert float(kd_loss(t, t, T)) == pytest.approx(0.0, abs=1e-6)
+    y = torch.randint(0, 10, (8,), generator=g)
+    crit = DistillationLoss(nn.CrossEntropyLoss(), temperature=T, weight=0.3)
+    expect = 0.7 * F.cross_entropy(s, y) + 0.3 * manual
+    assert math.isclose(float(crit(s, y, t)), float(expect), rel_tol=1e-5)
+    assert math.isclose(float(crit(s, y)), float(F.cross_entropy(s, y)), rel_tol=1e-6)
+
+
+def test_router_budget_value_and_direction():
+    torch.manual_seed(0)
+    op = AdaPConv(16)  # widths 2, 4, 8; router starts uniform
+    x = torch.randn(4, 16, 8, 8)
+    term = router_budget_loss(op, x, budget=0.1, weight=1.0)
+    assert term.requires_grad
+    cost = (1 / 16 + 1 / 4 + 1.0) / 3  # uniform router: mean of (n_i / n_max)^2
+    assert float(term.detach()) == pytest.approx(cost - 0.1, rel=1e-5)
+    term.backward()
+    with torch.no_grad():
+        op.router.bias -= 10.0 * op.router.bias.grad  # a step along the budget's gradient
+    assert float(router_budget_loss(op, x, 0.1)) < float(term) - 0.05
+    assert int(op.route(x).argmax(1)[0]) == 0  # now prefers the cheapest branch
+
+
+def test_ada_training_logs_hard_histogram(digits):
+    train, val = _loaders(digits, n_train=64)
+    m = partialize.apply(tiny_net(), ratio="adaptive", input_size=8)
+    r = finetune(m, train, val, epochs=1, lr=1e-3, router_budget=0.3, progress=False, log=None)
+    hist = r.history[0]["branch_histogram"]
+    assert list(hist) == ["3"] and sum(hist["3"]) == 128  # every val image routed to one branch
+    assert 0.0 < r.history[0]["router_expected_cost"] <= 1.0
+
+
+def test_cli_errors(tmp_path):
+    from partialize.cli import main
+
+    conv = tmp_path / "m.safetensors"
+    partialize.save(partialize.apply(tiny_net(), input_size=8), conv)
+    runner = CliRunner()
+    res = runner.invoke(main, ["finetune", str(conv), "--data", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "is not a directory" in res.output
+    (tmp_path / "d" / "val").mkdir(parents=True)
+    res = runner.invoke(main, ["finetune", str(conv), "--data", str(tmp_path / "d")])
+    assert res.exit_code == 2 and "no train/ subfolder" in res.output
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "last.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(tmp_path / "c" / "last.pt")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_gloo_processes_agree(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    cmd = [os.path.join(VENV_BIN, "torchrun"), "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           os.path.join(ROOT, "tests", "_train_ddp_worker.py"), str(tmp_path)]  # fmt: skip
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["world"] == 2 and r0["steps"] == 4  # 128 images / 2 ranks / batch 16
+    for k in r0["final"]:
+        assert torch.equal(r0["final"][k], r1["final"][k]), k
+    assert not torch.equal(r0["final"]["3.conv.weight"], r0["init"]["3.conv.weight"])  # it trained
+    ck = load_checkpoint(tmp_path / "run" / "last.pt")  # rank 0 wrote it, with the DDP-free keys
+    assert ck["epoch"] == 1 and torch.equal(ck["model"]["3.conv.weight"], r0["final"]["3.conv.weight"])
+    assert sum(1 for _ in open(tmp_path / "run" / "log.jsonl")) == 2

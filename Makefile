@@ -16,7 +16,8 @@ PIP_FLAGS ?= -q --disable-pip-version-check
 help:
 	@echo "make demo   - the main job (see README)"
 	@echo "make test   - the test suite (fast, CPU)"
-	@echo "make bench  - slow benchmarks (pytest -m slow) and the operator benchmark"
+	@echo "make bench  - benchmarks: operators, Table 4 recipes, slow tests (pytest -m slow)"
+	@echo "make coverage - model-zoo sweep of the default recipe (writes docs/coverage.md)"
 	@echo "make lint   - ruff"
 
 venv:
@@ -33,14 +34,18 @@ venv:
 	@$(BIN)/pip install $(PIP_FLAGS) --no-deps --no-build-isolation -e . >/dev/null
 
 demo: venv
-	$(BIN)/partialize bench ops --threads 1
+	$(BIN)/partialize convert resnet50 --recipe recipes/resnet50-patconv.yaml --out out/resnet50-patconv.safetensors
 
 test: venv
 	$(BIN)/python -m pytest -q
 
 bench: venv
 	$(BIN)/partialize bench ops --threads 1 --md docs/bench_ops.md
+	$(BIN)/python examples/bench_table4.py --threads 1 --md docs/bench_table4.md
 	$(BIN)/python -m pytest -q -m slow
+
+coverage: venv
+	$(BIN)/python -m pytest -q -m coverage
 
 lint: venv
 	$(BIN)/ruff check partialize tests examples

@@ -21,7 +21,7 @@ import partialize
 from partialize.deploy import deploy
 from partialize.measure.flops import count_macs
 from partialize.measure.opbench import machine_description
-from partialize.measure.speed import speed_summary
+from partialize.measure.speed import measure_speed
 
 CASES = [
     ("resnet50", "resnet50-patconv"),
@@ -64,8 +64,10 @@ def main() -> None:
     torch.manual_seed(0)
 
     conv_t = conversion_time()
-    print(f"conversion of resnet50 (trace + plan + apply): cold {conv_t['cold_s']:.2f} s, "
-          f"warm median {conv_t['warm_median_s']:.3f} s")
+    print(
+        f"conversion of resnet50 (trace + plan + apply): cold {conv_t['cold_s']:.2f} s, "
+        f"warm median {conv_t['warm_median_s']:.3f} s"
+    )
     rows = []
     for model_name, recipe in CASES:
         base = timm.create_model(model_name, pretrained=False).eval()
@@ -74,31 +76,47 @@ def main() -> None:
         a, b = deploy(base), deploy(converted)
         x = torch.randn(1, 3, 224, 224)
         macs_a, macs_b = count_macs(a, x), count_macs(b, x)
-        with torch.no_grad():
-            err = float((a(x) - b(x)).abs().max())  # not expected to be small: different networks
-        s = speed_summary(a, b, 224, threads=args.threads, batch=args.batch, rounds=args.rounds,
-                          names=("original", "converted"))
         mac_ratio = macs_b / macs_a
         limit = 1 / mac_ratio
-        row = {
-            "model": model_name, "recipe": recipe, "macs_orig_g": macs_a / 1e9, "macs_conv_g": macs_b / 1e9,
-            "mac_ratio": mac_ratio, "thr_ratio": s["throughput_ratio"], "lat_speedup": s["latency_speedup"],
-            "limit_share": s["throughput_ratio"] / limit,
-            "thr_orig": s["models"]["original"]["throughput_ips"]["median"],
-            "thr_conv": s["models"]["converted"]["throughput_ips"]["median"],
-            "lat_orig": s["models"]["original"]["latency_ms"]["median"],
-            "lat_conv": s["models"]["converted"]["latency_ms"]["median"],
-        }
-        rows.append(row)
-        print(f"{model_name:16s} {recipe:24s} MACs {row['macs_orig_g']:.3f} -> {row['macs_conv_g']:.3f} G "
-              f"({mac_ratio:.3f}x) | throughput b{args.batch} {row['thr_orig']:.1f} -> {row['thr_conv']:.1f} img/s "
-              f"({row['thr_ratio']:.2f}x, {row['limit_share']:.0%} of the {limit:.2f}x limit) | latency b1 "
-              f"{row['lat_orig']:.1f} -> {row['lat_conv']:.1f} ms ({row['lat_speedup']:.2f}x) [|dy|max {err:.2g}]",
-              flush=True)
+        for channels_last in (False, True):
+            r = measure_speed(
+                {"original": a, "converted": b},
+                224,
+                threads=args.threads,
+                batch=args.batch,
+                rounds=args.rounds,
+                channels_last=channels_last,
+                min_round_s=0.05,
+            )
+            o, c = r["models"]["original"], r["models"]["converted"]
+            row = {
+                "model": model_name,
+                "recipe": recipe,
+                "layout": "NHWC" if channels_last else "NCHW",
+                "macs_orig_g": macs_a / 1e9,
+                "macs_conv_g": macs_b / 1e9,
+                "mac_ratio": mac_ratio,
+                "thr_orig": o["throughput_ips"]["median"],
+                "thr_conv": c["throughput_ips"]["median"],
+                "lat_orig": o["latency_ms"]["median"],
+                "lat_conv": c["latency_ms"]["median"],
+            }
+            row["thr_ratio"] = row["thr_conv"] / row["thr_orig"]
+            row["lat_speedup"] = row["lat_orig"] / row["lat_conv"]
+            row["limit_share"] = row["thr_ratio"] / limit
+            rows.append(row)
+            print(
+                f"{model_name:16s} {recipe:22s} {row['layout']} MACs {row['macs_orig_g']:.3f} -> "
+                f"{row['macs_conv_g']:.3f} G ({mac_ratio:.3f}x) | throughput b{args.batch} {row['thr_orig']:.1f} -> "
+                f"{row['thr_conv']:.1f} img/s ({row['thr_ratio']:.2f}x, {row['limit_share']:.0%} of the {limit:.2f}x "
+                f"limit) | latency b1 {row['lat_orig']:.1f} -> {row['lat_conv']:.1f} ms ({row['lat_speedup']:.2f}x)",
+                flush=True,
+            )
     if args.md:
         machine = machine_description(args.threads)
         lines = [
             f"Machine: {machine}. Both models in inference form (BN folded, operators deployed), fp32, "
+            "NCHW and channels_last (NHWC) layouts, "
             f"timed side by side in {args.rounds} interleaved rounds (medians). MACs = multiply-accumulates "
             "per image at 224x224 (fvcore). Limit = 1 / MACs ratio.",
             "",
@@ -106,13 +124,13 @@ def main() -> None:
             f"first call in a fresh process {conv_t['cold_s']:.2f} s, later calls median "
             f"{conv_t['warm_median_s']:.3f} s (min {conv_t['warm_min_s']:.3f} s).",
             "",
-            f"| model | recipe | GMACs orig -> conv | MACs ratio | throughput b{args.batch} (img/s) | ratio | "
+            f"| model | recipe | layout | GMACs orig -> conv | MACs ratio | throughput b{args.batch} (img/s) | ratio | "
             "share of limit | latency b1 (ms) | speed-up |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             lines.append(
-                f"| {r['model']} | {r['recipe']} | {r['macs_orig_g']:.3f} -> {r['macs_conv_g']:.3f} | "
+                f"| {r['model']} | {r['recipe']} | {r['layout']} | {r['macs_orig_g']:.3f} -> {r['macs_conv_g']:.3f} | "
                 f"{r['mac_ratio']:.3f} | {r['thr_orig']:.1f} -> {r['thr_conv']:.1f} | {r['thr_ratio']:.2f}x | "
                 f"{r['limit_share']:.0%} | {r['lat_orig']:.1f} -> {r['lat_conv']:.1f} | {r['lat_speedup']:.2f}x |"
             )

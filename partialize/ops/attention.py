@@ -25,6 +25,19 @@ from .registry import register_operator
 GATES = {"sigmoid": torch.sigmoid, "hardsigmoid": F.hardsigmoid}
 
 
+def channel_mean_std(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std over H*W (000 eq. 2-3, biased variance), accumulated in float32.
+
+    Computed as E[x^2] - E[x]^2 from two fused mean reductions: on CPU torch.var_mean's two-pass
+    kernel is about 15x slower on channel slices (13.6 ms vs 0.9 ms for 16x48x56x56, 1 thread).
+    """
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    mean = xf.mean(dim=(2, 3), dtype=torch.float32)  # 000 eq. 2
+    sq = (xf * xf).mean(dim=(2, 3), dtype=torch.float32)
+    std = torch.sqrt((sq - mean * mean).clamp_min(0) + eps)  # 000 eq. 3
+    return mean, std
+
+
 def _gate_fn(name: str):
     try:
         return GATES[name]
@@ -35,7 +48,7 @@ def _gate_fn(name: str):
 class GaussianChannelAttention(nn.Module):
     """PAT_ch attention: gate each channel by a map of its mean and std over H*W.
 
-    mu, std per 000 eq. 2-3 (one pass with var_mean); s = BN(gate(W [mu, std])), F~ = F * s
+    mu, std per 000 eq. 2-3 (``channel_mean_std``); s = BN(gate(W [mu, std])), F~ = F * s
     per 000 eq. 4. ``mapping="dense"``: W maps all 2C statistics to C gates (a fully connected
     layer); ``"channelwise"``: each channel's gate sees only its own mean and std (W in R^{C x 2},
     the shape the paper writes), far fewer parameters for wide layers. ``identity_init`` zeroes
@@ -73,8 +86,7 @@ class GaussianChannelAttention(nn.Module):
 
     def statistics(self, x: torch.Tensor) -> torch.Tensor:
         """z = [mu, std] over H*W (000 eq. 2-3), shape (B, 2C), computed in float32 for stability."""
-        var, mean = torch.var_mean(x.float(), dim=(2, 3), unbiased=False)  # 000 eq. 2 and 3
-        std = torch.sqrt(var + self.eps)
+        mean, std = channel_mean_std(x, self.eps)
         return torch.cat((mean, std), dim=1).to(x.dtype)
 
     def scale(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,8 +132,7 @@ class FusedChannelGate(nn.Module):
         self.out_shift = shift.reshape(1, -1, 1, 1).clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var, mean = torch.var_mean(x.float(), dim=(2, 3), unbiased=False)
-        z = torch.cat((mean, torch.sqrt(var + self.eps)), dim=1).to(x.dtype)
+        z = torch.cat(channel_mean_std(x, self.eps), dim=1).to(x.dtype)
         s = torch.addcmul(
             self.gate_shift.to(x.dtype), _gate_fn(self.gate)(self.fc(z)), self.gate_scale.to(x.dtype)
         )

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import OperatorError
 from ._utils import copy_top_left
-from .attention import GATES, GaussianChannelAttention
+from .attention import GATES, GaussianChannelAttention, channel_mean_std
 from .patconv import PATConv
 from .pconv import PConv, conv_source, is_partial_source
 from .registry import register_operator
@@ -157,8 +157,8 @@ class DPConv(nn.Module):
         """PAT_ch over the inactive channels only: their statistics are the only inputs."""
         a = self.attn
         keep = keep.reshape(1, -1)
-        var, mean = torch.var_mean(x.float(), dim=(2, 3), unbiased=False)
-        z = torch.cat((mean * keep, torch.sqrt(var + a.eps) * keep), dim=1).to(x.dtype)
+        mean, std = channel_mean_std(x, a.eps)
+        z = torch.cat((mean * keep, std * keep), dim=1).to(x.dtype)
         s = a.norm(GATES[a.gate](a.fc(z)))
         return x * s[:, :, None, None]
 

@@ -196,12 +196,16 @@ class PartialMLP(nn.Module):
         return self.dim_part / self.dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cd = self.channel_dim
-        x1, x2 = torch.split(x, [self.dim_part, self.dim - self.dim_part], dim=cd)
-        y1 = self.layers(x1)
+        n = self.dim_part
+        y1 = self.layers(x.narrow(self.channel_dim, 0, n))
+        # write into one output instead of concatenating temporaries (one pass fewer)
+        out = x.clone() if self.residual else torch.zeros_like(x)
+        part = out.narrow(self.channel_dim, 0, n)
         if self.residual:
-            return torch.cat((x1 + y1, x2), dim=cd)
-        return torch.cat((y1, torch.zeros_like(x2)), dim=cd)
+            part += y1
+        else:
+            part.copy_(y1)
+        return out
 
     @classmethod
     def from_module(

@@ -1,7 +1,7 @@
 """Side-by-side CPU benchmark: PartialNet vs timm's FasterNet of the same tier, both in deploy form.
 
 For each tier (t0 ... l) both models are built with random weights, put in inference form with
-``partialize.deploy.deploy`` (BN folded into convs for both; PartialNet's PAT_ch BN folded into its
+``partialize.deploy`` (BN folded into convs for both; PartialNet's PAT_ch BN folded into its
 gate and PAT_sp merged into the MLP conv) and FasterNet is built with ``pconv_fw_type="slicing"``,
 its own inference forward. Then, at 224x224:
 
@@ -24,7 +24,7 @@ import timm
 import torch
 
 import partialize  # noqa: F401  (registers partialnet_*)
-from partialize.deploy import deploy, find_conv_bn_pairs
+from partialize.deployment import deploy, find_conv_bn_pairs
 from partialize.measure.flops import count_macs, count_params
 from partialize.measure.opbench import machine_description
 from partialize.measure.speed import time_side_by_side

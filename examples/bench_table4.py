@@ -18,7 +18,7 @@ import timm
 import torch
 
 import partialize
-from partialize.deploy import deploy
+from partialize.deployment import deploy
 from partialize.measure.flops import count_macs
 from partialize.measure.opbench import machine_description
 from partialize.measure.speed import measure_speed

@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from . import models  # noqa: E402,F401  (registers the native models with timm)
 from .api import apply, plan  # noqa: E402
+from .deployment import deploy  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError,
     ModelError,
@@ -23,6 +24,7 @@ from .ops import get_operator, list_operators, register_operator  # noqa: E402
 
 __all__ = [
     "apply",
+    "deploy",
     "load",
     "plan",
     "save",

@@ -9,7 +9,7 @@ import torchvision
 from conftest import rel_err
 from torch import nn
 
-from partialize.deploy import deploy, find_conv_bn_pairs
+from partialize.deployment import deploy, find_conv_bn_pairs
 from partialize.ops import MergedSpatialAttention, PartialSpatialAttention, PATConv, PATConvDeploy, PConv
 
 

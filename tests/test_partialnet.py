@@ -12,7 +12,7 @@ from conftest import rel_err
 from torch import nn
 
 import partialize  # noqa: F401  (registers partialnet_* with timm)
-from partialize.deploy import deploy
+from partialize.deployment import deploy
 from partialize.errors import RecipeError, WeightsUnavailableError
 from partialize.measure.flops import count_macs, count_params
 from partialize.models.partialnet import PartialSpatialConv, partialnet_train_settings

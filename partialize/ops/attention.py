@@ -132,13 +132,23 @@ class FusedChannelGate(nn.Module):
         self.out_shift = shift.reshape(1, -1, 1, 1).clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.gate_values(x)
+        return self.apply_gate(x, s)
+
+    def apply_gate(self, x: torch.Tensor, s: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x * s (+ shift), written into ``out`` when given (e.g. a channel slice of the output)."""
+        s = s[:, :, None, None]
+        if self.out_shift is None:
+            return torch.mul(x, s, out=out) if out is not None else x * s
+        shift = self.out_shift.to(x.dtype)
+        return torch.addcmul(shift, x, s, out=out) if out is not None else torch.addcmul(shift, x, s)
+
+    def gate_values(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-channel gate s of shape (B, C) (BN folded)."""
         z = torch.cat(channel_mean_std(x, self.eps), dim=1).to(x.dtype)
-        s = torch.addcmul(
+        return torch.addcmul(
             self.gate_shift.to(x.dtype), _gate_fn(self.gate)(self.fc(z)), self.gate_scale.to(x.dtype)
         )
-        if self.out_shift is None:
-            return x * s[:, :, None, None]
-        return torch.addcmul(self.out_shift.to(x.dtype), x, s[:, :, None, None])
 
 
 def distance_index(h: int, w: int, num_buckets: int, device=None) -> torch.Tensor:

@@ -110,7 +110,14 @@ class PATConvDeploy(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1, x2 = torch.split(x, [self.dim_conv, self.dim_attn], dim=1)
-        return torch.cat((self.conv(x1), self.attn(x2)), dim=1)
+        if not isinstance(self.attn, FusedChannelGate):
+            return torch.cat((self.conv(x1), self.attn(x2)), dim=1)
+        # gate written straight into the output: one pass over the attention channels, no cat
+        y1 = self.conv(x1)
+        out = torch.empty_like(x)
+        out[:, : self.dim_conv] = y1
+        self.attn.apply_gate(x2, self.attn.gate_values(x2), out=out[:, self.dim_conv :])
+        return out
 
     def fold_bn(self, bn: nn.modules.batchnorm._BatchNorm) -> PATConvDeploy:
         """``bn(self(x))`` in one module: BN[:n] folded into the conv, BN[n:] into the gate (PAT_ch)

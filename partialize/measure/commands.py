@@ -3,27 +3,12 @@
 
 from __future__ import annotations
 
-import functools
 import os
-import sys
 
 import click
 
+from ..cliutil import friendly_errors
 from ..errors import CheckpointError, PartializeError
-
-
-def _friendly_errors(fn):
-    """Print PartializeError messages without a traceback and exit non-zero (as partialize.cli does)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except PartializeError as e:
-            click.secho(f"error: {e}", fg="red", err=True)
-            sys.exit(e.exit_code)
-
-    return wrapper
 
 
 def load_model(spec: str, weights: str = "random"):
@@ -105,7 +90,7 @@ def register(main: click.Group, bench: click.Group) -> None:
 )
 @click.option("--no-speed", is_flag=True, help="Skip timing (params, MACs, accuracy only).")
 @_speed_options
-@_friendly_errors
+@friendly_errors
 def report_cmd(
     model_or_checkpoint,
     baseline,
@@ -185,7 +170,7 @@ def report_cmd(
 @click.option(
     "--no-speed", is_flag=True, help="Ignore speed (compare reports timed under different settings)."
 )
-@_friendly_errors
+@friendly_errors
 def compare_cmd(reports, md_path, plot_path, no_speed) -> None:
     """Put several `partialize report --json` files in one table (ratios vs the first model).
 
@@ -219,7 +204,7 @@ def compare_cmd(reports, md_path, plot_path, no_speed) -> None:
 @click.argument("models", nargs=-1, required=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the timings as JSON.")
 @_speed_options
-@_friendly_errors
+@friendly_errors
 def bench_models_cmd(
     models, json_path, input_size, threads, batch, device, amp, channels_last, rounds, weights
 ) -> None:

@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-import sys
-
 import click
 
 from . import __version__
-from .errors import PartializeError
+from .cliutil import friendly_errors
 
-
-def _friendly_errors(fn):
-    """Print PartializeError messages without a traceback and exit non-zero."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except PartializeError as e:
-            click.secho(f"error: {e}", fg="red", err=True)
-            sys.exit(e.exit_code)
-
-    return wrapper
+_friendly_errors = friendly_errors  # the name command modules and older code use
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,7 +33,7 @@ def bench() -> None:
 @click.option("--batches", default="1,16", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--rounds", default=5, show_default=True, help="Interleaved timing rounds per point.")
 @click.option("--md", "md_path", type=click.Path(dir_okay=False), help="Also write a Markdown table.")
-@_friendly_errors
+@friendly_errors
 def bench_ops_cmd(threads, channels, sizes, batches, rounds, md_path) -> None:
     """Time every operator against a dense and a depthwise 3x3 conv (CPU).
 
@@ -109,7 +94,7 @@ def bench_ops_cmd(threads, channels, sizes, batches, rounds, md_path) -> None:
 )
 @click.option("--threads", default=1, show_default=True, help="torch threads for the speed check.")
 @click.option("--batch", default=16, show_default=True, help="Batch size for the throughput check.")
-@_friendly_errors
+@friendly_errors
 def convert(
     model, recipe_path, weights, out, input_size, num_classes, dry_run, as_json, speed, threads, batch
 ) -> None:
@@ -179,6 +164,66 @@ def convert(
         click.echo(json.dumps(result, indent=2, default=str))
 
 
+@main.command("export")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option(
+    "--format",
+    "-f",
+    "fmt",
+    type=click.Choice(["onnx", "torchscript", "safetensors"]),
+    required=True,
+    help="onnx (verified under onnxruntime), torchscript (torch.jit.trace) or safetensors "
+    "(plan + trained tensors marked deployed; partialize.load returns the deployed model).",
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False),
+    help="Output file [default: CHECKPOINT stem + .onnx / .ts.pt / .deployed.safetensors].",
+)
+@click.option(
+    "--input-size", type=int, help="H=W of the example input [default: the size the plan was made at]."
+)
+@click.option(
+    "--batch", default=1, show_default=True, help="Batch of the example input (ONNX batch is dynamic)."
+)
+@click.option(
+    "--force", is_flag=True, help="Overwrite OUT if it exists (written to a temp file, then replaced)."
+)
+@_friendly_errors
+def export_cmd(checkpoint, fmt, out, input_size, batch, force) -> None:
+    """Deploy CHECKPOINT (a partialize .safetensors) and export it.
+
+    Deploy = BN folded into the preceding convs (also inside the operators), PAT_sp merged into its
+    MLP conv, DPConv frozen to a static slice at its learned ratio, Ada-PConv hard routing, PConv in
+    its slicing form. The deployed model is checked against the eval-mode trained model, and the
+    exported file against the deployed model, on the same random input (relative error <= 1e-4);
+    nothing is written if a check fails, and an existing file is kept unless --force.
+
+    Ada-PConv in ONNX/TorchScript: routing stays per sample (arg-max of the router), expressed as
+    "every branch on the whole batch, select per sample", so the file costs all branches. Example:
+
+      partialize export r50.safetensors --format onnx --out r50.onnx
+    """
+    from .export import export
+
+    res = export(
+        checkpoint,
+        fmt,
+        out,
+        input_size=input_size,
+        batch=batch,
+        force=force,
+        progress=lambda msg: click.echo(msg, err=True),
+    )
+    click.echo(f"deployed vs trained (eval), max relative error: {res.deploy_rel_err:.2e}")
+    what = {"onnx": "ONNX (onnxruntime)", "torchscript": "TorchScript", "safetensors": "reloaded"}[fmt]
+    click.echo(f"{what} vs deployed PyTorch, max relative error: {res.max_rel_err:.2e}")
+    for note in res.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"wrote {res.path} (input {'x'.join(map(str, res.input_shape))})")
+
+
 @main.group()
 def recipe() -> None:
     """Inspect and validate recipes."""
@@ -186,7 +231,7 @@ def recipe() -> None:
 
 @recipe.command("validate")
 @click.argument("file")
-@_friendly_errors
+@friendly_errors
 def recipe_validate(file) -> None:
     """Check FILE against the recipe schema; errors name the line, field and fix."""
     from .recipe import load_recipe
@@ -219,6 +264,7 @@ def _register_commands() -> None:
 
     register_measure(main, bench)
     from .train.commands import register as register_train
+
     register_train(main)
 
 

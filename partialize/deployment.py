@@ -37,13 +37,18 @@ _BNS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3, nn.SyncBatchNor
 
 
 def deploy(model: nn.Module) -> nn.Module:
-    """Return a new eval-mode, frozen copy of ``model`` in inference form (operators deployed, BN folded)."""
+    """Return a new eval-mode, frozen copy of ``model`` in inference form (operators deployed, BN folded).
+
+    Deterministic: the same trained tensors always give bit-identical deployed tensors, which is what
+    lets a checkpoint store the trained tensors with ``deployed: true`` (``partialize.save``).
+    """
     out = copy.deepcopy(model).eval()
     deploy_operators(out)
     fold_batchnorm(out)
     out.eval()
     for p in out.parameters():
         p.requires_grad_(False)
+    out._partialize_deployed = True  # save() refuses it: save the trained model with deployed=True
     return out
 
 

@@ -468,3 +468,13 @@ def test_partial_mlp_deploy_folds_its_batchnorms():
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in dep.modules())
     assert rel_err(dep(x), op(x)) < 1e-5
     assert torch.equal(op(x)[:, 12:], x[:, 12:])  # the other half passes the block unchanged
+
+
+def test_dpconv_complexity_keeps_gradient_at_full_width():
+    op = DPConv(16)
+    with torch.no_grad():
+        op.gates.fill_(-0.5)  # all gates off: n = 16 = C, zeta at its cap C^2
+    z = op.complexity()
+    assert float(z.detach()) == 256.0
+    z.backward()
+    assert (op.gates.grad < 0).all()  # raising a gate lowers the width: the gradient still says so

@@ -115,10 +115,13 @@ class DPConv(nn.Module):
                 self.gates[self.num_gates - zeros :] = -margin
 
     def complexity(self) -> torch.Tensor:
-        """zeta_l = n^2 = 2^{2 sum(1 - g_k)}, capped at C^2; differentiable through the STE."""
-        g = self.binary_gates()
-        zeta = torch.pow(2.0, 2.0 * (1.0 - g).sum())
-        return zeta.clamp(max=float(self.dim) ** 2)
+        """zeta_l = n^2 = 2^{2 sum(1 - g_k)}, capped at C^2; differentiable through the STE.
+
+        The cap is applied straight-through (value capped, gradient kept): a clamp would give a
+        layer at full width (every power-of-two C with all gates off) no push from eq. 8 at all.
+        """
+        raw = torch.pow(2.0, 2.0 * (1.0 - self.binary_gates()).sum())
+        return raw - (raw - float(self.dim) ** 2).clamp(min=0.0).detach()
 
     def penalty(self) -> torch.Tensor:
         """psi_l = sum_i max(0, g~_{i+1} - g~_i): gates should not increase (000, after eq. 8)."""

@@ -79,17 +79,6 @@ def kappa_from_target_macs(
     }
 
 
-def layer_complexity(m: DPConv) -> torch.Tensor:
-    """zeta_l = n_l^2 = 2^{2 sum(1 - g_k)} capped at C_l^2, with the gradient kept through the cap.
-
-    Same value as ``DPConv.complexity()``; that one caps with ``clamp``, whose gradient is zero at and
-    beyond the cap, so a layer at full width (zeta_l = C_l^2, e.g. every power-of-two C with all gates
-    off) would get no push from eq. 8 at all. Here the cap is applied straight-through.
-    """
-    raw = torch.pow(2.0, 2.0 * (1.0 - m.binary_gates()).sum())
-    return raw - (raw - float(m.dim) ** 2).clamp(min=0.0).detach()
-
-
 @dataclass
 class ComplexityTerms:
     """What eq. 8 computed for one step (floats, for the log)."""
@@ -114,7 +103,7 @@ def dpconv_complexity_loss(
     layers = list(dpconv_layers(model).values())
     if not layers:
         return task_loss, ComplexityTerms(0.0, kappa, 0.0, 0.0, 1.0)
-    zeta = torch.stack([layer_complexity(m) for m in layers]).sum()  # 000 Alg. 1 line 6
+    zeta = torch.stack([m.complexity() for m in layers]).sum()  # 000 Alg. 1 line 6
     psi = torch.stack([m.penalty() for m in layers]).sum()  # 000 eq. 8, psi_l
     alpha = 0.0 if float(zeta.detach()) <= kappa else alpha_over  # 000 Alg. 1 line 7
     factor = (kappa / zeta) ** alpha

@@ -24,7 +24,6 @@ from .constraints import (
     dpconv_complexity_loss,
     dpconv_layers,
     kappa_from_theta,
-    layer_complexity,
     learned_ratios,
 )
 from .distill import DistillationLoss
@@ -424,7 +423,7 @@ def finetune(
         if dp:
             rec["ratios"] = {n: r["ratio"] for n, r in learned_ratios(raw).items()}
             if kappa is not None:
-                rec["zeta"] = sum(float(layer_complexity(m).detach()) for m in dp.values())
+                rec["zeta"] = sum(float(m.complexity().detach()) for m in dp.values())
                 rec["kappa"] = kappa
         if budget is not None and sums["steps"]:
             rec["router_expected_cost"] = sums["router_cost"] / sums["steps"]

@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import os
-import sys
 
 import click
 import torch
 from torch import nn
 
+from ..cliutil import friendly_errors
 from ..errors import CheckpointError, PartializeError
-
-
-def _friendly_errors(fn):
-    """Print PartializeError messages without a traceback and exit non-zero (as partialize.cli does)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except PartializeError as e:
-            click.secho(f"error: {e}", fg="red", err=True)
-            sys.exit(e.exit_code)
-
-    return wrapper
 
 
 def _warn(msg: str) -> None:
@@ -268,7 +253,7 @@ def _kappa(model, theta, target_macs, input_size) -> float | None:
 @click.option("--kd-weight", default=0.5, show_default=True, help="loss = (1-w) task + w T^2 KL.")
 @_common_options
 @_dynamic_options
-@_friendly_errors
+@friendly_errors
 def finetune_cmd(converted, teacher, teacher_weights, kd_temperature, kd_weight, data, **kw) -> None:
     """Fine-tune CONVERTED (a file written by `partialize convert --out`) on an ImageFolder.
 
@@ -334,7 +319,7 @@ def _opts(cfg: dict, kw: dict, kd_temperature: float, kd_weight: float) -> dict:
 @click.argument("model_spec", metavar="MODEL")
 @_common_options
 @_dynamic_options
-@_friendly_errors
+@friendly_errors
 def train_cmd(model_spec, data, **kw) -> None:
     """Train MODEL from scratch on an ImageFolder.
 

@@ -66,6 +66,27 @@ def _offline_error(spec: str, e: Exception) -> WeightsUnavailableError:
     )
 
 
+def hub_reachable(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
+    """Whether the weights hub answers at all (a DNS lookup and a TCP connect, ``timeout`` seconds)."""
+    import socket
+
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _prefer_local_cache() -> None:
+    """Offline: make huggingface_hub use its local cache only, instead of retrying for ~45 s."""
+    try:
+        import huggingface_hub.constants as hf_constants
+
+        hf_constants.HF_HUB_OFFLINE = True
+    except ImportError:
+        pass
+
+
 def _timm(name: str, pretrained: bool, extra: dict) -> nn.Module:
     import timm
 
@@ -78,6 +99,8 @@ def _timm(name: str, pretrained: bool, extra: dict) -> nn.Module:
             f"unknown model {name!r}: not a timm model name{hint} "
             "(use torchvision:NAME for torchvision, or package.module:factory for your own)"
         )
+    if pretrained and not hub_reachable():
+        _prefer_local_cache()  # weights already in the cache still load; the rest fails at once
     try:
         return timm.create_model(name, pretrained=pretrained, **extra)
     except (OSError, RuntimeError, ConnectionError) as e:

@@ -341,7 +341,9 @@ def test_cli_errors_without_traceback(tmp_path, monkeypatch):
     bad.write_text("version: 1\nrules:\n  - select: {typo: Conv2d}\n")
     r = runner.invoke(main, ["recipe", "validate", str(bad)])
     assert r.exit_code != 0 and "r.yaml:3" in r.output and "typo" in r.output
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import partialize.zoo
+
+    monkeypatch.setattr(partialize.zoo, "hub_reachable", lambda *a, **k: False)  # offline, no network use
     r = runner.invoke(main, ["convert", "resnet18", "--weights", "pretrained", "--dry-run"])
     assert r.exit_code != 0 and "--weights random" in r.output and "Traceback" not in r.output
 

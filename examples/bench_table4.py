@@ -105,11 +105,13 @@ def main() -> None:
             row["lat_speedup"] = row["lat_orig"] / row["lat_conv"]
             row["limit_share"] = row["thr_ratio"] / limit
             rows.append(row)
+            r = row
             print(
-                f"{model_name:16s} {recipe:22s} {row['layout']} MACs {row['macs_orig_g']:.3f} -> "
-                f"{row['macs_conv_g']:.3f} G ({mac_ratio:.3f}x) | throughput b{args.batch} {row['thr_orig']:.1f} -> "
-                f"{row['thr_conv']:.1f} img/s ({row['thr_ratio']:.2f}x, {row['limit_share']:.0%} of the {limit:.2f}x "
-                f"limit) | latency b1 {row['lat_orig']:.1f} -> {row['lat_conv']:.1f} ms ({row['lat_speedup']:.2f}x)",
+                f"{model_name:16s} {recipe:22s} {r['layout']} MACs {r['macs_orig_g']:.3f} -> "
+                f"{r['macs_conv_g']:.3f} G ({mac_ratio:.3f}x) | throughput b{args.batch} "
+                f"{r['thr_orig']:.1f} -> {r['thr_conv']:.1f} img/s ({r['thr_ratio']:.2f}x, "
+                f"{r['limit_share']:.0%} of the {limit:.2f}x limit) | latency b1 {r['lat_orig']:.1f} -> "
+                f"{r['lat_conv']:.1f} ms ({r['lat_speedup']:.2f}x)",
                 flush=True,
             )
     if args.md:
@@ -124,13 +126,14 @@ def main() -> None:
             f"first call in a fresh process {conv_t['cold_s']:.2f} s, later calls median "
             f"{conv_t['warm_median_s']:.3f} s (min {conv_t['warm_min_s']:.3f} s).",
             "",
-            f"| model | recipe | layout | GMACs orig -> conv | MACs ratio | throughput b{args.batch} (img/s) | ratio | "
-            "share of limit | latency b1 (ms) | speed-up |",
+            f"| model | recipe | layout | GMACs orig -> conv | MACs ratio | throughput b{args.batch} (img/s) "
+            "| ratio | share of limit | latency b1 (ms) | speed-up |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             lines.append(
-                f"| {r['model']} | {r['recipe']} | {r['layout']} | {r['macs_orig_g']:.3f} -> {r['macs_conv_g']:.3f} | "
+                f"| {r['model']} | {r['recipe']} | {r['layout']} | {r['macs_orig_g']:.3f} -> "
+                f"{r['macs_conv_g']:.3f} | "
                 f"{r['mac_ratio']:.3f} | {r['thr_orig']:.1f} -> {r['thr_conv']:.1f} | {r['thr_ratio']:.2f}x | "
                 f"{r['limit_share']:.0%} | {r['lat_orig']:.1f} -> {r['lat_conv']:.1f} | {r['lat_speedup']:.2f}x |"
             )

@@ -177,14 +177,17 @@ def part2(args, train, val, xv, yv, common, chw) -> None:
         "PConv 1/4": partialize.apply(base, ratio=0.25, input_size=args.size),
         "Ada-PConv {1/8,1/4,1/2}": partialize.apply(base, ratio="adaptive", input_size=args.size),
         "Ada-PConv + budget 0.25": partialize.apply(base, ratio="adaptive", input_size=args.size),
+        "Ada-PConv, ste routing": partialize.apply(base, ratio="adaptive", input_size=args.size),
+        "Ada-PConv, ste + budget 0.25": partialize.apply(base, ratio="adaptive", input_size=args.size),
     }
     dense_macs = macs_breakdown(base, chw, crosscheck=False)["total"]
     print(f"dense tiny model: {dense_macs:,.0f} MACs")
     for name, model in runs.items():
         t0 = time.perf_counter()
         budget = 0.25 if "budget" in name else None
+        routing = "ste" if "ste" in name else "soft"
         r = finetune(model, train, val, epochs=args.epochs_ada, lr=1e-3, weight_decay=1e-2, warmup_epochs=0,
-                     router_budget=budget, **common)  # fmt: skip
+                     router_budget=budget, ada_routing=routing, **common)  # fmt: skip
         secs = time.perf_counter() - t0
         model.eval()
         inf = copy.deepcopy(model)
@@ -192,7 +195,7 @@ def part2(args, train, val, xv, yv, common, chw) -> None:
         mb = macs_breakdown(inf, chw, calibration=xv, crosscheck=False)  # routed on the real val images
         hist = r.history[-1].get("branch_histogram")
         tot = [sum(v) for v in zip(*hist.values())] if hist else None
-        print(f"{name:26s} top-1 {accuracy(inf, xv, yv):6.2f}%  inference MACs {mb['total']:12,.0f} "
+        print(f"{name:30s} top-1 {accuracy(inf, xv, yv):6.2f}%  inference MACs {mb['total']:12,.0f} "
               f"({mb['total'] / dense_macs:.3f}x dense)  train {secs:5.0f}s"
               + (f"  val branch histogram (all layers) {tot}" if tot else ""))  # fmt: skip
 

@@ -478,3 +478,17 @@ def test_dpconv_complexity_keeps_gradient_at_full_width():
     assert float(z.detach()) == 256.0
     z.backward()
     assert (op.gates.grad < 0).all()  # raising a gate lowers the width: the gradient still says so
+
+
+def test_ada_ste_routing_forward_is_hard_and_gradient_reaches_router():
+    op = AdaPConv.from_module(nn.Conv2d(32, 32, 3, 1, 1))
+    with torch.no_grad():
+        op.router.weight.normal_(std=0.5)
+    x = torch.randn(6, 32, 8, 8)
+    op.routing = "hard"
+    hard = op(x)
+    op.routing = "ste"
+    y = op(x)
+    assert rel_err(y, hard) < 1e-5  # the value is the hard routing's
+    (y * torch.randn_like(y)).sum().backward()
+    assert op.router.weight.grad is not None and op.router.weight.grad.abs().sum() > 0

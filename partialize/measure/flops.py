@@ -106,9 +106,9 @@ def adapconv_macs(op: nn.Module, h: int, w: int, histogram: Sequence[int] | None
     router = op.dim * len(op.widths)
     hist = [int(v) for v in (histogram if histogram is not None else [0] * len(branch))]
     total = sum(hist)
-    if op.routing == "soft":
+    if op.routing in ("soft", "ste"):
         expected = float(sum(branch))
-        basis = "soft routing: every branch runs, cost is their sum"
+        basis = f"{op.routing} routing: every branch runs, cost is their sum"
     elif total == 0:
         expected = float(max(branch))
         basis = "hard routing, no calibration samples: the widest branch (upper bound)"

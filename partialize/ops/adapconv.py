@@ -4,6 +4,9 @@ Router (004 eq. 2): alpha = softmax(W_r GAP(X)) over the ratios (default 1/8, 1/
 ``routing="soft"`` (training) returns sum_i alpha_i PConv_i(X) (004 soft fusion);
 ``routing="hard"`` (inference) runs, per sample, only the arg-max branch: the batch is grouped by
 branch, so an input costs the router plus one branch.
+``routing="ste"`` (training, our addition): the forward value is the hard routing's, the router's
+gradient is the soft mixture's (straight-through). Training then sees the function that is
+deployed; soft training evaluated with hard routing computes a different function.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from ._utils import copy_top_left, split_channels
 from .pconv import conv_source
 from .registry import register_operator
 
-ROUTINGS = ("soft", "hard")
+ROUTINGS = ("soft", "hard", "ste")
 
 
 @register_operator("ada_pconv")
@@ -78,6 +81,9 @@ class AdaPConv(nn.Module):
         self.last_choice = probs.detach().argmax(dim=1)
         if self.routing == "soft":
             return self._soft(x, probs)
+        if self.routing == "ste":
+            one_hot = torch.nn.functional.one_hot(self.last_choice, len(self.widths)).to(probs.dtype)
+            return self._soft(x, one_hot + probs - probs.detach())  # value: hard; gradient: soft
         return self._hard(x, self.last_choice)
 
     def _soft(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -103,12 +109,12 @@ class AdaPConv(nn.Module):
         return out
 
     def expected_macs(self, h: int, w: int) -> float:
-        """MACs of one input under the last routing (hard: chosen branch; soft: all branches)."""
+        """MACs of one input under the last routing (hard: chosen branch; soft/ste: all branches)."""
         per_branch = [
             n * n * self.branches[i].weight[0, 0].numel() * h * w for i, n in enumerate(self.widths)
         ]
         router = self.dim * len(self.widths)
-        if self.routing == "soft" or self.last_choice is None:
+        if self.routing in ("soft", "ste") or self.last_choice is None:  # both run every branch
             return float(sum(per_branch) + router)
         hist = self.last_histogram.double()
         return float((hist / hist.sum()) @ torch.tensor(per_branch, dtype=torch.double)) + router

@@ -71,6 +71,13 @@ def _dynamic_options(fn):
         click.option("--gate-lr-scale", default=1.0, show_default=True, help="DPConv gate lr = lr x this."),
         click.option("--router-budget", type=float, help="Ada-PConv: mean branch cost / widest branch cap."),
         click.option(
+            "--ada-routing",
+            type=click.Choice(["soft", "ste"]),
+            default="soft",
+            show_default=True,
+            help="Ada-PConv training routing: soft mixing (004) or ste (hard forward, soft gradient).",
+        ),
+        click.option(
             "--router-weight", default=1.0, show_default=True, help="Weight of the router budget term."
         ),
     ]
@@ -311,7 +318,7 @@ def _opts(cfg: dict, kw: dict, kd_temperature: float, kd_weight: float) -> dict:
         cutmix=cfg["cutmix"], clip_grad=cfg["clip_grad"],
         kd_temperature=kd_temperature, kd_weight=kd_weight, ema_decay=kw["ema_decay"], amp=kw["amp"],
         seed=kw["seed"], dp_alpha=kw["dp_alpha"], dp_beta=kw["dp_beta"], gate_lr_scale=kw["gate_lr_scale"],
-        router_budget=kw["router_budget"], router_weight=kw["router_weight"],
+        router_budget=kw["router_budget"], router_weight=kw["router_weight"], ada_routing=kw["ada_routing"],
     )  # fmt: skip
 
 

@@ -113,7 +113,7 @@ def sync_buffers(model: nn.Module) -> None:
 
 
 def set_routing(model: nn.Module, routing: str) -> None:
-    """Soft routing while training, hard at evaluation (Ada-PConv, 004)."""
+    """Set every Ada-PConv's routing: soft or ste while training, hard at evaluation (004)."""
     for m in ada_layers(model).values():
         m.routing = routing
 
@@ -213,6 +213,7 @@ def finetune(
     gate_lr_scale: float = 1.0,
     router_budget: float | None = None,
     router_weight: float = 1.0,
+    ada_routing: str = "soft",
     out_dir: str | None = None,
     resume: bool = False,
     device: str | torch.device | None = None,
@@ -225,13 +226,16 @@ def finetune(
     Loss: ``(1 - kd_weight) * task + kd_weight * T^2 KL`` against ``teacher`` (task alone without one);
     with DPConv layers and a target (``theta`` or ``kappa``) it becomes 000 eq. 8, with gate
     monotonicity enforced after every step and annealing after every epoch (000 Algorithm 1); with
-    ``router_budget`` the Ada-PConv budget term is added. ``out_dir`` receives ``last.pt``/``best.pt``
+    ``router_budget`` the Ada-PConv budget term is added; Ada-PConv trains with ``ada_routing``
+    ("soft" mixing as in 004, or "ste": hard forward, soft gradient). ``out_dir`` receives ``last.pt``/``best.pt``
     (atomic, every epoch) and ``log.jsonl``; ``resume=True`` continues from ``out_dir/last.pt``.
     Under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP and rank 0 alone writes.
     """
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
 
+    if ada_routing not in ("soft", "ste"):
+        raise ValueError(f"ada_routing must be 'soft' or 'ste', got {ada_routing!r}")
     if epochs < 1:
         raise TrainingError(f"epochs must be >= 1, got {epochs}")
     distributed = init_distributed()
@@ -348,7 +352,7 @@ def finetune(
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         net.train()
-        set_routing(raw, "soft")
+        set_routing(raw, ada_routing)
         t0 = time.perf_counter()
         sums = {"loss": 0.0, "task": 0.0, "n": 0, "zeta": 0.0, "router_cost": 0.0, "steps": 0}
         with _progress(progress and rank == 0) as bar:

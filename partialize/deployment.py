@@ -28,7 +28,7 @@ from torch import nn
 from .ops._utils import bn_remainder, fold_bn_into_conv, is_foldable_bn
 from .ops.registry import get_operator, is_partial_op, list_operators
 
-__all__ = ["deploy", "deploy_operators", "find_conv_bn_pairs", "fold_batchnorm"]
+__all__ = ["deploy", "deploy_operators", "eval_reference", "find_conv_bn_pairs", "fold_batchnorm"]
 
 _log = logging.getLogger(__name__)
 
@@ -52,6 +52,19 @@ def deploy(model: nn.Module) -> nn.Module:
     return out
 
 
+def eval_reference(model: nn.Module) -> nn.Module:
+    """The function ``deploy(model)`` must equal: an eval-mode copy of the trained model with each
+    Ada-PConv switched to hard routing (soft mixing is the training relaxation; the deployed form
+    runs the router's arg-max branch). Nothing else changes: BN, DPConv masks, attention as trained."""
+    from .ops.adapconv import AdaPConv
+
+    ref = copy.deepcopy(model).eval()
+    for m in ref.modules():
+        if isinstance(m, AdaPConv):
+            m.routing = "hard"
+    return ref
+
+
 def _operator_classes() -> tuple[type, ...]:
     return tuple(get_operator(name) for name in list_operators())
 
@@ -71,9 +84,7 @@ def deploy_operators(model: nn.Module) -> int:
                 visit(child)
 
     if isinstance(model, classes):
-        raise TypeError(
-            "deploy_operators works on a model that contains operators; call op.deploy() directly"
-        )
+        raise TypeError("deploy_operators works on a model that contains operators; call op.deploy() directly")
     visit(model)
     return count
 

@@ -81,9 +81,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
             f"{path!r} is a safetensors file but not a partialize checkpoint (no partialize format/plan "
             "metadata). Plain weights go in with `partialize convert MODEL --weights PATH`"
         )
-    raise CheckpointError(
-        f"{path!r} has an unknown format {fmt!r}; partialize {__version__} reads {FORMAT!r}"
-    )
+    raise CheckpointError(f"{path!r} has an unknown format {fmt!r}; partialize {__version__} reads {FORMAT!r}")
 
 
 def read_plan(path: str | os.PathLike):
@@ -97,9 +95,7 @@ def read_plan(path: str | os.PathLike):
         raise CheckpointError(f"{os.fspath(path)!r}: the stored plan is unreadable: {e}") from None
 
 
-def load(
-    path: str | os.PathLike, model: nn.Module | None = None, *, deployed: bool | None = None
-) -> nn.Module:
+def load(path: str | os.PathLike, model: nn.Module | None = None, *, deployed: bool | None = None) -> nn.Module:
     """Rebuild a converted model: base model (from the plan's spec, or ``model``) + plan + tensors.
 
     ``deployed``: None follows the file (``partialize export --format safetensors`` marks it); True
@@ -123,10 +119,14 @@ def load(
     converted = apply_plan(model, plan, inplace=True, check=False)
     try:
         missing, unexpected = load_model(converted, os.fspath(path), strict=False)
+    except RuntimeError as e:
+        if "size mismatch" in str(e):
+            raise CheckpointError(
+                f"weights in {os.fspath(path)!r} do not match the replayed plan (tensor shapes differ): {str(e)[:400]}"
+            ) from None
+        raise CheckpointError(f"cannot load tensors from {os.fspath(path)!r} (truncated or corrupt?): {e}") from None
     except Exception as e:
-        raise CheckpointError(
-            f"cannot load tensors from {os.fspath(path)!r} (truncated or corrupt?): {e}"
-        ) from None
+        raise CheckpointError(f"cannot load tensors from {os.fspath(path)!r} (truncated or corrupt?): {e}") from None
     if missing or unexpected:
         raise CheckpointError(
             f"weights in {os.fspath(path)!r} do not match the replayed plan: missing {sorted(missing)[:5]}, "

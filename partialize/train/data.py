@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from ..measure.accuracy import DataError
+from .distributed import world_info
 
 __all__ = ["DataError", "Loaders", "digits_loaders", "digits_tensors", "image_folder_loaders"]
 
@@ -30,17 +31,11 @@ class Loaders:
     description: str
 
 
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def make_train_loader(
     ds: Dataset, batch_size: int, seed: int, workers: int = 0, drop_last: bool = True
 ) -> DataLoader:
     """Shuffled loader whose order per epoch depends only on (seed, epoch); sharded under DDP."""
-    rank, world = _world()
+    rank, world, _ = world_info()
     sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False)
     g = torch.Generator().manual_seed(seed)
     return DataLoader(

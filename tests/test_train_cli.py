@@ -1,15 +1,22 @@
 """`partialize convert` -> `partialize finetune` -> `--resume`, end to end through the CLI."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
 import partialize
 from partialize.cli import main
 from partialize.ops import PConv
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _image_folder(root, n=6, size=32):
@@ -51,3 +58,43 @@ def test_convert_then_finetune_then_resume(tmp_path):
     assert {"train_loss", "val_top1", "lr", "time_s"} <= set(log[0])
     model = partialize.load(out / "final.safetensors")
     assert isinstance(model.layer1[0].conv1, PConv)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_ddp_cli_finetune_shards_data_and_ranks_agree(tmp_path):
+    """`torchrun -nproc 2 partialize finetune` (gloo): each rank trains on its own half of the
+    ImageFolder (disjoint, together the whole set) and both end with identical weights."""
+    data = _image_folder(tmp_path / "data")  # 12 train images, 2 classes
+    ckpt = tmp_path / "r18.safetensors"
+    r = CliRunner().invoke(main, ["convert", "torchvision:resnet18", "--num-classes", "2", "--input-size", "32",
+                                  "--no-speed", "--out", str(ckpt)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "run"
+    args = ["finetune", str(ckpt), "--data", str(data), "--teacher", "none", "--batch-size", "3", "--epochs", "1",
+            "--input-size", "32", "--out", str(out), "--lr", "1e-2", "--warmup-epochs", "0", "--no-amp",
+            "--no-report", "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           os.path.join(ROOT, "tests", "_train_ddp_worker.py"), "cli", str(tmp_path), *args]  # fmt: skip
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"cli_rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["world"] == 2 and r0["dataset_size"] == 12
+    i0, i1 = set(r0["indices"]), set(r1["indices"])
+    assert len(r0["indices"]) == len(r1["indices"]) == 6  # a half each, not the full 12
+    assert not i0 & i1 and i0 | i1 == set(range(12))  # disjoint and together the whole set
+    assert "rank 0 of 2 trains on 6 per epoch" in res.stdout and "rank 1 of 2 trains on 6 per epoch" in res.stdout
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[0]["train_images"] == 6 and log[0]["train_images_per_rank"] == [6, 6]
+    assert r0["final"].keys() == r1["final"].keys()
+    for k in r0["final"]:
+        assert torch.equal(r0["final"][k], r1["final"][k]), k
+    trained = partialize.load(out / "final.safetensors").state_dict()  # rank 0's file = what both hold
+    assert torch.equal(trained["fc.weight"], r0["final"]["fc.weight"])

@@ -19,6 +19,20 @@ def _warn(msg: str) -> None:
         click.secho(f"warning: {msg}", fg="yellow", err=True)
 
 
+def _join_group() -> bool:
+    """Under torchrun (WORLD_SIZE > 1), join the process group *before* any loader is built: the
+    DistributedSampler reads the rank and world size when it is created, so a loader built earlier
+    would hand every rank the whole dataset. True when distributed."""
+    from .distributed import init_distributed
+
+    return init_distributed()
+
+
+def _leave_group(distributed: bool) -> None:
+    if distributed and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def _common_options(fn):
     opts = [
         click.option("--data", required=True, help="ImageFolder root with train/ (and val/) subfolders."),
@@ -278,6 +292,7 @@ def finetune_cmd(converted, teacher, teacher_weights, kd_temperature, kd_weight,
     from .data import check_data_dir, image_folder_loaders
 
     check_data_dir(data)
+    distributed = _join_group()
     model = load(converted)
     defaults = dict(
         epochs=30, lr=1e-3, batch_size=64, weight_decay=0.05, warmup_epochs=1, smoothing=0.1, mixup=0.0,
@@ -300,6 +315,7 @@ def finetune_cmd(converted, teacher, teacher_weights, kd_temperature, kd_weight,
     opts = _opts(cfg, kw, kd_temperature, kd_weight)
     result = _run(model, loaders, teacher=t, opts=opts, out_dir=kw["out_dir"], resume=kw["resume"],
                   device=kw["device"], kappa=kappa)  # fmt: skip
+    _leave_group(distributed)
     if int(os.environ.get("RANK", 0)) != 0:
         return
     baseline, weighted = t if teacher == "original" else None, t is not None and teacher == "original"
@@ -340,6 +356,7 @@ def train_cmd(model_spec, data, **kw) -> None:
     from .data import check_data_dir, image_folder_loaders
 
     check_data_dir(data)
+    distributed = _join_group()
     defaults = dict(
         epochs=100, lr=1e-3, batch_size=128, weight_decay=0.05, warmup_epochs=5, smoothing=0.1, mixup=0.0,
         cutmix=0.0, clip_grad=None,
@@ -382,6 +399,7 @@ def train_cmd(model_spec, data, **kw) -> None:
     opts = _opts(cfg, kw, 4.0, 0.0)
     result = _run(model, loaders, teacher=None, opts=opts, out_dir=kw["out_dir"], resume=kw["resume"],
                   device=kw["device"], kappa=kappa)  # fmt: skip
+    _leave_group(distributed)
     if int(os.environ.get("RANK", 0)) != 0:
         return
     _finish(model, result, out_dir=kw["out_dir"], data=data, input_size=loaders.input_size, baseline=None,

@@ -97,8 +97,15 @@ def image_folder_loaders(
         len(ds_train.classes),
         int(cfg["input_size"][-1]),
         f"ImageFolder {os.path.abspath(data)}: {len(ds_train)} train / "
-        f"{len(ds_val) if ds_val else 0} val images, {len(ds_train.classes)} classes",
+        f"{len(ds_val) if ds_val else 0} val images, {len(ds_train.classes)} classes"
+        + _shard_note(train),
     )
+
+
+def _shard_note(loader: DataLoader) -> str:
+    """Under DDP: how many train images this process gets per epoch (its DistributedSampler shard)."""
+    rank, world, _ = world_info()
+    return f"; rank {rank} of {world} trains on {len(loader.sampler)} per epoch" if world > 1 else ""
 
 
 def digits_tensors(

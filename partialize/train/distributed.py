@@ -19,12 +19,17 @@ def world_info() -> tuple[int, int, int]:
 
 
 def init_distributed() -> bool:
-    """Join the process group when launched by torchrun (NCCL on GPU, gloo on CPU); True if so."""
+    """Join the process group when launched by torchrun (NCCL on GPU, gloo on CPU).
+
+    True when this process is part of a group of more than one, whether this call created the group
+    or it was already initialised (by the CLI before it built the sharded loaders, or by the caller).
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size() > 1
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1:
         return False
-    if not torch.distributed.is_initialized():
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
     return True

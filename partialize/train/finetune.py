@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 from ..errors import CheckpointError, PartializeError
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -216,9 +217,19 @@ def finetune(
         raise ValueError(f"ada_routing must be 'soft' or 'ste', got {ada_routing!r}")
     if epochs < 1:
         raise TrainingError(f"epochs must be >= 1, got {epochs}")
-    distributed = init_distributed()
+    distributed = init_distributed()  # a no-op when the caller (e.g. the CLI) already joined the group
     rank, world, local = world_info()
     say = log if (log is not None and rank == 0) else (lambda s: None)
+    sampler = getattr(train_loader, "sampler", None)
+    if distributed and isinstance(sampler, DistributedSampler) and sampler.num_replicas != world:
+        raise TrainingError(
+            f"the train loader's DistributedSampler was built for {sampler.num_replicas} process(es) but "
+            f"{world} are training, so every rank would see the same {sampler.num_replicas}-way shard; "
+            "build the loaders after joining the process group (partialize.train.distributed.init_distributed)"
+        )
+    if distributed and not isinstance(sampler, DistributedSampler):
+        say(f"warning: the train loader has no DistributedSampler: unless its dataset is already split per "
+            f"rank, each of the {world} processes trains on all of it")  # fmt: skip
     if device is None:
         device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
@@ -324,7 +335,6 @@ def finetune(
     net: nn.Module = raw
     if distributed:
         net = nn.parallel.DistributedDataParallel(raw, device_ids=[local] if device.type == "cuda" else None)
-    sampler = getattr(train_loader, "sampler", None)
 
     for epoch in range(start_epoch, epochs):
         if hasattr(sampler, "set_epoch"):
@@ -394,7 +404,13 @@ def finetune(
             "lr": lr_at(step - 1, total, warmup, lr, min_lr),
             "train_loss": sums["loss"] / max(1, sums["n"]),
             "train_task_loss": sums["task"] / max(1, sums["n"]),
+            "train_images": sums["n"],  # this process's share of the epoch
         }
+        if distributed:
+            n = torch.tensor([sums["n"]], dtype=torch.long, device=device)
+            per_rank = [torch.zeros_like(n) for _ in range(world)]
+            torch.distributed.all_gather(per_rank, n)
+            rec["train_images_per_rank"] = [int(v) for v in per_rank]
         if val_loader is not None:
             ev = evaluate(raw, val_loader, device, use_amp)
             rec.update(val_top1=ev["top1"], val_loss=ev["loss"])

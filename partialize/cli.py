@@ -85,6 +85,7 @@ def bench_ops_cmd(threads, channels, sizes, batches, rounds, md_path) -> None:
 @click.option("--input-size", type=int, help="Example input size for discovery [default: the model's].")
 @click.option("--num-classes", type=int, help="Build the base model with this many classes.")
 @click.option("--dry-run", is_flag=True, help="Print the plan only: no conversion, nothing written.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists (otherwise an existing file is an error).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (and summary) as JSON on stdout.")
 @click.option(
     "--speed/--no-speed",
@@ -96,7 +97,7 @@ def bench_ops_cmd(threads, channels, sizes, batches, rounds, md_path) -> None:
 @click.option("--batch", default=16, show_default=True, help="Batch size for the throughput check.")
 @friendly_errors
 def convert(
-    model, recipe_path, weights, out, input_size, num_classes, dry_run, as_json, speed, threads, batch
+    model, recipe_path, weights, out, input_size, num_classes, dry_run, force, as_json, speed, threads, batch
 ) -> None:
     """Convert MODEL to partial-channel form by a recipe and print what changed.
 
@@ -125,8 +126,7 @@ def convert(
     base = build_model(model, weights=weights, num_classes=num_classes)
     if weights == "random":
         console.print(
-            "[dim]weights: random (use --weights pretrained or --weights PATH to convert "
-            "trained weights)[/dim]"
+            "[dim]weights: random (use --weights pretrained or --weights PATH to convert trained weights)[/dim]"
         )
     base.eval()
     plan = make_plan(base, rec, input_size=input_size or rec.input_size)
@@ -143,10 +143,13 @@ def convert(
         from .engine.render import speed_table
         from .measure.speed import speed_summary
 
-        console.print(f"[dim]measuring speed: {threads} thread(s), batch 1 and {batch}...[/dim]")
+        console.print(f"[dim]measuring speed of the deployed forms: {threads} thread(s), batch 1 and {batch}...[/dim]")
+        from .deployment import deploy
+
+        # both sides in inference form (BN folded, operators deployed): what would ship
         s = speed_summary(
-            base,
-            converted,
+            deploy(base),
+            deploy(converted),
             tuple(plan.input_shape[1:]),
             threads=threads,
             batch=batch,
@@ -156,7 +159,7 @@ def convert(
         if not as_json:
             console.print(speed_table(s, plan))
     if out:
-        path = save(converted, out)
+        path = save(converted, out, overwrite=force)
         result["out"] = path
         if not as_json:
             console.print(f"wrote {path}")
@@ -181,16 +184,10 @@ def convert(
     type=click.Path(dir_okay=False),
     help="Output file [default: CHECKPOINT stem + .onnx / .ts.pt / .deployed.safetensors].",
 )
-@click.option(
-    "--input-size", type=int, help="H=W of the example input [default: the size the plan was made at]."
-)
-@click.option(
-    "--batch", default=1, show_default=True, help="Batch of the example input (ONNX batch is dynamic)."
-)
-@click.option(
-    "--force", is_flag=True, help="Overwrite OUT if it exists (written to a temp file, then replaced)."
-)
-@_friendly_errors
+@click.option("--input-size", type=int, help="H=W of the example input [default: the size the plan was made at].")
+@click.option("--batch", default=1, show_default=True, help="Batch of the example input (ONNX batch is dynamic).")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists (written to a temp file, then replaced).")
+@friendly_errors
 def export_cmd(checkpoint, fmt, out, input_size, batch, force) -> None:
     """Deploy CHECKPOINT (a partialize .safetensors) and export it.
 
@@ -205,7 +202,7 @@ def export_cmd(checkpoint, fmt, out, input_size, batch, force) -> None:
 
       partialize export r50.safetensors --format onnx --out r50.onnx
     """
-    from .export import export
+    from .exporter import export
 
     res = export(
         checkpoint,

@@ -8,6 +8,7 @@ ones and ``load`` returns ``partialize.deploy`` of the replayed model; deploymen
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -21,7 +22,7 @@ FORMAT = "partialize/1"
 FORMAT_VERSION = 1
 
 
-def save(model: nn.Module, path: str | os.PathLike, *, deployed: bool = False, overwrite: bool = True) -> str:
+def save(model: nn.Module, path: str | os.PathLike, *, deployed: bool = False, overwrite: bool = False) -> str:
     """Write ``model`` (made by ``partialize.apply``) to ``path`` (.safetensors), atomically.
 
     ``deployed=True`` marks the file so that ``load`` returns the deployed (inference) form. A model
@@ -30,7 +31,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, deployed: bool = False, o
     """
     from safetensors.torch import save_model
 
-    from .export import atomic_write
+    from .exporter import atomic_write
 
     if getattr(model, "_partialize_deployed", False):
         raise PartializeError(
@@ -95,11 +96,34 @@ def read_plan(path: str | os.PathLike):
         raise CheckpointError(f"{os.fspath(path)!r}: the stored plan is unreadable: {e}") from None
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None, *, deployed: bool | None = None) -> nn.Module:
-    """Rebuild a converted model: base model (from the plan's spec, or ``model``) + plan + tensors.
+def _check_spec(spec: str, kwargs: dict, path, trust_factory: bool) -> None:
+    """Refuse to import/call code named by a file unless the user trusts it."""
+    if not isinstance(spec, str) or not isinstance(kwargs, dict):
+        raise CheckpointError(f"{os.fspath(path)!r}: malformed model spec in the plan")
+    bad = {k: v for k, v in kwargs.items() if not isinstance(v, (int, float, str, bool, type(None)))}
+    if bad:
+        raise CheckpointError(f"{os.fspath(path)!r}: model kwargs must be plain values, got {sorted(bad)}")
+    if ":" in spec and not spec.startswith("torchvision:") and not trust_factory:
+        raise CheckpointError(
+            f"{os.fspath(path)!r} asks to build its base model with the factory {spec!r}, which would import "
+            "and run code named by the file. Pass the base model yourself (partialize.load(path, "
+            "model=...)) or trust_factory=True if you trust this file"
+        )
+
+
+def load(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    *,
+    deployed: bool | None = None,
+    trust_factory: bool = False,
+) -> nn.Module:
+    """Rebuild a converted model: base model (from the plan's spec, or a copy of ``model``) + plan + tensors.
 
     ``deployed``: None follows the file (``partialize export --format safetensors`` marks it); True
-    returns ``partialize.deploy`` of the loaded model, False the trained form.
+    returns ``partialize.deploy`` of the loaded model, False the trained form. A file can only name
+    a timm or ``torchvision:`` model to build; a ``package.module:factory`` base would import and call
+    code named by the file, so it needs ``model=`` or ``trust_factory=True``.
     """
     from safetensors.torch import load_model
 
@@ -115,7 +139,11 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, deployed: b
                 f"{os.fspath(path)!r} does not say how to build its base model; pass it: "
                 "partialize.load(path, model=YourModel())"
             )
-        model = build_model(spec["spec"], weights="random", **spec.get("kwargs", {}))
+        kwargs = spec.get("kwargs") or {}
+        _check_spec(spec["spec"], kwargs, path, trust_factory)
+        model = build_model(spec["spec"], weights="random", **kwargs)
+    else:
+        model = copy.deepcopy(model)  # the caller's model stays untouched
     converted = apply_plan(model, plan, inplace=True, check=False)
     try:
         missing, unexpected = load_model(converted, os.fspath(path), strict=False)

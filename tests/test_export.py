@@ -19,7 +19,7 @@ import partialize
 from partialize.cli import main
 from partialize.deployment import eval_reference
 from partialize.errors import CheckpointError, PartializeError
-from partialize.export import AdaPConvSelect, export, export_onnx, exportable
+from partialize.exporter import AdaPConvSelect, export, export_onnx, exportable
 from partialize.ops import AdaPConv, DPConv, PartialSpatialAttention, PATConvDeploy
 from partialize.ops.attention import GaussianChannelAttention, PartialSelfAttention
 from partialize.zoo import build_model

@@ -284,3 +284,23 @@ def test_ddp_two_gloo_processes_agree(tmp_path):
     ck = load_checkpoint(tmp_path / "run" / "last.pt")  # rank 0 wrote it, with the DDP-free keys
     assert ck["epoch"] == 1 and torch.equal(ck["model"]["3.conv.weight"], r0["final"]["3.conv.weight"])
     assert sum(1 for _ in open(tmp_path / "run" / "log.jsonl")) == 2
+
+
+def test_finetune_refuses_a_deployed_model_clearly(digits, tmp_path):
+    """A deployed model has no trainable parameters: a TrainingError that says so (not AdamW's ValueError)."""
+    from partialize.cli import main
+    from partialize.train.finetune import TrainingError
+    from partialize.zoo import build_model
+
+    train, _ = _loaders(digits, n_train=32)
+    frozen = partialize.deploy(partialize.apply(tiny_net(), ratio=0.5, input_size=8))
+    with pytest.raises(TrainingError, match="no trainable parameters.*training form"):
+        finetune(frozen, train, None, epochs=1, lr=1e-3, progress=False, log=None)
+    conv = partialize.apply(build_model("torchvision:resnet18", weights="random", num_classes=2), input_size=32)
+    path = tmp_path / "deployed.safetensors"
+    partialize.save(conv, path, deployed=True)
+    (tmp_path / "d" / "train").mkdir(parents=True)
+    res = CliRunner().invoke(main, ["finetune", str(path), "--data", str(tmp_path / "d"), "--teacher", "none"])
+    assert res.exit_code == 2, res.output
+    assert "deployed.safetensors" in res.output and "is marked deployed" in res.output
+    assert "partialize convert --out" in res.output and "Traceback" not in res.output

@@ -182,7 +182,7 @@ def _finish(
     console = Console()
     model = model.cpu()
     if getattr(model, "_partialize_plan", None) is not None:
-        console.print(f"wrote {save(model, os.path.join(out_dir, 'final.safetensors'))} (training form)")
+        console.print(f"wrote {save(model, os.path.join(out_dir, 'final.safetensors'), overwrite=True)} (training form)")
     else:  # a plain state_dict, loadable with --weights PATH / --teacher-weights PATH
         from safetensors.torch import save_file
 
@@ -294,6 +294,14 @@ def finetune_cmd(converted, teacher, teacher_weights, kd_temperature, kd_weight,
     check_data_dir(data)
     distributed = _join_group()
     model = load(converted)
+    if not any(p.requires_grad for p in model.parameters()):
+        from .finetune import TrainingError
+
+        raise TrainingError(
+            f"{converted!r} is marked deployed, so it loads as the frozen inference form (BN folded, no "
+            "trainable parameters), which cannot be fine-tuned; pass the training-form file written by "
+            "`partialize convert --out` (or partialize.save(model) without deployed=True)"
+        )
     defaults = dict(
         epochs=30, lr=1e-3, batch_size=64, weight_decay=0.05, warmup_epochs=1, smoothing=0.1, mixup=0.0,
         cutmix=0.0, clip_grad=None,

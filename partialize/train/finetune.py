@@ -252,6 +252,13 @@ def finetune(
         raise TrainingError(
             "a DPConv target (theta / target MACs) was given but the model has no DPConv layers"
         )
+    if not any(p.requires_grad for p in raw.parameters()):
+        raise TrainingError(
+            "the model has no trainable parameters (every parameter has requires_grad=False): a deployed "
+            "model (partialize.deploy, or partialize.load of a file saved with deployed=True) is a frozen "
+            "inference form and cannot be fine-tuned; pass the training form instead (partialize.apply's "
+            "result, or partialize.load(path, deployed=False))"
+        )
     opt = torch.optim.AdamW(param_groups(raw, weight_decay, gate_lr_scale), lr=lr, betas=(0.9, 0.999))
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     ema = None

@@ -387,3 +387,17 @@ def test_report_on_checkpoint_path(tmp_path):
     assert res.exit_code == 0, res.output
     rep = Report.from_json(str(out))
     assert rep.model.macs == count_macs(converted, torch.randn(1, 3, 64, 64))
+
+
+def test_bench_ops_restores_thread_count():
+    from partialize.measure.opbench import bench_ops
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rows = bench_ops(channels=(8,), sizes=(8,), batches=(1,), threads=1, rounds=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert {r.op for r in rows} >= {"dense3x3", "pconv(slicing)"}
+    assert next(r.vs_dense for r in rows if r.op == "dense3x3") == 1.0

@@ -304,3 +304,16 @@ def test_finetune_refuses_a_deployed_model_clearly(digits, tmp_path):
     assert res.exit_code == 2, res.output
     assert "deployed.safetensors" in res.output and "is marked deployed" in res.output
     assert "partialize convert --out" in res.output and "Traceback" not in res.output
+
+
+def test_evaluate_restores_each_routing(digits):
+    """evaluate() routes hard for the measurement, then gives every Ada-PConv back its own routing."""
+    from partialize.train.finetune import evaluate
+
+    _, val = _loaders(digits)
+    m = nn.Sequential(AdaPConv(16, routing="ste"), AdaPConv(16, routing="soft"), nn.Conv2d(16, 3, 1))
+    m = nn.Sequential(nn.Conv2d(3, 16, 1), *m, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 10))
+    ev = evaluate(m.train(), val, torch.device("cpu"))
+    assert [m[1].routing, m[2].routing] == ["ste", "soft"]
+    assert m.training  # and train mode too
+    assert [sum(h) for h in ev["branch_histogram"].values()] == [128, 128]  # both routed hard, per image

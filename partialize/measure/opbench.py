@@ -62,8 +62,18 @@ def bench_ops(
     rounds: int = 5,
     progress=None,
 ) -> list[OpBenchRow]:
-    """Time every operator at each (C, H=W, batch); ratios are against dense/depthwise 3x3."""
+    """Time every operator at each (C, H=W, batch); ratios are against dense/depthwise 3x3.
+
+    Runs with ``threads`` torch threads and puts the caller's thread count back afterwards."""
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _bench_grid(channels, sizes, batches, rounds, progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _bench_grid(channels, sizes, batches, rounds: int, progress) -> list[OpBenchRow]:
     rows: list[OpBenchRow] = []
     grid = list(itertools.product(channels, sizes, batches))
     for c, size, batch in grid:

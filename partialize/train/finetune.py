@@ -101,9 +101,10 @@ def set_routing(model: nn.Module, routing: str) -> None:
 def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False) -> dict:
     """Top-1 (%), mean cross-entropy and, per Ada-PConv layer, the hard-routing branch histogram."""
     was = model.training
+    ada = ada_layers(model)
+    routing = {n: m.routing for n, m in ada.items()}  # restored afterwards, whatever it was (soft/ste/hard)
     model.eval()
     set_routing(model, "hard")
-    ada = ada_layers(model)
     hist = {n: torch.zeros(len(m.widths), dtype=torch.long) for n, m in ada.items()}
     correct = seen = 0
     loss_sum = 0.0
@@ -119,7 +120,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False) 
                 hist[n] += m.last_histogram
     finally:
         model.train(was)
-        set_routing(model, "soft")
+        for n, m in ada.items():
+            m.routing = routing[n]
     return {
         "top1": 100.0 * correct / max(1, seen),
         "loss": loss_sum / max(1, seen),

@@ -34,7 +34,7 @@ venv:
 	@$(BIN)/pip install $(PIP_FLAGS) --no-deps --no-build-isolation -e . >/dev/null
 
 demo: venv
-	$(BIN)/partialize convert resnet50 --recipe recipes/resnet50-patconv.yaml --out out/resnet50-patconv.safetensors
+	$(BIN)/partialize convert resnet50 --recipe recipes/resnet50-patconv.yaml --out out/resnet50-patconv.safetensors --force
 
 test: venv
 	$(BIN)/python -m pytest -q

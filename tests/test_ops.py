@@ -14,6 +14,7 @@ from partialize.ops import (
     DPConv,
     GaussianChannelAttention,
     MergedSpatialAttention,
+    PartialAttention,
     PartialMLP,
     PartialSelfAttention,
     PartialSpatialAttention,
@@ -268,8 +269,10 @@ def test_dpconv_deploy_equals_training_form(attn):
     x = torch.randn(3, 32, 8, 8)
     dep = op.deploy()
     assert rel_err(dep(x), op(x)) < 1e-5
-    assert torch.equal(op(x)[:, :8], op(x)[:, :8])  # n = 8 for ratio 1/4 of 32
-    assert op.num_conv_channels == 8
+    assert op.num_conv_channels == 8  # ratio 1/4 of 32
+    y = op(x)
+    ref = F.conv2d(x[:, :8], op.conv.weight[:8, :8], op.conv.bias[:8], padding=1)
+    assert rel_err(y[:, :8], ref) < 1e-6  # conv part: the top-left block on the first 8 channels
 
 
 def test_dpconv_refuses_to_deploy_non_monotone_gates():
@@ -386,29 +389,28 @@ def test_dtypes_and_channels_last(name, dtype, channels_last):
 
 
 @pytest.mark.parametrize("name", list(_all_ops()))
-def test_traces_with_fx_or_is_marked_leaf(name):
+def test_every_operator_and_deploy_form_stays_one_node_for_the_engine_tracer(name):
+    """Operators are leaves for partialize's tracer (their insides may be data-dependent, e.g. Ada
+    hard routing), so a model containing one traces with the op as a single call_module node."""
+    from partialize.engine.tracer import LeafTracer
+
     op, cin = _all_ops()[name]
-    if getattr(type(op), "_partialize_leaf", False):
-        # a leaf stays one call_module node inside a traced parent
+    _trained_bn(op, torch.randn(4, cin, 8, 8))
+    for m in (op, op.deploy()):
+
         class Parent(nn.Module):
-            def __init__(self):
+            def __init__(self, inner):
                 super().__init__()
-                self.op = op
+                self.op = inner
 
             def forward(self, x):
                 return self.op(x) + 1
 
-        class Leafy(fx.Tracer):
-            def is_leaf_module(self, m, qn):
-                return getattr(type(m), "_partialize_leaf", False) or super().is_leaf_module(m, qn)
-
-        graph = Leafy().trace(Parent())
-        targets = [n.target for n in graph.nodes if n.op == "call_module"]
-        assert targets == ["op"]
-    else:
-        gm = fx.symbolic_trace(op)
+        parent = Parent(m).eval()
+        gm = fx.GraphModule(parent, LeafTracer().trace(parent))
+        assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["op"]
         x = torch.randn(2, cin, 8, 8)
-        assert rel_err(gm(x), op(x)) < 1e-6
+        assert rel_err(gm(x), parent(x)) < 1e-6
 
 
 # --- registry ------------------------------------------------------------------------------
@@ -492,3 +494,86 @@ def test_ada_ste_routing_forward_is_hard_and_gradient_reaches_router():
     assert rel_err(y, hard) < 1e-5  # the value is the hard routing's
     (y * torch.randn_like(y)).sum().backward()
     assert op.router.weight.grad is not None and op.router.weight.grad.abs().sum() > 0
+
+
+# --- what the operators refuse -------------------------------------------------------------
+
+
+def test_conv2d_subclasses_are_refused():
+    timm = pytest.importorskip("timm")
+    std = timm.layers.StdConv2d(16, 16, 3, padding=1)
+    with pytest.raises(OperatorError, match="plain nn.Conv2d only"):
+        PConv.from_module(std, 0.25)
+
+
+def test_no_op_conversion_is_refused():
+    with pytest.raises(OperatorError, match="keeps all 16 channels"):
+        PConv.from_module(nn.Conv2d(16, 16, 3, 1, 1), 1.0)
+    with pytest.raises(OperatorError, match="keeps all"):
+        PConv.from_module(nn.Conv2d(1, 1, 3, 1, 1), 0.25)  # one channel: nothing to split
+
+
+def test_partial_sources_keep_their_constraints():
+    dw = PConv.from_module(nn.Conv2d(32, 32, 3, 1, 1, groups=32), 0.25)
+    with pytest.raises(OperatorError, match="depthwise PConv"):
+        DPConv.from_module(dw)
+    with pytest.raises(OperatorError, match="depthwise PConv"):
+        AdaPConv.from_module(dw)
+    pooled = PConv.from_module(nn.Conv2d(32, 32, 3, 2, 1), 0.25, stride_mode="pool")
+    with pytest.raises(OperatorError, match="strided PConv"):
+        PATConv.from_module(pooled, 0.25)
+
+
+def test_dpconv_channelwise_attention_deploys():
+    op = DPConv.from_module(nn.Conv2d(32, 32, 3, 1, 1), 0.25, attn="ch", mapping="channelwise")
+    _trained_bn(op, torch.randn(4, 32, 8, 8))
+    x = torch.randn(2, 32, 8, 8)
+    assert rel_err(op.deploy()(x), op(x)) < 1e-5
+
+
+def test_ada_numeric_ratio_centres_the_branches():
+    op = AdaPConv.from_module(nn.Conv2d(32, 32, 3, 1, 1), ratio=0.25)
+    assert op.widths == [4, 8, 16]
+    with pytest.raises(OperatorError, match="number or 'adaptive'"):
+        AdaPConv.from_module(nn.Conv2d(32, 32, 3, 1, 1), ratio="dynamic")
+
+
+@pytest.mark.parametrize("which", ["timm_mlp", "timm_convmlp", "timm_ir", "tv_ir", "tv_mlpblock"])
+def test_partial_mlp_at_ratio_one_is_the_original_block(which):
+    timm = pytest.importorskip("timm")
+    import torchvision
+
+    if which == "timm_mlp":
+        block, x = timm.layers.Mlp(16, 48, norm_layer=nn.LayerNorm), torch.randn(2, 5, 16)
+    elif which == "timm_convmlp":
+        block, x = timm.layers.ConvMlp(16, 48, norm_layer=nn.BatchNorm2d), torch.randn(2, 16, 6, 6)
+    elif which == "timm_ir":
+        block, x = timm.create_model("mobilenetv2_100", pretrained=False).blocks[1][1], torch.randn(2, 24, 6, 6)
+    elif which == "tv_ir":
+        block, x = torchvision.models.mobilenet_v2().features[3], torch.randn(2, 24, 6, 6)
+    else:
+        block = torchvision.models.vision_transformer.MLPBlock(16, 48, 0.0)
+        x = torch.randn(2, 5, 16)
+    block = _trained_bn(block, x)
+    op = PartialMLP.from_module(block, ratio=1.0).eval()
+    assert rel_err(op(x), block(x)) < 1e-6  # the layers run in the block's own order
+
+
+def test_partial_mlp_refuses_blocks_with_unknown_weighted_layers():
+    class Odd(nn.Sequential):
+        pass
+
+    timm = pytest.importorskip("timm")
+    mlp = timm.layers.Mlp(16, 32)
+    mlp.extra = nn.Linear(16, 16)  # a weighted child the slicer does not know
+    with pytest.raises(OperatorError, match="does not know how to slice"):
+        PartialMLP.from_module(mlp, 0.5)
+
+
+def test_partial_attention_refuses_masks():
+    mha = nn.MultiheadAttention(32, 4, batch_first=True)
+    op = PartialAttention.from_module(mha, 0.25)
+    t = torch.randn(2, 5, 32)
+    assert op(t, t, t, need_weights=False)[0].shape == t.shape
+    with pytest.raises(OperatorError, match="masks"):
+        op(t, t, t, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))

@@ -56,7 +56,5 @@ def apply_plan(
             target.train(was)
         shape = tuple((out[0] if isinstance(out, (tuple, list)) else out).shape)
         if shape != tuple(plan.output_shape):
-            raise PartializeError(
-                f"converted model output shape {shape} != original {tuple(plan.output_shape)}"
-            )
+            raise PartializeError(f"converted model output shape {shape} != original {tuple(plan.output_shape)}")
     return target

@@ -34,6 +34,7 @@ class PlanEntry:
     new: str | None = None
     delta_params: int = 0
     delta_macs: int = 0
+    macs_basis: str = "inference form"
     found: str = ""
     rule: str | None = None
     reason: str | None = None
@@ -107,9 +108,7 @@ class Plan:
     def from_dict(cls, d: dict) -> Plan:
         fmt = d.get("format")
         if fmt != PLAN_FORMAT:
-            raise PartializeError(
-                f"plan format {fmt!r} is not supported (this partialize reads {PLAN_FORMAT})"
-            )
+            raise PartializeError(f"plan format {fmt!r} is not supported (this partialize reads {PLAN_FORMAT})")
         p = cls(
             entries=[PlanEntry(**e) for e in d["entries"]],
             recipe=d["recipe"],
@@ -141,11 +140,7 @@ def _mro_names(m: nn.Module) -> tuple[str, ...]:
 def _resolve(recipe: Recipe, info: LayerInfo, mro: tuple[str, ...]) -> tuple[dict | None, list[int]]:
     """Merge defaults and matching rules by precedence; None when no rule matches."""
     # level 1: type/predicates only, 2: glob or re: name, 3: exact name (defaults are level 0)
-    matches = [
-        (1 + r.select.name_kind(), i)
-        for i, r in enumerate(recipe.rules)
-        if select_matches(r.select, info, mro)
-    ]
+    matches = [(1 + r.select.name_kind(), i) for i, r in enumerate(recipe.rules) if select_matches(r.select, info, mro)]
     if not matches:
         return None, []
     # defaults < type/predicate rules < glob/regex name < exact name; file order among equals
@@ -165,8 +160,24 @@ def _resolve(recipe: Recipe, info: LayerInfo, mro: tuple[str, ...]) -> tuple[dic
     return merged, order
 
 
+BUILTIN_VARIANTS = ("pconv", "patconv", "pat_sp", "dpconv", "ada_pconv", "partial_mlp", "partial_attention")
+_RATIO_WORDS_OK = {
+    "dynamic": ("pconv", "patconv", "dpconv"),
+    "adaptive": ("pconv", "ada_pconv"),
+    "inherit": ("pconv", "patconv", "dpconv"),
+}
+
+
 def _variant_for_ratio(variant: str, ratio) -> tuple[str, dict]:
-    """``ratio: dynamic`` means DPConv, ``adaptive`` means Ada-PConv (PATConv keeps its attention)."""
+    """``ratio: dynamic`` means DPConv, ``adaptive`` means Ada-PConv (PATConv keeps its attention).
+
+    A ratio word a built-in variant cannot take is a RecipeError (user-registered variants get it as is).
+    """
+    if isinstance(ratio, str) and variant in BUILTIN_VARIANTS and variant not in _RATIO_WORDS_OK[ratio]:
+        raise RecipeError(
+            f"ratio {ratio!r} does not apply to variant {variant!r} (it applies to "
+            f"{', '.join(_RATIO_WORDS_OK[ratio])}); give a number in (0, 1]"
+        )
     if ratio == "dynamic" and variant in ("pconv", "patconv", "dpconv"):
         return "dpconv", ({"attn": "ch"} if variant == "patconv" else {})
     if ratio == "adaptive" and variant in ("pconv", "ada_pconv"):
@@ -190,13 +201,28 @@ def build_op(module: nn.Module, variant: str, ratio, params: dict) -> nn.Module:
             )
     try:
         op = cls.from_module(module, **kwargs)
-    except TypeError as e:
+    except TypeError as e:  # only a bad parameter name is the recipe's fault; anything else is a bug
+        if "unexpected keyword argument" not in str(e) and "multiple values" not in str(e):
+            raise
         raise RecipeError(f"variant {variant!r} rejected parameters {sorted(kwargs)}: {e}") from None
     ref = next((t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()), None)
     if ref is not None:
         op = op.to(device=ref.device, dtype=ref.dtype)
     op.train(module.training)
     return op
+
+
+def _inference_form(op: nn.Module) -> tuple[nn.Module, str]:
+    """What to count MACs on: ``op.plan_form()`` if the op defines it (data-dependent ops give a
+    bound), else its deploy form (a DPConv counts at its current width, not as its masked full conv)."""
+    if callable(getattr(op, "plan_form", None)):
+        return op.plan_form()
+    if callable(getattr(op, "deploy", None)):
+        try:
+            return op.deploy(), "inference form"
+        except PartializeError:
+            pass
+    return op, "training form"
 
 
 def _macs_of(module: nn.Module, shape: tuple[int, ...] | None, mha: bool) -> int:
@@ -257,9 +283,7 @@ def make_plan(
         if merged is None:
             continue
         rule_desc = ", ".join(f"rules[{i}]" for i in order)
-        base = PlanEntry(
-            layer=name, original=info.describe(), status="skip", found=info.found, rule=rule_desc
-        )
+        base = PlanEntry(layer=name, original=info.describe(), status="skip", found=info.found, rule=rule_desc)
         if any(name_matches(p, name) for p in rec.ignore):
             base.reason = "in the recipe's ignore list"
             entries.append(base)
@@ -267,6 +291,11 @@ def make_plan(
         parent = next((p for p in converted_prefixes if name.startswith(p + ".")), None)
         if parent is not None:
             base.reason = f"inside {parent}, which is converted as a whole"
+            entries.append(base)
+            continue
+        owner = _partial_ancestor(name, modules)
+        if owner is not None:
+            base.reason = f"inside {owner}, which is already a partial operator"
             entries.append(base)
             continue
         variant_name = merged["variant"]
@@ -288,7 +317,8 @@ def make_plan(
             continue
         mha = isinstance(m, nn.MultiheadAttention)
         before = _macs_of(m, info.in_shape, mha)
-        after = _macs_of(op, info.in_shape, mha)
+        form, basis = _inference_form(op)
+        after = _macs_of(form, info.in_shape, mha)
         orig_macs[name] = before
         ops[name] = op
         converted_prefixes.append(name)
@@ -304,6 +334,7 @@ def make_plan(
                 new=op.extra_repr().replace("\n", " ") if hasattr(op, "extra_repr") else type(op).__name__,
                 delta_params=sum(p.numel() for p in op.parameters()) - sum(p.numel() for p in m.parameters()),
                 delta_macs=after - before,
+                macs_basis=basis,
                 found=info.found,
                 rule=rule_desc,
             )
@@ -318,9 +349,7 @@ def make_plan(
                 close = sorted({c for p in pats for c in closest_names(p, names)})
                 hint = f"; closest layer names: {', '.join(close)}" if close else ""
                 msgs.append(f"rules[{i}] ({sel.model_dump(exclude_none=True)}) matches no layer{hint}")
-            raise RecipeError(
-                "; ".join(msgs) + ". Fix the selector, or set `strict: false` in the recipe to allow it."
-            )
+            raise RecipeError("; ".join(msgs) + ". Fix the selector, or set `strict: false` in the recipe to allow it.")
     params_before = sum(p.numel() for p in model.parameters())
     plan = Plan(
         entries=entries,
@@ -356,6 +385,19 @@ def _default_recipe(ratio, variant) -> Recipe:
 def copy_plan_ops(plan: Plan) -> dict[str, nn.Module]:
     """Operators built by the plan, deep-copied so the plan can be applied more than once."""
     return {k: copy.deepcopy(v) for k, v in plan._ops.items()}
+
+
+def _partial_ancestor(name: str, modules: dict[str, nn.Module]) -> str | None:
+    """The nearest enclosing module that is a partialize operator or timm's Partial_conv3."""
+    from ..ops.pconv import is_timm_partial_conv
+
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        anc = ".".join(parts[:i])
+        m = modules.get(anc)
+        if m is not None and (is_partial_op(m) or is_timm_partial_conv(m)):
+            return anc
+    return None
 
 
 def infer_spec(model: nn.Module) -> dict | None:

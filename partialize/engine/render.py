@@ -35,6 +35,9 @@ def summary_table(plan) -> Table:
     t.add_row("params", f"{pb / 1e6:.3f} M", f"{pa / 1e6:.3f} M", f"{pa / max(pb, 1):.3f}x")
     t.add_row("MACs", f"{mb / 1e9:.3f} G", f"{ma / 1e9:.3f} G", f"{ma / max(mb, 1):.3f}x")
     t.add_row("layers converted", "", str(len(plan.converted)), f"{plan.converted_macs_share():.1%} of MACs")
+    bounds = sorted({e.macs_basis for e in plan.converted if e.macs_basis != "inference form"})
+    if bounds:
+        t.caption = "MACs after: " + "; ".join(bounds)
     return t
 
 
@@ -71,7 +74,5 @@ def speed_table(s: dict, plan=None) -> Table:
     )
     if plan is not None and plan.macs_after:
         limit = plan.macs_before / plan.macs_after
-        t.add_row(
-            "MACs-proportional limit", "", "", f"{limit:.2f}x (reached: {s['throughput_ratio'] / limit:.0%})"
-        )
+        t.add_row("MACs-proportional limit", "", "", f"{limit:.2f}x (reached: {s['throughput_ratio'] / limit:.0%})")
     return t

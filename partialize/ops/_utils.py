@@ -69,9 +69,7 @@ def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> n
     return fused
 
 
-def check_same_size_conv(
-    conv: nn.Conv2d, op: str, allow_stride: bool = False, allow_depthwise: bool = False
-) -> None:
+def check_same_size_conv(conv: nn.Conv2d, op: str, allow_stride: bool = False, allow_depthwise: bool = False) -> None:
     """Raise OperatorError unless ``conv`` keeps channels and spatial size (what PConv can represent).
 
     ``allow_stride`` accepts strided convs whose padding is the size-keeping one; ``allow_depthwise``
@@ -80,6 +78,11 @@ def check_same_size_conv(
     name = type(conv).__name__
     if not isinstance(conv, nn.Conv2d):
         raise OperatorError(f"{op} converts nn.Conv2d layers, got {name}")
+    if type(conv) is not nn.Conv2d:
+        raise OperatorError(
+            f"{op} converts plain nn.Conv2d only; {type(conv).__module__}.{name} subclasses it and may "
+            "transform its weight in forward (e.g. weight standardisation), which a copied block would lose"
+        )
     reasons = []
     if conv.in_channels != conv.out_channels:
         reasons.append(
@@ -129,6 +132,12 @@ def copy_top_left(dst: nn.Conv2d, src: nn.Conv2d) -> None:
     When ``dst`` is wider than ``src`` (a partial source whose other channels were identity), the
     extra channels get an identity (Dirac) kernel, so the new op computes what the source did.
     """
+    if (dst.groups == 1) != (src.groups == 1):
+        raise OperatorError(
+            f"cannot inherit a {'dense' if src.groups == 1 else 'grouped/depthwise'} conv's weights into a "
+            f"{'dense' if dst.groups == 1 else 'grouped/depthwise'} one"
+        )
+    depthwise = dst.groups > 1
     n_out, n_in = min(dst.out_channels, src.out_channels), min(dst.in_channels, src.in_channels)
     with torch.no_grad():
         dst.to(device=src.weight.device, dtype=src.weight.dtype)
@@ -136,7 +145,7 @@ def copy_top_left(dst: nn.Conv2d, src: nn.Conv2d) -> None:
             dst.weight.zero_()
             kh, kw = dst.kernel_size
             for c in range(n_in, min(dst.in_channels, dst.out_channels)):
-                dst.weight[c, c, kh // 2, kw // 2] = 1.0
+                dst.weight[c, 0 if depthwise else c, kh // 2, kw // 2] = 1.0
         dst.weight[:n_out, :n_in].copy_(src.weight[:n_out, :n_in])
         if dst.bias is not None:
             dst.bias.zero_()

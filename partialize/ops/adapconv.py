@@ -110,9 +110,7 @@ class AdaPConv(nn.Module):
 
     def expected_macs(self, h: int, w: int) -> float:
         """MACs of one input under the last routing (hard: chosen branch; soft/ste: all branches)."""
-        per_branch = [
-            n * n * self.branches[i].weight[0, 0].numel() * h * w for i, n in enumerate(self.widths)
-        ]
+        per_branch = [n * n * self.branches[i].weight[0, 0].numel() * h * w for i, n in enumerate(self.widths)]
         router = self.dim * len(self.widths)
         if self.routing in ("soft", "ste") or self.last_choice is None:  # both run every branch
             return float(sum(per_branch) + router)
@@ -120,13 +118,34 @@ class AdaPConv(nn.Module):
         return float((hist / hist.sum()) @ torch.tensor(per_branch, dtype=torch.double)) + router
 
     @classmethod
-    def from_module(cls, original: nn.Module, ratios=(1 / 8, 1 / 4, 1 / 2), **params) -> AdaPConv:
-        """Each branch inherits the top-left block of ``original`` (Dirac beyond a PConv's width)."""
+    def from_module(
+        cls, original: nn.Module, ratios=(1 / 8, 1 / 4, 1 / 2), ratio: float | str | None = None, **params
+    ) -> AdaPConv:
+        """Each branch inherits the top-left block of ``original`` (Dirac beyond a PConv's width).
+
+        A numeric ``ratio`` r (e.g. from a recipe's defaults) centres the branches on it:
+        (r/2, r, min(1, 2r)); ``"adaptive"`` or None keeps ``ratios``.
+        """
+        if isinstance(ratio, (int, float)) and not isinstance(ratio, bool):
+            ratios = (ratio / 2, ratio, min(1.0, 2 * ratio))
+        elif ratio not in (None, "adaptive"):
+            raise OperatorError(f"Ada-PConv ratio must be a number or 'adaptive', got {ratio!r}")
         src, dim = conv_source(original, "Ada-PConv")
         op = cls(dim, tuple(ratios), src.kernel_size, src.dilation, src.bias is not None, **params)
         for conv in op.branches:
             copy_top_left(conv, src)
         return op.to(src.weight.device)
+
+    def plan_form(self) -> tuple[nn.Module, str]:
+        """For planning: the cost bound of hard routing (router + the widest branch), and its basis."""
+        widest = max(range(len(self.widths)), key=lambda i: self.widths[i])
+        op = copy.deepcopy(self).eval()
+        op.routing = "hard"
+        with torch.no_grad():
+            op.router.weight.zero_()
+            op.router.bias.fill_(-1e4)
+            op.router.bias[widest] = 1e4
+        return op, "upper bound: router + widest branch (hard routing is data-dependent)"
 
     def deploy(self) -> AdaPConv:
         """Inference form: hard routing, eval mode, frozen weights."""

@@ -147,9 +147,7 @@ class FusedChannelGate(nn.Module):
     def gate_values(self, x: torch.Tensor) -> torch.Tensor:
         """The per-channel gate s of shape (B, C) (BN folded)."""
         z = torch.cat(channel_mean_std(x, self.eps), dim=1).to(x.dtype)
-        return torch.addcmul(
-            self.gate_shift.to(x.dtype), _gate_fn(self.gate)(self.fc(z)), self.gate_scale.to(x.dtype)
-        )
+        return torch.addcmul(self.gate_shift.to(x.dtype), _gate_fn(self.gate)(self.fc(z)), self.gate_scale.to(x.dtype))
 
 
 def distance_index(h: int, w: int, num_buckets: int, device=None) -> torch.Tensor:
@@ -203,10 +201,7 @@ class PartialSelfAttention(nn.Module):
         self._index_cache: dict[tuple[int, int, str], torch.Tensor] = {}
 
     def extra_repr(self) -> str:
-        return (
-            f"dim={self.dim}, num_heads={self.num_heads}, num_buckets={self.num_buckets}, "
-            f"residual={self.residual}"
-        )
+        return f"dim={self.dim}, num_heads={self.num_heads}, num_buckets={self.num_buckets}, residual={self.residual}"
 
     def position_bias(self, h: int, w: int, device) -> torch.Tensor:
         """R of 000 eq. 6 as (heads, HW, HW)."""
@@ -289,11 +284,7 @@ class MergedSpatialAttention(nn.Module):
         conv = sp.conv
         self.dim, self.dim_keep = sp.dim, sp.dim_keep
         w2 = conv.weight.detach().flatten(1)  # (C, hidden)
-        b2 = (
-            conv.bias.detach()
-            if conv.bias is not None
-            else torch.zeros(sp.dim, device=w2.device, dtype=w2.dtype)
-        )
+        b2 = conv.bias.detach() if conv.bias is not None else torch.zeros(sp.dim, device=w2.device, dtype=w2.dtype)
         wg = sp.gate.weight.detach().flatten(1)  # (1, C_att)
         bg = sp.gate.bias.detach()
         w_row = wg @ w2[sp.dim_keep :]  # gate logit is linear in h: Wg (W2 h + b2) + bg

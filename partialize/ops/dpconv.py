@@ -193,9 +193,7 @@ class DPConv(nn.Module):
         if n == self.dim:
             return copy.deepcopy(self.conv).eval().requires_grad_(False)
         if self.attn is None:
-            op = PConv(
-                self.dim, n / self.dim, self.conv.kernel_size, self.conv.dilation, self.conv.bias is not None
-            )
+            op = PConv(self.dim, n / self.dim, self.conv.kernel_size, self.conv.dilation, self.conv.bias is not None)
             copy_top_left(op.conv, self.conv)
             return op.deploy()
         op = PATConv(
@@ -207,6 +205,7 @@ class DPConv(nn.Module):
             self.conv.bias is not None,
             gate=self.attn.gate,
             eps=self.attn.eps,
+            mapping=self.attn.mapping,
         ).to(self.conv.weight.device, self.conv.weight.dtype)
         copy_top_left(op.conv, self.conv)
         a, b = self.attn, op.attn

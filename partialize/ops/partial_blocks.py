@@ -42,20 +42,16 @@ _PASSTHROUGH = (
 
 def _slice_layer(m: nn.Module, n_in: int | None, n_out: int | None, where: str) -> nn.Module:
     """Copy of ``m`` restricted to its first ``n_in`` input and ``n_out`` output channels."""
-    if (
-        isinstance(m, _PASSTHROUGH)
-        or not any(True for _ in m.parameters())
-        and not any(True for _ in m.buffers())
-    ):
+    if isinstance(m, _PASSTHROUGH) or not any(True for _ in m.parameters()) and not any(True for _ in m.buffers()):
         return copy.deepcopy(m)  # no weights: channel-agnostic (activations, dropout, pooling)
-    if isinstance(m, nn.Linear):
+    if type(m) is nn.Linear:
         new = nn.Linear(n_in, n_out, bias=m.bias is not None)
         with torch.no_grad():
             new.weight.copy_(m.weight[:n_out, :n_in])
             if m.bias is not None:
                 new.bias.copy_(m.bias[:n_out])
         return new.to(m.weight.device, m.weight.dtype)
-    if isinstance(m, nn.Conv2d):
+    if type(m) is nn.Conv2d:
         dw = m.groups == m.in_channels == m.out_channels and m.groups > 1
         if m.groups != 1 and not dw:
             raise OperatorError(f"{where}: grouped conv (groups={m.groups}) cannot be sliced")
@@ -113,6 +109,25 @@ def _width_change(m: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+# forward order of the timm MLPs we know (read from timm's source; checked by a ratio-1 test)
+_TIMM_MLP_ORDER = {
+    "timm.layers.mlp.Mlp": ("fc1", "act", "drop1", "norm", "fc2", "drop2"),
+    "timm.layers.mlp.ConvMlp": ("fc1", "norm", "act", "drop", "fc2"),
+}
+
+
+def _qualname(m: nn.Module) -> str:
+    return f"{type(m).__module__}.{type(m).__qualname__}"
+
+
+def _require_all_consumed(block: nn.Module, seq: list[nn.Module]) -> None:
+    """Refuse a block with a weighted child the slicer would silently drop."""
+    used = {id(m) for m in seq}
+    extra = [n for n, c in block.named_children() if id(c) not in used and any(True for _ in c.parameters())]
+    if extra:
+        raise OperatorError(f"partial_mlp: {type(block).__name__} has layers it does not know how to slice: {extra}")
+
+
 def mlp_layers(block: nn.Module) -> tuple[list[nn.Module], bool, int] | None:
     """Flatten a known MLP-like block into (layers, residual, channel_dim) or None if unknown.
 
@@ -121,12 +136,10 @@ def mlp_layers(block: nn.Module) -> tuple[list[nn.Module], bool, int] | None:
     (conv_pw, bn1, conv_dw, bn2, aa, se, conv_pwl, bn3, skip) and torchvision ``InvertedResidual``.
     """
     name = type(block).__name__
-    if name in ("Mlp", "ConvMlp") and hasattr(block, "fc1") and hasattr(block, "fc2"):
-        seq = [
-            getattr(block, a)
-            for a in ("fc1", "act", "drop1", "norm", "drop", "fc2", "drop2")
-            if isinstance(getattr(block, a, None), nn.Module)
-        ]
+    order = _TIMM_MLP_ORDER.get(_qualname(block))
+    if order is not None:
+        seq = [getattr(block, a) for a in order if isinstance(getattr(block, a, None), nn.Module)]
+        _require_all_consumed(block, seq)
         ch_dim = 1 if isinstance(block.fc1, nn.Conv2d) else -1
         return seq, False, ch_dim
     if name == "InvertedResidual" and hasattr(block, "conv_pw") and hasattr(block, "conv_pwl"):
@@ -208,9 +221,7 @@ class PartialMLP(nn.Module):
         return out
 
     @classmethod
-    def from_module(
-        cls, original: nn.Module, ratio: float = 0.5, hidden_ratio: float | None = None, **_
-    ) -> PartialMLP:
+    def from_module(cls, original: nn.Module, ratio: float = 0.5, hidden_ratio: float | None = None) -> PartialMLP:
         """Slice a known MLP-like block (see ``mlp_layers``) to its first ``ratio`` of the channels."""
         found = mlp_layers(original)
         if found is None:
@@ -327,9 +338,17 @@ class PartialAttention(nn.Module):
             key = args[0] if args else kwargs.get("key", x)
             if key is not x:
                 raise OperatorError("partial_attention replaces self-attention only (query is key is value)")
+            masks = {k: kwargs.get(k) for k in ("attn_mask", "key_padding_mask")}
+            if any(v is not None for v in masks.values()) or kwargs.get("is_causal"):
+                raise OperatorError(
+                    "partial_attention does not support attention masks (attn_mask, "
+                    "key_padding_mask, is_causal); leave this attention unconverted"
+                )
             t = x if self.batch_first else x.transpose(0, 1)
             out = self._tokens(t)
             return (out if self.batch_first else out.transpose(0, 1)), None
+        if kwargs.get("attn_mask") is not None or args:
+            raise OperatorError("partial_attention does not support attention masks")
         if x.dim() == 4:  # feature map (B, C, H, W)
             b, c, h, w = x.shape
             x1, x2 = torch.split(x, [self.dim_cheap, self.dim_attn], dim=1)
@@ -350,7 +369,6 @@ class PartialAttention(nn.Module):
         mixer: str = "identity",
         grid: tuple[int, int] | None = None,
         prefix_tokens: int | None = None,
-        **_,
     ) -> PartialAttention:
         """Build from timm ``Attention`` or ``nn.MultiheadAttention`` (self-attention), keeping whole heads.
 
@@ -366,9 +384,7 @@ class PartialAttention(nn.Module):
             )
         for attr in ("q_norm", "k_norm", "norm"):
             if not isinstance(getattr(original, attr, nn.Identity()), nn.Identity):
-                raise OperatorError(
-                    f"partial_attention: {type(original).__name__}.{attr} is not supported yet"
-                )
+                raise OperatorError(f"partial_attention: {type(original).__name__}.{attr} is not supported yet")
         if getattr(original, "gate", None) is not None:
             raise OperatorError("partial_attention: gated attention is not supported")
         heads, hd = original.num_heads, original.head_dim
@@ -390,9 +406,7 @@ class PartialAttention(nn.Module):
             prefix_tokens if prefix_tokens is not None else 0,
             scale=getattr(original, "scale", None),
         )
-        op._inherit(
-            original.qkv.weight, original.qkv.bias, original.proj.weight, original.proj.bias, heads, hd
-        )
+        op._inherit(original.qkv.weight, original.qkv.bias, original.proj.weight, original.proj.bias, heads, hd)
         return op.to(original.qkv.weight.device)
 
     @classmethod

@@ -69,9 +69,7 @@ class PATConv(nn.Module):
         return torch.cat((self.conv(x1), self.attn(x2)), dim=1)  # 000 eq. 1
 
     @classmethod
-    def from_module(
-        cls, original: nn.Module, ratio: float | None = 0.25, attn: str = "ch", **params
-    ) -> PATConv:
+    def from_module(cls, original: nn.Module, ratio: float | None = 0.25, attn: str = "ch", **params) -> PATConv:
         """Build from a size-keeping dense conv or a PConv: the conv part keeps the top-left block.
 
         From a PConv (e.g. timm FasterNet's partial conv) the attention starts as the identity, so

@@ -63,9 +63,7 @@ class PConv(nn.Module):
         if any(k % 2 == 0 for k in ks):
             raise OperatorError(f"PConv needs an odd kernel to keep the spatial size, got {ks}")
         groups = self.dim_conv if depthwise else 1
-        self.conv = nn.Conv2d(
-            self.dim_conv, self.dim_conv, ks, self.stride, pad, dl, groups=groups, bias=bias
-        )
+        self.conv = nn.Conv2d(self.dim_conv, self.dim_conv, ks, self.stride, pad, dl, groups=groups, bias=bias)
 
     @property
     def ratio(self) -> float:
@@ -119,6 +117,10 @@ class PConv(nn.Module):
         )
         if tuple(conv_padding(src)) != tuple(op.conv.padding):
             raise OperatorError(f"source padding {src.padding} does not keep the spatial size")
+        if op.dim_conv == dim and not is_partial_source(original):
+            raise OperatorError(
+                f"ratio {ratio:g} keeps all {dim} channels in the conv: the result would be the same layer"
+            )
         copy_top_left(op.conv, src)
         return op.to(src.weight.device)
 
@@ -152,9 +154,7 @@ class PConvBN(nn.Module):
         for name in ("weight", "bias", "running_mean", "running_var"):
             t = getattr(bn, name)
             if t is not None:
-                setattr(
-                    part, name, nn.Parameter(t[:n].clone()) if name in ("weight", "bias") else t[:n].clone()
-                )
+                setattr(part, name, nn.Parameter(t[:n].clone()) if name in ("weight", "bias") else t[:n].clone())
         part.num_features = n
         self.conv = fold_bn_into_conv(op.conv, part)
         self.register_buffer("scale", scale[n:].reshape(1, -1, 1, 1).clone())
@@ -194,6 +194,10 @@ def conv_source(
     else raises OperatorError with the reason.
     """
     if isinstance(original, PConv):
+        if original.depthwise and not allow_depthwise:
+            raise OperatorError(f"{op} cannot be built from a depthwise PConv (its conv part is depthwise)")
+        if original.stride > 1 and not allow_stride:
+            raise OperatorError(f"{op} cannot be built from a strided PConv (stride {original.stride})")
         return original.conv, original.dim
     if is_timm_partial_conv(original):
         return original.partial_conv3, original.dim_conv3 + original.dim_untouched

@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from partialize.cli import main
-from partialize.measure.accuracy import evaluate_accuracy
+from partialize.measure.accuracy import DataError, evaluate_accuracy
 from partialize.measure.flops import (
     count_macs,
     count_params,
@@ -401,3 +401,43 @@ def test_bench_ops_restores_thread_count():
         torch.set_num_threads(before)
     assert {r.op for r in rows} >= {"dense3x3", "pconv(slicing)"}
     assert next(r.vs_dense for r in rows if r.op == "dense3x3") == 1.0
+
+
+def test_calibration_batch_samples_across_classes(tmp_path):
+    """The ImageFolder is sorted by class: the first 6 images would all be class "a" (dark)."""
+    from partialize.measure.accuracy import calibration_batch
+
+    _image_folder(tmp_path, {"a": [10] * 10, "b": [240] * 10})
+    x = calibration_batch(_Brightness(), str(tmp_path), n=6, input_size=32)
+    assert x.shape == (6, 3, 32, 32)
+    bright = int((x.mean(dim=(1, 2, 3)) > 0).sum())
+    assert 0 < bright < 6  # both classes are represented
+    assert torch.equal(x, calibration_batch(_Brightness(), str(tmp_path), n=6, input_size=32))  # seeded
+    assert not torch.equal(x, calibration_batch(_Brightness(), str(tmp_path), n=6, input_size=32, seed=1))
+
+
+def test_accuracy_limit_samples_across_classes(tmp_path):
+    """A model that always says "dark": on the first 4 images (all dark) it would score 100%."""
+    from partialize.measure.accuracy import sample_indices
+
+    class AlwaysDark(_Brightness):
+        def forward(self, x):
+            return torch.tensor([[1.0, 0.0]]).expand(x.shape[0], 2)
+
+    _image_folder(tmp_path, {"dark": [10, 20, 30, 40, 50], "light": [200, 210, 220, 230, 240]})
+    acc = evaluate_accuracy(AlwaysDark(), str(tmp_path), batch=3, input_size=32, limit=4)
+    picked = sample_indices(10, 4)
+    n_dark = sum(i < 5 for i in picked)
+    assert acc["images"] == 4 and 0 < n_dark < 4  # the sample spans both classes
+    assert acc["top1"] == pytest.approx(100 * n_dark / 4)
+    assert evaluate_accuracy(AlwaysDark(), str(tmp_path), input_size=32)["top1"] == 50.0
+
+
+def test_accuracy_class_count_mismatch_is_reported(tmp_path):
+    _image_folder(tmp_path, {"a": [10], "b": [240], "c": [120]})
+    with pytest.raises(DataError, match="2 outputs but .* has 3 class folders"):
+        evaluate_accuracy(_Brightness(), str(tmp_path), input_size=32)
+    wide = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    with pytest.warns(UserWarning, match="10 outputs but .* has 3 class folders"):
+        acc = evaluate_accuracy(wide, str(tmp_path), input_size=32)
+    assert acc["images"] == 3

@@ -4,6 +4,7 @@ eval transforms resolved from the model's pretrained config."""
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -24,10 +25,28 @@ def resolve_val_dir(data: str) -> str:
     return val if os.path.isdir(val) else data
 
 
+def sample_indices(total: int, n: int | None, seed: int = 0) -> list[int] | None:
+    """``n`` distinct indices drawn uniformly (seeded) from ``range(total)``, sorted; None for all.
+
+    An ImageFolder is sorted by class, so its first ``n`` images would all come from the first
+    class(es): a subset must be drawn across the whole folder to be representative."""
+    if n is None or n >= total:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(total, generator=g)[:n].tolist())
+
+
 def make_loader(
-    model: nn.Module, data: str, batch: int = 64, workers: int = 0, input_size: int | None = None
+    model: nn.Module,
+    data: str,
+    batch: int = 64,
+    workers: int = 0,
+    input_size: int | None = None,
+    limit: int | None = None,
+    seed: int = 0,
 ):
-    """DataLoader over the validation ImageFolder with the model's timm eval transform."""
+    """DataLoader over the validation ImageFolder with the model's timm eval transform; with ``limit``,
+    over a seeded random sample of that many images (see :func:`sample_indices`)."""
     import timm.data
     from torchvision import datasets
 
@@ -39,7 +58,10 @@ def make_loader(
         ds = datasets.ImageFolder(root, transform=transform)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"cannot read an ImageFolder from {root!r}: {e}") from None
-    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers), cfg
+    idx = sample_indices(len(ds), limit, seed)
+    sub = ds if idx is None else torch.utils.data.Subset(ds, idx)
+    sub.classes = ds.classes  # what the callers read, on the Subset too
+    return torch.utils.data.DataLoader(sub, batch_size=batch, shuffle=False, num_workers=workers), cfg
 
 
 @torch.no_grad()
@@ -53,29 +75,40 @@ def evaluate_accuracy(
     input_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Top-1 and top-5 accuracy (percent) of ``model`` on the folder; ``limit`` caps the images.
+    """Top-1 and top-5 accuracy (percent) of ``model`` on the folder; ``limit`` caps the images
+    (a seeded random sample across all classes, not the first ones).
 
     Class indices are the ImageFolder's sorted folder names, which is ImageNet's order for the
-    usual ``val/nXXXXXXXX`` layout. ``progress(done, total)`` is called after every batch.
+    usual ``val/nXXXXXXXX`` layout: a folder with fewer class folders than the model has outputs
+    is scored against the first N outputs, which is only right if those are its classes (a warning
+    says so). ``progress(done, total)`` is called after every batch.
     """
-    loader, cfg = make_loader(model, data, batch, workers, input_size)
+    loader, cfg = make_loader(model, data, batch, workers, input_size, limit=limit)
     n_classes = len(loader.dataset.classes)
-    total = len(loader.dataset) if limit is None else min(limit, len(loader.dataset))
+    total = len(loader.dataset)
     if total == 0:
         raise DataError(f"no images found under {resolve_val_dir(data)!r}")
+    warned = False
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     correct1 = correct5 = seen = 0
     try:
         for images, target in loader:
-            if seen >= total:
-                break
-            images, target = images[: total - seen].to(device), target[: total - seen].to(device)
+            images, target = images.to(device), target.to(device)
             logits = model(images)
             if logits.shape[1] < n_classes:
                 raise DataError(
-                    f"the model has {logits.shape[1]} outputs but the folder has {n_classes} classes"
+                    f"the model has {logits.shape[1]} outputs but {resolve_val_dir(data)!r} has {n_classes} "
+                    "class folders: labels would not match; use a model with one output per class folder"
+                )
+            if logits.shape[1] > n_classes and not warned:
+                warned = True
+                warnings.warn(
+                    f"the model has {logits.shape[1]} outputs but {resolve_val_dir(data)!r} has {n_classes} "
+                    f"class folders: folder i (sorted by name) is scored as output i, so the accuracy is only "
+                    f"meaningful if the model's first {n_classes} classes are these folders, in this order",
+                    stacklevel=2,
                 )
             k = min(5, logits.shape[1])
             top = logits.topk(k, dim=1).indices
@@ -98,9 +131,11 @@ def evaluate_accuracy(
 
 
 def calibration_batch(
-    model: nn.Module, data: str, n: int = 32, input_size: int | None = None
+    model: nn.Module, data: str, n: int = 32, input_size: int | None = None, seed: int = 0
 ) -> torch.Tensor:
-    """First ``n`` validation images, transformed, to calibrate dynamic operators on real data."""
-    loader, _ = make_loader(model, data, batch=n, input_size=input_size)
+    """``n`` validation images drawn at random (seeded, so reproducible) across the whole folder,
+    transformed, to calibrate dynamic operators on real data. Not the first ``n``: an ImageFolder is
+    sorted by class, so those would all be one class."""
+    loader, _ = make_loader(model, data, batch=n, input_size=input_size, limit=n, seed=seed)
     images, _ = next(iter(loader))
     return images

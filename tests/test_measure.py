@@ -120,6 +120,22 @@ def test_dpconv_counts_realised_width_not_masked_conv():
     # what is counted is what deploy() runs
     assert count_macs(dp.deploy(), torch.randn(1, c, hw, hw)) == expected
     assert r["dynamic"][""]["realised_ratio"] == 0.25
+    assert r["dynamic"][""]["attn_macs"] == 2 * (c - n) * (c - n)
+    assert r["dynamic"][""]["dense_equivalent_macs"] == c * c * 9 * hw * hw + 2 * c * c
+
+
+def test_dpconv_channelwise_attention_macs():
+    """mapping="channelwise": each of the C - n gates maps its own [mean, std], 2 MACs per gate."""
+    c, hw = 64, 14
+    dp = DPConv(c, attn="ch", mapping="channelwise", init_ratio=0.25).eval()
+    n = dp.num_conv_channels
+    r = macs_breakdown(dp, (c, hw, hw), crosscheck=False)
+    assert r["dynamic"][""]["attn_macs"] == 2 * (c - n) == 96
+    assert r["total"] == n * n * 9 * hw * hw + 2 * (c - n)
+    assert r["dynamic"][""]["dense_equivalent_macs"] == c * c * 9 * hw * hw + 2 * c
+    assert sum(p.numel() for p in dp.attn.fc.parameters()) == 3 * c  # W in R^{C x 2} + bias: 2 MACs a gate
+    ident = DPConv(c, attn="identity", init_ratio=0.25).eval()
+    assert macs_breakdown(ident, (c, hw, hw), crosscheck=False)["total"] == n * n * 9 * hw * hw
 
 
 def _routed_ada(c: int) -> AdaPConv:

@@ -81,11 +81,17 @@ def conv_macs(c_in: int, c_out: int, kernel: tuple[int, int], h_out: int, w_out:
 
 def dpconv_macs(op: nn.Module, h: int, w: int) -> dict:
     """Realised MACs of a DPConv on one h x w image: the conv on its n learned channels, plus PAT_ch's
-    map from the 2(C - n) statistics to C - n gates when ``attn="ch"``; what ``deploy()`` runs."""
+    map from the 2(C - n) statistics to C - n gates when ``attn="ch"``: 2(C - n)^2 MACs for the dense
+    mapping (every gate sees all statistics), 2(C - n) for ``mapping="channelwise"`` (each gate sees its
+    own mean and std); what ``deploy()`` runs."""
     n, c = op.num_conv_channels, op.dim
     conv = conv_macs(n, n, tuple(op.conv.kernel_size), h, w)
-    attn = 2 * (c - n) * (c - n) if (op.attn is not None and n < c) else 0
-    full = conv_macs(c, c, tuple(op.conv.kernel_size), h, w) + (2 * c * c if op.attn is not None else 0)
+    attn = attn_full = 0
+    if op.attn is not None:
+        channelwise = getattr(op.attn, "mapping", "dense") == "channelwise"
+        attn = 2 * (c - n) if channelwise else 2 * (c - n) * (c - n)
+        attn_full = 2 * c if channelwise else 2 * c * c
+    full = conv_macs(c, c, tuple(op.conv.kernel_size), h, w) + attn_full
     return {
         "macs": conv + attn,
         "conv_macs": conv,

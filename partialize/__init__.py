@@ -19,12 +19,14 @@ from .errors import (  # noqa: E402
     RecipeError,
     WeightsUnavailableError,
 )
+from .exporter import export  # noqa: E402
 from .io import load, save  # noqa: E402
 from .ops import get_operator, list_operators, register_operator  # noqa: E402
 
 __all__ = [
     "apply",
     "deploy",
+    "export",
     "load",
     "plan",
     "save",

@@ -147,11 +147,28 @@ def atomic_write(path: str, write: Callable[[str], None], *, force: bool = False
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:  # the data is on disk before the rename makes it visible
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(folder)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _fsync_dir(folder: str) -> None:
+    """Persist a rename (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _check(err: float, what: str, tol: float) -> None:
@@ -294,6 +311,9 @@ def export(
         redo = pio.load(path)
         with torch.no_grad():
             err = rel_err(redo(example), deployed(example))
+        if not err <= TOLERANCE:  # the file does not reproduce the deployed model: do not leave it
+            os.remove(path)
+            _check(err, "reloaded safetensors vs deployed model", TOLERANCE)
         res = ExportResult(path, fmt, tuple(example.shape), err)
         res.notes.append("trained tensors + plan with deployed=true: partialize.load(path) returns the deployed model")
     elif fmt == "onnx":

@@ -154,7 +154,7 @@ def distance_index(h: int, w: int, num_buckets: int, device=None) -> torch.Tenso
     """(HW, HW) bucket index: rounded Euclidean distance between token positions, clamped."""
     ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
     pos = torch.stack((ys.flatten(), xs.flatten()), dim=1).float()
-    dist = torch.cdist(pos, pos).round().long()
+    dist = (pos[:, None] - pos[None]).square().sum(-1).sqrt().round().long()  # no cdist: it has no ONNX op
     return dist.clamp_(max=num_buckets - 1)
 
 

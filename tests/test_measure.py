@@ -3,10 +3,7 @@ operators, reports (JSON round trip, compare errors, plot), accuracy and the pru
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
-import sys
 
 import pytest
 import timm
@@ -386,12 +383,9 @@ def test_report_cli_unknown_model_is_friendly():
     assert res.exit_code == 2 and "unknown model" in res.output
 
 
-@pytest.mark.skipif(importlib.util.find_spec("partialize.io") is None, reason="partialize.io not there yet")
 def test_report_on_checkpoint_path(tmp_path):
-    io = sys.modules.get("partialize.io") or importlib.import_module("partialize.io")
-    if not hasattr(io, "save"):
-        pytest.skip("partialize.io has no save() to make a checkpoint with")
     import partialize
+    import partialize.io as io
 
     model = timm.create_model("resnet18", pretrained=False)
     converted = partialize.apply(model, ratio=0.25)

@@ -50,12 +50,17 @@ def _randomize_norms(model: nn.Module) -> None:
 
 @pytest.fixture(scope="module", params=VARIANTS)
 def variant_model(request):
-    """(variant, eval-mode training form with non-trivial BN statistics, its deploy form), built once."""
+    """(variant, eval-mode training form with non-trivial BN statistics, its deploy form, and a
+    snapshot of the training form taken before deploying: its state_dict clone and module types), built once."""
     torch.manual_seed(0)
     m = timm.create_model(f"partialnet_{request.param}", num_classes=1000)
     _randomize_norms(m)
     m.eval()
-    return request.param, m, deploy(m)
+    before = (
+        {k: v.clone() for k, v in m.state_dict().items()},
+        {n: type(q) for n, q in m.named_modules()},
+    )
+    return request.param, m, deploy(m), before
 
 
 def test_registry_names_and_pretrained_cfg():
@@ -73,7 +78,7 @@ def test_registry_names_and_pretrained_cfg():
 
 
 def test_architecture_follows_table6(variant_model):
-    v, m, _ = variant_model
+    v, m, _, _ = variant_model
     c = {"t0": 32, "t1": 48, "t2": 64, "s": 96, "m": 128, "l": 160}[v]
     assert m.stem.conv.kernel_size == (4, 4) and m.stem.conv.stride == (4, 4)
     assert [s.blocks[0].mixer.dim for s in m.stages] == [c, 2 * c, 4 * c, 8 * c]
@@ -95,7 +100,7 @@ def test_architecture_follows_table6(variant_model):
 
 
 def test_params_and_macs_match_paper(variant_model):
-    v, m, d = variant_model
+    v, m, d, _ = variant_model
     params = count_params(m) / 1e6  # training form (PAT_sp unmerged, BN separate)
     macs = count_macs(d, torch.randn(1, 3, 224, 224)) / 1e9  # deploy form (BN folded, PAT_sp merged)
     p_paper, f_paper = PAPER[v]
@@ -108,7 +113,7 @@ def test_params_and_macs_match_paper(variant_model):
 
 
 def test_forward_224_and_small_input(variant_model):
-    v, m, _ = variant_model
+    v, m, _, _ = variant_model
     with torch.no_grad():
         y224 = m(torch.randn(1, 3, 224, 224))
         feats = m.forward_features(torch.randn(2, 3, 64, 64))
@@ -119,14 +124,19 @@ def test_forward_224_and_small_input(variant_model):
 
 
 def test_deploy_equals_eval(variant_model):
-    v, m, d = variant_model
+    v, m, d, (state_before, types_before) = variant_model
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ref, out = m(x), d(x)
     assert rel_err(out, ref) < 1e-4
     assert not any(isinstance(q, nn.modules.batchnorm._BatchNorm) for q in d.modules())
     assert all(isinstance(b.mlp.fc2, MergedSpatialAttention) for s in d.stages for b in s.blocks)
-    assert m.training is False and isinstance(m.stages[0].blocks[0].mixer, PATConv)  # input untouched
+    # deploy() left its input untouched: same modules, same tensors (values, not just keys), still eval
+    assert m.training is False and {n: type(q) for n, q in m.named_modules()} == types_before
+    after = m.state_dict()
+    assert after.keys() == state_before.keys()
+    for k, t in state_before.items():
+        assert torch.equal(after[k], t), k
 
 
 def test_dpconv_option_deploys_exactly():

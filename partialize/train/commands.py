@@ -182,7 +182,8 @@ def _finish(
     console = Console()
     model = model.cpu()
     if getattr(model, "_partialize_plan", None) is not None:
-        console.print(f"wrote {save(model, os.path.join(out_dir, 'final.safetensors'), overwrite=True)} (training form)")
+        path = save(model, os.path.join(out_dir, "final.safetensors"), overwrite=True)  # a rerun replaces it
+        console.print(f"wrote {path} (training form)")
     else:  # a plain state_dict, loadable with --weights PATH / --teacher-weights PATH
         from safetensors.torch import save_file
 

@@ -25,6 +25,7 @@ import logging
 import torch.fx
 from torch import nn
 
+from .engine.apply import set_module
 from .ops._utils import bn_remainder, fold_bn_into_conv, is_foldable_bn
 from .ops.registry import get_operator, is_partial_op, list_operators
 
@@ -205,18 +206,12 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return out
 
 
-def _set(model: nn.Module, qualname: str, new: nn.Module) -> None:
-    parent_name, _, attr = qualname.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
-
-
 def fold_batchnorm(model: nn.Module) -> int:
     """In place: fold every exact (conv, BN) pair (see ``find_conv_bn_pairs``); returns the count."""
     pairs = find_conv_bn_pairs(model)
     for conv_name, bn_name in pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         folded = conv.fold_bn(bn) if callable(getattr(conv, "fold_bn", None)) else fold_bn_into_conv(conv, bn)
-        _set(model, conv_name, folded)
-        _set(model, bn_name, bn_remainder(bn))
+        set_module(model, conv_name, folded)
+        set_module(model, bn_name, bn_remainder(bn))
     return len(pairs)

@@ -22,7 +22,6 @@ import contextlib
 import copy
 import io
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from torch import nn
 
 from .deployment import deploy, eval_reference
 from .errors import PartializeError
+from .fsutil import atomic_write
 from .ops.adapconv import AdaPConv
 
 __all__ = [
@@ -130,45 +130,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b| (the relative error used by every check)."""
     a, b = a.detach().float(), b.detach().float()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
-def atomic_write(path: str, write: Callable[[str], None], *, force: bool = False) -> str:
-    """Call ``write(tmp)`` on a temporary file next to ``path`` and ``os.replace`` it into place.
-
-    Refuses (PartializeError) to replace an existing ``path`` unless ``force``; on any failure the
-    temporary file is removed and ``path`` is untouched.
-    """
-    path = os.fspath(path)
-    if os.path.exists(path) and not force:
-        raise PartializeError(f"{path!r} already exists; pass --force (force=True) to overwrite it")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".partialize-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:  # the data is on disk before the rename makes it visible
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(folder)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def _fsync_dir(folder: str) -> None:
-    """Persist a rename (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _check(err: float, what: str, tol: float) -> None:

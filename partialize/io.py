@@ -31,7 +31,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, deployed: bool = False, o
     """
     from safetensors.torch import save_model
 
-    from .exporter import atomic_write
+    from .fsutil import atomic_write
 
     if getattr(model, "_partialize_deployed", False):
         raise PartializeError(

@@ -6,41 +6,26 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from ..fsutil import atomic_write
 
 FORMAT = "partialize.train/1"
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> str:
     """Write ``state`` (with ``format`` added) to ``path`` atomically; returns the path."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        try:  # make the rename itself durable
-            dfd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    payload = {"format": FORMAT, **state}
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+
+    return atomic_write(path, write, force=True)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -6,23 +6,11 @@ import copy
 
 import torch
 import torchvision
-from conftest import rel_err
+from conftest import randomize_bn, rel_err
 from torch import nn
 
 from partialize.deployment import deploy, find_conv_bn_pairs
 from partialize.ops import MergedSpatialAttention, PartialSpatialAttention, PATConv, PATConvDeploy, PConv
-
-
-def _randomize_bn(model: nn.Module) -> None:
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(n, generator=g) - 0.5)
 
 
 class BNAct(nn.BatchNorm2d):
@@ -83,7 +71,7 @@ def test_pairs_found_are_exactly_the_safe_ones():
 def test_hand_model_deploy_equals_eval_and_input_untouched():
     torch.manual_seed(0)
     m = Hand()
-    _randomize_bn(m)
+    randomize_bn(m, seed=3)
     with torch.no_grad():
         m.sp.gate.weight.normal_(0, 0.5)
     m.train()
@@ -110,7 +98,7 @@ def test_hand_model_deploy_equals_eval_and_input_untouched():
 def test_resnet18_deploy_equals_eval():
     torch.manual_seed(0)
     m = torchvision.models.resnet18(weights=None, num_classes=10)
-    _randomize_bn(m)
+    randomize_bn(m, seed=3)
     m.eval()
     pairs = find_conv_bn_pairs(m)
     assert len(pairs) == 20  # bn1 + 2 per basic block x 8 + 3 downsample

@@ -8,7 +8,7 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import rel_err
+from conftest import randomize_bn, rel_err
 from torch import nn
 
 import partialize  # noqa: F401  (registers partialnet_* with timm)
@@ -35,15 +35,9 @@ TOL = 0.03
 
 def _randomize_norms(model: nn.Module) -> None:
     """Non-trivial BN statistics/affines and gate parameters, so folding and merging are really tested."""
-    g = torch.Generator().manual_seed(1)
+    g = randomize_bn(model, seed=1)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(n, generator=g) - 0.5)
             if isinstance(m, PartialSpatialConv):
                 m.gate.weight.normal_(0, 0.5, generator=g)
 

@@ -39,7 +39,7 @@ def _alarm(signum, frame):
 
 
 def status_of(plan) -> str:
-    """"ok" only when the plan converts layers *and* lowers the MACs; "no-op" when it converts layers but
+    """ "ok" only when the plan converts layers *and* lowers the MACs; "no-op" when it converts layers but
     the MACs stay the same (not a meaningful conversion); "nothing eligible" when it converts none."""
     if not plan.converted:
         return "nothing eligible"

@@ -131,9 +131,7 @@ def part1(args, train, val, xv, yv, common, chw) -> None:
     torch.manual_seed(args.seed)
     teacher = small_resnet()
     t0 = time.perf_counter()
-    finetune(
-        teacher, train, val, epochs=args.epochs_teacher, lr=3e-3, warmup_epochs=1, weight_decay=0.05, **common
-    )
+    finetune(teacher, train, val, epochs=args.epochs_teacher, lr=3e-3, warmup_epochs=1, weight_decay=0.05, **common)
     print(f"teacher: {args.epochs_teacher} epochs in {time.perf_counter() - t0:.0f}s")
     teacher.eval()
     converted = partialize.apply(teacher, RECIPE, input_size=args.size)
@@ -143,9 +141,7 @@ def part1(args, train, val, xv, yv, common, chw) -> None:
     t0 = time.perf_counter()
     finetune(converted, train, val, teacher=teacher, epochs=args.epochs_finetune, lr=1e-3, warmup_epochs=1,
              kd_temperature=4.0, kd_weight=0.5, weight_decay=0.05, **common)  # fmt: skip
-    print(
-        f"fine-tune (KD from the teacher): {args.epochs_finetune} epochs in {time.perf_counter() - t0:.0f}s"
-    )
+    print(f"fine-tune (KD from the teacher): {args.epochs_finetune} epochs in {time.perf_counter() - t0:.0f}s")
     acc_ft = accuracy(converted, xv, yv)
     frozen = copy.deepcopy(converted).eval()
     freeze_dynamic(frozen)
@@ -160,10 +156,7 @@ def part1(args, train, val, xv, yv, common, chw) -> None:
     print(f"converted, before fine-tuning: top-1 {acc_converted:.2f}%")
     lost, ratio = acc_teacher - acc_ft, m.macs / b.macs
     verdict = "MET" if lost <= 1.0 and ratio <= 0.6 else "NOT MET"
-    print(
-        f"accuracy lost {lost:+.2f} points at {ratio:.3f}x the MACs "
-        f"(target: <= 1 point at <= 0.6x): {verdict}"
-    )
+    print(f"accuracy lost {lost:+.2f} points at {ratio:.3f}x the MACs (target: <= 1 point at <= 0.6x): {verdict}")
     sp = rep.ratios.get("converted+finetuned", rep.ratios)
     print(f"speed vs teacher (1 thread; latency batch 1, throughput batch 64): {sp}")
 

@@ -23,9 +23,7 @@ def plan(
     Returns an ordered Plan: layer, original, new, params, ratio, delta params/MACs, how each layer
     was found, and the reason for every layer left alone.
     """
-    return make_plan(
-        model, recipe, example_input=example_input, input_size=input_size, ratio=ratio, variant=variant
-    )
+    return make_plan(model, recipe, example_input=example_input, input_size=input_size, ratio=ratio, variant=variant)
 
 
 def apply(
@@ -44,7 +42,5 @@ def apply(
     ``ratio="dynamic"`` gives DPConv, ``"adaptive"`` Ada-PConv. Weights are inherited; output shape,
     dtype and device are unchanged; the plan is kept on the result (``model._partialize_plan``).
     """
-    p = make_plan(
-        model, recipe, example_input=example_input, input_size=input_size, ratio=ratio, variant=variant
-    )
+    p = make_plan(model, recipe, example_input=example_input, input_size=input_size, ratio=ratio, variant=variant)
     return apply_plan(model, p, inplace=inplace, example_input=example_input)

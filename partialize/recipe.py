@@ -56,9 +56,7 @@ class Select(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     type: str | list[str] | None = Field(None, description="class name (or dotted path), matched on the MRO")
-    name: str | list[str] | None = Field(
-        None, description="qualified name: exact, glob (* ? [...]) or re:REGEX"
-    )
+    name: str | list[str] | None = Field(None, description="qualified name: exact, glob (* ? [...]) or re:REGEX")
     kernel: int | list[int] | None = None
     stride: int | list[int] | None = None
     groups: int | Literal["dense", "depthwise", "grouped"] | None = None
@@ -66,9 +64,7 @@ class Select(BaseModel):
     in_channels: int | IntRange | None = None
     out_channels: int | IntRange | None = None
     spatial: int | IntRange | None = Field(None, description="input height of the layer (feature maps)")
-    stage: int | list[int] | None = Field(
-        None, description="log2(input/feature size) - 1: 1..4 in a classifier"
-    )
+    stage: int | list[int] | None = Field(None, description="log2(input/feature size) - 1: 1..4 in a classifier")
     depth: FloatRange | None = Field(None, description="relative position in the forward pass, 0..1")
 
     @field_validator("name")
@@ -137,9 +133,7 @@ class Recipe(BaseModel):
             (f"rules.{i}.variant", r.variant) for i, r in enumerate(self.rules)
         ]:
             if v is not None and v not in known:
-                raise ValueError(
-                    f"{where}: unknown variant {v!r}; known variants: {', '.join(sorted(known))}"
-                )
+                raise ValueError(f"{where}: unknown variant {v!r}; known variants: {', '.join(sorted(known))}")
         return self
 
 
@@ -193,11 +187,7 @@ def _allowed_fields(loc: tuple) -> str:
         if sub is None and hasattr(ann, "__args__"):
             for a in ann.__args__:
                 sub = next(
-                    (
-                        b
-                        for b in getattr(a, "__args__", ())
-                        if isinstance(b, type) and issubclass(b, BaseModel)
-                    ),
+                    (b for b in getattr(a, "__args__", ()) if isinstance(b, type) and issubclass(b, BaseModel)),
                     None,
                 )
                 if sub:
@@ -216,8 +206,7 @@ def _format_errors(err: ValidationError, source: str, lines: dict[tuple, int]) -
             for p in e["loc"]
             if not (
                 isinstance(p, str)
-                and p
-                in ("int", "float", "str", "list[int]", "list[str]", "IntRange", "FloatRange", "literal[...]")
+                and p in ("int", "float", "str", "list[int]", "list[str]", "IntRange", "FloatRange", "literal[...]")
                 or (isinstance(p, str) and p.startswith(("literal[", "function-")))
             )
         )
@@ -244,9 +233,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
-        raise RecipeError(
-            f"{where}: invalid YAML: {getattr(e, 'problem', e)} (fix the syntax at that line)"
-        ) from None
+        raise RecipeError(f"{where}: invalid YAML: {getattr(e, 'problem', e)} (fix the syntax at that line)") from None
     if not isinstance(data, dict):
         raise RecipeError(
             f"{source}: a recipe must be a YAML mapping with version, rules, ... (got {type(data).__name__})"
@@ -331,13 +318,9 @@ def select_matches(sel: Select, info, mro_names: tuple[str, ...]) -> bool:
         return False
     if sel.name is not None and not any(name_matches(p, info.name) for p in _as_list(sel.name)):
         return False
-    if sel.kernel is not None and (
-        info.kernel is None or not all(k in _as_list(sel.kernel) for k in info.kernel)
-    ):
+    if sel.kernel is not None and (info.kernel is None or not all(k in _as_list(sel.kernel) for k in info.kernel)):
         return False
-    if sel.stride is not None and (
-        info.stride is None or not all(s in _as_list(sel.stride) for s in info.stride)
-    ):
+    if sel.stride is not None and (info.stride is None or not all(s in _as_list(sel.stride) for s in info.stride)):
         return False
     if sel.dilation is not None and (
         info.dilation is None or not all(d in _as_list(sel.dilation) for d in info.dilation)

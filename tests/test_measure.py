@@ -391,9 +391,7 @@ def test_report_on_checkpoint_path(tmp_path):
     converted = partialize.apply(model, ratio=0.25)
     ckpt = io.save(converted, str(tmp_path / "ckpt.safetensors"))
     out = tmp_path / "r.json"
-    res = CliRunner().invoke(
-        main, ["report", str(ckpt), "--no-speed", "--input-size", "64", "--json", str(out)]
-    )
+    res = CliRunner().invoke(main, ["report", str(ckpt), "--no-speed", "--input-size", "64", "--json", str(out)])
     assert res.exit_code == 0, res.output
     rep = Report.from_json(str(out))
     assert rep.model.macs == count_macs(converted, torch.randn(1, 3, 64, 64))

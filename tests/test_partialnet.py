@@ -205,9 +205,7 @@ def test_pretrained_weights(tmp_path):
     with pytest.raises(WeightsUnavailableError, match="no pretrained weights"):
         timm.create_model("partialnet_t2", pretrained=True)
     with pytest.raises(WeightsUnavailableError, match="does not exist"):
-        timm.create_model(
-            "partialnet_t0", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "x"))
-        )
+        timm.create_model("partialnet_t0", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "x")))
     src = timm.create_model("partialnet_t0")
     path = tmp_path / "w.pth"
     torch.save(src.state_dict(), path)

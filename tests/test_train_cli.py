@@ -36,12 +36,41 @@ def test_convert_then_finetune_then_resume(tmp_path):
     data = _image_folder(tmp_path / "data")
     ckpt = tmp_path / "r18.safetensors"
     runner = CliRunner()
-    r = runner.invoke(main, ["convert", "torchvision:resnet18", "--num-classes", "2", "--input-size", "32",
-                             "--no-speed", "--out", str(ckpt)])
+    r = runner.invoke(
+        main,
+        [
+            "convert",
+            "torchvision:resnet18",
+            "--num-classes",
+            "2",
+            "--input-size",
+            "32",
+            "--no-speed",
+            "--out",
+            str(ckpt),
+        ],
+    )
     assert r.exit_code == 0, r.output
     out = tmp_path / "run"
-    args = ["finetune", str(ckpt), "--data", str(data), "--teacher", "none", "--batch-size", "4",
-            "--input-size", "32", "--out", str(out), "--lr", "1e-3", "--warmup-epochs", "0", "--no-amp"]
+    args = [
+        "finetune",
+        str(ckpt),
+        "--data",
+        str(data),
+        "--teacher",
+        "none",
+        "--batch-size",
+        "4",
+        "--input-size",
+        "32",
+        "--out",
+        str(out),
+        "--lr",
+        "1e-3",
+        "--warmup-epochs",
+        "0",
+        "--no-amp",
+    ]
     r = runner.invoke(main, args + ["--epochs", "1"])
     assert r.exit_code == 0, r.output + repr(r.exception)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

@@ -34,9 +34,7 @@ def _display_name(spec: str) -> str:
 def _speed_options(fn):
     opts = [
         click.option("--input-size", default=224, show_default=True, help="Square input resolution H=W."),
-        click.option(
-            "--threads", default=1, show_default=True, help="CPU threads (torch.set_num_threads) for timing."
-        ),
+        click.option("--threads", default=1, show_default=True, help="CPU threads (torch.set_num_threads) for timing."),
         click.option("--batch", default=16, show_default=True, help="Batch size for the throughput figure."),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]."),
         click.option("--amp", is_flag=True, help="CUDA only: time under fp16 autocast."),
@@ -85,9 +83,7 @@ def register(main: click.Group, bench: click.Group) -> None:
 @click.option("--data-limit", type=int, help="Evaluate at most this many images.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @click.option("--md", "md_path", type=click.Path(dir_okay=False), help="Write the report as Markdown.")
-@click.option(
-    "--pruning-baseline", is_flag=True, help="Also prune --baseline to the same MACs and measure it."
-)
+@click.option("--pruning-baseline", is_flag=True, help="Also prune --baseline to the same MACs and measure it.")
 @click.option("--no-speed", is_flag=True, help="Skip timing (params, MACs, accuracy only).")
 @_speed_options
 @friendly_errors
@@ -167,9 +163,7 @@ def report_cmd(
 @click.argument("reports", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--md", "md_path", type=click.Path(dir_okay=False), help="Write the table as Markdown.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG plot.")
-@click.option(
-    "--no-speed", is_flag=True, help="Ignore speed (compare reports timed under different settings)."
-)
+@click.option("--no-speed", is_flag=True, help="Ignore speed (compare reports timed under different settings).")
 @friendly_errors
 def compare_cmd(reports, md_path, plot_path, no_speed) -> None:
     """Put several `partialize report --json` files in one table (ratios vs the first model).

@@ -131,9 +131,7 @@ def adapconv_macs(op: nn.Module, h: int, w: int, histogram: Sequence[int] | None
         "routing": op.routing,
         # mean chosen width / C under hard routing; soft routing has no single width
         "realised_ratio": (
-            sum(c * n for c, n in zip(hist, op.widths)) / total / op.dim
-            if op.routing == "hard" and total
-            else None
+            sum(c * n for c, n in zip(hist, op.widths)) / total / op.dim if op.routing == "hard" and total else None
         ),
         "basis": basis,
     }
@@ -170,9 +168,7 @@ def calibrate_dynamic(model: nn.Module, batches: Sequence[torch.Tensor] | torch.
             rec["samples"] += inp[0].shape[0]
             if isinstance(m, AdaPConv):
                 h = m.last_histogram.tolist()
-                rec["histogram"] = (
-                    h if rec["histogram"] is None else [a + b for a, b in zip(rec["histogram"], h)]
-                )
+                rec["histogram"] = h if rec["histogram"] is None else [a + b for a, b in zip(rec["histogram"], h)]
 
         hooks.append(mod.register_forward_hook(hook))
     was_training = model.training
@@ -266,9 +262,7 @@ def macs_breakdown(
             calibration = torch.randn(32, *size, generator=gen).to(device)
             calib_desc = "32 random N(0, 1) images (no data given)"
         else:
-            n = sum(
-                b.shape[0] for b in ([calibration] if isinstance(calibration, torch.Tensor) else calibration)
-            )
+            n = sum(b.shape[0] for b in ([calibration] if isinstance(calibration, torch.Tensor) else calibration))
             calib_desc = f"{n} images from the given data"
         dyn = dynamic_macs(model, calibrate_dynamic(model, calibration))
         per = override_modules(per, {k: v["macs"] for k, v in dyn.items()})

@@ -93,8 +93,7 @@ def prune_to_macs(
             f"{target_macs / 1e9:.3f} ({rel:+.1%}); raise steps"
         )
     info = {
-        "method": "torch-pruning MetaPruner, L2 magnitude importance, uniform per-layer channel ratio, "
-        "classifier kept",
+        "method": "torch-pruning MetaPruner, L2 magnitude importance, uniform per-layer channel ratio, classifier kept",
         "torch_pruning_version": tp.__version__,
         "target_macs": float(target_macs),
         "reached_macs": float(macs),

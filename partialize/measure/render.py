@@ -35,8 +35,7 @@ def op_bench_markdown(rows, machine: str) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r.channels} | {r.size}x{r.size} | {r.batch} | {r.op} | {r.ms:.3f} | "
-            f"{r.vs_dense:.2f} | {r.vs_dw:.2f} |"
+            f"| {r.channels} | {r.size}x{r.size} | {r.batch} | {r.op} | {r.ms:.3f} | {r.vs_dense:.2f} | {r.vs_dw:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -142,8 +141,7 @@ def render_report_table(report) -> Table:
         t.add_row(label, *(escape(c[i]) for c in cells))
     if report.ratios:
         ratio_cells = [
-            list(_ratio_text(report, m)) if m.role != "baseline" else ["1.00x", "1.00x", "1.00x"]
-            for m in entries
+            list(_ratio_text(report, m)) if m.role != "baseline" else ["1.00x", "1.00x", "1.00x"] for m in entries
         ]
         for i, label in enumerate(("MACs vs baseline", "latency speed-up", "throughput vs baseline")):
             t.add_row(label, *(c[i] for c in ratio_cells))
@@ -161,9 +159,7 @@ def render_report_details(report) -> list[Table]:
         if m.dynamic:
             t = Table(title=escape(f"{m.name}: dynamic layers ({m.calibration})"))
             for col in ("layer", "type", "input HxW", "MACs (M)", "realised ratio", "histogram / basis"):
-                t.add_column(
-                    col, justify="left" if col in ("layer", "type", "histogram / basis") else "right"
-                )
+                t.add_column(col, justify="left" if col in ("layer", "type", "histogram / basis") else "right")
             for name, d in m.dynamic.items():
                 t.add_row(*map(escape, _dynamic_cells(name, d)))
             out.append(t)
@@ -257,9 +253,7 @@ def report_markdown(report) -> str:
         f"torch {report.environment.get('torch')}, timm {report.environment.get('timm')}.",
         "",
         "**Units.** MACs are multiply-adds per image counted by fvcore with partialize's handles (the "
-        'papers\' "FLOPs"); GMACs = 1e9 MACs. Params in millions. '
-        + _conditions(report.speed_conditions)
-        + ".",
+        'papers\' "FLOPs"); GMACs = 1e9 MACs. Params in millions. ' + _conditions(report.speed_conditions) + ".",
         "",
     ]
     header = list(SUMMARY_COLUMNS)
@@ -345,9 +339,7 @@ def compare_markdown(entries, conditions: dict | None) -> str:
         "Ratios are against the first row.",
         "",
     ]
-    lines += _md_table(
-        list(SUMMARY_COLUMNS) + ["MACs vs first", "throughput vs first"], _compare_rows(entries)
-    )
+    lines += _md_table(list(SUMMARY_COLUMNS) + ["MACs vs first", "throughput vs first"], _compare_rows(entries))
     return "\n".join(lines) + "\n"
 
 

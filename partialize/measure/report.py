@@ -109,9 +109,7 @@ class Report:
                     kw[key] = ModelMeasurement(**{k: v for k, v in kw[key].items() if k in mnames})
             return cls(**kw)
         except TypeError as e:
-            raise ReportError(
-                f"{origin} is missing fields of a version-{SCHEMA_VERSION} report: {e}"
-            ) from None
+            raise ReportError(f"{origin} is missing fields of a version-{SCHEMA_VERSION} report: {e}") from None
 
     @classmethod
     def from_json(cls, text_or_path: str | os.PathLike) -> Report:
@@ -287,9 +285,7 @@ def build_report(
             progress("pruning the baseline to the same MACs")
         pruned, info = prune_to_macs(baseline, m.macs, chw)
         pname = f"{report.baseline.name} pruned"
-        pm = measure_model(
-            pruned, pname, "pruned", chw, calibration_images=calibration_images, progress=progress
-        )
+        pm = measure_model(pruned, pname, "pruned", chw, calibration_images=calibration_images, progress=progress)
         if data is not None:
             pm.notes = [n for n in pm.notes if not n.startswith("accuracy")]
             pm.notes.append(
@@ -340,9 +336,7 @@ def ratios(report: Report) -> dict:
         if mm.speed and base.speed:
             if "latency_ms" in mm.speed and "latency_ms" in base.speed:
                 r["latency_speedup"] = base.speed["latency_ms"]["median"] / mm.speed["latency_ms"]["median"]
-            r["throughput_ratio"] = (
-                mm.speed["throughput_ips"]["median"] / base.speed["throughput_ips"]["median"]
-            )
+            r["throughput_ratio"] = mm.speed["throughput_ips"]["median"] / base.speed["throughput_ips"]["median"]
         if mm.accuracy and base.accuracy:
             r["top1_delta"] = mm.accuracy["top1"] - base.accuracy["top1"]
         out[mm.name] = r

@@ -132,9 +132,7 @@ def measure_speed(
     if amp and dev.type != "cuda":
         from ..errors import PartializeError
 
-        raise PartializeError(
-            "--amp (fp16 autocast) is only measured on CUDA; drop --amp or use --device cuda"
-        )
+        raise PartializeError("--amp (fp16 autocast) is only measured on CUDA; drop --amp or use --device cuda")
     chw = _input_chw(input_size)
     prev_threads = torch.get_num_threads()
     if dev.type == "cpu":

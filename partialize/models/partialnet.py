@@ -54,9 +54,7 @@ def _act_layer(act: str | type[nn.Module] | Any) -> Any:
         try:
             return _ACTS[act.lower()]
         except KeyError:
-            raise ValueError(
-                f"act_layer must be one of {sorted(_ACTS)} or a module class, got {act!r}"
-            ) from None
+            raise ValueError(f"act_layer must be one of {sorted(_ACTS)} or a module class, got {act!r}") from None
     return act
 
 
@@ -74,9 +72,7 @@ class PartialSpatialConv(PartialSpatialAttention):
         self.keep_conv = nn.Conv2d(self.dim_keep, self.dim_keep, 1, bias=False).to(conv.weight.device)
         if identity_init:
             with torch.no_grad():
-                self.keep_conv.weight.copy_(
-                    torch.eye(self.dim_keep).reshape(self.dim_keep, self.dim_keep, 1, 1)
-                )
+                self.keep_conv.weight.copy_(torch.eye(self.dim_keep).reshape(self.dim_keep, self.dim_keep, 1, 1))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         y = self.conv(h)
@@ -278,9 +274,7 @@ class PartialNet(nn.Module):
             self.global_pool = SelectAdaptivePool2d(pool_type=global_pool)
             self.flatten = nn.Flatten(1) if global_pool else nn.Identity()
         device = self.conv_head.weight.device
-        self.classifier = (
-            nn.Linear(self.head_hidden_size, num_classes).to(device) if num_classes > 0 else nn.Identity()
-        )
+        self.classifier = nn.Linear(self.head_hidden_size, num_classes).to(device) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             self._init_weights(self.classifier)
 

@@ -43,9 +43,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(
-            f"{path!r} has format {fmt!r}; expected {FORMAT!r} (a partialize training checkpoint)"
-        )
+        raise CheckpointError(f"{path!r} has format {fmt!r}; expected {FORMAT!r} (a partialize training checkpoint)")
     return state
 
 

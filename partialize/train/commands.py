@@ -50,17 +50,11 @@ def _common_options(fn):
         click.option("--input-size", type=int, help="Train/test resolution [default: the model's]."),
         click.option("--workers", default=0, show_default=True, help="DataLoader workers per process."),
         click.option("--seed", default=0, show_default=True, help="Seed (data order, augmentation, init)."),
-        click.option(
-            "--out", "-o", "out_dir", default="runs/partialize", show_default=True, help="Output dir."
-        ),
+        click.option("--out", "-o", "out_dir", default="runs/partialize", show_default=True, help="Output dir."),
         click.option("--resume", is_flag=True, help="Continue from OUT/last.pt (same settings required)."),
         click.option("--device", help="cpu or cuda[:N] [default: cuda if available]."),
-        click.option(
-            "--report/--no-report", default=True, show_default=True, help="Write report.json/.md at the end."
-        ),
-        click.option(
-            "--speed/--no-speed", default=True, show_default=True, help="Time the models in the report."
-        ),
+        click.option("--report/--no-report", default=True, show_default=True, help="Write report.json/.md at the end."),
+        click.option("--speed/--no-speed", default=True, show_default=True, help="Time the models in the report."),
         click.option("--threads", default=1, show_default=True, help="CPU threads for the report's timing."),
     ]
     for o in reversed(opts):
@@ -70,18 +64,10 @@ def _common_options(fn):
 
 def _dynamic_options(fn):
     opts = [
-        click.option(
-            "--theta", type=float, help="DPConv target: kappa = sum (C_l/theta)^2 (000 eq. 8); 4 ~ 1/4."
-        ),
-        click.option(
-            "--target-macs", type=float, help="DPConv target as whole-model MACs per image (e.g. 1.2e9)."
-        ),
-        click.option(
-            "--dp-alpha", default=-0.01, show_default=True, help="alpha when zeta > kappa (000 eq. 8)."
-        ),
-        click.option(
-            "--dp-beta", default=0.9, show_default=True, help="Weight of the gate monotonicity term psi."
-        ),
+        click.option("--theta", type=float, help="DPConv target: kappa = sum (C_l/theta)^2 (000 eq. 8); 4 ~ 1/4."),
+        click.option("--target-macs", type=float, help="DPConv target as whole-model MACs per image (e.g. 1.2e9)."),
+        click.option("--dp-alpha", default=-0.01, show_default=True, help="alpha when zeta > kappa (000 eq. 8)."),
+        click.option("--dp-beta", default=0.9, show_default=True, help="Weight of the gate monotonicity term psi."),
         click.option("--gate-lr-scale", default=1.0, show_default=True, help="DPConv gate lr = lr x this."),
         click.option("--router-budget", type=float, help="Ada-PConv: mean branch cost / widest branch cap."),
         click.option(
@@ -91,9 +77,7 @@ def _dynamic_options(fn):
             show_default=True,
             help="Ada-PConv training routing: soft mixing (004) or ste (hard forward, soft gradient).",
         ),
-        click.option(
-            "--router-weight", default=1.0, show_default=True, help="Weight of the router budget term."
-        ),
+        click.option("--router-weight", default=1.0, show_default=True, help="Weight of the router budget term."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -149,10 +133,7 @@ def resolve_teacher(
         return load(teacher), f"converted model {teacher}"
     weights = teacher_weights or "random"
     if weights == "random":
-        _warn(
-            f"--teacher {teacher}: no --teacher-weights, so it would have random weights; "
-            "distillation is OFF."
-        )
+        _warn(f"--teacher {teacher}: no --teacher-weights, so it would have random weights; distillation is OFF.")
         return None, f"distillation off: {teacher} has no weights (--teacher-weights PATH or pretrained)"
     t = build_model(teacher, weights=weights, num_classes=num_classes)
     return t, f"{teacher} with weights {weights}"
@@ -255,9 +236,7 @@ def _kappa(model, theta, target_macs, input_size) -> float | None:
         return kappa_from_theta(model, theta)
     if target_macs is not None:
         k = kappa_from_target_macs(model, target_macs, input_size)
-        click.echo(
-            f"--target-macs {target_macs:.4g}: kappa {k['kappa']:.1f} (uniform theta {k['theta']:.2f})"
-        )
+        click.echo(f"--target-macs {target_macs:.4g}: kappa {k['kappa']:.1f} (uniform theta {k['theta']:.2f})")
         return k["kappa"]
     return None
 

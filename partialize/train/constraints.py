@@ -42,9 +42,7 @@ def kappa_from_theta(model: nn.Module, theta: float) -> float:
     return float(sum((m.dim / theta) ** 2 for m in layers.values()))
 
 
-def kappa_from_target_macs(
-    model: nn.Module, target_macs: float, input_size: int | tuple[int, int, int]
-) -> dict:
+def kappa_from_target_macs(model: nn.Module, target_macs: float, input_size: int | tuple[int, int, int]) -> dict:
     """The kappa that ``target_macs`` (whole model, per image) asks for.
 
     The DPConv convs cost ``k^2 H_l W_l n_l^2`` MACs; everything else is fixed. Solving
@@ -108,16 +106,13 @@ def dpconv_complexity_loss(
     alpha = 0.0 if float(zeta.detach()) <= kappa else alpha_over  # 000 Alg. 1 line 7
     factor = (kappa / zeta) ** alpha
     loss = task_loss * factor + beta * psi  # 000 eq. 8
-    return loss, ComplexityTerms(
-        float(zeta.detach()), kappa, alpha, float(psi.detach()), float(factor.detach())
-    )
+    return loss, ComplexityTerms(float(zeta.detach()), kappa, alpha, float(psi.detach()), float(factor.detach()))
 
 
 def learned_ratios(model: nn.Module) -> dict[str, dict]:
     """Per DPConv layer: channels, learned conv width n and ratio n / C."""
     return {
-        n: {"channels": m.dim, "width": m.num_conv_channels, "ratio": m.ratio}
-        for n, m in dpconv_layers(model).items()
+        n: {"channels": m.dim, "width": m.num_conv_channels, "ratio": m.ratio} for n, m in dpconv_layers(model).items()
     }
 
 
@@ -132,9 +127,7 @@ class RouterBudget:
 
     def __init__(self, model: nn.Module, budget: float, weight: float = 1.0) -> None:
         if not 0.0 < budget <= 1.0:
-            raise PartializeError(
-                f"--router-budget must be in (0, 1] (share of the widest branch), got {budget}"
-            )
+            raise PartializeError(f"--router-budget must be in (0, 1] (share of the widest branch), got {budget}")
         self.budget, self.weight = float(budget), float(weight)
         self.layers = ada_layers(model)
         self._costs: list[torch.Tensor] = []

@@ -31,16 +31,12 @@ class Loaders:
     description: str
 
 
-def make_train_loader(
-    ds: Dataset, batch_size: int, seed: int, workers: int = 0, drop_last: bool = True
-) -> DataLoader:
+def make_train_loader(ds: Dataset, batch_size: int, seed: int, workers: int = 0, drop_last: bool = True) -> DataLoader:
     """Shuffled loader whose order per epoch depends only on (seed, epoch); sharded under DDP."""
     rank, world, _ = world_info()
     sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False)
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        ds, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last, generator=g
-    )
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last, generator=g)
 
 
 def check_data_dir(data: str) -> tuple[str, str | None]:
@@ -76,9 +72,7 @@ def image_folder_loaders(
     train_dir, val_dir = check_data_dir(data)
     args = {"input_size": (3, input_size, input_size)} if input_size else {}
     cfg = timm.data.resolve_data_config(args, model=model)
-    t_train = timm.data.create_transform(
-        **cfg, is_training=True, auto_augment=rand_augment, hflip=hflip, re_prob=0.0
-    )
+    t_train = timm.data.create_transform(**cfg, is_training=True, auto_augment=rand_augment, hflip=hflip, re_prob=0.0)
     t_val = timm.data.create_transform(**cfg, is_training=False)
     try:
         ds_train = datasets.ImageFolder(train_dir, transform=t_train)
@@ -97,8 +91,7 @@ def image_folder_loaders(
         len(ds_train.classes),
         int(cfg["input_size"][-1]),
         f"ImageFolder {os.path.abspath(data)}: {len(ds_train)} train / "
-        f"{len(ds_val) if ds_val else 0} val images, {len(ds_train.classes)} classes"
-        + _shard_note(train),
+        f"{len(ds_val) if ds_val else 0} val images, {len(ds_train.classes)} classes" + _shard_note(train),
     )
 
 
@@ -121,9 +114,7 @@ def digits_tensors(
     x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     x = ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
     y = torch.tensor(d.target, dtype=torch.long)
-    idx_tr, idx_va = train_test_split(
-        list(range(len(y))), test_size=val_fraction, random_state=seed, stratify=d.target
-    )
+    idx_tr, idx_va = train_test_split(list(range(len(y))), test_size=val_fraction, random_state=seed, stratify=d.target)
     return x[idx_tr], y[idx_tr], x[idx_va], y[idx_va]
 
 

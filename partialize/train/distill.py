@@ -8,9 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def kd_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0
-) -> torch.Tensor:
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
     """T^2 * KL(softmax(t / T) || softmax(s / T)), averaged over the batch."""
     T = float(temperature)
     log_p_s = F.log_softmax(student_logits.float() / T, dim=-1)

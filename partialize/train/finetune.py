@@ -251,9 +251,7 @@ def finetune(
     if kappa is None and theta is not None:
         kappa = kappa_from_theta(raw, theta)
     if kappa is not None and not dp:
-        raise TrainingError(
-            "a DPConv target (theta / target MACs) was given but the model has no DPConv layers"
-        )
+        raise TrainingError("a DPConv target (theta / target MACs) was given but the model has no DPConv layers")
     if not any(p.requires_grad for p in raw.parameters()):
         raise TrainingError(
             "the model has no trainable parameters (every parameter has requires_grad=False): a deployed "
@@ -274,14 +272,10 @@ def finetune(
     if mixup > 0 or cutmix > 0:
         if num_classes is None:
             raise TrainingError("mixup/cutmix need num_classes")
-        mix = Mixup(
-            mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes
-        )
+        mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes)
     hard_task = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     crit_hard = DistillationLoss(hard_task, kd_temperature, kd_weight if teacher is not None else 0.0)
-    crit_soft = DistillationLoss(
-        SoftTargetCrossEntropy(), kd_temperature, kd_weight if teacher is not None else 0.0
-    )
+    crit_soft = DistillationLoss(SoftTargetCrossEntropy(), kd_temperature, kd_weight if teacher is not None else 0.0)
 
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
@@ -381,8 +375,7 @@ def finetune(
                         sums["router_cost"] += cost
                 if not torch.isfinite(loss):
                     raise TrainingError(
-                        f"loss is {float(loss)} at epoch {epoch + 1}, step {step}: "
-                        "lower --lr, or turn AMP off"
+                        f"loss is {float(loss)} at epoch {epoch + 1}, step {step}: lower --lr, or turn AMP off"
                     )
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -464,9 +457,7 @@ def finetune(
             }
             save_checkpoint(state, last_path)
             if improved:
-                save_checkpoint(
-                    {k: state[k] for k in ("model", "plan", "epoch", "best_top1", "config")}, best_path
-                )
+                save_checkpoint({k: state[k] for k in ("model", "plan", "epoch", "best_top1", "config")}, best_path)
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         if distributed:

@@ -30,7 +30,9 @@ venv:
 	  "$(VENV_CACHE)/bin/pip" install $(PIP_FLAGS) -e ".[dev]" && \
 	  touch "$(VENV_CACHE)/.complete"; \
 	fi
-	@if [ ! -e "$(VENV)" ] || [ "$$(readlink $(VENV))" != "$(VENV_CACHE)" ]; then rm -rf "$(VENV)"; ln -s "$(VENV_CACHE)" "$(VENV)"; fi
+	@if [ -e "$(VENV)" ] && [ ! -L "$(VENV)" ]; then \
+	  echo "error: $(VENV) exists and is not partialize's link; move it away (or run with VENV=...)"; exit 1; fi
+	@if [ "$$(readlink $(VENV))" != "$(VENV_CACHE)" ]; then rm -f "$(VENV)"; ln -s "$(VENV_CACHE)" "$(VENV)"; fi
 	@$(BIN)/pip install $(PIP_FLAGS) --no-deps --no-build-isolation -e . >/dev/null
 
 demo: venv

@@ -4,6 +4,17 @@ from __future__ import annotations
 
 from rich.table import Table
 
+# columns of the converted-layer table (terminal and Markdown), matching _changed_cells
+CHANGED_LAYER_COLUMNS = (
+    "layer",
+    "before",
+    "after",
+    "MACs before (M)",
+    "MACs after (M)",
+    "params before",
+    "params after",
+)
+
 
 def op_bench_table(rows, machine: str) -> Table:
     """Rich table of `bench ops` rows."""
@@ -166,15 +177,7 @@ def render_report_details(report) -> list[Table]:
     rows = changed_layers(report)
     if rows:
         t = Table(title=f"converted layers ({len(rows)}), MACs per image")
-        for col in (
-            "layer",
-            "before",
-            "after",
-            "MACs before (M)",
-            "MACs after (M)",
-            "params before",
-            "params after",
-        ):
+        for col in CHANGED_LAYER_COLUMNS:
             t.add_column(col, justify="left" if col in ("layer", "before", "after") else "right")
         for r in rows:
             t.add_row(*map(escape, _changed_cells(r)))
@@ -285,18 +288,7 @@ def report_markdown(report) -> str:
     changed = changed_layers(report)
     if changed:
         lines += ["", f"## Converted layers ({len(changed)})", ""]
-        lines += _md_table(
-            [
-                "layer",
-                "before",
-                "after",
-                "MACs before (M)",
-                "MACs after (M)",
-                "params before",
-                "params after",
-            ],
-            [_changed_cells(r) for r in changed],
-        )
+        lines += _md_table(list(CHANGED_LAYER_COLUMNS), [_changed_cells(r) for r in changed])
     return "\n".join(lines) + "\n"
 
 

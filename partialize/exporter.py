@@ -151,7 +151,15 @@ def export_onnx(
 ) -> ExportResult:
     """Export the inference form of ``model`` to ONNX (dynamo exporter, dynamic batch) and verify it
     under onnxruntime on ``example`` and on a batch of another size before writing ``path``."""
-    import onnxruntime as ort
+    try:
+        import onnx  # noqa: F401  (the exporter needs it)
+        import onnxruntime as ort
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise PartializeError(
+            f"ONNX export needs onnx, onnxscript and onnxruntime ({e.name} is missing): "
+            "pip install 'partialize[export]'"
+        ) from None
 
     eager = _deployed(model)
     net, ada = exportable(eager)

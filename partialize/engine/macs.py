@@ -4,6 +4,7 @@ and costs about a second on first use). MACs = FLOPs / 2."""
 
 from __future__ import annotations
 
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
@@ -26,3 +27,15 @@ class MacCounter(TorchDispatchMode):
         if fn is not None:
             self.flops += int(fn(*args, **kwargs, out_val=out))
         return out
+
+
+def eval_macs(module: torch.nn.Module, *args, **kwargs) -> int:
+    """MACs of one eval-mode, no-grad call ``module(*args, **kwargs)``; the module's mode is restored."""
+    was = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), MacCounter() as counter:
+            module(*args, **kwargs)
+    finally:
+        module.train(was)
+    return counter.macs

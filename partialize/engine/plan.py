@@ -16,7 +16,7 @@ from ..errors import OperatorError, PartializeError, RecipeError
 from ..ops.registry import get_operator, is_partial_op
 from ..recipe import SKIP_VARIANTS, Recipe, closest_names, load_recipe, name_matches, select_matches
 from .discover import Discovery, LayerInfo, discover
-from .macs import MacCounter
+from .macs import eval_macs
 
 PLAN_FORMAT = 1
 
@@ -234,17 +234,7 @@ def _macs_of(module: nn.Module, shape: tuple[int, ...] | None, mha: bool) -> int
         device=ref.device if ref is not None else "cpu",
         dtype=ref.dtype if ref is not None else torch.float32,
     )
-    was = module.training
-    module.eval()
-    try:
-        with torch.no_grad(), MacCounter() as fc:
-            if mha:
-                module(x, x, x, need_weights=False)
-            else:
-                module(x)
-    finally:
-        module.train(was)
-    return fc.macs
+    return eval_macs(module, x, x, x, need_weights=False) if mha else eval_macs(module, x)
 
 
 def make_plan(

@@ -222,19 +222,12 @@ def override_modules(per_module: dict[str, float], overrides: dict[str, float]) 
 
 
 def flop_counter_macs(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor]) -> int:
-    """MACs by ``torch.utils.flop_counter`` (FLOPs / 2) for one eval forward: the cross-check."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """MACs by ``torch.utils.flop_counter``'s formulas (FLOPs / 2) for one eval forward: the cross-check."""
+    from ..engine.macs import eval_macs
 
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
-    was_training = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as fc, torch.no_grad():
-            model(*inputs)
-    finally:
-        model.train(was_training)
-    return int(fc.get_total_flops()) // 2
+    return eval_macs(model, *inputs)
 
 
 def macs_breakdown(

@@ -161,30 +161,28 @@ def measure_speed(
         "models": {n: {} for n in models},
     }
     warmup = 10 if dev.type == "cuda" else 2
-    try:
-        if latency:
-            if progress:
-                progress("latency, batch 1")
-            x1 = torch.randn(1, *chw, device=dev).contiguous(memory_format=fmt)
-            t = time_side_by_side(
-                {n: runner(m, x1) for n, m in prepared.items()},
-                rounds=rounds,
-                warmup=warmup,
-                min_round_s=min_round_s,
-                device=dev,
-            )
-            for n in models:
-                result["models"][n]["latency_ms"] = _stats(t[n])
-        if progress:
-            progress(f"throughput, batch {batch}")
-        xb = torch.randn(batch, *chw, device=dev).contiguous(memory_format=fmt)
-        t = time_side_by_side(
-            {n: runner(m, xb) for n, m in prepared.items()},
+
+    def timed(x: torch.Tensor) -> dict:
+        """Every model on input ``x``, interleaved."""
+        return time_side_by_side(
+            {k: runner(m, x) for k, m in prepared.items()},
             rounds=rounds,
             warmup=warmup,
             min_round_s=min_round_s,
             device=dev,
         )
+
+    try:
+        if latency:
+            if progress:
+                progress("latency, batch 1")
+            t = timed(torch.randn(1, *chw, device=dev).contiguous(memory_format=fmt))
+            for n in models:
+                result["models"][n]["latency_ms"] = _stats(t[n])
+        if progress:
+            progress(f"throughput, batch {batch}")
+        xb = torch.randn(batch, *chw, device=dev).contiguous(memory_format=fmt)
+        t = timed(xb)
         for n in models:
             tm = t[n]
             result["models"][n]["throughput_ips"] = {

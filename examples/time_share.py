@@ -32,7 +32,7 @@ def time_share(model_name: str, recipe: str, batch: int, channels_last: bool, re
     def post(mod, inp, out):
         spent[0] += time.perf_counter() - start[id(mod)]
 
-    for e in plan.converted:
+    for e in plan.converted_outermost:
         mod = original.get_submodule(e.layer)
         mod.register_forward_pre_hook(pre)
         mod.register_forward_hook(post)

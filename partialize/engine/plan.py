@@ -75,9 +75,15 @@ class Plan:
     def macs_after(self) -> int:
         return self.macs_before + sum(e.delta_macs for e in self.converted)
 
+    @property
+    def converted_outermost(self) -> list[PlanEntry]:
+        """Converted entries not nested in another converted entry (a block and a layer inside it)."""
+        names = [e.layer for e in self.converted]
+        return [e for e in self.converted if not any(e.layer.startswith(n + ".") for n in names)]
+
     def converted_macs_share(self) -> float:
-        """Share of the original MACs that sit in layers the plan converts."""
-        return sum(self._orig_macs.get(e.layer, 0) for e in self.converted) / max(1, self.macs_before)
+        """Share of the original MACs that sit in layers the plan converts (nested ones counted once)."""
+        return sum(self._orig_macs.get(e.layer, 0) for e in self.converted_outermost) / max(1, self.macs_before)
 
     _orig_macs: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
@@ -160,7 +166,16 @@ def _resolve(recipe: Recipe, info: LayerInfo, mro: tuple[str, ...]) -> tuple[dic
     return merged, order
 
 
-BUILTIN_VARIANTS = ("pconv", "patconv", "pat_sp", "dpconv", "ada_pconv", "partial_mlp", "partial_attention")
+BUILTIN_VARIANTS = (
+    "pconv",
+    "patconv",
+    "pat_sp",
+    "dpconv",
+    "ada_pconv",
+    "partial_mlp",
+    "partial_attention",
+    "partial_residual",
+)
 _RATIO_WORDS_OK = {
     "dynamic": ("pconv", "patconv", "dpconv"),
     "adaptive": ("pconv", "ada_pconv"),
@@ -263,6 +278,7 @@ def make_plan(
     ops: dict[str, nn.Module] = {}
     orig_macs: dict[str, int] = {}
     converted_prefixes: list[str] = []
+    containers: dict[str, tuple[str, ...]] = {}  # converted blocks whose unchanged children stay convertible
     for name in names:
         info = discovery.layers[name]
         m = modules[name]
@@ -281,6 +297,11 @@ def make_plan(
         parent = next((p for p in converted_prefixes if name.startswith(p + ".")), None)
         if parent is not None:
             base.reason = f"inside {parent}, which is converted as a whole"
+            entries.append(base)
+            continue
+        box = next((p for p in containers if name.startswith(p + ".")), None)
+        if box is not None and name[len(box) + 1 :].split(".")[0] not in containers[box]:
+            base.reason = f"inside {box}, whose conversion changes this layer's channels"
             entries.append(base)
             continue
         owner = _partial_ancestor(name, modules)
@@ -311,7 +332,10 @@ def make_plan(
         after = _macs_of(form, info.in_shape, mha)
         orig_macs[name] = before
         ops[name] = op
-        converted_prefixes.append(name)
+        if callable(getattr(op, "convertible_children", None)):
+            containers[name] = tuple(op.convertible_children())
+        else:
+            converted_prefixes.append(name)
         ratio_out = getattr(op, "ratio", merged["ratio"])
         entries.append(
             PlanEntry(

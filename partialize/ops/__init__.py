@@ -31,5 +31,6 @@ __all__ = [
 ]
 
 from .partial_blocks import PartialAttention, PartialMLP  # noqa: E402
+from .partial_residual import PartialResidual  # noqa: E402
 
-__all__ += ["PartialAttention", "PartialMLP"]
+__all__ += ["PartialAttention", "PartialMLP", "PartialResidual"]

@@ -1,0 +1,282 @@
+"""Partial residual block (``partial_residual``): a ResNet block whose residual branch updates only a
+contiguous group of r*C channels; the other channels take the identity shortcut (then the block's
+output activation, exactly as if the branch had output 0 there).
+
+The branch reads all channels (``read="all"``), only its own group (``"group"``), or only the
+channels it does not write (``"complement"``). With ``ratio=0.5`` and ``read="complement"``,
+consecutive blocks that alternate ``offset`` 0 and 0.5 form additive coupling layers (y2 = x2 + F(x1),
+then y1 = x1 + G(y2)), the structure of reversible residual networks (RevNet, Gomez et al. 2017):
+every channel is still updated every second block. This is our generalisation of the
+partial-channel idea from one conv (000 eq. 1: an expensive operator on part of the channels, a cheap
+one, here the identity, on the rest) to a whole residual branch; it is not in papers 000-004.
+
+Known blocks: timm and torchvision ``Bottleneck`` / ``BasicBlock`` with an identity shortcut
+(no ``downsample``, stride 1) and no squeeze-excitation. The block's children keep their names, so a
+recipe can convert an unchanged child too (e.g. the bottleneck's 3x3 ``conv2`` to PATConv).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..errors import OperatorError
+from ._utils import bn_remainder, fold_bn_into_conv, is_foldable_bn, split_channels
+from .registry import is_partial_op, register_operator
+
+READ_MODES = ("all", "group", "complement")
+
+# qualified type -> (branch children in forward order, first conv, last conv, last BN, output activation)
+KNOWN_BLOCKS: dict[str, tuple[tuple[str, ...], str, str, str, str]] = {
+    "timm.models.resnet.Bottleneck": (
+        ("conv1", "bn1", "act1", "conv2", "bn2", "drop_block", "act2", "aa", "conv3", "bn3", "drop_path"),
+        "conv1",
+        "conv3",
+        "bn3",
+        "act3",
+    ),
+    "timm.models.resnet.BasicBlock": (
+        ("conv1", "bn1", "drop_block", "act1", "aa", "conv2", "bn2", "drop_path"),
+        "conv1",
+        "conv2",
+        "bn2",
+        "act2",
+    ),
+    "torchvision.models.resnet.Bottleneck": (
+        ("conv1", "bn1", "relu", "conv2", "bn2", "relu", "conv3", "bn3"),
+        "conv1",
+        "conv3",
+        "bn3",
+        "relu",
+    ),
+    "torchvision.models.resnet.BasicBlock": (
+        ("conv1", "bn1", "relu", "conv2", "bn2"),
+        "conv1",
+        "conv2",
+        "bn2",
+        "relu",
+    ),
+}
+
+
+def _qualname(m: nn.Module) -> str:
+    return f"{type(m).__module__}.{type(m).__qualname__}"
+
+
+def _conv_range(conv: nn.Conv2d, out_range: tuple[int, int] | None, in_range: tuple[int, int] | None) -> nn.Conv2d:
+    """Copy of a dense conv keeping output channels ``out_range`` and input channels ``in_range``."""
+    if type(conv) is not nn.Conv2d or conv.groups != 1:
+        raise OperatorError(f"partial_residual can only slice a dense nn.Conv2d, got {type(conv).__name__}")
+    o0, o1 = out_range or (0, conv.out_channels)
+    i0, i1 = in_range or (0, conv.in_channels)
+    new = nn.Conv2d(
+        i1 - i0,
+        o1 - o0,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
+    with torch.no_grad():
+        new.weight.copy_(conv.weight[o0:o1, i0:i1])
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias[o0:o1])
+    return new.to(conv.weight.device, conv.weight.dtype)
+
+
+def _bn_range(bn: nn.Module, a: int, b: int) -> nn.Module:
+    """Copy of a BN (or timm BatchNormAct2d) keeping channels [a, b)."""
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise OperatorError(f"partial_residual expects a BatchNorm after the last conv, got {type(bn).__name__}")
+    new = copy.deepcopy(bn)
+    new.num_features = b - a
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            p = getattr(bn, name)
+            if p is not None:
+                setattr(new, name, nn.Parameter(p[a:b].clone()))
+        for name in ("running_mean", "running_var"):
+            t = getattr(bn, name)
+            if t is not None:
+                setattr(new, name, t[a:b].clone())
+    return new
+
+
+def _act(act: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """``act(t)`` without touching ``t`` (an in-place activation gets a copy)."""
+    if isinstance(act, nn.ReLU):
+        return torch.relu(t)
+    if isinstance(act, nn.Identity):
+        return t
+    return act(t.clone()) if getattr(act, "inplace", False) else act(t)
+
+
+@register_operator("partial_residual")
+class PartialResidual(nn.Module):
+    """A residual block whose branch writes channels ``[offset, offset + dim_part)`` only."""
+
+    _partialize_leaf = True
+
+    def __init__(
+        self,
+        children: dict[str, nn.Module],
+        order: tuple[str, ...],
+        out_act: str,
+        dim: int,
+        dim_part: int,
+        offset: int,
+        read: str,
+        kept: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__()
+        if read not in READ_MODES:
+            raise OperatorError(f"partial_residual read must be one of {READ_MODES}, got {read!r}")
+        for name, mod in children.items():
+            self.add_module(name, mod)
+        self.order = tuple(order)
+        self.out_act = out_act
+        self.dim, self.dim_part, self.offset, self.read = dim, dim_part, offset, read
+        self.kept = tuple(kept)  # children identical to the original block's (a recipe may convert them)
+        self.forward_mode = "cat"  # "write" in the deploy form
+
+    @property
+    def ratio(self) -> float:
+        return self.dim_part / self.dim
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, writes=[{self.offset}:{self.offset + self.dim_part}], read={self.read!r}, "
+            f"forward_mode={self.forward_mode!r}"
+        )
+
+    def read_range(self) -> tuple[int, int]:
+        """Input channels the branch reads."""
+        o, k = self.offset, self.dim_part
+        if self.read == "all":
+            return 0, self.dim
+        if self.read == "group":
+            return o, o + k
+        return (o + k, self.dim) if o == 0 else (0, o)
+
+    def convertible_children(self) -> tuple[str, ...]:
+        return self.kept
+
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.read_range()
+        y = x if (a, b) == (0, self.dim) else x[:, a:b]
+        for name in self.order:
+            y = getattr(self, name)(y)
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o, k = self.offset, self.dim_part
+        y = self._branch(x)
+        act = getattr(self, self.out_act)
+        if self.forward_mode == "write":
+            return self._forward_write(x, y, act)
+        pieces = []
+        if o > 0:
+            pieces.append(_act(act, x[:, :o]))
+        pieces.append(act(x[:, o : o + k] + y))
+        if o + k < self.dim:
+            pieces.append(_act(act, x[:, o + k :]))
+        return torch.cat(pieces, dim=1)
+
+    def _forward_write(self, x: torch.Tensor, y: torch.Tensor, act: nn.Module) -> torch.Tensor:
+        """Inference: every channel written once into one output, no concatenation."""
+        o, k = self.offset, self.dim_part
+        out = torch.empty_like(x)
+        part = out[:, o : o + k]
+        torch.add(x[:, o : o + k], y, out=part)
+        relu = isinstance(act, nn.ReLU)
+        if relu:
+            part.clamp_min_(0)
+        else:
+            part.copy_(act(part.clone()))
+        for a, b in ((0, o), (o + k, self.dim)):
+            if b > a:
+                if relu:
+                    torch.clamp_min(x[:, a:b], 0, out=out[:, a:b])
+                else:
+                    out[:, a:b] = _act(act, x[:, a:b])
+        return out
+
+    @classmethod
+    def from_module(
+        cls, original: nn.Module, ratio: float = 0.5, offset: float = 0.0, read: str = "all"
+    ) -> PartialResidual:
+        """Slice a known residual block: the last conv/BN to the written group, the first conv to the
+        channels read. ``offset`` is where the written group starts, as a fraction of the channels."""
+        spec = KNOWN_BLOCKS.get(_qualname(original))
+        if spec is None:
+            known = ", ".join(sorted(KNOWN_BLOCKS))
+            raise OperatorError(f"partial_residual does not know a {type(original).__name__} (known: {known})")
+        if read not in READ_MODES:
+            raise OperatorError(f"partial_residual read must be one of {READ_MODES}, got {read!r}")
+        order, first, last, last_bn, out_act = spec
+        if getattr(original, "downsample", None) is not None:
+            raise OperatorError(
+                "block has a projection shortcut (downsample): its untouched channels would need it too"
+            )
+        if getattr(original, "se", None) is not None:
+            raise OperatorError("block has squeeze-excitation on the branch output: not supported")
+        convs = [getattr(original, n) for n in order if isinstance(getattr(original, n, None), nn.Conv2d)]
+        if any(c.stride != (1, 1) for c in convs):
+            raise OperatorError("strided block: the identity shortcut needs stride 1")
+        dim = getattr(original, last).out_channels
+        if getattr(original, first).in_channels != dim:
+            raise OperatorError(f"block input has {getattr(original, first).in_channels} channels, output {dim}")
+        if not 0.0 <= float(offset) < 1.0:
+            raise OperatorError(f"offset must be a fraction in [0, 1), got {offset!r}")
+        k = split_channels(dim, ratio)
+        o = int(round(float(offset) * dim))
+        if k == dim:
+            raise OperatorError(f"ratio {ratio:g} lets the branch write all {dim} channels: the same block")
+        if o + k > dim:
+            raise OperatorError(f"offset {offset:g} + ratio {ratio:g} runs past the {dim} channels")
+        if read == "complement" and 0 < o and o + k < dim:
+            raise OperatorError("read='complement' needs the written group at either end (offset 0 or 1 - ratio)")
+        children = {n: copy.deepcopy(getattr(original, n)) for n in dict.fromkeys(order + (out_act,))}
+        children = {n: m for n, m in children.items() if m is not None}
+        order = tuple(n for n in order if n in children)  # timm keeps drop_path=None when unused
+        op = cls(children, order, out_act, dim, k, o, read)
+        a, b = op.read_range()
+        changed = {last, last_bn}
+        if (a, b) != (0, dim):
+            changed.add(first)
+        if first == last:
+            raise OperatorError("block with a single conv: nothing to slice")
+        setattr(op, last, _conv_range(getattr(original, last), (o, o + k), None))
+        setattr(op, last_bn, _bn_range(getattr(original, last_bn), o, o + k))
+        if first in changed:
+            setattr(op, first, _conv_range(getattr(original, first), None, (a, b)))
+        op.kept = tuple(n for n in children if n not in changed)
+        ref = getattr(original, last).weight
+        return op.to(ref.device)
+
+    def deploy(self) -> PartialResidual:
+        """Inference form: inner operators deployed, each (conv, BN) pair along the branch folded,
+        one output written channel group by channel group; eval mode, frozen."""
+        new = copy.deepcopy(self).eval()
+        for name in dict.fromkeys(new.order):
+            mod = getattr(new, name)
+            if is_partial_op(mod) and callable(getattr(mod, "deploy", None)):
+                setattr(new, name, mod.eval().deploy())
+        names = list(new.order)
+        for conv_name, bn_name in zip(names, names[1:]):
+            conv, bn = getattr(new, conv_name), getattr(new, bn_name)
+            if not is_foldable_bn(bn) or names.count(conv_name) > 1 or names.count(bn_name) > 1:
+                continue
+            if type(conv) is nn.Conv2d and bn.num_features == conv.out_channels:
+                setattr(new, conv_name, fold_bn_into_conv(conv, bn))
+            elif callable(getattr(conv, "fold_bn", None)) and getattr(conv, "dim", None) == bn.num_features:
+                setattr(new, conv_name, conv.fold_bn(bn))
+            else:
+                continue
+            setattr(new, bn_name, bn_remainder(bn))
+        new.forward_mode = "write"
+        return new.requires_grad_(False)

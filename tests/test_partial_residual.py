@@ -1,0 +1,148 @@
+"""partial_residual: a ResNet block whose branch writes part of the channels (ops/partial_residual.py)."""
+
+import copy
+
+import pytest
+import timm
+import torch
+import torchvision
+from conftest import randomize_bn, rel_err
+
+import partialize
+from partialize.errors import OperatorError
+from partialize.ops import PartialResidual, PATConv
+
+BLOCKS = {
+    "timm-bottleneck": lambda: timm.create_model("resnet50", pretrained=False).layer1[1],
+    "timm-basic": lambda: timm.create_model("resnet18", pretrained=False).layer2[1],
+    "tv-bottleneck": lambda: torchvision.models.resnet50().layer1[1],
+    "tv-basic": lambda: torchvision.models.resnet18().layer2[1],
+}
+
+
+def _zeroed_reference(block, op: PartialResidual):
+    """The original block made to compute what the partial one should, by an independent route: its
+    last conv and BN output 0 outside the written group, its first conv ignores unread inputs."""
+    ref = copy.deepcopy(block).eval()
+    last, last_bn = ("conv3", "bn3") if hasattr(ref, "conv3") else ("conv2", "bn2")
+    o, k, c = op.offset, op.dim_part, op.dim
+    rest = [i for i in range(c) if not o <= i < o + k]
+    a, b = op.read_range()
+    unread = [i for i in range(c) if not a <= i < b]
+    with torch.no_grad():
+        getattr(ref, last).weight[rest] = 0
+        bn = getattr(ref, last_bn)
+        bn.weight[rest], bn.bias[rest], bn.running_mean[rest] = 0.0, 0.0, 0.0
+        ref.conv1.weight[:, unread] = 0
+    return ref
+
+
+@pytest.mark.parametrize("kind", sorted(BLOCKS))
+@pytest.mark.parametrize(
+    "read,offset", [("all", 0.0), ("all", 0.25), ("group", 0.5), ("complement", 0.0), ("complement", 0.5)]
+)
+def test_matches_the_original_block_with_the_dropped_parts_zeroed(kind, read, offset):
+    block = BLOCKS[kind]().eval()
+    randomize_bn(block)
+    c = block.conv1.in_channels
+    op = PartialResidual.from_module(block, ratio=0.5, offset=offset, read=read).eval()
+    assert (op.dim, op.dim_part, op.offset) == (c, c // 2, int(offset * c))
+    x = torch.randn(2, c, 12, 12)  # negatives too: the untouched channels must get the output activation
+    x_before = x.clone()
+    ref = _zeroed_reference(block, op)
+    with torch.no_grad():
+        want = ref(x.clone())
+        got = op(x)
+        deployed = op.deploy()(x)
+    assert torch.equal(x, x_before)  # neither form writes into its input
+    assert rel_err(got, want) < 1e-5
+    assert rel_err(deployed, got) < 1e-5
+    o, k = op.offset, op.dim_part
+    untouched = torch.cat([x[:, :o], x[:, o + k :]], 1)
+    assert torch.equal(torch.cat([got[:, :o], got[:, o + k :]], 1), torch.relu(untouched))
+
+
+def test_weights_are_sliced_from_the_original_and_macs_halve_in_the_1x1_convs():
+    block = timm.create_model("resnet50", pretrained=False).layer1[1]
+    op = PartialResidual.from_module(block, ratio=0.5, offset=0.5, read="complement")
+    assert op.conv1.weight.shape == (64, 128, 1, 1) and op.conv3.weight.shape == (128, 64, 1, 1)
+    assert torch.equal(op.conv1.weight, block.conv1.weight[:, :128])  # reads the first half
+    assert torch.equal(op.conv3.weight, block.conv3.weight[128:])  # writes the second half
+    assert torch.equal(op.bn3.running_var, block.bn3.running_var[128:])
+    assert op.conv2 is not block.conv2 and torch.equal(op.conv2.weight, block.conv2.weight)
+    assert op.convertible_children() == ("bn1", "act1", "conv2", "bn2", "drop_block", "act2", "aa", "act3")
+    # independent count at 56x56 (conv1 256->64, conv3 64->256): read="all" halves conv3's outputs,
+    # read="complement" also halves conv1's inputs
+    model = timm.create_model("resnet50", pretrained=False)
+    for read, n_halved in (("all", 1), ("complement", 2)):
+        rule = {"select": {"name": "layer1.1"}, "variant": "partial_residual", "ratio": 0.5, "params": {"read": read}}
+        (entry,) = partialize.plan(model, {"version": 1, "rules": [rule]}).converted
+        assert entry.delta_macs == -n_halved * (56 * 56 * 128 * 64)
+        assert entry.delta_params == -n_halved * (128 * 64) - 2 * 128  # and bn3 loses half its affine
+
+
+def test_training_form_trains():
+    block = torchvision.models.resnet18().layer1[1]
+    op = PartialResidual.from_module(block, ratio=0.5, read="group").train()
+    x = torch.randn(4, 64, 8, 8, requires_grad=True)
+    op(x).square().mean().backward()
+    assert op.conv1.weight.grad.abs().sum() > 0 and op.conv2.weight.grad.abs().sum() > 0
+    assert x.grad[:, 32:].abs().sum() > 0  # untouched channels pass the gradient through the shortcut
+
+
+@pytest.mark.parametrize(
+    "make,params,match",
+    [
+        (lambda: torchvision.models.resnet50().layer2[0], {}, "projection shortcut"),
+        (lambda: timm.create_model("seresnet50", pretrained=False).layer1[1], {}, "squeeze-excitation"),
+        (lambda: torchvision.models.resnet18().layer1[1], {"ratio": 0.5, "offset": 0.75}, "runs past"),
+        (
+            lambda: torchvision.models.resnet18().layer1[1],
+            {"ratio": 0.25, "offset": 0.25, "read": "complement"},
+            "either end",
+        ),
+        (lambda: torchvision.models.resnet18().layer1[1], {"ratio": 1.0}, "same block"),
+        (lambda: torchvision.models.resnet18().layer1[1], {"read": "some"}, "read must be"),
+        (lambda: torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3)), {}, "does not know"),
+    ],
+)
+def test_refusals_say_why(make, params, match):
+    with pytest.raises(OperatorError, match=match):
+        PartialResidual.from_module(make(), **params)
+
+
+def test_resnet50_partial_recipe_nests_patconv_and_deploys_exactly(tmp_path):
+    model = timm.create_model("resnet50", pretrained=False, num_classes=10).eval()
+    randomize_bn(model)
+    conv = partialize.apply(model, "resnet50-partial", input_size=64).eval()
+    blocks = [e.layer for e in conv._partialize_plan.converted if e.variant == "partial_residual"]
+    assert blocks == [f"layer{s}.{i}" for s, n in ((1, 3), (2, 4), (3, 6), (4, 3)) for i in range(1, n)]
+    assert isinstance(conv.layer3[2], PartialResidual) and isinstance(conv.layer3[2].conv2, PATConv)
+    assert (conv.layer3[1].offset, conv.layer3[2].offset) == (0, 512)  # odd blocks first half, even second
+    plan = conv._partialize_plan
+    # nested layers count once in the share of converted MACs
+    assert plan.converted_macs_share() <= 1.0
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got, deployed = conv(x), partialize.deploy(conv)(x)
+    assert rel_err(deployed, got) < 1e-4
+    path = partialize.save(conv, tmp_path / "p.safetensors")
+    back = partialize.load(path).eval()
+    with torch.no_grad():
+        assert torch.equal(back(x), got)
+
+
+def test_changed_children_of_a_converted_block_are_skipped_with_the_reason():
+    model = torchvision.models.resnet18()
+    rec = {
+        "version": 1,
+        "rules": [
+            {"select": {"name": "layer1.1"}, "variant": "partial_residual", "ratio": 0.5, "params": {"read": "group"}},
+            {"select": {"name": ["layer1.1.conv1", "layer1.1.conv2"]}, "variant": "pconv"},
+        ],
+    }
+    plan = partialize.plan(model, rec, input_size=64)
+    skipped = {e.layer: e.reason for e in plan.skipped}
+    assert "changes this layer's channels" in skipped["layer1.1.conv1"]
+    assert "changes this layer's channels" in skipped["layer1.1.conv2"]
+    assert [e.layer for e in plan.converted] == ["layer1.1"]

@@ -455,10 +455,13 @@ def test_fold_bn_into_deployed_operator(make):
     with torch.no_grad():
         bn.weight.normal_(1, 0.3)
         bn.bias.normal_(0, 0.3)
-    x = torch.randn(3, 32, 8, 8)
     fused = op.eval().deploy().fold_bn(bn)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
-    assert rel_err(fused(x), seq(x)) < 1e-5
+    # even sizes (a strided PConv's pool + BN run as one depthwise conv), odd sizes (pool with
+    # partial windows), and channels_last
+    for size, fmt in ((8, torch.contiguous_format), (7, torch.contiguous_format), (8, torch.channels_last)):
+        x = torch.randn(3, 32, size, size).contiguous(memory_format=fmt)
+        assert rel_err(fused(x), seq(x)) < 1e-5
 
 
 def test_partial_mlp_deploy_folds_its_batchnorms():

@@ -159,11 +159,21 @@ class PConvBN(nn.Module):
         self.conv = fold_bn_into_conv(op.conv, part)
         self.register_buffer("scale", scale[n:].reshape(1, -1, 1, 1).clone())
         self.register_buffer("shift", shift[n:].reshape(1, -1, 1, 1).clone())
+        if self.stride > 1:  # pool + affine as one depthwise s x s conv (used when H, W divide by s)
+            s = self.stride
+            w = (scale[n:] / (s * s)).reshape(-1, 1, 1, 1).expand(-1, 1, s, s)
+            self.register_buffer("pool_weight", w.clone())
         self.eval().requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1, x2 = x[:, : self.dim_conv], x[:, self.dim_conv :]
         y1 = self.conv(x1)
+        if self.stride > 1 and x.shape[-2] % self.stride == 0 and x.shape[-1] % self.stride == 0:
+            # no partial windows: the average pool and the BN affine are one depthwise conv
+            # (oneDNN runs it 1.3-6x faster than avg_pool2d + addcmul; 3-6x in NCHW)
+            w = self.pool_weight.to(x.dtype)
+            y2 = F.conv2d(x2, w, self.shift.reshape(-1).to(x.dtype), self.stride, groups=w.shape[0])
+            return torch.cat((y1, y2), dim=1)
         if self.stride > 1:
             x2 = F.avg_pool2d(x2, self.stride, self.stride, ceil_mode=True, count_include_pad=False)
         out = torch.empty(

@@ -1,5 +1,6 @@
-"""Benchmark the shipped 000 Table 4 recipes (and resnet50-partial, which goes beyond Table 4) on CPU: MACs ratio, throughput (batch 16) and latency
-(batch 1) ratios against the original, and the share of the MACs-proportional limit reached.
+"""Benchmark the shipped 000 Table 4 recipes (and resnet50-partial, which goes beyond Table 4) on
+CPU: MACs ratio, throughput (batch 16) and latency (batch 1) ratios against the original, and the
+share of the MACs-proportional limit reached.
 
 Both sides are in inference form (``partialize.deploy``: BN folded, operators deployed) and are
 timed side by side (interleaved rounds, medians). Also times conversion (trace + plan + apply) of

@@ -21,12 +21,11 @@ from torch.utils.data import DataLoader, TensorDataset
 import partialize
 from partialize.train import finetune
 from partialize.train.data import digits_tensors, make_train_loader
+from partialize.train.finetune import evaluate
 
 
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    return 100.0 * float((model(x).argmax(1) == y).float().mean())
+def accuracy(model: torch.nn.Module, val: DataLoader) -> float:
+    return evaluate(model, val, torch.device("cpu"))["top1"]
 
 
 def main() -> None:
@@ -49,17 +48,17 @@ def main() -> None:
     t0 = time.perf_counter()
     finetune(teacher, train, val, epochs=args.epochs_teacher, lr=2e-3, **common)
     teacher.eval()
-    acc_t = accuracy(teacher, xv, yv)
+    acc_t = accuracy(teacher, val)
     print(f"teacher: {args.epochs_teacher} epochs in {time.perf_counter() - t0:.0f}s, top-1 {acc_t:.2f}%")
     rows = [("original", 1.0, acc_t, acc_t)]
     for recipe in ("resnet50-patconv", "resnet50-partial"):
         conv = partialize.apply(teacher, recipe, input_size=args.size)
         plan = conv._partialize_plan
-        before = accuracy(conv, xv, yv)
+        before = accuracy(conv, val)
         t0 = time.perf_counter()
         finetune(conv, train, val, teacher=teacher, epochs=args.epochs_finetune, lr=1e-3, kd_temperature=4.0,
                  kd_weight=0.5, **common)  # fmt: skip
-        after = accuracy(conv, xv, yv)
+        after = accuracy(conv, val)
         ratio = plan.macs_after / plan.macs_before
         print(f"{recipe}: MACs {ratio:.3f}x, top-1 {before:.2f}% -> {after:.2f}% after {args.epochs_finetune} "
               f"epochs of KD fine-tuning ({time.perf_counter() - t0:.0f}s)")  # fmt: skip

@@ -79,9 +79,9 @@ def evaluate_accuracy(
     (a seeded random sample across all classes, not the first ones).
 
     Class indices are the ImageFolder's sorted folder names, which is ImageNet's order for the
-    usual ``val/nXXXXXXXX`` layout: a folder with fewer class folders than the model has outputs
-    is scored against the first N outputs, which is only right if those are its classes (a warning
-    says so). ``progress(done, total)`` is called after every batch.
+    usual layout of one folder per WordNet id (``val/n01440764/...``): a folder with fewer class
+    folders than the model has outputs is scored against the first N outputs, which is only right
+    if those are its classes (a warning says so). ``progress(done, total)`` is called after every batch.
     """
     loader, cfg = make_loader(model, data, batch, workers, input_size, limit=limit)
     n_classes = len(loader.dataset.classes)

@@ -151,3 +151,47 @@ def copy_top_left(dst: nn.Conv2d, src: nn.Conv2d) -> None:
             dst.bias.zero_()
             if src.bias is not None:
                 dst.bias[:n_out].copy_(src.bias[:n_out])
+
+
+def slice_conv(
+    conv: nn.Conv2d, out_range: tuple[int, int] | None = None, in_range: tuple[int, int] | None = None
+) -> nn.Conv2d:
+    """Copy of a dense or depthwise ``nn.Conv2d`` keeping output channels ``out_range`` and input
+    channels ``in_range`` (``None``: all). A depthwise conv keeps ``out_range`` for both."""
+    dw = conv.groups == conv.in_channels == conv.out_channels and conv.groups > 1
+    if conv.groups != 1 and not dw:
+        raise OperatorError(f"grouped conv (groups={conv.groups}) cannot be sliced")
+    o0, o1 = out_range or (0, conv.out_channels)
+    i0, i1 = (o0, o1) if dw else in_range or (0, conv.in_channels)
+    new = nn.Conv2d(
+        i1 - i0,
+        o1 - o0,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        groups=o1 - o0 if dw else 1,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
+    with torch.no_grad():
+        new.weight.copy_(conv.weight[o0:o1] if dw else conv.weight[o0:o1, i0:i1])
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias[o0:o1])
+    return new.to(conv.weight.device, conv.weight.dtype)
+
+
+def slice_bn(bn: nn.modules.batchnorm._BatchNorm, a: int, b: int) -> nn.modules.batchnorm._BatchNorm:
+    """Copy of a BN (or timm BatchNormAct2d) keeping channels [a, b): affine and running statistics."""
+    new = copy.deepcopy(bn)
+    new.num_features = b - a
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            p = getattr(bn, name)
+            if p is not None:
+                setattr(new, name, nn.Parameter(p[a:b].clone()))
+        for name in ("running_mean", "running_var"):
+            t = getattr(bn, name)
+            if t is not None:
+                setattr(new, name, t[a:b].clone())
+    return new

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import OperatorError
-from ._utils import bn_remainder, fold_bn_into_conv, is_foldable_bn, split_channels
+from ._utils import bn_remainder, fold_bn_into_conv, is_foldable_bn, slice_bn, slice_conv, split_channels
 from .registry import register_operator
 
 _PASSTHROUGH = (
@@ -52,41 +52,12 @@ def _slice_layer(m: nn.Module, n_in: int | None, n_out: int | None, where: str) 
                 new.bias.copy_(m.bias[:n_out])
         return new.to(m.weight.device, m.weight.dtype)
     if type(m) is nn.Conv2d:
-        dw = m.groups == m.in_channels == m.out_channels and m.groups > 1
-        if m.groups != 1 and not dw:
-            raise OperatorError(f"{where}: grouped conv (groups={m.groups}) cannot be sliced")
-        if dw:
-            n_in = n_out = n_out if n_out is not None else n_in
-        new = nn.Conv2d(
-            n_in,
-            n_out,
-            m.kernel_size,
-            m.stride,
-            m.padding,
-            m.dilation,
-            groups=n_out if dw else 1,
-            bias=m.bias is not None,
-            padding_mode=m.padding_mode,
-        )
-        with torch.no_grad():
-            new.weight.copy_(m.weight[:n_out] if dw else m.weight[:n_out, :n_in])
-            if m.bias is not None:
-                new.bias.copy_(m.bias[:n_out])
-        return new.to(m.weight.device, m.weight.dtype)
+        try:
+            return slice_conv(m, (0, n_out if n_out is not None else n_in), (0, n_in) if n_in is not None else None)
+        except OperatorError as e:
+            raise OperatorError(f"{where}: {e}") from None
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        new = copy.deepcopy(m)
-        n = n_out
-        new.num_features = n
-        with torch.no_grad():
-            for name in ("weight", "bias"):
-                p = getattr(m, name)
-                if p is not None:
-                    setattr(new, name, nn.Parameter(p[:n].clone()))
-            for name in ("running_mean", "running_var"):
-                b = getattr(m, name)
-                if b is not None:
-                    setattr(new, name, b[:n].clone())
-        return new
+        return slice_bn(m, 0, n_out)
     if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
         new = nn.LayerNorm(n_out, eps=m.eps, elementwise_affine=m.elementwise_affine, bias=m.bias is not None)
         if m.elementwise_affine:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import OperatorError
-from ._utils import bn_remainder, fold_bn_into_conv, is_foldable_bn, split_channels
+from ._utils import bn_remainder, fold_bn_into_conv, is_foldable_bn, slice_bn, slice_conv, split_channels
 from .registry import is_partial_op, register_operator
 
 READ_MODES = ("all", "group", "complement")
@@ -65,45 +65,16 @@ def _qualname(m: nn.Module) -> str:
     return f"{type(m).__module__}.{type(m).__qualname__}"
 
 
-def _conv_range(conv: nn.Conv2d, out_range: tuple[int, int] | None, in_range: tuple[int, int] | None) -> nn.Conv2d:
-    """Copy of a dense conv keeping output channels ``out_range`` and input channels ``in_range``."""
+def _conv_range(conv: nn.Module, out_range: tuple[int, int] | None, in_range: tuple[int, int] | None) -> nn.Conv2d:
     if type(conv) is not nn.Conv2d or conv.groups != 1:
         raise OperatorError(f"partial_residual can only slice a dense nn.Conv2d, got {type(conv).__name__}")
-    o0, o1 = out_range or (0, conv.out_channels)
-    i0, i1 = in_range or (0, conv.in_channels)
-    new = nn.Conv2d(
-        i1 - i0,
-        o1 - o0,
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
-        bias=conv.bias is not None,
-        padding_mode=conv.padding_mode,
-    )
-    with torch.no_grad():
-        new.weight.copy_(conv.weight[o0:o1, i0:i1])
-        if conv.bias is not None:
-            new.bias.copy_(conv.bias[o0:o1])
-    return new.to(conv.weight.device, conv.weight.dtype)
+    return slice_conv(conv, out_range, in_range)
 
 
 def _bn_range(bn: nn.Module, a: int, b: int) -> nn.Module:
-    """Copy of a BN (or timm BatchNormAct2d) keeping channels [a, b)."""
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
         raise OperatorError(f"partial_residual expects a BatchNorm after the last conv, got {type(bn).__name__}")
-    new = copy.deepcopy(bn)
-    new.num_features = b - a
-    with torch.no_grad():
-        for name in ("weight", "bias"):
-            p = getattr(bn, name)
-            if p is not None:
-                setattr(new, name, nn.Parameter(p[a:b].clone()))
-        for name in ("running_mean", "running_var"):
-            t = getattr(bn, name)
-            if t is not None:
-                setattr(new, name, t[a:b].clone())
-    return new
+    return slice_bn(bn, a, b)
 
 
 def _act(act: nn.Module, t: torch.Tensor) -> torch.Tensor:
@@ -130,7 +101,6 @@ class PartialResidual(nn.Module):
         dim_part: int,
         offset: int,
         read: str,
-        kept: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         if read not in READ_MODES:
@@ -140,7 +110,7 @@ class PartialResidual(nn.Module):
         self.order = tuple(order)
         self.out_act = out_act
         self.dim, self.dim_part, self.offset, self.read = dim, dim_part, offset, read
-        self.kept = tuple(kept)  # children identical to the original block's (a recipe may convert them)
+        self.kept: tuple[str, ...] = ()  # children identical to the original's (a recipe may convert them)
         self.forward_mode = "cat"  # "write" in the deploy form
 
     @property
@@ -248,8 +218,6 @@ class PartialResidual(nn.Module):
         changed = {last, last_bn}
         if (a, b) != (0, dim):
             changed.add(first)
-        if first == last:
-            raise OperatorError("block with a single conv: nothing to slice")
         setattr(op, last, _conv_range(getattr(original, last), (o, o + k), None))
         setattr(op, last_bn, _bn_range(getattr(original, last_bn), o, o + k))
         if first in changed:

@@ -15,6 +15,7 @@ from ._utils import (
     conv_padding,
     copy_top_left,
     fold_bn_into_conv,
+    slice_bn,
     split_channels,
 )
 from .registry import register_operator
@@ -150,13 +151,7 @@ class PConvBN(nn.Module):
         n = op.dim_conv
         self.dim, self.dim_conv, self.stride = op.dim, n, op.stride
         scale, shift = bn_affine(bn)
-        part = copy.deepcopy(bn)
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            t = getattr(bn, name)
-            if t is not None:
-                setattr(part, name, nn.Parameter(t[:n].clone()) if name in ("weight", "bias") else t[:n].clone())
-        part.num_features = n
-        self.conv = fold_bn_into_conv(op.conv, part)
+        self.conv = fold_bn_into_conv(op.conv, slice_bn(bn, 0, n))
         self.register_buffer("scale", scale[n:].reshape(1, -1, 1, 1).clone())
         self.register_buffer("shift", shift[n:].reshape(1, -1, 1, 1).clone())
         if self.stride > 1:  # pool + affine as one depthwise s x s conv (used when H, W divide by s)

@@ -111,6 +111,56 @@ def _check_spec(spec: str, kwargs: dict, path, trust_factory: bool) -> None:
         )
 
 
+def _shape_mismatches(model: nn.Module, path) -> list[tuple[str, tuple, tuple]]:
+    """(name, shape in the file, shape in the model) for tensors both have with different shapes."""
+    from safetensors import safe_open
+
+    state = model.state_dict()
+    out = []
+    try:
+        with safe_open(os.fspath(path), "pt") as f:
+            for k in f.keys():
+                if k in state:
+                    shape = tuple(f.get_slice(k).get_shape())
+                    if shape != tuple(state[k].shape):
+                        out.append((k, shape, tuple(state[k].shape)))
+    except Exception:  # unreadable: load_model reports it
+        return []
+    return out
+
+
+def _base_hint(plan) -> str:
+    spec = (plan.model or {}).get("spec")
+    return f"this model (the file was converted from {spec!r})" if spec else "this model"
+
+
+def _check_fits(model: nn.Module, plan, path) -> None:
+    """Refuse a base model the plan was not made for: every converted layer must exist with its type."""
+    modules = dict(model.named_modules())
+    spec = (plan.model or {}).get("spec")
+    fix = (
+        f"pass the model the file was converted from ({spec!r}; e.g. partialize.zoo.build_model({spec!r}"
+        + (f", **{plan.model.get('kwargs')}" if plan.model.get("kwargs") else "")
+        + ")), or leave model= out to build it from the file"
+        if spec
+        else "pass the model the file was converted from"
+    )
+    missing = [e.layer for e in plan.converted if e.layer not in modules]
+    if missing:
+        raise CheckpointError(
+            f"{os.fspath(path)!r} does not fit the given {type(model).__name__}: it has no layer(s) "
+            f"{missing[:5]}{' ...' if len(missing) > 5 else ''} that the plan converts; {fix}"
+        )
+    for e in plan.converted:
+        want = (e.original or "").split("(")[0]
+        have = type(modules[e.layer]).__name__
+        if want and want != have:
+            raise CheckpointError(
+                f"{os.fspath(path)!r} does not fit the given {type(model).__name__}: layer {e.layer!r} is a {have}, "
+                f"the plan converts a {e.original}; {fix}"
+            )
+
+
 def load(
     path: str | os.PathLike,
     model: nn.Module | None = None,
@@ -132,6 +182,11 @@ def load(
 
     meta = read_metadata(path)
     plan = read_plan(path)
+    if model is not None and not isinstance(model, nn.Module):
+        raise CheckpointError(
+            f"partialize.load({os.fspath(path)!r}, model=...): model= must be an nn.Module (the base model the "
+            f"file was converted from), got {type(model).__name__}"
+        )
     if model is None:
         spec = plan.model
         if not spec:
@@ -143,15 +198,25 @@ def load(
         _check_spec(spec["spec"], kwargs, path, trust_factory)
         model = build_model(spec["spec"], weights="random", **kwargs)
     else:
+        _check_fits(model, plan, path)
         model = copy.deepcopy(model)  # the caller's model stays untouched
-    converted = apply_plan(model, plan, inplace=True, check=False)
+    try:
+        converted = apply_plan(model, plan, inplace=True, check=False)
+    except PartializeError as e:
+        raise CheckpointError(
+            f"{os.fspath(path)!r}: the stored plan does not replay on {_base_hint(plan)}: {e}"
+        ) from None
+    differ = _shape_mismatches(converted, path)
+    if differ:
+        raise CheckpointError(
+            f"weights in {os.fspath(path)!r} do not fit {_base_hint(plan)}: tensor shapes differ ("
+            + "; ".join(f"{k}: {list(a)} in the file, {list(b)} in the model" for k, a, b in differ[:3])
+            + (" ..." if len(differ) > 3 else "")
+            + "). Pass the base model the file was converted from (same architecture and num_classes)"
+        )
     try:
         missing, unexpected = load_model(converted, os.fspath(path), strict=False)
     except RuntimeError as e:
-        if "size mismatch" in str(e):
-            raise CheckpointError(
-                f"weights in {os.fspath(path)!r} do not match the replayed plan (tensor shapes differ): {str(e)[:400]}"
-            ) from None
         raise CheckpointError(f"cannot load tensors from {os.fspath(path)!r} (truncated or corrupt?): {e}") from None
     except Exception as e:
         raise CheckpointError(f"cannot load tensors from {os.fspath(path)!r} (truncated or corrupt?): {e}") from None

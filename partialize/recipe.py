@@ -8,21 +8,77 @@ defaults < rules selecting by type/predicates only < rules with a glob or ``re:`
 
 from __future__ import annotations
 
+import ast
 import difflib
 import fnmatch
 import functools
+import inspect
 import os
 import re
+import textwrap
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from .errors import RecipeError
 
 RATIO_WORDS = ("dynamic", "adaptive", "inherit")
 SKIP_VARIANTS = ("skip", "none")
+# ratio words that turn a variant into another operator (engine.plan._variant_for_ratio)
+_IMPLIED_VARIANTS = {"dynamic": ("dpconv", ("pconv", "patconv", "dpconv")), "adaptive": ("ada_pconv", ("pconv",))}
+
+MAX_DEPTH = 32  # nesting levels of a recipe document (a real recipe uses about 6)
+MAX_NODES = 50_000  # YAML values after alias expansion (shipped recipes: < 200)
+
+
+def check_ratio(v: Any) -> Any:
+    """A ratio is a number in (0, 1] or one of RATIO_WORDS; ValueError (with the fix) otherwise."""
+    if isinstance(v, str) and v in RATIO_WORDS:
+        return v
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < float(v) <= 1:  # NaN fails too
+        return float(v)
+    raise ValueError(
+        f"ratio must be in (0, 1] (a number: the share of channels that keep the expensive op, e.g. 0.25) "
+        f"or one of {', '.join(RATIO_WORDS)}; got {v!r}"
+    )
+
+
+Ratio = Annotated[float | Literal["dynamic", "adaptive", "inherit"], BeforeValidator(check_ratio)]
+
+
+def _known_variant(v: str | None) -> str | None:
+    from .ops.registry import list_operators
+
+    known = set(list_operators()) | set(SKIP_VARIANTS)
+    if v is not None and v not in known:
+        close = difflib.get_close_matches(v, sorted(known), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown variant {v!r}; {hint}known variants: {', '.join(sorted(known))}")
+    return v
+
+
+def _regex_ok(pat: str) -> str:
+    if pat.startswith("re:"):
+        try:
+            re.compile(pat[3:])
+        except re.error as e:
+            raise ValueError(
+                f"bad regular expression {pat[3:]!r}: {e} (fix the pattern, or drop the re: prefix)"
+            ) from None
+    return pat
 
 
 class IntRange(BaseModel):
@@ -71,11 +127,7 @@ class Select(BaseModel):
     @classmethod
     def _regex_compiles(cls, v):
         for pat in _as_list(v) if v is not None else []:
-            if pat.startswith("re:"):
-                try:
-                    re.compile(pat[3:])
-                except re.error as e:
-                    raise ValueError(f"bad regular expression {pat[3:]!r}: {e}") from None
+            _regex_ok(pat)
         return v
 
     def name_kind(self) -> int:
@@ -91,24 +143,43 @@ class Rule(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     select: Select
-    variant: str | None = None
-    ratio: float | Literal["dynamic", "adaptive", "inherit"] | None = None
+    variant: Annotated[str | None, AfterValidator(_known_variant)] = None
+    ratio: Ratio | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     note: str | None = None
 
-    @field_validator("ratio")
+    @field_validator("params")
     @classmethod
-    def _ratio_range(cls, v):
-        if isinstance(v, float) and not 0 < v <= 1:
-            raise ValueError("ratio must be in (0, 1]")
+    def _params_known(cls, v: dict, info: ValidationInfo) -> dict:
+        if "variant" not in info.data:  # the variant itself is invalid (reported on its own)
+            return v
+        ratio = info.data.get("ratio")
+        if ratio is None:  # the defaults' ratio applies (a word there can change the operator)
+            ratio = (info.context or {}).get("defaults_ratio")
+        problems = param_problems(info.data.get("variant"), v, ratio)
+        if problems:
+            raise ValueError("; ".join(problems))
         return v
 
 
 class Defaults(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    variant: str = "pconv"
-    ratio: float | Literal["dynamic", "adaptive", "inherit"] = 0.25
+    variant: Annotated[str, AfterValidator(_known_variant)] = "pconv"
+    ratio: Ratio = 0.25
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("params")
+    @classmethod
+    def _params_known(cls, v: dict, info: ValidationInfo) -> dict:
+        if "variant" not in info.data:  # the variant itself is invalid (reported on its own)
+            return v
+        ratio = info.data.get("ratio")
+        if ratio is None:  # the defaults' ratio applies (a word there can change the operator)
+            ratio = (info.context or {}).get("defaults_ratio")
+        problems = param_problems(info.data.get("variant"), v, ratio)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
 
 
 class Recipe(BaseModel):
@@ -119,47 +190,272 @@ class Recipe(BaseModel):
     name: str | None = None
     description: str | None = None
     strict: bool = Field(True, description="a rule that matches no layer is an error")
-    input_size: int | None = Field(None, description="example input size for discovery (default: model's)")
+    input_size: int | None = Field(None, gt=0, description="example input size for discovery (default: model's)")
     defaults: Defaults = Field(default_factory=Defaults)
     rules: list[Rule] = Field(min_length=1)
-    ignore: list[str] = Field(default_factory=list, description="layer names/globs/re: never converted")
+    ignore: list[Annotated[str, AfterValidator(_regex_ok)]] = Field(
+        default_factory=list, description="layer names/globs/re: never converted"
+    )
 
-    @model_validator(mode="after")
-    def _variants_known(self):
-        from .ops.registry import list_operators
+    @classmethod
+    def model_validate(cls, obj: Any, *args, **kwargs) -> Recipe:
+        """Validate a dict; a RecipeError listing every problem (not pydantic's ValidationError)."""
+        try:
+            return super().model_validate(obj, *args, **kwargs)
+        except ValidationError as e:
+            raise RecipeError(_format_errors(e, "<recipe>", {})) from None
 
-        known = set(list_operators()) | set(SKIP_VARIANTS)
-        for where, v in [("defaults.variant", self.defaults.variant)] + [
-            (f"rules.{i}.variant", r.variant) for i, r in enumerate(self.rules)
-        ]:
-            if v is not None and v not in known:
-                raise ValueError(f"{where}: unknown variant {v!r}; known variants: {', '.join(sorted(known))}")
-        return self
+
+# ---------------------------------------------------------------------------------------------
+# operator parameters
+
+
+def _hint_text(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+def _bound_by_from_module(cls: type) -> tuple[int, set[str]] | None:
+    """How ``from_module`` calls the constructor (``cls(a, b, k=...)``): the number of positional
+    arguments and the keywords it passes itself; a recipe cannot give those. None if unknown."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.from_module)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    calls = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("cls", cls.__name__)
+    ]
+    if len(calls) != 1:
+        return None
+    call = calls[0]
+    return len(call.args), {k.arg for k in call.keywords if k.arg is not None}
+
+
+@functools.cache
+def operator_parameters(cls: type) -> tuple[frozenset[str] | None, dict[str, Any], dict[str, tuple]]:
+    """What a recipe may pass an operator in ``params``: the names (None: any), their type hints and
+    the allowed values of enumerated ones (the class's ``PARAM_CHOICES``).
+
+    Names come from ``from_module``'s signature; where it takes ``**kwargs`` they go on to the class
+    constructor, whose parameters count too (less those ``from_module`` passes itself), and a
+    constructor with ``**kwargs`` of its own lists what they accept in ``EXTRA_PARAMS`` (else any
+    name is taken).
+    """
+    choices = {k: tuple(v) for k, v in getattr(cls, "PARAM_CHOICES", {}).items()}
+    names: set[str] = set(choices)
+    hints: dict[str, Any] = {}
+    open_ = False
+    for fn in (cls.from_module, cls.__init__):
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):
+            return None, {}, choices
+        params = list(sig.parameters.values())[1:]  # the module to convert / self
+        if fn is cls.__init__:
+            bound = _bound_by_from_module(cls)
+            if bound is None:  # unknown: at least leave out what has no default (always passed)
+                params = [p for p in params if p.default is not p.empty or p.kind is p.VAR_KEYWORD]
+            else:
+                n, keywords = bound
+                params = [
+                    p for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD or (i >= n and p.name not in keywords)
+                ]
+        names |= {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        try:
+            found = typing.get_type_hints(fn)
+        except Exception:  # unresolvable annotations: no type checks, names still checked
+            found = {}
+        for p in params:
+            if p.name in found and p.name not in hints:
+                hints[p.name] = found[p.name]
+        open_ = any(p.kind is p.VAR_KEYWORD for p in params)
+        if not open_:
+            break
+    if open_:
+        extra = getattr(cls, "EXTRA_PARAMS", None)
+        if extra is None:
+            return None, hints, choices
+        names |= set(extra)
+    return frozenset(names), hints, choices
+
+
+def _tuplify(v: Any) -> Any:
+    return tuple(_tuplify(x) for x in v) if isinstance(v, list) else v
+
+
+def _value_problem(name: str, value: Any, hints: dict, choices: dict) -> str | None:
+    """Why ``value`` is not a valid ``name`` (None when it is)."""
+    if name in choices and value not in choices[name]:
+        return f"{value!r} is not one of {', '.join(map(str, choices[name]))}"
+    hint = hints.get(name)
+    if hint is None or hint is Any:
+        return None
+    try:
+        adapter = TypeAdapter(hint)
+    except Exception:  # a hint pydantic cannot build a validator for: not checked here
+        return None
+    for candidate in (value, _tuplify(value)):  # YAML has lists where signatures say tuple
+        try:
+            adapter.validate_python(candidate, strict=True)
+            return None
+        except ValidationError:
+            continue
+        except Exception:
+            return None
+    return f"{value!r} is not a valid {_hint_text(hint)}"
+
+
+def _candidate_variants(variant: str, ratio: Any) -> list[str]:
+    """The operators a rule's params may end up with: its variant, and the one a ratio word implies."""
+    if isinstance(ratio, str) and ratio in _IMPLIED_VARIANTS:
+        implied, sources = _IMPLIED_VARIANTS[ratio]
+        if variant in sources and implied != variant:
+            return [variant, implied]
+    return [variant]
+
+
+def param_problems(variant: str | None, params: dict, ratio: Any = None) -> list[str]:
+    """Every problem with ``params`` for ``variant`` at ``ratio`` (variant None: checked against every
+    operator taking each name), e.g. ``params.attn: 'nope' is not one of ch, sf (variant 'patconv')``."""
+    from .ops.registry import _OPERATORS
+
+    if not params or variant in SKIP_VARIANTS:
+        return []
+    if variant is not None:
+        cands = [v for v in _candidate_variants(variant, ratio) if v in _OPERATORS]
+        if not cands:
+            return []
+        sigs = {v: operator_parameters(_OPERATORS[v]) for v in cands}
+        out = []
+        for name, value in params.items():
+            takers = [v for v, (names, _, _) in sigs.items() if names is None or name in names]
+            if not takers:
+                names = sorted(set().union(*(s[0] for s in sigs.values())) - {"ratio"})
+                close = difflib.get_close_matches(name, names, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                out.append(
+                    f"params.{name}: variant {variant!r} has no parameter {name!r}; {hint}it takes {', '.join(names)}"
+                )
+                continue
+            why = [_value_problem(name, value, sigs[v][1], sigs[v][2]) for v in takers]
+            if all(why):
+                out.append(f"params.{name}: {why[0]} (variant {variant!r})")
+        return out
+    # no variant in this rule: it comes from the defaults or another rule; check against every operator
+    sigs = {v: operator_parameters(c) for v, c in _OPERATORS.items()}
+    out = []
+    for name, value in params.items():
+        declared = [v for v, (names, _, _) in sigs.items() if names is not None and name in names]
+        if not declared:
+            if not any(names is None for names, _, _ in sigs.values()):
+                out.append(
+                    f"params.{name}: no operator takes a parameter {name!r}; check its spelling, or give the "
+                    "rule a variant"
+                )
+            continue
+        why = [_value_problem(name, value, sigs[v][1], sigs[v][2]) for v in declared]
+        if all(why):
+            out.append(f"params.{name}: {why[0]} (for {', '.join(declared)})")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # loading with line numbers
 
 
-def _line_map(text: str) -> dict[tuple, int]:
+class _TooBig(Exception):
+    def __init__(self, node, why: str):
+        super().__init__(why)
+        self.node, self.why = node, why
+
+
+def _children(node) -> list:
+    if isinstance(node, yaml.MappingNode):
+        return [n for kv in node.value for n in kv]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_expansion(root) -> None:
+    """Refuse documents that aliases make huge (a "billion laughs" bomb), deep or recursive, before
+    anything walks them: sizes and depths are computed once per node (memoised, iteratively)."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        k = id(node)
+        if done:
+            kids = _children(node)
+            size[k] = 1 + sum(size[id(c)] for c in kids)
+            depth[k] = 1 + max((depth[id(c)] for c in kids), default=0)
+            on_path.discard(k)
+            if size[k] > MAX_NODES:
+                raise _TooBig(
+                    node,
+                    f"its aliases expand to more than {MAX_NODES:,} values (an alias bomb?); write the values "
+                    "out or use fewer nested aliases",
+                )
+            if depth[k] > MAX_DEPTH:
+                raise _TooBig(node, f"it is nested more than {MAX_DEPTH} levels deep once aliases are expanded")
+            continue
+        if k in size:
+            continue
+        if k in on_path:
+            raise _TooBig(node, "an alias here refers to itself (a recursive structure); write the value out")
+        on_path.add(k)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _children(node) if id(c) not in size)
+
+
+def _compose(text: str, source: str):
+    """The YAML node tree of ``text`` (None for an empty document), checked for nesting depth and
+    alias expansion; RecipeError names the line."""
+    depth = 0
+    try:
+        # the event parser is iterative: find a too-deep document before the (recursive) composer does
+        for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise RecipeError(
+                        f"{source}:{ev.start_mark.line + 1}: the recipe is nested more than {MAX_DEPTH} levels "
+                        "deep (a recipe needs about 6): flatten it"
+                    )
+            elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise RecipeError(f"{where}: invalid YAML: {getattr(e, 'problem', e)} (fix the syntax at that line)") from None
+    if root is not None:
+        try:
+            _check_expansion(root)
+        except _TooBig as e:
+            raise RecipeError(f"{source}:{e.node.start_mark.line + 1}: refused: {e.why}") from None
+    return root
+
+
+def _line_map(root) -> dict[tuple, int]:
     """Path (tuple of keys/indices) -> 1-based line, from the YAML node tree."""
     lines: dict[tuple, int] = {}
 
     def walk(node, path):
-        lines[path] = node.start_mark.line + 1
+        lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
-                lines[path + (k.value,)] = k.start_mark.line + 1
+                if not isinstance(k, yaml.ScalarNode):
+                    continue
                 walk(v, path + (k.value,))
                 lines[path + (k.value,)] = k.start_mark.line + 1
         elif isinstance(node, yaml.SequenceNode):
             for i, v in enumerate(node.value):
                 walk(v, path + (i,))
 
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return lines
     if root is not None:
         walk(root, ())
     return lines
@@ -198,50 +494,88 @@ def _allowed_fields(loc: tuple) -> str:
     return ", ".join(model.model_fields)
 
 
+_UNION_TAGS = ("int", "float", "str", "bool", "list[int]", "list[str]", "IntRange", "FloatRange")
+
+
 def _format_errors(err: ValidationError, source: str, lines: dict[tuple, int]) -> str:
-    out = []
+    """Every problem of a recipe, one line each (field, line, message, fix), under a count."""
+    by_field: dict[tuple, list[str]] = {}
     for e in err.errors():
         loc = tuple(
             p
             for p in e["loc"]
-            if not (
-                isinstance(p, str)
-                and p in ("int", "float", "str", "list[int]", "list[str]", "IntRange", "FloatRange", "literal[...]")
-                or (isinstance(p, str) and p.startswith(("literal[", "function-")))
-            )
+            if not (isinstance(p, str) and (p in _UNION_TAGS or p.startswith(("literal[", "function-"))))
         )
-        line = None
-        for i in range(len(loc), -1, -1):
-            if loc[:i] in lines:
-                line = lines[loc[:i]]
-                break
-        field = ".".join(str(p) for p in loc) or "(top level)"
         fix = _FIXES.get(e["type"], "")
         if "{allowed}" in fix:
             fix = fix.format(allowed=_allowed_fields(loc))
-        msg = e["msg"].removeprefix("Value error, ")
+        msg = e["msg"].removeprefix("Value error, ") + (f" (fix: {fix})" if fix else "")
+        msgs = by_field.setdefault(loc, [])
+        if msg not in msgs:  # pydantic reports each member of a union: keep one line per field
+            msgs.append(msg)
+    out = []
+    for loc, msgs in by_field.items():
+        line = next((lines[loc[:i]] for i in range(len(loc), -1, -1) if loc[:i] in lines), None)
+        field = ".".join(str(p) for p in loc) or "(top level)"
         where = f"{source}:{line}" if line else source
-        out.append(f"{where}: field '{field}': {msg}" + (f" (fix: {fix})" if fix else ""))
-    # pydantic reports each member of a union; keep distinct lines only
-    return "\n".join(dict.fromkeys(out))
+        out.append((line or 0, f"{where}: field '{field}': {' / '.join(msgs)}"))
+    out = [text for _, text in sorted(out, key=lambda t: t[0])]  # file order
+    n = len(out)
+    return f"invalid recipe {source}: {n} problem{'s' if n != 1 else ''}\n" + "\n".join(out)
+
+
+def _validate(data: dict, source: str, lines: dict[tuple, int]) -> Recipe:
+    defaults = data.get("defaults")
+    ctx = {"defaults_ratio": defaults.get("ratio") if isinstance(defaults, dict) else None}
+    try:
+        return Recipe.__pydantic_validator__.validate_python(data, context=ctx)
+    except ValidationError as e:
+        raise RecipeError(_format_errors(e, source, lines)) from None
 
 
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
-    """Parse YAML text into a validated Recipe; RecipeError names the source, line and field."""
+    """Parse YAML text into a validated Recipe; RecipeError names the source, line and field of every
+    problem. Alias bombs, recursive aliases and documents nested deeper than MAX_DEPTH are refused."""
+    root = _compose(text, source)
+    loader = yaml.SafeLoader("")
     try:
-        data = yaml.safe_load(text)
+        data = loader.construct_document(root) if root is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
-        raise RecipeError(f"{where}: invalid YAML: {getattr(e, 'problem', e)} (fix the syntax at that line)") from None
+        raise RecipeError(f"{where}: invalid YAML: {getattr(e, 'problem', e)} (fix the value at that line)") from None
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
         raise RecipeError(
             f"{source}: a recipe must be a YAML mapping with version, rules, ... (got {type(data).__name__})"
         )
+    return _validate(data, source, _line_map(root))
+
+
+def read_recipe_file(path: str | os.PathLike) -> str:
+    """The text of a recipe file: UTF-8 (a BOM is fine); RecipeError naming the file otherwise."""
+    path = os.fspath(path)
     try:
-        return Recipe.model_validate(data)
-    except ValidationError as e:
-        raise RecipeError("invalid recipe\n" + _format_errors(e, source, _line_map(text))) from None
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {path!r}: {e.strerror or e}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise RecipeError(
+            f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at line {line}, column {col}); "
+            "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
+def _is_file(s: str) -> bool:
+    try:
+        return Path(s).is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte: not a file
+        return False
 
 
 def load_recipe(recipe: str | os.PathLike | dict | Recipe) -> Recipe:
@@ -249,18 +583,25 @@ def load_recipe(recipe: str | os.PathLike | dict | Recipe) -> Recipe:
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, dict):
-        try:
-            return Recipe.model_validate(recipe)
-        except ValidationError as e:
-            raise RecipeError("invalid recipe\n" + _format_errors(e, "<dict>", {})) from None
+        return _validate(recipe, "<dict>", {})
+    if not isinstance(recipe, (str, os.PathLike)):
+        raise RecipeError(
+            "a recipe must be a path, a shipped recipe name, YAML text, a dict or a partialize Recipe "
+            f"(got {type(recipe).__name__})"
+        )
     s = os.fspath(recipe)
-    path = Path(s)
-    if path.is_file():
-        return parse_recipe(path.read_text(), str(path))
+    if not isinstance(s, str):
+        raise RecipeError(f"a recipe must be a path, a shipped recipe name, YAML text, a dict or a Recipe (got {s!r})")
+    if "\n" in s and not isinstance(recipe, os.PathLike):  # YAML text: never a file name
+        return parse_recipe(s)
+    if _is_file(s):
+        return parse_recipe(read_recipe_file(s), s)
+    if os.path.isdir(s):
+        raise RecipeError(f"recipe {s!r} is a directory; give a recipe file (.yaml) in it")
     shipped = shipped_recipe_path(s)
     if shipped is not None:
-        return parse_recipe(shipped.read_text(), str(shipped))
-    if "\n" in s or ":" in s and not s.endswith((".yaml", ".yml")):
+        return parse_recipe(read_recipe_file(shipped), str(shipped))
+    if not isinstance(recipe, os.PathLike) and ":" in s and not s.endswith((".yaml", ".yml")):
         return parse_recipe(s)
     names = ", ".join(list_shipped_recipes())
     raise RecipeError(f"recipe {s!r} not found: not a file and not a shipped recipe ({names})")

@@ -29,6 +29,7 @@ ROUTINGS = ("soft", "hard", "ste")
 class AdaPConv(nn.Module):
     """Input-adaptive partial conv with one conv per ratio and a GAP -> linear -> softmax router."""
 
+    PARAM_CHOICES = {"routing": ROUTINGS}  # values a recipe may give, checked when it is validated
     _partialize_leaf = True
 
     def __init__(

@@ -44,6 +44,7 @@ def binarize_ste(g_tilde: torch.Tensor) -> torch.Tensor:
 class DPConv(nn.Module):
     """Conv on a learned prefix of the channels, identity or PAT_ch attention on the rest."""
 
+    PARAM_CHOICES = {"attn": DP_ATTENTIONS, "gate": tuple(GATES), "mapping": ("dense", "channelwise")}  # recipes
     _partialize_leaf = True
 
     def __init__(

@@ -239,6 +239,7 @@ class PartialMLP(nn.Module):
 class PartialAttention(nn.Module):
     """Self-attention on the last (1 - r)*C channels, a cheap mixer on the first r*C."""
 
+    PARAM_CHOICES = {"mixer": ("identity", "dwconv")}  # values a recipe may give, checked when it is validated
     _partialize_leaf = True
 
     def __init__(

@@ -90,6 +90,7 @@ def _act(act: nn.Module, t: torch.Tensor) -> torch.Tensor:
 class PartialResidual(nn.Module):
     """A residual block whose branch writes channels ``[offset, offset + dim_part)`` only."""
 
+    PARAM_CHOICES = {"read": READ_MODES}  # values a recipe may give, checked when it is validated
     _partialize_leaf = True
 
     def __init__(

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import OperatorError
 from ._utils import bn_affine, copy_top_left
-from .attention import FusedChannelGate, GaussianChannelAttention, PartialSelfAttention
+from .attention import GATES, FusedChannelGate, GaussianChannelAttention, PartialSelfAttention
 from .pconv import PConv, conv_source, is_partial_source, resolve_ratio
 from .registry import register_operator
 
@@ -29,6 +29,9 @@ def build_attention(attn: str, dim: int, identity_init: bool = False, **params) 
 class PATConv(nn.Module):
     """O = cat(C(F[:, :rC]), A(F[:, rC:])) per 000 eq. 1, with A = PAT_ch or PAT_sf."""
 
+    PARAM_CHOICES = {"attn": ATTENTIONS, "gate": tuple(GATES), "mapping": ("dense", "channelwise")}  # recipes
+    # what **attn_params passes on to the attention (GaussianChannelAttention / PartialSelfAttention)
+    EXTRA_PARAMS = ("gate", "eps", "mapping", "num_heads", "num_buckets", "qkv_bias", "norm", "proj", "residual")
     _partialize_leaf = True
 
     def __init__(

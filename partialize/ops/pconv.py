@@ -36,6 +36,7 @@ class PConv(nn.Module):
     stride (``ceil_mode``), so a strided size-keeping-padding conv can be partial too.
     """
 
+    PARAM_CHOICES = {"stride_mode": ("refuse", "pool"), "forward_mode": FORWARD_MODES}  # checked by recipes
     _partialize_leaf = True
 
     def __init__(

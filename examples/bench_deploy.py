@@ -23,7 +23,7 @@ import torch
 
 import partialize
 from partialize.deployment import eval_reference
-from partialize.measure.flops import count_macs
+from partialize.measure.flops import model_macs
 from partialize.measure.opbench import machine_description
 from partialize.measure.speed import measure_speed
 
@@ -74,7 +74,7 @@ def main() -> None:
         xb = torch.randn(4, 3, args.size, args.size)
         with torch.no_grad():
             err = _rel(models["converted (deployed)"](xb), eval_reference(models["converted (training form)"])(xb))
-        macs = {n: count_macs(m, x1) / 1e9 for n, m in models.items()}
+        macs = {n: model_macs(m, x1) / 1e9 for n, m in models.items()}
         speed = measure_speed(
             models,
             args.size,

@@ -25,7 +25,7 @@ import torch
 
 import partialize  # noqa: F401  (registers partialnet_*)
 from partialize.deployment import deploy, find_conv_bn_pairs
-from partialize.measure.flops import count_macs, count_params
+from partialize.measure.flops import count_params, model_macs
 from partialize.measure.opbench import machine_description
 from partialize.measure.speed import time_side_by_side
 
@@ -54,7 +54,7 @@ def bench_tier(tier: str, rounds: int, threads: int, batch: int) -> dict:
         deployed[name] = d
         row[name] = {
             "params_M": count_params(m) / 1e6,
-            "macs_G_deploy": count_macs(d, x1) / 1e9,
+            "macs_G_deploy": model_macs(d, x1) / 1e9,
             "bn_folded": len(find_conv_bn_pairs(m)),
             "deploy_rel_err": err,
         }

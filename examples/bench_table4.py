@@ -20,7 +20,7 @@ import torch
 
 import partialize
 from partialize.deployment import deploy
-from partialize.measure.flops import count_macs
+from partialize.measure.flops import model_macs
 from partialize.measure.opbench import machine_description
 from partialize.measure.speed import measure_speed
 
@@ -77,7 +77,7 @@ def main() -> None:
         converted = partialize.apply(base, rec)
         a, b = deploy(base), deploy(converted)
         x = torch.randn(1, 3, 224, 224)
-        macs_a, macs_b = count_macs(a, x), count_macs(b, x)
+        macs_a, macs_b = model_macs(a, x), model_macs(b, x)
         mac_ratio = macs_b / macs_a
         limit = 1 / mac_ratio
         for channels_last in (False, True):

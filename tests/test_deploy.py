@@ -6,7 +6,7 @@ import copy
 
 import torch
 import torchvision
-from conftest import randomize_bn, rel_err
+from _helpers import randomize_bn, rel_err
 from torch import nn
 
 from partialize.deployment import deploy, find_conv_bn_pairs

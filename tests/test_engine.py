@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
-from conftest import rel_err
+from _helpers import rel_err
 from torch import nn
 
 import partialize

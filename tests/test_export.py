@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import rel_err
+from _helpers import rel_err
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn

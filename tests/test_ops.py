@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
+from _helpers import rel_err
 from torch import fx, nn
 
 from partialize.errors import OperatorError

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import randomize_bn, rel_err
+from _helpers import randomize_bn, rel_err
 
 import partialize
 from partialize.errors import OperatorError

@@ -8,13 +8,13 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import randomize_bn, rel_err
+from _helpers import randomize_bn, rel_err
 from torch import nn
 
 import partialize  # noqa: F401  (registers partialnet_* with timm)
 from partialize.deployment import deploy
 from partialize.errors import RecipeError, WeightsUnavailableError
-from partialize.measure.flops import count_macs, count_params
+from partialize.measure.flops import count_params, model_macs
 from partialize.models.partialnet import PartialSpatialConv, partialnet_train_settings
 from partialize.ops import MergedSpatialAttention, PATConv
 
@@ -96,7 +96,7 @@ def test_architecture_follows_table6(variant_model):
 def test_params_and_macs_match_paper(variant_model):
     v, m, d, _ = variant_model
     params = count_params(m) / 1e6  # training form (PAT_sp unmerged, BN separate)
-    macs = count_macs(d, torch.randn(1, 3, 224, 224)) / 1e9  # deploy form (BN folded, PAT_sp merged)
+    macs = model_macs(d, torch.randn(1, 3, 224, 224)) / 1e9  # deploy form (BN folded, PAT_sp merged)
     p_paper, f_paper = PAPER[v]
     assert abs(params / p_paper - 1) < TOL, (v, params, p_paper)
     assert abs(macs / f_paper - 1) < TOL, (v, macs, f_paper)

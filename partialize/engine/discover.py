@@ -1,5 +1,5 @@
-"""Discovery: which layers a model has, with shapes, found by fx tracing + shape propagation, or
-by a named_modules() walk with forward hooks where tracing fails or inside a leaf block."""
+"""Discovery: which layers a model has, with shapes, call counts and MACs, from one eager forward
+with hooks; an fx trace (leaf-aware tracer) records which tier found each layer."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
-from .macs import MacCounter
+from ..macs import MacCounter
 from .tracer import example_input_for, trace
 
 
@@ -36,6 +35,8 @@ class LayerInfo:
     spatial: tuple[int, int] | None = None  # input H, W (feature maps only)
     stage: int | None = None  # log2(input size / feature size) - 1, floored at 0
     params: int = 0
+    macs: int = 0  # MACs of the module in the forward, every call summed (partialize.macs)
+    calls: int = 0  # how many times the forward called it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,8 +61,10 @@ class Discovery:
     trace_error: str | None
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...] | None
-    macs: int  # total MACs of the original model on the example input (torch flop_counter / 2)
+    macs: int  # total MACs of the original model on the example input (partialize.macs)
     seconds: dict[str, float] = field(default_factory=dict)
+    uncounted: dict[str, int] = field(default_factory=dict)  # contraction ops with no MAC formula
+    used_outside: dict[str, tuple[str, str]] = field(default_factory=dict)  # module -> (user, op)
 
 
 def _shape(t) -> tuple[int, ...] | None:
@@ -92,7 +95,9 @@ def discover(
     example_input: torch.Tensor | None = None,
     input_size: int | tuple[int, ...] | None = None,
 ) -> Discovery:
-    """Trace and run ``model`` once (eval mode, no grad) and describe every module that ran."""
+    """Trace ``model`` (to learn which modules fx sees as leaves) and run it once eagerly (eval mode,
+    no grad) with hooks: shapes, call order and counts, and MACs per module by the one counter
+    (``partialize.macs``), every call included."""
     x = example_input if example_input is not None else example_input_for(model, input_size)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -100,46 +105,35 @@ def discover(
         gm = trace(model)
         traced, err = True, None
         graph_modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    except Exception as e:  # any fx failure: fall back to hooks only
-        gm, traced, err, graph_modules = None, False, f"{type(e).__name__}: {e}".splitlines()[0][:300], set()
+    except Exception as e:  # any fx failure: the eager hooks still see every module
+        traced, err, graph_modules = False, f"{type(e).__name__}: {e}".splitlines()[0][:300], set()
     times["trace"] = time.perf_counter() - t0
 
     records: dict[str, dict] = {}
     names = {id(m): n for n, m in model.named_modules() if n}
     counter = [0]
 
-    def hook(mod, args, out):
+    def hook(mod, args, kwargs, out):
         name = names.get(id(mod))
         if name is None or name in records:
             return
-        records[name] = {"in": _shape(args[0]) if args else None, "out": _shape(out), "order": counter[0]}
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        records[name] = {"in": _shape(first), "out": _shape(out), "order": counter[0]}
         counter[0] += 1
 
-    handles = [m.register_forward_hook(hook) for n, m in model.named_modules() if n]
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for n, m in model.named_modules() if n]
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
     try:
-        with torch.no_grad(), MacCounter() as fc:
-            if traced:
-                try:
-                    out = ShapeProp(gm).propagate(x)
-                except Exception as e:  # traced but not runnable symbolically: eager forward
-                    traced, err = False, f"shape propagation failed: {type(e).__name__}: {e}"[:300]
-                    records.clear()
-                    counter[0] = 0
-                    out = model(x)
-            else:
-                out = model(x)
-        macs = fc.macs
+        with torch.no_grad(), MacCounter(model) as fc:
+            out = model(x)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+    counted = fc.result
     times["forward"] = time.perf_counter() - t0
-
-    if traced:
-        _add_inlined_containers(gm, records, set(names.values()))
 
     in_hw = x.shape[-2:] if x.dim() == 4 else None
     total = max(1, len(records))
@@ -147,15 +141,15 @@ def discover(
     modules = dict(model.named_modules())
     for name, rec in sorted(records.items(), key=lambda kv: kv[1]["order"]):
         m = modules[name]
-        if traced and rec.get("inlined"):
-            found = "fx (inlined block)"
-        elif traced and name in graph_modules:
-            found = "fx"
-        elif traced:
-            parent = next((g for g in graph_modules if name.startswith(g + ".")), None)
-            found = f"hook (inside leaf {parent})" if parent else "hook"
-        else:
+        leaf_above = next((g for g in graph_modules if name.startswith(g + ".")), None)
+        if not traced:
             found = "hook (tracing failed)"
+        elif name in graph_modules:
+            found = "fx"
+        elif leaf_above is not None:
+            found = f"hook (inside leaf {leaf_above})"
+        else:
+            found = "fx (inlined block)"
         cin, cout = _channels(m)
         info = LayerInfo(
             name=name,
@@ -169,6 +163,8 @@ def discover(
             in_channels=cin,
             out_channels=cout,
             params=sum(p.numel() for p in m.parameters()),
+            macs=counted.by_module.get(name, 0),
+            calls=counted.calls.get(name, 0),
         )
         if isinstance(m, nn.Conv2d):
             info.kernel, info.stride = tuple(m.kernel_size), tuple(m.stride)
@@ -178,41 +174,14 @@ def discover(
             reduction = max(1.0, in_hw[0] / max(1, rec["in"][2]))
             info.stage = max(0, round(math.log2(reduction)) - 1)
         layers[name] = info
-    return Discovery(layers, traced, err, tuple(x.shape), _shape(out), macs, times)
-
-
-def _meta_shape(node) -> tuple[int, ...] | None:
-    tm = node.meta.get("tensor_meta") if hasattr(node, "meta") else None
-    if tm is None:
-        return None
-    if hasattr(tm, "shape"):
-        return tuple(tm.shape)
-    if isinstance(tm, (tuple, list)) and tm and hasattr(tm[0], "shape"):
-        return tuple(tm[0].shape)
-    return None
-
-
-def _add_inlined_containers(gm, records: dict[str, dict], known: set[str]) -> None:
-    """Blocks fx inlined (not leaves) never run as modules: take their shapes from the graph.
-
-    A block's nodes are those whose ``nn_module_stack`` contains it; its input is the first
-    outside value its first node reads, its output the value of its last node.
-    """
-    nodes = list(gm.graph.nodes)
-    spans: dict[str, list[int]] = {}
-    for i, n in enumerate(nodes):
-        for qual in n.meta.get("nn_module_stack") or {}:
-            if qual in known and qual not in records:  # keys like "relu@1" mark repeated calls
-                spans.setdefault(qual, []).append(i)
-    for qual, idx in spans.items():
-        inside = set(idx)
-        first, last = nodes[idx[0]], nodes[idx[-1]]
-        src = next((a for a in first.all_input_nodes if nodes.index(a) not in inside), None)
-        # order: just after the block's last node (children finish first, as with hooks)
-        last_child = max((r["order"] for q, r in records.items() if q.startswith(qual + ".")), default=-1)
-        records[qual] = {
-            "in": _meta_shape(src) if src is not None else None,
-            "out": _meta_shape(last),
-            "order": last_child + 0.5,
-            "inlined": True,
-        }
+    return Discovery(
+        layers,
+        traced,
+        err,
+        tuple(x.shape),
+        _shape(out),
+        counted.total,
+        times,
+        uncounted=dict(counted.uncounted),
+        used_outside=dict(counted.used_outside),
+    )

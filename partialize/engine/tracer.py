@@ -60,7 +60,11 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 
 def example_input_for(model: nn.Module, input_size: int | tuple[int, ...] | None = None) -> torch.Tensor:
-    """A batch-1 random input: ``input_size`` if given, else the model's pretrained_cfg, else 224."""
+    """A batch-1 random input: ``input_size`` if given, else the size a ViT's patch embedding was
+    built for (``img_size=...`` overrides the config), else the model's pretrained_cfg, else 224."""
+    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if input_size is None and isinstance(fixed, (tuple, list)) and len(fixed) == 2:
+        input_size = tuple(int(v) for v in fixed)
     if input_size is None:
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
         size = tuple(cfg.get("input_size", (3, 224, 224)))

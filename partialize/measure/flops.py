@@ -1,60 +1,38 @@
-"""MAC counting with fvcore (the papers' counter: one fvcore "flop" is one multiply-add).
+"""MACs and parameters for reports, with the one counter (:mod:`partialize.macs`).
 
-fvcore misses ``aten::scaled_dot_product_attention``; we add a handle for it. All figures are
-multiply-accumulates (MACs); reports say so.
+A model is counted in its inference form: each partial operator replaced by its ``deploy()`` form
+(a DPConv at its learned width, PAT_sp merged, Ada-PConv hard-routed) on the same forward that
+the plan counts, so plan, convert, report and bench agree. Data-dependent layers (Ada-PConv) are
+counted over a calibration batch and averaged per image. Every figure is in :data:`MAC_UNIT`;
+``torch.utils.flop_counter`` is run beside it as a cross-check that may differ (it has no formula
+for some attention kernels on some torch versions), never as the count.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-import warnings
 from collections.abc import Sequence
-from math import prod
 
 import torch
 from torch import nn
 
+from ..macs import MAC_UNIT, count_macs
 
-def _shape(v) -> list[int]:
-    return v.type().sizes()
+__all__ = ["MAC_UNIT", "count_params", "flop_counter_macs", "macs_breakdown", "model_macs"]
 
-
-def sdpa_mac_handle(inputs, outputs) -> int:
-    """q k^T and attn v: 2 * B * heads * Nq * Nk * d MACs (mask add and softmax ignored)."""
-    q, k = _shape(inputs[0]), _shape(inputs[1])
-    v = _shape(inputs[2])
-    batch = prod(q[:-2])
-    return batch * q[-2] * k[-2] * q[-1] + batch * q[-2] * k[-2] * v[-1]
+_log = logging.getLogger(__name__)
 
 
-EXTRA_HANDLES = {
-    "aten::scaled_dot_product_attention": sdpa_mac_handle,
-}
-
-
-def count_macs(
+def model_macs(
     model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor], *, by_module: bool = False
 ) -> int | tuple[int, dict[str, int]]:
-    """Total MACs of ``model(*inputs)`` (fvcore + our handles); with ``by_module`` also per module."""
-    from fvcore.nn import FlopCountAnalysis
-
+    """MACs of one eval forward ``model(*inputs)`` as given (no deploy); with ``by_module`` also the
+    inclusive count per module (every call summed)."""
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
-    was_training = model.training
-    model.eval()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            logging.getLogger("fvcore").setLevel(logging.ERROR)
-            fca = FlopCountAnalysis(model, tuple(inputs))
-            fca.set_op_handle(**EXTRA_HANDLES)
-            fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-            fca.tracer_warnings("none")
-            total = int(fca.total())
-            per = {k: int(v) for k, v in fca.by_module().items()} if by_module else None
-    finally:
-        model.train(was_training)
-    return (total, per) if by_module else total
+    r = count_macs(model, *inputs, per_module=by_module)
+    return (r.total, r.by_module) if by_module else r.total
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -69,9 +47,6 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 # --- dynamic operators, per-layer breakdown and the cross-check -----------------------------------
-
-#: unit string every report carries next to a MAC figure
-MAC_UNIT = "MACs (multiply-adds; fvcore convention, the papers' 'FLOPs'), per image"
 
 
 def conv_macs(c_in: int, c_out: int, kernel: tuple[int, int], h_out: int, w_out: int, groups: int = 1) -> int:
@@ -104,18 +79,15 @@ def dpconv_macs(op: nn.Module, h: int, w: int) -> dict:
 
 
 def adapconv_macs(op: nn.Module, h: int, w: int, histogram: Sequence[int] | None) -> dict:
-    """Expected MACs of an Ada-PConv on one h x w image: router (C x branches) plus the branch cost,
-    averaged over ``histogram`` (samples per branch) under hard routing; soft routing runs every
-    branch, so its cost is the sum whatever the histogram says."""
+    """Expected MACs of an Ada-PConv's inference form (hard routing) on one h x w image: router
+    (C x branches) plus the branch cost averaged over ``histogram`` (samples per branch). A layer
+    trained with soft or straight-through routing deploys hard-routed, so it is counted so too."""
     k = tuple(op.branches[0].kernel_size)
     branch = [conv_macs(n, n, k, h, w) for n in op.widths]
     router = op.dim * len(op.widths)
     hist = [int(v) for v in (histogram if histogram is not None else [0] * len(branch))]
     total = sum(hist)
-    if op.routing in ("soft", "ste"):
-        expected = float(sum(branch))
-        basis = f"{op.routing} routing: every branch runs, cost is their sum"
-    elif total == 0:
+    if total == 0:
         expected = float(max(branch))
         basis = "hard routing, no calibration samples: the widest branch (upper bound)"
     else:
@@ -130,9 +102,7 @@ def adapconv_macs(op: nn.Module, h: int, w: int, histogram: Sequence[int] | None
         "histogram": hist,
         "routing": op.routing,
         # mean chosen width / C under hard routing; soft routing has no single width
-        "realised_ratio": (
-            sum(c * n for c, n in zip(hist, op.widths)) / total / op.dim if op.routing == "hard" and total else None
-        ),
+        "realised_ratio": sum(c * n for c, n in zip(hist, op.widths)) / total / op.dim if total else None,
         "basis": basis,
     }
 
@@ -205,29 +175,46 @@ def dynamic_macs(model: nn.Module, calibration: dict[str, dict]) -> dict[str, di
     return out
 
 
-def override_modules(per_module: dict[str, float], overrides: dict[str, float]) -> dict[str, float]:
-    """Replace the counts of the modules in ``overrides`` and propagate the difference to every
-    ancestor (``""`` is the whole model); the overridden modules' descendants are dropped."""
-    out = dict(per_module)
-    for name, value in overrides.items():
-        delta = value - out.get(name, 0)
-        parts = name.split(".") if name else []
-        for i in range(len(parts)):
-            anc = ".".join(parts[:i])
-            out[anc] = out.get(anc, 0) + delta
-        out[name] = value
-        for k in [k for k in out if k.startswith(name + ".")]:
-            del out[k]
-    return out
+def flop_counter_macs(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor]) -> int | None:
+    """MACs by ``torch.utils.flop_counter`` (its FLOPs / 2) for one eval forward: the cross-check only.
 
-
-def flop_counter_macs(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor]) -> int:
-    """MACs by ``torch.utils.flop_counter``'s formulas (FLOPs / 2) for one eval forward: the cross-check."""
-    from ..engine.macs import eval_macs
-
+    Its formulas change with the torch version (2.14 has none for CPU flash attention); None if it
+    cannot run here."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError:
+        return None
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
-    return eval_macs(model, *inputs)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            model(*inputs)
+        return int(fc.get_total_flops() // 2)
+    except Exception as e:  # a cross-check must never break a report
+        _log.debug("flop_counter cross-check failed: %s", e)
+        return None
+    finally:
+        model.train(was)
+
+
+def inference_copy(model: nn.Module) -> tuple[nn.Module, str | None]:
+    """An eval copy of ``model`` with every partial operator in its deploy form (what is counted), and
+    a note when some operator could not be deployed (then that one is counted as trained)."""
+    from ..deployment import deploy_operators
+    from ..ops.registry import get_operator, list_operators
+
+    form = copy.deepcopy(model).eval()
+    try:
+        if getattr(model, "_partialize_deployed", False):
+            return form, None
+        if isinstance(form, tuple(get_operator(n) for n in list_operators())):  # an operator on its own
+            return form.deploy().eval(), None
+        deploy_operators(form)
+        return form, None
+    except Exception as e:  # e.g. DPConv gates not monotone: count the trained form, and say so
+        return copy.deepcopy(model).eval(), f"counted in training form: deploy failed ({type(e).__name__}: {e})"
 
 
 def macs_breakdown(
@@ -236,38 +223,55 @@ def macs_breakdown(
     calibration: Sequence[torch.Tensor] | torch.Tensor | None = None,
     crosscheck: bool = True,
 ) -> dict:
-    """Per-image MACs of ``model``: fvcore + our handles, dynamic layers replaced by their analytic
-    cost over ``calibration`` (default: 32 N(0, 1) images), cross-checked with flop_counter.
+    """Per-image MACs of ``model`` in its inference form (see the module docstring), per module too.
 
-    Returns ``{"total", "per_module", "dynamic", "fvcore_static", "flop_counter", "crosscheck_rel_diff",
-    "calibration"}``; every count is in MACs per image (see :data:`MAC_UNIT`).
+    Models with data-dependent layers (Ada-PConv) are counted over ``calibration`` (default: 32 N(0, 1)
+    images) and averaged per image; ``dynamic`` describes each DPConv / Ada-PConv layer (width, branch
+    histogram) with its counted MACs. Returns ``{"total", "per_module", "dynamic", "flop_counter",
+    "crosscheck_rel_diff", "calibration", "uncounted_ops", "notes"}``, every count in :data:`MAC_UNIT`.
     """
     size = _input_chw(input_size)
     device = _device_of(model)
-    x = torch.randn(1, *size, device=device)
-    total, per = count_macs(model, x, by_module=True)
-    fc = flop_counter_macs(model, x) if crosscheck else None
-    dyn: dict[str, dict] = {}
-    calib_desc = None
+    x = torch.randn(1, *size, generator=torch.Generator().manual_seed(0)).to(device)
+    form, note = inference_copy(model)
+    notes = [note] if note else []
+    batches, calib_desc, dyn = [x], None, {}
     if dynamic_layers(model):
         if calibration is None:
             gen = torch.Generator().manual_seed(0)
             calibration = torch.randn(32, *size, generator=gen).to(device)
             calib_desc = "32 random N(0, 1) images (no data given)"
-        else:
-            n = sum(b.shape[0] for b in ([calibration] if isinstance(calibration, torch.Tensor) else calibration))
-            calib_desc = f"{n} images from the given data"
-        dyn = dynamic_macs(model, calibrate_dynamic(model, calibration))
-        per = override_modules(per, {k: v["macs"] for k, v in dyn.items()})
-    rel = None if not fc else (total - fc) / fc
+        batches = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
+        if calib_desc is None:
+            calib_desc = f"{sum(b.shape[0] for b in batches)} images from the given data"
+        dyn = dynamic_macs(model, calibrate_dynamic(model, batches))
+    images, total, per, uncounted = 0, 0, {}, {}
+    for batch in batches:
+        r = count_macs(form, batch, per_module=True)
+        images += batch.shape[0]
+        total += r.total
+        for k, v in r.by_module.items():
+            per[k] = per.get(k, 0) + v
+        for k, v in r.uncounted.items():
+            uncounted[k] = uncounted.get(k, 0) + v
+    per = {k: v / images for k, v in per.items()}
+    for name, d in dyn.items():  # the counted figure is the one reported; the analytic one checks it
+        d["analytic_macs"] = d["macs"]
+        d["macs"] = per.get(name, 0.0)
+    if uncounted:
+        notes.append(f"ops with no MAC formula were seen and are not counted: {sorted(uncounted)}")
+    # the cross-check runs on one image: comparable only when the count does not depend on the data
+    fc = flop_counter_macs(form, x) if crosscheck and not dyn else None
+    per_image = total / images
     return {
-        "total": float(per.get("", total)),
+        "total": float(per_image),
         "per_module": per,
         "dynamic": dyn,
-        "fvcore_static": int(total),
         "flop_counter": fc,
-        "crosscheck_rel_diff": rel,
+        "crosscheck_rel_diff": None if not fc else (per_image - fc) / fc,
         "calibration": calib_desc,
+        "uncounted_ops": uncounted,
+        "notes": notes,
     }
 
 

@@ -2,7 +2,7 @@
 magnitude importance, stepped until its MACs reach those of the converted model.
 
 We prune with ``MetaPruner`` (uniform per-layer ratio, L2 magnitude importance, classifier kept)
-over many small iterative steps, count MACs with our fvcore counter after every step, stop at the
+over many small iterative steps, count MACs with partialize.macs after every step, stop at the
 first step at or below the target and keep whichever of that step and the previous is closer. The
 result is within ``tolerance`` of the target or a PartializeError says why not.
 """
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import PartializeError
-from .flops import _input_chw, count_macs
+from .flops import _input_chw, model_macs
 
 
 class PruningError(PartializeError):
@@ -54,7 +54,7 @@ def prune_to_macs(
     chw = _input_chw(input_size)
     pruned = copy.deepcopy(model).eval()
     example = torch.randn(1, *chw, device=next(model.parameters()).device)
-    start = count_macs(pruned, example)
+    start = model_macs(pruned, example)
     if target_macs >= start * (1 + tolerance):
         raise PruningError(
             f"the pruning target ({target_macs / 1e9:.3f} GMACs) is above the original model's "
@@ -76,7 +76,7 @@ def prune_to_macs(
         prev, prev_macs = copy.deepcopy(pruned), macs
         pruner.step()
         step += 1
-        macs = count_macs(pruned, example)
+        macs = model_macs(pruned, example)
         if progress:
             progress(step, macs)
     if macs > target_macs * (1 + tolerance):

@@ -1,7 +1,7 @@
 """Reports: what a model costs (params, MACs, speed, accuracy), alone or against a baseline and an
 equal-MAC pruning baseline; versioned JSON, with rendering in :mod:`partialize.measure.render`.
 
-Every MAC figure is per image in multiply-adds (fvcore's convention, the papers' "FLOPs"); the
+Every MAC figure is per image, counted by :mod:`partialize.macs` on the inference form; the
 report's ``units`` field says so, and :func:`check_compatible` refuses to compare reports whose
 units or measuring conditions differ.
 """
@@ -83,12 +83,14 @@ class Report:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def to_json(self, path: str | os.PathLike | None = None) -> str:
-        """The report as JSON text; also written to ``path`` when given."""
+    def to_json(self, path: str | os.PathLike | None = None, *, force: bool = True) -> str:
+        """The report as JSON text; also written to ``path`` when given: atomically, with the mode a
+        plain ``open()`` gives; ``force=False`` refuses an existing file (as ``report --json`` does)."""
         text = json.dumps(self.to_dict(), indent=2, sort_keys=False)
         if path is not None:
-            with open(path, "w") as f:
-                f.write(text + "\n")
+            from ..fsutil import write_text
+
+            write_text(path, text + "\n", force=force)
         return text
 
     @classmethod
@@ -199,10 +201,11 @@ def measure_model(
         accuracy = evaluate_accuracy(model, data, limit=data_limit, input_size=chw[1])
     else:
         notes.append("accuracy not measured (no --data)")
+    notes.extend(mb["notes"])
     if mb["dynamic"]:
         notes.append(
-            "dynamic layers counted analytically: DPConv at its realised width, Ada-PConv as router + "
-            f"expected branch cost over the calibration batch ({mb['calibration']})"
+            "dynamic layers counted in inference form: DPConv at its learned width, Ada-PConv hard-routed "
+            f"and averaged over the calibration batch ({mb['calibration']})"
         )
     return ModelMeasurement(
         name=name,
@@ -211,11 +214,11 @@ def measure_model(
         params_trainable=count_params(model, trainable_only=True),
         macs=mb["total"],
         macs_crosscheck={
-            "fvcore_static": mb["fvcore_static"],
             "flop_counter": mb["flop_counter"],
             "rel_diff": mb["crosscheck_rel_diff"],
-            "note": "fvcore (with norms, + our sdpa handle) vs torch.utils.flop_counter FLOPs/2 on the "
-            "same forward, before dynamic-layer replacement",
+            "uncounted_ops": mb["uncounted_ops"],
+            "note": f"torch.utils.flop_counter (FLOPs / 2, torch {torch.__version__}) on the same inference form, "
+            "for information: its formulas change with the torch version; partialize.macs is the count",
         },
         layers=layer_rows(model, mb["per_module"]),
         dynamic=mb["dynamic"],

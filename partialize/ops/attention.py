@@ -109,8 +109,9 @@ class ChannelwiseMap(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        mean, std = z[:, : self.dim], z[:, self.dim :]
-        return mean * self.weight[:, 0] + std * self.weight[:, 1] + self.bias
+        # (B, C, 2) x (C, 2) summed over the pair: 2 MACs a gate, as a contraction the counter sees
+        pairs = torch.stack((z[:, : self.dim], z[:, self.dim :]), dim=-1)
+        return torch.einsum("bck,ck->bc", pairs, self.weight) + self.bias
 
 
 class FusedChannelGate(nn.Module):

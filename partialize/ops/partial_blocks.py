@@ -40,10 +40,42 @@ _PASSTHROUGH = (
 )
 
 
+# squeeze-excitation classes: (module path, squeeze conv, excite conv); the squeeze width is kept
+_SE_CLASSES = {
+    "timm.models._efficientnet_blocks.SqueezeExcite": ("conv_reduce", "conv_expand"),
+    "torchvision.ops.misc.SqueezeExcitation": ("fc1", "fc2"),
+}
+
+
+def _is_channelwise(m: nn.Module) -> bool:
+    """A weightless layer that acts on each element (or each channel) alone: activations, dropout."""
+    if isinstance(m, _PASSTHROUGH):
+        return True
+    path = type(m).__module__
+    weightless = not any(True for _ in m.parameters()) and not any(True for _ in m.buffers())
+    return weightless and path.startswith(("timm.layers.activations", "torch.nn.modules.activation"))
+
+
+def _slice_se(se: nn.Module, n: int, where: str) -> nn.Module:
+    """Squeeze-excitation on the first ``n`` channels: the squeeze conv reads them, the excite conv
+    writes their gates; the squeeze width stays (at n = all channels it is the original SE)."""
+    squeeze, excite = _SE_CLASSES[_qualname(se)]
+    new = copy.deepcopy(se)
+    sq, ex = getattr(se, squeeze), getattr(se, excite)
+    try:
+        setattr(new, squeeze, slice_conv(sq, None, (0, n)))
+        setattr(new, excite, slice_conv(ex, (0, n), None))
+    except OperatorError as e:
+        raise OperatorError(f"{where}: {e}") from None
+    return new
+
+
 def _slice_layer(m: nn.Module, n_in: int | None, n_out: int | None, where: str) -> nn.Module:
     """Copy of ``m`` restricted to its first ``n_in`` input and ``n_out`` output channels."""
-    if isinstance(m, _PASSTHROUGH) or not any(True for _ in m.parameters()) and not any(True for _ in m.buffers()):
-        return copy.deepcopy(m)  # no weights: channel-agnostic (activations, dropout, pooling)
+    if _is_channelwise(m):
+        return copy.deepcopy(m)
+    if _qualname(m) in _SE_CLASSES:
+        return _slice_se(m, n_out, where)
     if type(m) is nn.Linear:
         new = nn.Linear(n_in, n_out, bias=m.bias is not None)
         with torch.no_grad():
@@ -113,7 +145,7 @@ def mlp_layers(block: nn.Module) -> tuple[list[nn.Module], bool, int] | None:
         _require_all_consumed(block, seq)
         ch_dim = 1 if isinstance(block.fc1, nn.Conv2d) else -1
         return seq, False, ch_dim
-    if name == "InvertedResidual" and hasattr(block, "conv_pw") and hasattr(block, "conv_pwl"):
+    if _qualname(block) == "timm.models._efficientnet_blocks.InvertedResidual":
         if not getattr(block, "has_skip", False):
             raise OperatorError(
                 "inverted residual without a skip connection (stride 2 or in != out): "
@@ -131,22 +163,45 @@ def mlp_layers(block: nn.Module) -> tuple[list[nn.Module], bool, int] | None:
             block.conv_pwl,
             block.bn3,
         ]
+        _require_all_consumed(block, seq)
         return seq, True, 1
-    if name == "InvertedResidual" and hasattr(block, "conv") and hasattr(block, "use_res_connect"):
+    if name == "InvertedResidual" and hasattr(block, "use_res_connect") and _qualname(block) in _TV_INVERTED:
         if not block.use_res_connect:
             raise OperatorError(
                 "inverted residual without a skip connection (stride 2 or in != out): "
                 "its untouched channels would have nowhere to go"
             )
-        return _flatten(block.conv), True, 1
+        return _flatten(getattr(block, _TV_INVERTED[_qualname(block)])), True, 1
     if isinstance(block, nn.Sequential):
         flat = _flatten(block)
         kinds = [m for m in flat if _width_change(m) is not None]
         if len(kinds) == 2 and _width_change(kinds[0])[1] == _width_change(kinds[1])[0]:
-            first = kinds[0]
-            ch_dim = 1 if isinstance(first, nn.Conv2d) else -1
-            return flat, False, ch_dim
+            ch_dim = _sequential_channel_dim(flat)
+            if ch_dim is not None:
+                return flat, False, ch_dim
     return None
+
+
+def _sequential_channel_dim(flat: list[nn.Module]) -> int | None:
+    """1 for a Sequential of convs / BNs, -1 for one of Linears / LayerNorms (plus channel-wise
+    layers in either); None when a layer moves data between positions (a permute, a reshape, a
+    spatial pooling) or the two layouts mix, which a channel slice could not follow."""
+    dims = set()
+    for m in flat:
+        if isinstance(m, (nn.Conv2d, nn.modules.batchnorm._BatchNorm)) or _qualname(m) in _SE_CLASSES:
+            dims.add(1)
+        elif isinstance(m, nn.Linear) or isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+            dims.add(-1)
+        elif not _is_channelwise(m):
+            return None
+    return dims.pop() if len(dims) == 1 else None
+
+
+# torchvision inverted residuals: the attribute holding the branch (MobileNetV2 ``conv``, V3 ``block``)
+_TV_INVERTED = {
+    "torchvision.models.mobilenetv2.InvertedResidual": "conv",
+    "torchvision.models.mobilenetv3.InvertedResidual": "block",
+}
 
 
 def _flatten(seq: nn.Module) -> list[nn.Module]:
@@ -235,6 +290,33 @@ class PartialMLP(nn.Module):
         return new.requires_grad_(False)
 
 
+_MHA_ARGS = (
+    "query",
+    "key",
+    "value",
+    "key_padding_mask",
+    "need_weights",
+    "attn_mask",
+    "average_attn_weights",
+    "is_causal",
+)
+# attention classes whose whole forward PartialAttention reproduces (checked by tests/test_faithful.py)
+_ATTENTION_CLASSES = ("timm.layers.attention.Attention", "timm.models.metaformer.Attention")
+
+
+def _kept_heads(num_heads: int, ratio: float, heads: int | str | None) -> int:
+    """Heads that keep attention: ``heads`` if given ("all" = every head), else round((1 - ratio) * H),
+    at least one and, for a real saving, at most H - 1."""
+    if heads == "all":
+        return num_heads
+    if heads is not None:
+        if not isinstance(heads, int) or not 1 <= heads <= num_heads:
+            raise OperatorError(f"partial_attention heads must be 1..{num_heads} or 'all', got {heads!r}")
+        return heads
+    keep = num_heads - split_channels(num_heads, ratio)
+    return max(1, min(num_heads - 1, keep)) if num_heads > 1 else 1
+
+
 @register_operator("partial_attention")
 class PartialAttention(nn.Module):
     """Self-attention on the last (1 - r)*C channels, a cheap mixer on the first r*C."""
@@ -264,6 +346,9 @@ class PartialAttention(nn.Module):
         self.dim_cheap = dim - self.dim_attn
         self.scale = scale
         self.qkv = nn.Linear(self.dim_attn, 3 * self.dim_attn, bias=qkv_bias)
+        self.q_norm: nn.Module = nn.Identity()
+        self.k_norm: nn.Module = nn.Identity()
+        self.gate: nn.Linear | None = None
         self.proj = nn.Linear(self.dim_attn, self.dim_attn, bias=proj_bias)
         self.mixer_type = mixer
         self.grid = tuple(grid) if grid is not None else None
@@ -292,8 +377,12 @@ class PartialAttention(nn.Module):
     def _attend(self, t: torch.Tensor) -> torch.Tensor:
         b, n, _ = t.shape
         q, k, v = self.qkv(t).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return self.proj(out.transpose(1, 2).reshape(b, n, self.dim_attn))
+        out = out.transpose(1, 2).reshape(b, n, self.dim_attn)
+        if self.gate is not None:
+            out = out * self.gate(t).sigmoid()
+        return self.proj(out)
 
     def _cheap(self, t: torch.Tensor) -> torch.Tensor:
         if self.mixer_type == "identity":
@@ -307,11 +396,10 @@ class PartialAttention(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs):
         if self.mha_api:
             # nn.MultiheadAttention call: (query, key, value, ...) -> (out, None); self-attention only
-            key = args[0] if args else kwargs.get("key", x)
-            if key is not x:
+            call = dict(zip(_MHA_ARGS, (x, *args))) | kwargs
+            if call.get("key", x) is not x or call.get("value", x) is not x:
                 raise OperatorError("partial_attention replaces self-attention only (query is key is value)")
-            masks = {k: kwargs.get(k) for k in ("attn_mask", "key_padding_mask")}
-            if any(v is not None for v in masks.values()) or kwargs.get("is_causal"):
+            if any(call.get(k) is not None for k in ("attn_mask", "key_padding_mask")) or call.get("is_causal"):
                 raise OperatorError(
                     "partial_attention does not support attention masks (attn_mask, "
                     "key_padding_mask, is_causal); leave this attention unconverted"
@@ -319,8 +407,11 @@ class PartialAttention(nn.Module):
             t = x if self.batch_first else x.transpose(0, 1)
             out = self._tokens(t)
             return (out if self.batch_first else out.transpose(0, 1)), None
-        if kwargs.get("attn_mask") is not None or args:
-            raise OperatorError("partial_attention does not support attention masks")
+        if args or kwargs.pop("attn_mask", None) is not None or kwargs.pop("is_causal", False) or kwargs:
+            raise OperatorError(
+                f"partial_attention takes the token tensor only (no masks, causality or extra arguments), got "
+                f"{len(args)} more positional and {sorted(kwargs) or 'a mask'}"
+            )
         if x.dim() == 4:  # feature map (B, C, H, W)
             b, c, h, w = x.shape
             x1, x2 = torch.split(x, [self.dim_cheap, self.dim_attn], dim=1)
@@ -341,35 +432,43 @@ class PartialAttention(nn.Module):
         mixer: str = "identity",
         grid: tuple[int, int] | None = None,
         prefix_tokens: int | None = None,
+        heads: int | str | None = None,
     ) -> PartialAttention:
-        """Build from timm ``Attention`` or ``nn.MultiheadAttention`` (self-attention), keeping whole heads.
+        """Build from a self-attention whose whole function this operator carries, keeping whole heads.
 
-        The last ``round((1 - ratio) * heads)`` heads keep attention with their q/k/v/proj blocks.
+        Accepted: timm's ``Attention`` (ViT, DeiT...; q/k norms and the output gate are carried),
+        timm MetaFormer's ``Attention`` and ``nn.MultiheadAttention`` (self-attention, no masks). Any
+        other attention class is refused: it may add what this operator does not compute (relative
+        position bias, RoPE, window shifts, talking heads, separate q/v biases). The last ``heads``
+        heads keep attention with their q/k/v/proj blocks (default ``round((1 - ratio) * heads)``;
+        ``"all"`` keeps every head, the faithful setting).
         """
         if isinstance(original, nn.MultiheadAttention):
-            return cls._from_mha(original, ratio, mixer, grid, prefix_tokens or 0)
-        needed = ("qkv", "proj", "num_heads", "head_dim")
-        if not all(hasattr(original, a) for a in needed) or not isinstance(original.qkv, nn.Linear):
+            return cls._from_mha(original, ratio, mixer, grid, prefix_tokens or 0, heads)
+        kind = _qualname(original)
+        if kind not in _ATTENTION_CLASSES:
             raise OperatorError(
-                f"partial_attention supports timm Attention (qkv, proj) and nn.MultiheadAttention, "
-                f"not {type(original).__name__}"
+                f"partial_attention does not convert {kind}: it carries the whole function of timm "
+                "Attention, timm MetaFormer Attention and nn.MultiheadAttention only, and this class may "
+                "compute more (position bias, RoPE, windows, masks, extra biases) than a sliced copy would keep"
             )
-        for attr in ("q_norm", "k_norm", "norm"):
-            if not isinstance(getattr(original, attr, nn.Identity()), nn.Identity):
-                raise OperatorError(f"partial_attention: {type(original).__name__}.{attr} is not supported yet")
-        if getattr(original, "gate", None) is not None:
-            raise OperatorError("partial_attention: gated attention is not supported")
-        heads, hd = original.num_heads, original.head_dim
+        if not isinstance(getattr(original, "norm", nn.Identity()), nn.Identity):
+            raise OperatorError(
+                f"partial_attention: {kind} normalises the concatenated heads (scale_norm), so its output "
+                "depends on every head and cannot be computed on part of them"
+            )
+        num_heads, hd = original.num_heads, original.head_dim
         dim = original.qkv.in_features
-        if heads * hd != dim:
-            raise OperatorError("partial_attention needs attention width == model width")
-        keep = heads - split_channels(heads, ratio) if ratio > 0 else heads
-        keep = max(1, min(heads - 1, keep)) if heads > 1 else 1
+        if num_heads * hd != dim or original.proj.out_features != dim:
+            raise OperatorError(
+                f"partial_attention needs attention width == model width (heads x head_dim = {num_heads * hd}, "
+                f"input {dim}, output {original.proj.out_features})"
+            )
         if grid is None and mixer == "dwconv":
             raise OperatorError("partial_attention mixer 'dwconv' on tokens needs grid: [H, W]")
         op = cls(
             dim,
-            keep,
+            _kept_heads(num_heads, ratio, heads),
             hd,
             original.qkv.bias is not None,
             original.proj.bias is not None,
@@ -378,21 +477,21 @@ class PartialAttention(nn.Module):
             prefix_tokens if prefix_tokens is not None else 0,
             scale=getattr(original, "scale", None),
         )
-        op._inherit(original.qkv.weight, original.qkv.bias, original.proj.weight, original.proj.bias, heads, hd)
+        op._inherit(original.qkv.weight, original.qkv.bias, original.proj.weight, original.proj.bias, num_heads, hd)
+        op._inherit_norms_and_gate(original, num_heads, hd)
         return op.to(original.qkv.weight.device)
 
     @classmethod
-    def _from_mha(cls, mha: nn.MultiheadAttention, ratio, mixer, grid, prefix_tokens) -> PartialAttention:
+    def _from_mha(cls, mha: nn.MultiheadAttention, ratio, mixer, grid, prefix_tokens, heads) -> PartialAttention:
         if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
             raise OperatorError("partial_attention needs nn.MultiheadAttention with equal q/k/v widths")
         if mha.bias_k is not None or mha.add_zero_attn or mha.dropout:
             raise OperatorError("partial_attention: bias_kv, add_zero_attn and dropout are not supported")
-        heads, dim = mha.num_heads, mha.embed_dim
-        hd = dim // heads
-        keep = max(1, min(heads - 1, heads - split_channels(heads, ratio))) if heads > 1 else 1
+        num_heads, dim = mha.num_heads, mha.embed_dim
+        hd = dim // num_heads
         op = cls(
             dim,
-            keep,
+            _kept_heads(num_heads, ratio, heads),
             hd,
             mha.in_proj_bias is not None,
             mha.out_proj.bias is not None,
@@ -402,8 +501,24 @@ class PartialAttention(nn.Module):
             mha_api=True,
             batch_first=mha.batch_first,
         )
-        op._inherit(mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias, heads, hd)
+        op._inherit(mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias, num_heads, hd)
         return op.to(mha.in_proj_weight.device)
+
+    def _inherit_norms_and_gate(self, original: nn.Module, num_heads: int, hd: int) -> None:
+        """q/k norms act per head (over head_dim): copied whole. The output gate (timm ``gated``) is a
+        linear map of the input: its rows for the kept heads, its columns for the attention channels."""
+        for attr in ("q_norm", "k_norm"):
+            norm = getattr(original, attr, None)
+            if isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity):
+                setattr(self, attr, copy.deepcopy(norm))
+        gate = getattr(original, "gate", None)
+        if gate is not None:
+            lo = num_heads * hd - self.dim_attn
+            self.gate = nn.Linear(self.dim_attn, self.dim_attn, bias=gate.bias is not None)
+            with torch.no_grad():
+                self.gate.weight.copy_(gate.weight[lo:, lo:])
+                if gate.bias is not None:
+                    self.gate.bias.copy_(gate.bias[lo:])
 
     def _inherit(self, w_qkv, b_qkv, w_proj, b_proj, heads: int, hd: int) -> None:
         dim = heads * hd

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from . import __version__
-from .cliutil import friendly_errors
+from .cliutil import POSITIVE, friendly_errors, int_list, trust_factory_option
 
 _friendly_errors = friendly_errors  # the name command modules and older code use
 
@@ -27,14 +27,17 @@ def bench() -> None:
 
 
 @bench.command("ops")
-@click.option("--threads", default=1, show_default=True, help="torch.set_num_threads for the run.")
-@click.option("--channels", default="64,128,256", show_default=True, help="Comma-separated C values.")
-@click.option("--sizes", default="56,28,14", show_default=True, help="Comma-separated H=W values.")
-@click.option("--batches", default="1,16", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--rounds", default=5, show_default=True, help="Interleaved timing rounds per point.")
+@click.option("--threads", default=1, type=POSITIVE, show_default=True, help="torch.set_num_threads for the run.")
+@click.option(
+    "--channels", default="64,128,256", callback=int_list, show_default=True, help="Comma-separated C values."
+)
+@click.option("--sizes", default="56,28,14", callback=int_list, show_default=True, help="Comma-separated H=W values.")
+@click.option("--batches", default="1,16", callback=int_list, show_default=True, help="Comma-separated batch sizes.")
+@click.option("--rounds", default=5, type=POSITIVE, show_default=True, help="Interleaved timing rounds per point.")
 @click.option("--md", "md_path", type=click.Path(dir_okay=False), help="Also write a Markdown table.")
+@click.option("--force", is_flag=True, help="Overwrite --md if it exists (otherwise an existing file is an error).")
 @friendly_errors
-def bench_ops_cmd(threads, channels, sizes, batches, rounds, md_path) -> None:
+def bench_ops_cmd(threads, channels, sizes, batches, rounds, md_path, force) -> None:
     """Time every operator against a dense and a depthwise 3x3 conv (CPU).
 
     For each channel count C, spatial size and batch, all candidates run interleaved round by
@@ -44,19 +47,20 @@ def bench_ops_cmd(threads, channels, sizes, batches, rounds, md_path) -> None:
     from rich.console import Console
     from rich.progress import Progress
 
+    from .fsutil import check_output, write_text
     from .measure.opbench import bench_ops, machine_description
     from .measure.render import op_bench_markdown, op_bench_table
 
-    parse = lambda s: tuple(int(v) for v in s.split(",") if v)  # noqa: E731
-    cs, ss, bs = parse(channels), parse(sizes), parse(batches)
+    if md_path:
+        check_output(md_path, force=force, option="--md")
+    cs, ss, bs = channels, sizes, batches
     with Progress(transient=True) as prog:
         task = prog.add_task("benchmarking operators", total=len(cs) * len(ss) * len(bs))
         rows = bench_ops(cs, ss, bs, threads=threads, rounds=rounds, progress=lambda: prog.advance(task))
     machine = machine_description(threads)
     Console().print(op_bench_table(rows, machine))
     if md_path:
-        with open(md_path, "w") as f:
-            f.write(op_bench_markdown(rows, machine))
+        write_text(md_path, op_bench_markdown(rows, machine), force=force, option="--md")
         click.echo(f"wrote {md_path}")
 
 
@@ -82,8 +86,8 @@ def bench_ops_cmd(threads, channels, sizes, batches, rounds, md_path) -> None:
     type=click.Path(dir_okay=False),
     help="Write the converted model here (.safetensors: plan + tensors).",
 )
-@click.option("--input-size", type=int, help="Example input size for discovery [default: the model's].")
-@click.option("--num-classes", type=int, help="Build the base model with this many classes.")
+@click.option("--input-size", type=POSITIVE, help="Example input size for discovery [default: the model's].")
+@click.option("--num-classes", type=POSITIVE, help="Build the base model with this many classes.")
 @click.option("--dry-run", is_flag=True, help="Print the plan only: no conversion, nothing written.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists (otherwise an existing file is an error).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (and summary) as JSON on stdout.")
@@ -93,8 +97,8 @@ def bench_ops_cmd(threads, channels, sizes, batches, rounds, md_path) -> None:
     show_default=True,
     help="Measure CPU latency (batch 1) and throughput before vs after, side by side.",
 )
-@click.option("--threads", default=1, show_default=True, help="torch threads for the speed check.")
-@click.option("--batch", default=16, show_default=True, help="Batch size for the throughput check.")
+@click.option("--threads", default=1, type=POSITIVE, show_default=True, help="torch threads for the speed check.")
+@click.option("--batch", default=16, type=POSITIVE, show_default=True, help="Batch size for the throughput check.")
 @friendly_errors
 def convert(
     model, recipe_path, weights, out, input_size, num_classes, dry_run, force, as_json, speed, threads, batch
@@ -116,12 +120,16 @@ def convert(
     from .engine.apply import apply_plan
     from .engine.plan import make_plan
     from .engine.render import plan_table, summary_table
+    from .fsutil import check_output
     from .io import save
     from .recipe import load_recipe
     from .zoo import build_model
 
     stream = _sys.stderr if as_json else _sys.stdout
     console = Console(stderr=as_json, width=None if stream.isatty() else 150)
+    if out and not dry_run:  # before any of the work: an existing or unwritable --out fails now, not in a minute
+        out = out if out.endswith(".safetensors") else out + ".safetensors"
+        check_output(out, force=force, inputs=[weights, recipe_path])
     rec = load_recipe(recipe_path)
     base = build_model(model, weights=weights, num_classes=num_classes)
     if weights == "random":
@@ -184,11 +192,14 @@ def convert(
     type=click.Path(dir_okay=False),
     help="Output file [default: CHECKPOINT stem + .onnx / .ts.pt / .deployed.safetensors].",
 )
-@click.option("--input-size", type=int, help="H=W of the example input [default: the size the plan was made at].")
-@click.option("--batch", default=1, show_default=True, help="Batch of the example input (ONNX batch is dynamic).")
+@click.option("--input-size", type=POSITIVE, help="H=W of the example input [default: the size the plan was made at].")
+@click.option(
+    "--batch", default=1, type=POSITIVE, show_default=True, help="Batch of the example input (ONNX batch is dynamic)."
+)
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists (written to a temp file, then replaced).")
+@trust_factory_option
 @friendly_errors
-def export_cmd(checkpoint, fmt, out, input_size, batch, force) -> None:
+def export_cmd(checkpoint, fmt, out, input_size, batch, force, trust_factory) -> None:
     """Deploy CHECKPOINT (a partialize .safetensors) and export it.
 
     Deploy = BN folded into the preceding convs (also inside the operators), PAT_sp merged into its
@@ -202,17 +213,26 @@ def export_cmd(checkpoint, fmt, out, input_size, batch, force) -> None:
 
       partialize export r50.safetensors --format onnx --out r50.onnx
     """
-    from .exporter import export
+    import os
 
-    res = export(
-        checkpoint,
-        fmt,
-        out,
-        input_size=input_size,
-        batch=batch,
-        force=force,
-        progress=lambda msg: click.echo(msg, err=True),
-    )
+    from .exporter import export
+    from .fsutil import check_folder, check_output
+    from .io import trusting_factories
+
+    if out:
+        check_output(out, force=force, inputs=[checkpoint])
+    else:  # the default name sits next to the checkpoint
+        check_folder(os.path.dirname(os.path.abspath(checkpoint)), option="the export next to CHECKPOINT")
+    with trusting_factories(trust_factory):
+        res = export(
+            checkpoint,
+            fmt,
+            out,
+            input_size=input_size,
+            batch=batch,
+            force=force,
+            progress=lambda msg: click.echo(msg, err=True),
+        )
     click.echo(f"deployed vs trained (eval), max relative error: {res.deploy_rel_err:.2e}")
     what = {"onnx": "ONNX (onnxruntime)", "torchscript": "TorchScript", "safetensors": "reloaded"}[fmt]
     click.echo(f"{what} vs deployed PyTorch, max relative error: {res.max_rel_err:.2e}")

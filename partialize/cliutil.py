@@ -9,6 +9,50 @@ import click
 
 from .errors import PartializeError
 
+POSITIVE = click.IntRange(min=1)  # sizes, counts, threads, batches, rounds: 0 or less is a usage error
+
+
+def check_device(ctx, param, value: str) -> str:
+    """Click callback: a device torch understands (cpu, cuda, cuda:1, mps), else a usage error."""
+    import torch
+
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        raise click.BadParameter(f"{value!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    return value
+
+
+def int_list(ctx, param, value: str) -> tuple[int, ...]:
+    """Click callback: comma-separated positive integers ("64,128"), else a usage error naming the item."""
+    out = []
+    for item in (v.strip() for v in value.split(",")):
+        if not item:
+            continue
+        try:
+            n = int(item)
+        except ValueError:
+            raise click.BadParameter(
+                f"{item!r} is not an integer; give comma-separated integers, e.g. 64,128"
+            ) from None
+        if n < 1:
+            raise click.BadParameter(f"{n} must be at least 1")
+        out.append(n)
+    if not out:
+        raise click.BadParameter("give at least one value, e.g. 64,128")
+    return tuple(out)
+
+
+def trust_factory_option(fn):
+    """``--trust-factory``: allow checkpoints whose base model is a ``package.module:factory`` to import
+    and call it (explicit opt-in: the file names code to run)."""
+    return click.option(
+        "--trust-factory",
+        is_flag=True,
+        help="Allow a checkpoint to build its base model by importing and calling the package.module:factory "
+        "it names (code named by the file runs: only for files you trust).",
+    )(fn)
+
 
 def friendly_errors(fn):
     """Print PartializeError messages (user errors) without a traceback and exit non-zero."""

@@ -8,10 +8,13 @@ ones and ``load`` returns ``partialize.deploy`` of the replayed model; deploymen
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import json
 import os
 import re
+from collections.abc import Iterator
 
 from torch import nn
 
@@ -20,6 +23,19 @@ from .errors import CheckpointError, PartializeError
 
 FORMAT = "partialize/1"
 FORMAT_VERSION = 1
+
+_TRUST_FACTORY: contextvars.ContextVar[bool] = contextvars.ContextVar("partialize_trust_factory", default=False)
+
+
+@contextlib.contextmanager
+def trusting_factories(trust: bool = True) -> Iterator[None]:
+    """Within the block, ``load`` (and what calls it, e.g. ``export``) may build a base model from the
+    ``package.module:factory`` a file names, as with ``trust_factory=True`` (the CLI's --trust-factory)."""
+    token = _TRUST_FACTORY.set(trust)
+    try:
+        yield
+    finally:
+        _TRUST_FACTORY.reset(token)
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, deployed: bool = False, overwrite: bool = False) -> str:
@@ -107,7 +123,7 @@ def _check_spec(spec: str, kwargs: dict, path, trust_factory: bool) -> None:
         raise CheckpointError(
             f"{os.fspath(path)!r} asks to build its base model with the factory {spec!r}, which would import "
             "and run code named by the file. Pass the base model yourself (partialize.load(path, "
-            "model=...)) or trust_factory=True if you trust this file"
+            "model=...)) or, if you trust this file, trust_factory=True (CLI: --trust-factory)"
         )
 
 
@@ -166,14 +182,15 @@ def load(
     model: nn.Module | None = None,
     *,
     deployed: bool | None = None,
-    trust_factory: bool = False,
+    trust_factory: bool | None = None,
 ) -> nn.Module:
     """Rebuild a converted model: base model (from the plan's spec, or a copy of ``model``) + plan + tensors.
 
     ``deployed``: None follows the file (``partialize export --format safetensors`` marks it); True
     returns ``partialize.deploy`` of the loaded model, False the trained form. A file can only name
     a timm or ``torchvision:`` model to build; a ``package.module:factory`` base would import and call
-    code named by the file, so it needs ``model=`` or ``trust_factory=True``.
+    code named by the file, so it needs ``model=`` or ``trust_factory=True`` (None: as set by
+    :func:`trusting_factories`, else False).
     """
     from safetensors.torch import load_model
 
@@ -195,7 +212,8 @@ def load(
                 "partialize.load(path, model=YourModel())"
             )
         kwargs = spec.get("kwargs") or {}
-        _check_spec(spec["spec"], kwargs, path, trust_factory)
+        trust = _TRUST_FACTORY.get() if trust_factory is None else trust_factory
+        _check_spec(spec["spec"], kwargs, path, trust)
         model = build_model(spec["spec"], weights="random", **kwargs)
     else:
         _check_fits(model, plan, path)

@@ -51,6 +51,26 @@ def load_state_file(model: nn.Module, path: str) -> None:
                 state = state["state_dict"]
     except Exception as e:  # corrupt / truncated / not a tensors-only file
         raise CheckpointError(f"cannot read weights from {path!r}: {e}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"{path!r} is not a state_dict (a mapping of names to tensors); save one with "
+            "torch.save(model.state_dict(), path) or safetensors"
+        )
+    own = model.state_dict()
+    differ = [
+        (k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape
+    ]
+    if differ:
+        shown = "; ".join(f"{k}: {list(a)} in the file, {list(b)} in the model" for k, a, b in differ[:3])
+        classes = {a[0] for _, a, b in differ if len(a) == len(b) and a[1:] == b[1:]}
+        if len(classes) == 1 and all(len(a) <= 2 for _, a, _ in differ):  # only the head's rows differ
+            n = next(iter(classes))
+            hint = f"; the file's classifier has {n} outputs: pass --num-classes {n} (num_classes={n})"
+        else:
+            hint = "; build the model the weights were saved from (same architecture and options)"
+        raise CheckpointError(
+            f"weights in {path!r} do not fit {type(model).__name__}: tensor shapes differ ({shown}){hint}"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
@@ -126,12 +146,28 @@ def _torchvision(name: str, pretrained: bool, extra: dict) -> nn.Module:
         raise
 
 
+def _cwd_on_path() -> None:
+    """Make modules in the working directory importable, as ``python -m`` does (the console script's
+    sys.path starts with its own bin folder instead)."""
+    import sys
+
+    cwd = os.getcwd()
+    if not any(p in ("", cwd) or (p and os.path.abspath(p) == cwd) for p in sys.path):
+        sys.path.insert(0, cwd)
+
+
 def _factory(spec: str, pretrained: bool, extra: dict) -> nn.Module:
     mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise ModelError(f"model {spec!r}: write a factory as package.module:function")
+    _cwd_on_path()
     try:
         fn = getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError) as e:
-        raise ModelError(f"cannot import factory {spec!r}: {e}") from None
+        raise ModelError(
+            f"cannot import factory {spec!r}: {e} (run from the folder that holds {mod_name.split('.')[0]!r}, "
+            "or put it on PYTHONPATH)"
+        ) from None
     if pretrained:
         extra["pretrained"] = True
     try:

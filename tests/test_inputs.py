@@ -301,3 +301,85 @@ def test_load_with_the_wrong_model_is_a_checkpoint_error(r18_checkpoint, model):
 def test_load_model_argument_must_be_a_module(r18_checkpoint):
     with pytest.raises(CheckpointError, match="model= must be an nn.Module"):
         partialize.load(r18_checkpoint, model="resnet18")
+
+
+# --- the CLI's options and arguments ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,option",
+    [
+        (["convert", "torchvision:resnet18", "--batch", "0"], "--batch"),
+        (["convert", "torchvision:resnet18", "--threads", "0"], "--threads"),
+        (["convert", "torchvision:resnet18", "--input-size", "-5"], "--input-size"),
+        (["convert", "torchvision:resnet18", "--num-classes", "0"], "--num-classes"),
+        (["report", "torchvision:resnet18", "--input-size", "-5"], "--input-size"),
+        (["report", "torchvision:resnet18", "--batch", "0"], "--batch"),
+        (["report", "torchvision:resnet18", "--threads", "0"], "--threads"),
+        (["report", "torchvision:resnet18", "--rounds", "0"], "--rounds"),
+        (["report", "torchvision:resnet18", "--device", "tpu"], "--device"),
+        (["report", "torchvision:resnet18", "--data-limit", "0"], "--data-limit"),
+        (["bench", "models", "torchvision:resnet18", "--batch", "0"], "--batch"),
+        (["bench", "torchvision:resnet18", "--input-size", "-1"], "--input-size"),
+        (["bench", "models", "torchvision:resnet18", "--threads", "-1"], "--threads"),
+        (["bench", "ops", "--threads", "0"], "--threads"),
+        (["bench", "ops", "--channels", "x"], "--channels"),
+        (["bench", "ops", "--channels", "0"], "--channels"),
+        (["bench", "ops", "--sizes", ","], "--sizes"),
+        (["bench", "ops", "--rounds", "0"], "--rounds"),
+        (["export", "m.safetensors", "-f", "onnx", "--batch", "0"], "--batch"),
+        (["export", "m.safetensors", "-f", "torchscript", "--input-size", "-5"], "--input-size"),
+    ],
+)
+def test_bad_option_values_are_usage_errors(args, option):
+    r = _cli(*args)
+    _clean_exit(r)
+    assert option in r.output and "Invalid value" in r.output, r.output
+
+
+def test_convert_weights_of_another_head_says_num_classes(tmp_path):
+    w = tmp_path / "w10.pt"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), w)
+    r = _cli("convert", "torchvision:resnet18", "--weights", w, "--input-size", 32, "--dry-run")
+    _clean_exit(r)
+    assert "w10.pt" in r.output and "--num-classes 10" in r.output and "fc.weight" in r.output
+    r = _cli("convert", "torchvision:resnet18", "--weights", w, "--num-classes", 10, "--input-size", 32, "--dry-run")
+    assert r.exit_code == 0, r.output
+
+
+def test_convert_weights_that_are_not_a_state_dict(tmp_path):
+    w = tmp_path / "list.pt"
+    torch.save([torch.zeros(1)], w)
+    r = _cli("convert", "torchvision:resnet18", "--weights", w, "--dry-run")
+    _clean_exit(r)
+    assert "not a state_dict" in r.output
+
+
+def test_convert_with_a_bad_ignore_regex_fails_before_building_the_model(tmp_path, monkeypatch):
+    p = tmp_path / "r.yaml"
+    p.write_text(OK + "ignore: ['re:((']\n")
+    monkeypatch.setattr("partialize.zoo.build_model", lambda *a, **k: pytest.fail("model built"))
+    r = _cli("convert", "torchvision:resnet18", "-r", p, "--dry-run")
+    _clean_exit(r)
+    assert "r.yaml:4" in r.output and "ignore.0" in r.output
+
+
+def test_recipe_validate_reports_every_problem(tmp_path):
+    p = tmp_path / "m.yaml"
+    p.write_text("version: 1\nrules:\n  - select: {type: Conv2d}\n    variant: nope\n  - select: {typo: 1}\n")
+    r = _cli("recipe", "validate", p)
+    _clean_exit(r)
+    assert "2 problems" in r.output and "rules.0.variant" in r.output and "rules.1.select.typo" in r.output
+
+
+@pytest.mark.parametrize("cmd", ["report", "bench"])
+def test_missing_checkpoint_is_named_as_such(cmd, tmp_path):
+    r = _cli(cmd, tmp_path / "nope.safetensors", "--input-size", 32)
+    _clean_exit(r)
+    assert "nope.safetensors" in r.output and "does not exist" in r.output
+
+
+def test_report_with_a_folder_for_the_model(tmp_path):
+    r = _cli("report", tmp_path, "--input-size", 32, "--no-speed")
+    _clean_exit(r)
+    assert "is a folder" in r.output

@@ -7,21 +7,20 @@ import os
 
 import click
 
-from ..cliutil import friendly_errors
+from ..cliutil import POSITIVE, check_device, friendly_errors, trust_factory_option
 from ..errors import CheckpointError, PartializeError
 
 
-def load_model(spec: str, weights: str = "random"):
+def load_model(spec: str, weights: str = "random", *, trust_factory: bool = False):
     """A model from a saved checkpoint (an existing path, via partialize.io.load) or a model spec."""
     if os.path.exists(spec):
-        try:
-            from ..io import load
-        except ImportError:
-            raise CheckpointError(
-                f"{spec!r} is a path, but this partialize cannot load checkpoints yet (partialize.io is "
-                "missing); give a model name instead"
-            ) from None
-        return load(spec)
+        if os.path.isdir(spec):
+            raise CheckpointError(f"{spec!r} is a folder; give a checkpoint file (.safetensors) or a model name")
+        from ..io import load
+
+        return load(spec, trust_factory=trust_factory)
+    if spec.endswith((".safetensors", ".pt", ".pth")):
+        raise CheckpointError(f"checkpoint {spec!r} does not exist (check the path)")
     from ..zoo import build_model
 
     return build_model(spec, weights=weights)
@@ -33,13 +32,15 @@ def _display_name(spec: str) -> str:
 
 def _speed_options(fn):
     opts = [
-        click.option("--input-size", default=224, show_default=True, help="Square input resolution H=W."),
-        click.option("--threads", default=1, show_default=True, help="CPU threads (torch.set_num_threads) for timing."),
-        click.option("--batch", default=16, show_default=True, help="Batch size for the throughput figure."),
-        click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]."),
+        click.option("--input-size", default=224, type=POSITIVE, show_default=True, help="Square input size H=W."),
+        click.option(
+            "--threads", default=1, type=POSITIVE, show_default=True, help="CPU threads (torch.set_num_threads)."
+        ),
+        click.option("--batch", default=16, type=POSITIVE, show_default=True, help="Batch size for the throughput."),
+        click.option("--device", default="cpu", callback=check_device, show_default=True, help="cpu or cuda[:N]."),
         click.option("--amp", is_flag=True, help="CUDA only: time under fp16 autocast."),
         click.option("--channels-last", is_flag=True, help="Time with channels_last memory format."),
-        click.option("--rounds", default=7, show_default=True, help="Interleaved timing rounds (medians)."),
+        click.option("--rounds", default=7, type=POSITIVE, show_default=True, help="Interleaved timing rounds."),
         click.option(
             "--weights",
             default="random",
@@ -80,12 +81,14 @@ def register(main: click.Group, bench: click.Group) -> None:
 @click.option("--baseline", help="The original model (name or checkpoint) to compare against.")
 @click.option("--name", help="Name for the model in the report (default: the argument).")
 @click.option("--data", type=click.Path(file_okay=False), help="ImageFolder (DIR/val or DIR) for top-1/5.")
-@click.option("--data-limit", type=int, help="Evaluate at most this many images.")
+@click.option("--data-limit", type=POSITIVE, help="Evaluate at most this many images.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @click.option("--md", "md_path", type=click.Path(dir_okay=False), help="Write the report as Markdown.")
+@click.option("--force", is_flag=True, help="Overwrite --json / --md if they exist (otherwise an error).")
 @click.option("--pruning-baseline", is_flag=True, help="Also prune --baseline to the same MACs and measure it.")
 @click.option("--no-speed", is_flag=True, help="Skip timing (params, MACs, accuracy only).")
 @_speed_options
+@trust_factory_option
 @friendly_errors
 def report_cmd(
     model_or_checkpoint,
@@ -95,6 +98,7 @@ def report_cmd(
     data_limit,
     json_path,
     md_path,
+    force,
     pruning_baseline,
     no_speed,
     input_size,
@@ -105,6 +109,7 @@ def report_cmd(
     channels_last,
     rounds,
     weights,
+    trust_factory,
 ) -> None:
     """Measure a model (or saved checkpoint): params, MACs, speed and, with --data, accuracy.
 
@@ -117,13 +122,16 @@ def report_cmd(
     """
     from rich.console import Console
 
+    from ..fsutil import write_text
     from .render import render_report_details, render_report_table, report_markdown
     from .report import build_report
 
+    # every output is checked before anything is loaded or timed
+    _check_outputs({"--json": json_path, "--md": md_path}, force, inputs=[model_or_checkpoint, baseline, weights])
     console = Console()
     with console.status("loading models") as status:
-        model = load_model(model_or_checkpoint, weights)
-        base = load_model(baseline, weights) if baseline else None
+        model = load_model(model_or_checkpoint, weights, trust_factory=trust_factory)
+        base = load_model(baseline, weights, trust_factory=trust_factory) if baseline else None
         rep = build_report(
             model,
             name=name or _display_name(model_or_checkpoint),
@@ -151,56 +159,134 @@ def report_cmd(
         for n in m.notes:
             console.print(f"[dim]{m.name}: {n}[/dim]")
     if json_path:
-        rep.to_json(json_path)
+        write_text(json_path, rep.to_json() + "\n", force=force, option="--json")
         click.echo(f"wrote {json_path}")
     if md_path:
-        with open(md_path, "w") as f:
-            f.write(report_markdown(rep))
+        write_text(md_path, report_markdown(rep), force=force, option="--md")
         click.echo(f"wrote {md_path}")
+
+
+def _check_outputs(paths: dict[str, str | None], force: bool, inputs=()) -> dict[str, str]:
+    """Check every output path before the work (exists without --force, unwritable, an input, the same
+    file twice) and return the ones given."""
+    from ..fsutil import check_output
+
+    given = {opt: p for opt, p in paths.items() if p}
+    seen: dict[str, str] = {}
+    for opt, p in given.items():
+        key = os.path.abspath(p)
+        if key in seen:
+            raise PartializeError(f"{seen[key]} and {opt} are the same file {p!r}; give each its own path")
+        seen[key] = opt
+        check_output(p, force=force, option=opt, inputs=inputs)
+    return given
 
 
 @click.command("compare")
 @click.argument("reports", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--md", "md_path", type=click.Path(dir_okay=False), help="Write the table as Markdown.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG plot.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a plot (.png, .svg, .pdf).")
+@click.option("--force", is_flag=True, help="Overwrite --md / --plot if they exist (otherwise an error).")
 @click.option("--no-speed", is_flag=True, help="Ignore speed (compare reports timed under different settings).")
+@click.option(
+    "--remeasure",
+    is_flag=True,
+    help="Time every model again, side by side in one run (needs the models: each report's source "
+    "checkpoint or model name), under the reports' speed settings.",
+)
+@trust_factory_option
 @friendly_errors
-def compare_cmd(reports, md_path, plot_path, no_speed) -> None:
+def compare_cmd(reports, md_path, plot_path, force, no_speed, remeasure, trust_factory) -> None:
     """Put several `partialize report --json` files in one table (ratios vs the first model).
 
     Refuses, with the reason, reports whose units, input size or speed settings (device, threads,
-    batch, precision, memory format) differ. --plot draws top-1 (or GMACs when accuracy was not
-    measured) against throughput, like PartialNet's Figure 2.
+    batch, precision, memory format) differ. Each report was timed in its own run: throughput ratios
+    between models of different reports are marked "separate runs" (they carry run-to-run drift);
+    --remeasure times them all again side by side. --plot draws top-1 (or GMACs when accuracy was
+    not measured) against throughput, like PartialNet's Figure 2, with spread bars.
     """
     from rich.console import Console
 
-    from .render import compare_markdown, compare_table, plot_entries
+    from .render import compare_markdown, compare_table, plot_entries, plot_format
     from .report import check_compatible, compare_entries, load_reports
 
+    if remeasure and no_speed:
+        raise PartializeError("--remeasure times the models and --no-speed ignores speed: give one of them")
+    _check_outputs({"--md": md_path, "--plot": plot_path}, force, inputs=reports)
+    if plot_path:
+        plot_format(plot_path)
     reps = load_reports(list(reports))
     if no_speed:
         for r in reps:
             r.speed_conditions = None
     check_compatible(reps, list(reports))
     entries = compare_entries(reps, with_speed=not no_speed)
+    first_report = {}
+    for label, r in zip(reports, reps):
+        for m in r.entries():
+            first_report.setdefault(m.name, label)
+    runs = [first_report[m.name] for m in entries]
     conditions = next((r.speed_conditions for r in reps if r.speed_conditions), None)
-    Console().print(compare_table(entries, conditions))
+    if remeasure:
+        conditions, runs = _remeasure(entries, reps, runs, trust_factory)
+    Console().print(compare_table(entries, conditions, runs))
     if md_path:
-        with open(md_path, "w") as f:
-            f.write(compare_markdown(entries, conditions))
+        from ..fsutil import write_text
+
+        write_text(md_path, compare_markdown(entries, conditions, runs), force=force, option="--md")
         click.echo(f"wrote {md_path}")
     if plot_path:
-        what = plot_entries(entries, plot_path, conditions)
+        what = plot_entries(entries, plot_path, conditions, runs, force=force)
         click.echo(f"wrote {plot_path} ({what})")
+
+
+def _remeasure(entries, reps, runs, trust_factory: bool):
+    """Time every entry again, side by side, under the reports' speed conditions; entries are updated in
+    place. Returns the new conditions and run labels."""
+    from .speed import measure_speed
+
+    cond = next((r.speed_conditions for r in reps if r.speed_conditions), None) or {}
+    models = {}
+    for m in entries:
+        if not m.source:
+            raise PartializeError(
+                f"--remeasure: the report of {m.name!r} does not say which model it measured (no source; a "
+                "pruning baseline is rebuilt by `partialize report --pruning-baseline`); compare without "
+                "--remeasure, or time the models with `partialize bench`"
+            )
+        if not os.path.exists(m.source) and m.source.endswith((".safetensors", ".pt", ".pth")):
+            raise PartializeError(
+                f"--remeasure: {m.name!r} was measured from {m.source!r}, which is not here; run compare from "
+                "the folder the reports were made in"
+            )
+        models[m.name] = load_model(m.source, "random", trust_factory=trust_factory)
+    device = str(cond.get("device", "cpu")).split(":")[0] or "cpu"
+    chw = tuple(reps[0].input_size)
+    click.echo(f"re-measuring {len(models)} model(s) side by side ({device}) ...", err=True)
+    res = measure_speed(
+        models,
+        chw,
+        threads=cond.get("threads") or 1,
+        batch=cond.get("batch") or 16,
+        device=device,
+        amp=cond.get("precision") == "amp-fp16",
+        channels_last=bool(cond.get("channels_last")),
+        rounds=cond.get("rounds") or 7,
+    )
+    for m in entries:
+        m.speed = res["models"][m.name]
+    return res["conditions"], ["re-measured side by side"] * len(entries)
 
 
 @click.command("models")
 @click.argument("models", nargs=-1, required=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the timings as JSON.")
+@click.option("--force", is_flag=True, help="Overwrite --json if it exists (otherwise an error).")
 @_speed_options
+@trust_factory_option
 @friendly_errors
 def bench_models_cmd(
-    models, json_path, input_size, threads, batch, device, amp, channels_last, rounds, weights
+    models, json_path, force, input_size, threads, batch, device, amp, channels_last, rounds, weights, trust_factory
 ) -> None:
     """Time models side by side: latency at batch 1, throughput at --batch, ratios vs the first.
 
@@ -216,6 +302,7 @@ def bench_models_cmd(
     from .flops import count_params, macs_breakdown
     from .speed import measure_speed
 
+    _check_outputs({"--json": json_path}, force, inputs=list(models) + [weights])
     console = Console()
     with console.status("loading models") as status:
         loaded = {}
@@ -223,7 +310,7 @@ def bench_models_cmd(
             name = _display_name(spec)
             if name in loaded:
                 raise PartializeError(f"model {name!r} is given twice")
-            loaded[name] = load_model(spec, weights)
+            loaded[name] = load_model(spec, weights, trust_factory=trust_factory)
         macs = {n: macs_breakdown(m, input_size, crosscheck=False)["total"] for n, m in loaded.items()}
         status.update("timing side by side")
         res = measure_speed(
@@ -268,6 +355,7 @@ def bench_models_cmd(
         for n in loaded:
             res["models"][n]["macs"] = macs[n]
             res["models"][n]["params"] = count_params(loaded[n])
-        with open(json_path, "w") as f:
-            json.dump(res, f, indent=2)
+        from ..fsutil import write_text
+
+        write_text(json_path, json.dumps(res, indent=2) + "\n", force=force, option="--json")
         click.echo(f"wrote {json_path}")

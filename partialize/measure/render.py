@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from rich.table import Table
 
 # columns of the converted-layer table (terminal and Markdown), matching _changed_cells
@@ -294,8 +296,30 @@ def report_markdown(report) -> str:
 
 # --- compare -----------------------------------------------------------------------------------------
 
+SEPARATE = "separate runs"
 
-def compare_table(entries, conditions: dict | None) -> Table:
+
+def _runs(entries, runs) -> list[str | None]:
+    """Per entry, the run its speed was timed in (None: not timed); one run when not given."""
+    runs = list(runs) if runs is not None else ["this run"] * len(entries)
+    return [r if (m.speed or {}).get("throughput_ips") else None for m, r in zip(entries, runs)]
+
+
+def speed_runs_note(entries, runs) -> str:
+    """One sentence on whether the throughputs were timed side by side (empty when they were)."""
+    timed = [r for r in _runs(entries, runs) if r is not None]
+    distinct = list(dict.fromkeys(timed))
+    if len(distinct) <= 1:
+        return ""
+    return (
+        f"Throughputs come from {len(distinct)} separate runs ({', '.join(distinct)}): models of different runs "
+        "were not timed side by side, so a ratio between them also carries run-to-run drift (machine load, "
+        f"thermals, clocks) beyond the spread shown; such ratios are marked '{SEPARATE}'. To time them side "
+        "by side: partialize compare ... --remeasure, or partialize bench MODEL MODEL ..."
+    )
+
+
+def compare_table(entries, conditions: dict | None, runs=None) -> Table:
     """Rich table of models from several reports; ratios are against the first entry."""
     from rich.markup import escape
 
@@ -303,41 +327,117 @@ def compare_table(entries, conditions: dict | None) -> Table:
     t.add_column("metric", justify="left")
     for m in entries:
         t.add_column(escape(m.name), justify="right")
-    rows = _compare_rows(entries)
-    labels = SUMMARY_COLUMNS + ("MACs vs first", "throughput vs first")
+    rows = _compare_rows(entries, runs)
+    labels = SUMMARY_COLUMNS + ("MACs vs first", "throughput vs first", "speed timed in")
     for i, label in enumerate(labels[1:], start=1):
         t.add_row(label, *(escape(r[i]) for r in rows))
-    t.caption = escape(f"GMACs = 1e9 multiply-adds per image (fvcore). {_conditions(conditions)}.")
+    note = speed_runs_note(entries, runs)
+    t.caption = escape(
+        f"GMACs = 1e9 multiply-adds per image. {_conditions(conditions)}." + (f" {note}" if note else "")
+    )
     return t
 
 
-def _compare_rows(entries) -> list[list[str]]:
+def _compare_rows(entries, runs=None) -> list[list[str]]:
     first = entries[0]
+    timed = _runs(entries, runs)
     rows = []
-    for m in entries:
+    for m, run in zip(entries, timed):
         macs = f"{m.macs / first.macs:.2f}x" if first.macs else NM
         a, b = (m.speed or {}).get("throughput_ips"), (first.speed or {}).get("throughput_ips")
         thr = f"{a['median'] / b['median']:.2f}x" if a and b else NM
-        rows.append(_summary_cells(m) + [macs, thr])
+        if a and b and run != timed[0]:
+            thr += f" ({SEPARATE})"
+        rows.append(_summary_cells(m) + [macs, thr, run if run is not None else NM])
     return rows
 
 
-def compare_markdown(entries, conditions: dict | None) -> str:
-    """Markdown table of models from several reports, units and conditions stated."""
+def compare_markdown(entries, conditions: dict | None, runs=None) -> str:
+    """Markdown table of models from several reports, units, conditions and timing runs stated."""
+    note = speed_runs_note(entries, runs)
     lines = [
         "# partialize compare",
         "",
-        'MACs are multiply-adds per image (fvcore, the papers\' "FLOPs"). ' + _conditions(conditions) + ". "
-        "Ratios are against the first row.",
+        'MACs are multiply-adds per image (the papers\' "FLOPs"). ' + _conditions(conditions) + ". "
+        "Ratios are against the first row." + (f" **{note}**" if note else ""),
         "",
     ]
-    lines += _md_table(list(SUMMARY_COLUMNS) + ["MACs vs first", "throughput vs first"], _compare_rows(entries))
+    header = list(SUMMARY_COLUMNS) + ["MACs vs first", "throughput vs first", "speed timed in"]
+    lines += _md_table(header, _compare_rows(entries, runs))
     return "\n".join(lines) + "\n"
 
 
-def plot_entries(entries, path: str, conditions: dict | None = None) -> str:
+def accuracy_interval(acc: dict) -> tuple[float, float] | None:
+    """95% (normal approximation) binomial interval of a top-1 over ``acc['images']`` images, in %."""
+    n = acc.get("images")
+    if not n:
+        return None
+    p = acc["top1"] / 100.0
+    half = 1.96 * (max(p * (1 - p), 0.25 / n) / n) ** 0.5 * 100.0  # never a zero-width bar at 0% or 100%
+    return max(0.0, acc["top1"] - half), min(100.0, acc["top1"] + half)
+
+
+def _axis_limits(lo: float, hi: float, *, floor: float | None, ceil: float | None, span: float | None) -> tuple:
+    """Limits with a margin, at least ``span`` wide (no auto-zoom), shifted inside [floor, ceil]."""
+    if span is not None and hi - lo < span:
+        mid = (lo + hi) / 2
+        lo, hi = mid - span / 2, mid + span / 2
+    pad = 0.08 * max(hi - lo, 1e-9)
+    lo, hi = lo - pad, hi + pad
+    if floor is not None and lo < floor:
+        lo, hi = floor, hi + (floor - lo)
+    if ceil is not None and hi > ceil:
+        lo, hi = lo - (hi - ceil), ceil
+    if floor is not None:
+        lo = max(lo, floor)
+    return lo, hi
+
+
+def plot_format(path: str) -> str:
+    """The image format a plot path asks for (its extension); PartializeError if matplotlib cannot
+    write it. Cheap: the CLI calls it before any work."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from ..errors import PartializeError
+
+    fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in supported:
+        raise PartializeError(
+            f"--plot {path!r}: cannot write a {fmt or 'no-extension'} file; end the name with one of "
+            + ", ".join(f".{k}" for k in sorted(supported))
+        )
+    return fmt
+
+
+def plot_entries(entries, path: str, conditions: dict | None = None, runs=None, *, force: bool = False) -> str:
+    """Write :func:`plot_figure` to ``path`` (format from its extension), atomically; an existing file is
+    kept unless ``force``. Returns the y-x description."""
+    import matplotlib.pyplot as plt
+
+    from ..fsutil import atomic_write
+
+    fmt = plot_format(path)
+    fig, what = plot_figure(entries, conditions, runs)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt), force=force, option="--plot")
+    finally:
+        plt.close(fig)
+    return what
+
+
+def plot_figure(entries, conditions: dict | None = None, runs=None):
     """Scatter plot like 000 Figure 2: top-1 (when every entry has it) or GMACs against throughput
-    (or against GMACs when throughput was not measured). Returns the y-x description."""
+    (or against GMACs when throughput was not measured). Returns the figure and the y-x description.
+
+    Honest axes: throughput and GMACs start at 0, accuracy spans at least 10 points (so a 0.2-point
+    difference does not look like a cliff). Bars: throughput min-max over the timing rounds, top-1 a 95%
+    binomial interval over the evaluated images. Models timed in different runs get different markers
+    and the title says they were not timed side by side.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -345,35 +445,74 @@ def plot_entries(entries, path: str, conditions: dict | None = None) -> str:
 
     from ..errors import PartializeError
 
-    thr = [(m.speed or {}).get("throughput_ips", {}).get("median") for m in entries]
+    thr_stats = [(m.speed or {}).get("throughput_ips") for m in entries]
+    thr = [t["median"] if t else None for t in thr_stats]
     acc = [m.accuracy["top1"] if m.accuracy else None for m in entries]
     gmacs = [m.macs / 1e9 for m in entries]
-    if all(v is not None for v in thr):
+    x_is_thr = all(v is not None for v in thr)
+    y_is_acc = all(v is not None for v in acc)
+    if x_is_thr:
         x, xlabel = thr, "throughput (images/s)"
         if conditions:
             xlabel += f", {conditions['device']}, batch {conditions['batch']}"
             if conditions.get("threads"):
                 xlabel += f", {conditions['threads']} thread(s)"
-        if all(v is not None for v in acc):
+        if y_is_acc:
             y, ylabel = acc, "top-1 accuracy (%)"
         else:
             y, ylabel = gmacs, "GMACs per image (multiply-adds)"
-    elif all(v is not None for v in acc):
+    elif y_is_acc:
         x, xlabel, y, ylabel = gmacs, "GMACs per image (multiply-adds)", acc, "top-1 accuracy (%)"
     else:
         raise PartializeError(
             "nothing to plot: the reports have neither throughput for every model nor accuracy for every "
             "model; re-run `partialize report` with speed (the default) or --data"
         )
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
-    ax.scatter(x, y, s=36, zorder=3)
+    # spread bars: what the reports carry (timing min-max), and the sampling interval of a top-1
+    xlo = [t["min"] if x_is_thr and t and "min" in t else xi for t, xi in zip(thr_stats, x)]
+    xhi = [t["max"] if x_is_thr and t and "max" in t else xi for t, xi in zip(thr_stats, x)]
+    if y is acc:
+        iv = [accuracy_interval(m.accuracy) or (a, a) for m, a in zip(entries, acc)]
+        ylo, yhi = [v[0] for v in iv], [v[1] for v in iv]
+    else:
+        ylo, yhi = list(y), list(y)
+    timed = _runs(entries, runs) if x_is_thr else [None] * len(entries)
+    groups = list(dict.fromkeys(timed))
+    markers = "osD^v<>ph*"
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    for gi, g in enumerate(groups):
+        idx = [i for i, r in enumerate(timed) if r == g]
+        ax.errorbar(
+            [x[i] for i in idx],
+            [y[i] for i in idx],
+            xerr=[[x[i] - xlo[i] for i in idx], [xhi[i] - x[i] for i in idx]],
+            yerr=[[y[i] - ylo[i] for i in idx], [yhi[i] - y[i] for i in idx]],
+            fmt=markers[gi % len(markers)],
+            ms=6,
+            capsize=3,
+            zorder=3,
+            label=f"timed in {g}" if len(groups) > 1 and g is not None else None,
+        )
     for xi, yi, m in zip(x, y, entries):
         ax.annotate(m.name, (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlim(*_axis_limits(0.0, max(xhi), floor=0.0, ceil=None, span=None))  # from 0: ratios read true
+    if y is acc:
+        ax.set_ylim(*_axis_limits(min(ylo), max(yhi), floor=0.0, ceil=100.0, span=10.0))
+    else:
+        ax.set_ylim(*_axis_limits(0.0, max(yhi), floor=0.0, ceil=None, span=None))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    ax.set_title(f"{ylabel.split(' (')[0]} vs {xlabel.split(' (')[0]}")
+    title = f"{ylabel.split(' (')[0]} vs {xlabel.split(' (')[0]}"
+    bars = []
+    if x_is_thr:
+        bars.append("x bars: min-max over timing rounds")
+    if y is acc:
+        bars.append("y bars: 95% binomial interval")
+    separate = len([g for g in groups if g is not None]) > 1
+    sub = ("throughput from separate runs: NOT timed side by side; " if separate else "") + "; ".join(bars)
+    ax.set_title(title + (f"\n{sub}" if sub else ""), fontsize=9)
+    if separate:
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return f"{ylabel} vs {xlabel}"
+    return fig, f"{ylabel} vs {xlabel}" + (" (throughput from separate runs)" if separate else "")

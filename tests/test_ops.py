@@ -257,8 +257,8 @@ def test_dpconv_complexity_penalty_and_monotonic_enforcement():
     op.enforce_monotonic_()
     assert float(op.penalty()) == 0.0 and op.is_prefix()
     before = op.gates.detach().clone()
-    op.anneal_(1, 4)  # divide by sqrt(1/4) = multiply by 2, clamp to [-1, 1]
-    assert torch.allclose(op.gates.detach(), (before * 2).clamp(-1, 1))
+    op.anneal_(1, 4)  # temperature sqrt(1/4): tempered gates = g~ * 2, the learned gates untouched
+    assert torch.equal(op.gates.detach(), before) and torch.allclose(op.tempered_gates().detach(), before * 2)
 
 
 @pytest.mark.parametrize("attn", ["identity", "ch"])

@@ -28,24 +28,32 @@ from ._utils import copy_top_left
 from .attention import GATES, GaussianChannelAttention, channel_mean_std
 from .patconv import PATConv
 from .pconv import PConv, conv_source, is_partial_source
+from ._export import RefuseScript
 from .registry import register_operator
 
 DP_ATTENTIONS = ("identity", "ch")
 
 
-def binarize_ste(g_tilde: torch.Tensor) -> torch.Tensor:
-    """g = 1[g~ > 0] forward; gradient passes straight through where |g~| <= 1 (hardtanh STE)."""
-    soft = g_tilde.clamp(-1.0, 1.0)
+def binarize_ste(g_tilde: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """g = 1[g~ > 0] forward; straight-through gradient 1/temperature where |g~| <= 1, ends included.
+
+    The gates live in [-1, 1] (000: g~_k in [-1, 1]; the trainer clamps them there), and the clamps
+    put them *on* +-1, so the window must include its ends: ``clamp(-1, 1)``'s gradient is 0 at +-1,
+    which would freeze every gate that reached the boundary for good.
+    """
+    inside = g_tilde.detach().abs() <= 1.0
+    soft = torch.where(inside, g_tilde, g_tilde.detach()) / float(temperature)
     hard = (g_tilde > 0).to(g_tilde.dtype)
     return hard + (soft - soft.detach())
 
 
 @register_operator("dpconv")
-class DPConv(nn.Module):
+class DPConv(RefuseScript, nn.Module):
     """Conv on a learned prefix of the channels, identity or PAT_ch attention on the rest."""
 
     PARAM_CHOICES = {"attn": DP_ATTENTIONS, "gate": tuple(GATES), "mapping": ("dense", "channelwise")}  # recipes
     _partialize_leaf = True
+    gap = 0.5  # enforce_monotonic_()'s spacing, as a share of 1/K (set_ratio() spaces gates by 1/K)
 
     def __init__(
         self,
@@ -73,6 +81,7 @@ class DPConv(nn.Module):
         pad = tuple(d * (k - 1) // 2 for k, d in zip(ks, dl))
         self.conv = nn.Conv2d(dim, dim, ks, 1, pad, dl, bias=bias)
         self.gates = nn.Parameter(torch.empty(self.num_gates).uniform_(-1.0, 1.0))  # 000 Alg. 1 init
+        self.temperature = 1.0  # set per epoch by anneal_() (000 Alg. 1 line 14); not a learned value
         self.attn_type = attn
         if attn == "ch":
             self.attn = GaussianChannelAttention(dim, gate=gate, identity_init=identity_init, mapping=mapping)
@@ -85,9 +94,13 @@ class DPConv(nn.Module):
         return f"dim={self.dim}, gates={self.num_gates}, attn={self.attn_type!r}, ratio={self.ratio:.4f}"
 
     # --- gates -------------------------------------------------------------------------------
+    def tempered_gates(self) -> torch.Tensor:
+        """g~ / tau: the gates at this epoch's temperature (000 Alg. 1 line 14), same signs as g~."""
+        return self.gates / self.temperature
+
     def binary_gates(self) -> torch.Tensor:
-        """g_k in {0, 1} (with straight-through gradient)."""
-        return binarize_ste(self.gates)
+        """g_k in {0, 1} (with straight-through gradient, scaled by 1 / temperature)."""
+        return binarize_ste(self.gates, self.temperature)
 
     def mask(self) -> torch.Tensor:
         """Channel mask m in {0,1}^C: Kronecker product of [1, 1 - g_k] (000 Figure 4), truncated."""
@@ -106,14 +119,22 @@ class DPConv(nn.Module):
     def ratio(self) -> float:
         return self.num_conv_channels / self.dim
 
-    def set_ratio(self, ratio: float, margin: float = 0.5) -> None:
-        """Set monotone gates giving the power-of-two width nearest to ratio * C."""
+    def set_ratio(self, ratio: float, spacing: float | None = None) -> None:
+        """Set monotone gates giving the power-of-two width nearest to ratio * C (on the log scale).
+
+        The gates are staggered, ``+-spacing * j`` for the j-th gate from the on/off boundary
+        (default spacing 1/K, so all lie in [-1, 1]): gates of equal magnitude all cross zero in the
+        same optimiser step (Adam moves each by about the same amount), jumping e.g. from 64 channels
+        straight to 1; staggered, the nearest gate crosses first and the width changes by one
+        reachable step at a time.
+        """
         target = max(1.0, min(float(self.dim), ratio * self.dim))
         zeros = min(self.num_gates, max(0, round(math.log2(target))))
+        ones = self.num_gates - zeros
+        step = 1.0 / self.num_gates if spacing is None else float(spacing)
+        values = [step * (ones - k) for k in range(ones)] + [-step * (j + 1) for j in range(zeros)]
         with torch.no_grad():
-            self.gates.fill_(margin)
-            if zeros:
-                self.gates[self.num_gates - zeros :] = -margin
+            self.gates.copy_(torch.tensor(values, dtype=self.gates.dtype).clamp(-1.0, 1.0))
 
     def complexity(self) -> torch.Tensor:
         """zeta_l = n^2 = 2^{2 sum(1 - g_k)}, capped at C^2; differentiable through the STE.
@@ -129,17 +150,31 @@ class DPConv(nn.Module):
         return F.relu(self.gates[1:] - self.gates[:-1]).sum()
 
     @torch.no_grad()
-    def enforce_monotonic_(self, eps: float = 1e-3) -> None:
-        """g~_k <- max(g~_k, g~_{k+1} + eps), last to first (000 Alg. 1 line 12), within [-1, 1]."""
-        for k in range(self.num_gates - 2, -1, -1):
-            self.gates[k] = torch.maximum(self.gates[k], self.gates[k + 1] + eps)
-        self.gates.clamp_(-1.0, 1.0)
+    def enforce_monotonic_(self, eps: float | None = None) -> None:
+        """g~_k <- max(g~_k, g~_{k+1} + eps), last to first (000 Alg. 1 line 12), within [-1, 1].
 
-    @torch.no_grad()
+        ``eps`` (default ``DPConv.gap / K``) is the smallest spacing kept between neighbours; a tiny
+        eps bunches gates that meet into one, and a bunch crosses zero in a single step (width
+        16 -> 1). Where the clamp at +1 would tie the first gates, a second pass, first to last,
+        moves the later ones down to keep the spacing.
+        """
+        gap = self.gap / self.num_gates if eps is None else float(eps)
+        g = self.gates
+        for k in range(self.num_gates - 2, -1, -1):
+            g[k] = torch.maximum(g[k], g[k + 1] + gap)
+        g.clamp_(-1.0, 1.0)
+        for k in range(1, self.num_gates):
+            g[k] = torch.minimum(g[k], g[k - 1] - gap)
+        g.clamp_(-1.0, 1.0)
+
     def anneal_(self, epoch: int, total_epochs: int) -> None:
-        """g~ <- g~ / sqrt(t / T) (000 Alg. 1 line 14), clamped to [-1, 1]; t counts from 1."""
+        """Temperature for epoch t of T: tau = sqrt(t/T), so the tempered gates are g~ / sqrt(t/T)
+        (000 Alg. 1 line 14; t counts from 1). Set from (t, T) alone, never applied on top of the
+        previous epoch's: dividing the stored gates in place compounds (x17 after epoch 1 of 300,
+        then clamped onto +-1, which also erases the staggering). Sign(g~ / tau) = Sign(g~), so the
+        width is unchanged; tau scales the straight-through gradient (docs/operators.md)."""
         t = max(1, min(int(epoch), int(total_epochs)))
-        self.gates.div_(math.sqrt(t / total_epochs)).clamp_(-1.0, 1.0)
+        self.temperature = math.sqrt(t / int(total_epochs))
 
     def is_prefix(self) -> bool:
         """True when the active channels are exactly the first n (monotone gates)."""

@@ -67,6 +67,12 @@ def _dynamic_options(fn):
         click.option("--theta", type=float, help="DPConv target: kappa = sum (C_l/theta)^2 (000 eq. 8); 4 ~ 1/4."),
         click.option("--target-macs", type=float, help="DPConv target as whole-model MACs per image (e.g. 1.2e9)."),
         click.option("--dp-alpha", default=-0.01, show_default=True, help="alpha when zeta > kappa (000 eq. 8)."),
+        click.option(
+            "--dp-alpha-under",
+            default=0.01,
+            show_default=True,
+            help="alpha when zeta < kappa (000 eq. 8 has 0: kappa only caps; >0 pulls narrow layers up to it).",
+        ),
         click.option("--dp-beta", default=0.9, show_default=True, help="Weight of the gate monotonicity term psi."),
         click.option("--gate-lr-scale", default=1.0, show_default=True, help="DPConv gate lr = lr x this."),
         click.option("--router-budget", type=float, help="Ada-PConv: mean branch cost / widest branch cap."),
@@ -321,7 +327,8 @@ def _opts(cfg: dict, kw: dict, kd_temperature: float, kd_weight: float) -> dict:
         warmup_epochs=cfg["warmup_epochs"], label_smoothing=cfg["smoothing"], mixup=cfg["mixup"],
         cutmix=cfg["cutmix"], clip_grad=cfg["clip_grad"],
         kd_temperature=kd_temperature, kd_weight=kd_weight, ema_decay=kw["ema_decay"], amp=kw["amp"],
-        seed=kw["seed"], dp_alpha=kw["dp_alpha"], dp_beta=kw["dp_beta"], gate_lr_scale=kw["gate_lr_scale"],
+        seed=kw["seed"], dp_alpha=kw["dp_alpha"], dp_alpha_under=kw["dp_alpha_under"], dp_beta=kw["dp_beta"],
+        gate_lr_scale=kw["gate_lr_scale"],
         router_budget=kw["router_budget"], router_weight=kw["router_weight"], ada_routing=kw["ada_routing"],
     )  # fmt: skip
 

@@ -96,6 +96,7 @@ def dpconv_complexity_loss(
     *,
     alpha_over: float = -0.01,
     beta: float = 0.9,
+    alpha_under: float = 0.0,
 ) -> tuple[torch.Tensor, ComplexityTerms]:
     """``task * (kappa / zeta)^alpha + beta * psi`` (000 eq. 8 / Algorithm 1 line 8)."""
     layers = list(dpconv_layers(model).values())
@@ -103,7 +104,8 @@ def dpconv_complexity_loss(
         return task_loss, ComplexityTerms(0.0, kappa, 0.0, 0.0, 1.0)
     zeta = torch.stack([m.complexity() for m in layers]).sum()  # 000 Alg. 1 line 6
     psi = torch.stack([m.penalty() for m in layers]).sum()  # 000 eq. 8, psi_l
-    alpha = 0.0 if float(zeta.detach()) <= kappa else alpha_over  # 000 Alg. 1 line 7
+    z = float(zeta.detach())
+    alpha = alpha_over if z > kappa else alpha_under if z < kappa else 0.0  # 000 Alg. 1 line 7 (under: 0)
     factor = (kappa / zeta) ** alpha
     loss = task_loss * factor + beta * psi  # 000 eq. 8
     return loss, ComplexityTerms(float(zeta.detach()), kappa, alpha, float(psi.detach()), float(factor.detach()))

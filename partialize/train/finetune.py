@@ -134,15 +134,20 @@ def freeze_dynamic(model: nn.Module) -> dict[str, dict]:
     """In place: each DPConv becomes its static slice at the learned width and each Ada-PConv its
     hard-routing form (their ``deploy()``); returns the frozen width per DPConv layer."""
     from ..engine.apply import set_module
+    from ..errors import OperatorError
     from ..ops import AdaPConv, DPConv
 
+    bad = [n for n, m in model.named_modules() if isinstance(m, DPConv) and not m.is_prefix()]
+    if bad:  # what deploy() refuses: the trained function is not a static slice (nothing is changed)
+        raise OperatorError(
+            f"DPConv layer(s) {', '.join(repr(n) for n in bad)} have non-monotone gates, so their active "
+            "channels are not a prefix and cannot be frozen to a static slice without changing what the "
+            "layer computes; call enforce_monotonic_() on them (the trainer does after every step) and "
+            "check the accuracy before freezing"
+        )
     ratios = learned_ratios(model)
     for name, m in list(model.named_modules()):
-        if isinstance(m, DPConv):
-            if not m.is_prefix():
-                m.enforce_monotonic_()  # 000 Alg. 1 line 12
-            set_module(model, name, m.deploy())
-        elif isinstance(m, AdaPConv):
+        if isinstance(m, (DPConv, AdaPConv)):
             set_module(model, name, m.deploy())
     return ratios
 
@@ -191,6 +196,7 @@ def finetune(
     kappa: float | None = None,
     dp_alpha: float = -0.01,
     dp_beta: float = 0.9,
+    dp_alpha_under: float = 0.01,
     gate_lr_scale: float = 1.0,
     router_budget: float | None = None,
     router_weight: float = 1.0,
@@ -344,6 +350,9 @@ def finetune(
             sampler.set_epoch(epoch)
         net.train()
         set_routing(raw, ada_routing)
+        if kappa is not None:
+            for m in dp.values():
+                m.anneal_(epoch + 1, epochs)  # 000 Alg. 1 line 14: this epoch's temperature, t from 1
         t0 = time.perf_counter()
         sums = {"loss": 0.0, "task": 0.0, "n": 0, "zeta": 0.0, "router_cost": 0.0, "steps": 0}
         with _progress(progress and rank == 0) as bar:
@@ -366,7 +375,9 @@ def finetune(
                     task = crit(logits.float(), y, None if t_logits is None else t_logits.float())
                 loss = task
                 if kappa is not None:
-                    loss, terms = dpconv_complexity_loss(task, raw, kappa, alpha_over=dp_alpha, beta=dp_beta)
+                    loss, terms = dpconv_complexity_loss(
+                        task, raw, kappa, alpha_over=dp_alpha, beta=dp_beta, alpha_under=dp_alpha_under
+                    )
                     sums["zeta"] += terms.zeta
                 if budget is not None:
                     term, cost = budget.loss()
@@ -397,9 +408,6 @@ def finetune(
                 bar.update(task_id, advance=1, info=f"loss {sums['loss'] / sums['n']:.4f} lr {cur_lr:.2e}")
         if distributed:
             sync_buffers(raw)
-        if kappa is not None:
-            for m in dp.values():
-                m.anneal_(epoch + 1, epochs)  # 000 Alg. 1 line 14, t counted from 1
         rec: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": step,

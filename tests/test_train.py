@@ -319,3 +319,41 @@ def test_evaluate_restores_each_routing(digits):
     assert [m[1].routing, m[2].routing] == ["ste", "soft"]
     assert m.training  # and train mode too
     assert [sum(h) for h in ev["branch_histogram"].values()] == [128, 128]  # both routed hard, per image
+
+
+def test_ada_trains_by_default_with_the_routing_it_deploys(digits):
+    """Default routing while training is ste: the forward value is hard routing's, what deploy() runs;
+    the CLI's default is the same; deploying it does not warn."""
+    import warnings
+
+    from partialize.ops.adapconv import SoftRoutingWarning
+    from partialize.train.commands import finetune_cmd, train_cmd
+
+    train, _ = _loaders(digits, n_train=64)
+    m = partialize.apply(tiny_net(), ratio="adaptive", input_size=8)
+    op = next(o for o in m.modules() if isinstance(o, AdaPConv))
+    seen = []
+    op.register_forward_pre_hook(lambda mod, _: seen.append(mod.routing) if mod.training else None)
+    finetune(m, train, None, epochs=1, lr=1e-3, progress=False, log=None)
+    assert seen and set(seen) == {"ste"}
+    x = torch.randn(6, 16, 8, 8)
+    op.train().routing = "ste"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", SoftRoutingWarning)
+        deployed = op.deploy()
+        torch.testing.assert_close(op(x), deployed(x), rtol=0, atol=1e-6)  # trained value = deployed value
+        partialize.deploy(m)
+    for cmd in (finetune_cmd, train_cmd):
+        assert next(p for p in cmd.params if p.name == "ada_routing").default == "ste"
+
+
+def test_deploying_a_soft_trained_ada_warns(digits):
+    from partialize.ops.adapconv import SoftRoutingWarning
+
+    train, _ = _loaders(digits, n_train=64)
+    m = partialize.apply(tiny_net(), ratio="adaptive", input_size=8)
+    finetune(m, train, None, epochs=1, lr=1e-3, ada_routing="soft", progress=False, log=None)
+    with pytest.warns(SoftRoutingWarning, match="trained with soft routing.*--ada-routing ste"):
+        partialize.deploy(m)
+    with pytest.warns(SoftRoutingWarning):
+        freeze_dynamic(m)

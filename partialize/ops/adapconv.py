@@ -12,6 +12,7 @@ deployed; soft training evaluated with hard routing computes a different functio
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,10 @@ from .pconv import conv_source
 from .registry import register_operator
 
 ROUTINGS = ("soft", "hard", "ste")
+
+
+class SoftRoutingWarning(UserWarning):
+    """An Ada-PConv trained with soft routing is deployed with hard routing: a different function."""
 
 
 @register_operator("ada_pconv")
@@ -61,6 +66,7 @@ class AdaPConv(nn.Module):
         nn.init.zeros_(self.router.bias)
         self.last_choice: torch.Tensor | None = None
         self.last_probs: torch.Tensor | None = None
+        self.trained_routing: str | None = None  # set by the trainer; deploy() warns after "soft"
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, widths={self.widths}, routing={self.routing!r}"
@@ -149,7 +155,21 @@ class AdaPConv(nn.Module):
         return op, "upper bound: router + widest branch (hard routing is data-dependent)"
 
     def deploy(self) -> AdaPConv:
-        """Inference form: hard routing, eval mode, frozen weights."""
+        """Inference form: hard routing, eval mode, frozen weights.
+
+        Warns (:class:`SoftRoutingWarning`) when the trainer recorded soft routing: soft mixing
+        trains ``sum_i a_i PConv_i(x)`` while this form runs only the arg-max branch, a different
+        function on the same weights (tens of % apart on digits, docs/training.md).
+        """
+        if self.trained_routing == "soft":
+            warnings.warn(
+                "this Ada-PConv was trained with soft routing (sum of all branches) but is deployed with "
+                "hard routing (one branch per input): a different function on the same weights, so expect "
+                "lower accuracy than measured while training; fine-tune with --ada-routing ste "
+                "(finetune(ada_routing='ste'), the default) to train the function that is deployed",
+                SoftRoutingWarning,
+                stacklevel=2,
+            )
         op = copy.deepcopy(self).eval()
         op.routing = "hard"
         op.last_choice = op.last_probs = None

@@ -78,10 +78,11 @@ def _dynamic_options(fn):
         click.option("--router-budget", type=float, help="Ada-PConv: mean branch cost / widest branch cap."),
         click.option(
             "--ada-routing",
-            type=click.Choice(["soft", "ste"]),
-            default="soft",
+            type=click.Choice(["ste", "soft"]),
+            default="ste",
             show_default=True,
-            help="Ada-PConv training routing: soft mixing (004) or ste (hard forward, soft gradient).",
+            help="Ada-PConv training routing: ste (hard forward as deployed, soft gradient) or soft mixing "
+            "(004; deployed hard routing is then a different function).",
         ),
         click.option("--router-weight", default=1.0, show_default=True, help="Weight of the router budget term."),
     ]
@@ -266,8 +267,9 @@ def finetune_cmd(converted, teacher, teacher_weights, kd_temperature, kd_weight,
 
     Distils from the original model when its weights are given (--teacher-weights); the loss is
     (1 - w) * task + w * T^2 * KL(teacher || student) on softened logits. DPConv layers learn their
-    ratios against --theta or --target-macs (000 eq. 8, Algorithm 1); Ada-PConv routers train soft,
-    with an optional --router-budget, and are evaluated with hard routing. Every epoch writes
+    ratios against --theta or --target-macs (000 eq. 8, Algorithm 1); Ada-PConv routers train with
+    straight-through hard routing (--ada-routing ste; soft is 004's mixing), with an optional
+    --router-budget, and are evaluated with hard routing. Every epoch writes
     OUT/last.pt, OUT/best.pt (atomically) and a line of OUT/log.jsonl; at the end OUT/final.safetensors,
     OUT/result.json and a report against the original (OUT/report.json, report.md).
 

@@ -200,7 +200,7 @@ def finetune(
     gate_lr_scale: float = 1.0,
     router_budget: float | None = None,
     router_weight: float = 1.0,
-    ada_routing: str = "soft",
+    ada_routing: str = "ste",
     out_dir: str | None = None,
     resume: bool = False,
     device: str | torch.device | None = None,
@@ -214,7 +214,8 @@ def finetune(
     with DPConv layers and a target (``theta`` or ``kappa``) it becomes 000 eq. 8, with gate
     monotonicity enforced after every step and annealing after every epoch (000 Algorithm 1); with
     ``router_budget`` the Ada-PConv budget term is added; Ada-PConv trains with ``ada_routing``
-    ("soft" mixing as in 004, or "ste": hard forward, soft gradient). ``out_dir`` receives ``last.pt``/``best.pt``
+    ("ste", the default: hard forward as deployed, soft gradient; or "soft" mixing as in 004, which
+    deploy() then warns about: hard routing is a different function). ``out_dir`` receives ``last.pt``/``best.pt``
     (atomic, every epoch) and ``log.jsonl``; ``resume=True`` continues from ``out_dir/last.pt``.
     Under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP and rank 0 alone writes.
     """
@@ -222,7 +223,7 @@ def finetune(
     from timm.loss import SoftTargetCrossEntropy
 
     if ada_routing not in ("soft", "ste"):
-        raise ValueError(f"ada_routing must be 'soft' or 'ste', got {ada_routing!r}")
+        raise TrainingError(f"ada_routing must be 'ste' or 'soft', got {ada_routing!r}")
     if epochs < 1:
         raise TrainingError(f"epochs must be >= 1, got {epochs}")
     distributed = init_distributed()  # a no-op when the caller (e.g. the CLI) already joined the group
@@ -350,6 +351,8 @@ def finetune(
             sampler.set_epoch(epoch)
         net.train()
         set_routing(raw, ada_routing)
+        for m in ada_layers(raw).values():
+            m.trained_routing = ada_routing  # what deploy() checks (SoftRoutingWarning)
         if kappa is not None:
             for m in dp.values():
                 m.anneal_(epoch + 1, epochs)  # 000 Alg. 1 line 14: this epoch's temperature, t from 1

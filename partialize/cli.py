@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from . import __version__
-from .cliutil import POSITIVE, friendly_errors, int_list, trust_factory_option
+from .cliutil import POSITIVE, check_runs_at, friendly_errors, int_list, trust_factory_option
 
 _friendly_errors = friendly_errors  # the name command modules and older code use
 
@@ -137,6 +137,10 @@ def convert(
             "[dim]weights: random (use --weights pretrained or --weights PATH to convert trained weights)[/dim]"
         )
     base.eval()
+    if input_size or rec.input_size:
+        check_runs_at(
+            base, input_size or rec.input_size, model, "--input-size" if input_size else "the recipe's input_size"
+        )
     plan = make_plan(base, rec, input_size=input_size or rec.input_size)
     result = {"model": model, "recipe": rec.name or recipe_path, "plan": plan.to_dict()}
     if not as_json:

@@ -380,7 +380,8 @@ def _children(node) -> list:
 
 def _check_expansion(root) -> None:
     """Refuse documents that aliases make huge (a "billion laughs" bomb), deep or recursive, before
-    anything walks them: sizes and depths are computed once per node (memoised, iteratively)."""
+    anything walks them (sizes and depths are computed once per node, iteratively), and mappings with
+    a key given twice (YAML keeps the last one without a word)."""
     size: dict[int, int] = {}
     depth: dict[int, int] = {}
     on_path: set[int] = set()
@@ -389,6 +390,17 @@ def _check_expansion(root) -> None:
         node, done = stack.pop()
         k = id(node)
         if done:
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[str, int] = {}
+                for key, _ in node.value:
+                    if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                        if key.value in seen:
+                            raise _TooBig(
+                                key,
+                                f"key {key.value!r} appears twice in one mapping (also at line {seen[key.value]}); "
+                                "YAML would silently keep only the last one: merge them",
+                            )
+                        seen[key.value] = key.start_mark.line + 1
             kids = _children(node)
             size[k] = 1 + sum(size[id(c)] for c in kids)
             depth[k] = 1 + max((depth[id(c)] for c in kids), default=0)

@@ -42,13 +42,23 @@ def load_state_file(model: nn.Module, path: str) -> None:
         raise WeightsUnavailableError(f"weights file {path!r} does not exist")
     try:
         if path.endswith(".safetensors"):
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
+            with safe_open(path, "pt") as f:
+                fmt = (f.metadata() or {}).get("format", "")
+            if fmt.startswith("partialize/"):
+                raise CheckpointError(
+                    f"{path!r} is a converted partialize model, not plain weights of the base model; use it "
+                    "as it is (partialize report/export/finetune PATH, or partialize.load(PATH))"
+                )
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
                 state = state["state_dict"]
+    except CheckpointError:
+        raise
     except Exception as e:  # corrupt / truncated / not a tensors-only file
         raise CheckpointError(f"cannot read weights from {path!r}: {e}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

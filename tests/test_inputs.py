@@ -383,3 +383,48 @@ def test_report_with_a_folder_for_the_model(tmp_path):
     r = _cli("report", tmp_path, "--input-size", 32, "--no-speed")
     _clean_exit(r)
     assert "is a folder" in r.output
+
+
+def test_a_key_given_twice_is_refused_not_silently_dropped():
+    text = OK + "    params: {attn: ch}\n    params: {attn: sf}\n"
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(text, "d.yaml")
+    assert "d.yaml:5" in str(err.value) and "'params' appears twice" in str(err.value) and "line 4" in str(err.value)
+
+
+@pytest.mark.parametrize("cmd", ["convert", "report", "bench"])
+def test_a_model_that_cannot_take_the_input_size_is_a_clear_error(cmd):
+    extra = {"convert": ["--dry-run"], "report": ["--no-speed"], "bench": ["--rounds", "1"]}[cmd]
+    r = _cli(cmd, "vit_tiny_patch16_224", "--input-size", 32, *extra)
+    _clean_exit(r)
+    assert "does not run at --input-size 32" in r.output and "use --input-size 224" in r.output
+
+
+def test_a_converted_checkpoint_given_as_plain_weights(r18_checkpoint):
+    r = _cli("convert", "torchvision:resnet18", "--weights", r18_checkpoint, "--input-size", 32, "--dry-run")
+    _clean_exit(r)
+    assert "is a converted partialize model" in r.output and "report/export/finetune" in r.output
+
+
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        (lambda d: d.update(model=None), "'model'"),
+        (lambda d: d["model"].update(macs="lots"), "'model.macs'"),
+        (lambda d: d["model"].pop("role"), "'model.role'"),
+        (lambda d: d.update(input_size="x"), "'input_size'"),
+    ],
+)
+def test_damaged_report_files_are_report_errors(tmp_path, change, field):
+    import json
+
+    from partialize.measure.report import ModelMeasurement, Report
+
+    m = ModelMeasurement(name="a", role="model", params_total=1, params_trainable=1, macs=1.0)
+    d = json.loads(Report(model=m, input_size=[3, 32, 32]).to_json())
+    change(d)
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps(d))
+    r = _cli("compare", p)
+    _clean_exit(r)
+    assert "r.json" in r.output and field in r.output and "regenerate" in r.output

@@ -7,7 +7,7 @@ import os
 
 import click
 
-from ..cliutil import POSITIVE, check_device, friendly_errors, trust_factory_option
+from ..cliutil import POSITIVE, check_device, check_runs_at, friendly_errors, trust_factory_option
 from ..errors import CheckpointError, PartializeError
 
 
@@ -131,7 +131,10 @@ def report_cmd(
     console = Console()
     with console.status("loading models") as status:
         model = load_model(model_or_checkpoint, weights, trust_factory=trust_factory)
+        check_runs_at(model, input_size, model_or_checkpoint)
         base = load_model(baseline, weights, trust_factory=trust_factory) if baseline else None
+        if base is not None:
+            check_runs_at(base, input_size, baseline)
         rep = build_report(
             model,
             name=name or _display_name(model_or_checkpoint),
@@ -311,6 +314,7 @@ def bench_models_cmd(
             if name in loaded:
                 raise PartializeError(f"model {name!r} is given twice")
             loaded[name] = load_model(spec, weights, trust_factory=trust_factory)
+            check_runs_at(loaded[name], input_size, spec)
         macs = {n: macs_breakdown(m, input_size, crosscheck=False)["total"] for n, m in loaded.items()}
         status.update("timing side by side")
         res = measure_speed(

@@ -102,16 +102,26 @@ class Report:
                 f"{origin} has report schema version {d.get('schema_version')!r}; this partialize reads "
                 f"version {SCHEMA_VERSION}: regenerate it with `partialize report`"
             )
+        from pydantic import TypeAdapter, ValidationError
+
         names = {f.name for f in fields(cls)}
         mnames = {f.name for f in fields(ModelMeasurement)}
+        kw = {k: v for k, v in d.items() if k in names}
+        for key in ("model", "baseline", "pruned"):
+            if isinstance(kw.get(key), dict):
+                kw[key] = {k: v for k, v in kw[key].items() if k in mnames}
         try:
-            kw = {k: v for k, v in d.items() if k in names}
-            for key in ("model", "baseline", "pruned"):
-                if kw.get(key) is not None:
-                    kw[key] = ModelMeasurement(**{k: v for k, v in kw[key].items() if k in mnames})
-            return cls(**kw)
-        except TypeError as e:
-            raise ReportError(f"{origin} is missing fields of a version-{SCHEMA_VERSION} report: {e}") from None
+            rep = TypeAdapter(cls).validate_python(kw)  # field types too, not only their presence
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise ReportError(
+                f"{origin}: field {where!r}: {err['msg']} (not a complete version-{SCHEMA_VERSION} report: "
+                "damaged or hand-edited? regenerate it with `partialize report`)"
+            ) from None
+        if len(rep.input_size) not in (2, 3) or any(v < 1 for v in rep.input_size):
+            raise ReportError(f"{origin}: field 'input_size' {rep.input_size} is not [C, H, W]; regenerate the report")
+        return rep
 
     @classmethod
     def from_json(cls, text_or_path: str | os.PathLike) -> Report:

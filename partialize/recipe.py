@@ -423,6 +423,42 @@ def _check_expansion(root) -> None:
         stack.extend((c, False) for c in _children(node) if id(c) not in size)
 
 
+def _check_object(obj: Any) -> None:
+    """The checks of :func:`_check_expansion` for a recipe given as Python objects: no container inside
+    itself, at most MAX_DEPTH levels and MAX_NODES values (shared containers counted each time)."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    on_path: set[int] = set()
+
+    def kids(o) -> list:
+        if isinstance(o, dict):
+            return [v for kv in o.items() for v in kv]
+        return list(o) if isinstance(o, (list, tuple, set)) else []
+
+    stack = [(obj, False)]
+    while stack:
+        o, done = stack.pop()
+        k = id(o)
+        if done:
+            ks = [c for c in kids(o) if isinstance(c, (dict, list, tuple, set))]
+            size[k] = 1 + len(kids(o)) + sum(size[id(c)] - 1 for c in ks)
+            depth[k] = 1 + max((depth[id(c)] for c in ks), default=0)
+            on_path.discard(k)
+            if size[k] > MAX_NODES or depth[k] > MAX_DEPTH:
+                raise RecipeError(
+                    f"recipe: refused: more than {MAX_NODES:,} values or {MAX_DEPTH} levels of nesting (a real "
+                    "recipe has a few hundred values, about 6 levels)"
+                )
+            continue
+        if k in size or not isinstance(o, (dict, list, tuple, set)):
+            continue
+        if k in on_path:
+            raise RecipeError("recipe: refused: a dict or list contains itself (a recursive structure)")
+        on_path.add(k)
+        stack.append((o, True))
+        stack.extend((c, False) for c in kids(o) if isinstance(c, (dict, list, tuple, set)) and id(c) not in size)
+
+
 def _compose(text: str, source: str):
     """The YAML node tree of ``text`` (None for an empty document), checked for nesting depth and
     alias expansion; RecipeError names the line."""
@@ -595,6 +631,7 @@ def load_recipe(recipe: str | os.PathLike | dict | Recipe) -> Recipe:
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, dict):
+        _check_object(recipe)
         return _validate(recipe, "<dict>", {})
     if not isinstance(recipe, (str, os.PathLike)):
         raise RecipeError(

@@ -428,3 +428,17 @@ def test_damaged_report_files_are_report_errors(tmp_path, change, field):
     r = _cli("compare", p)
     _clean_exit(r)
     assert "r.json" in r.output and field in r.output and "regenerate" in r.output
+
+
+def test_recipe_dicts_from_python_are_bounded_too():
+    loop: dict = {}
+    loop["x"] = loop
+    bomb: list = [1] * 9
+    for _ in range(8):
+        bomb = [bomb] * 9  # 9**9 values when walked, a few hundred objects in memory
+    for params, why in ((loop, "contains itself"), ({"attn": bomb}, "more than")):
+        rec = {"version": 1, "rules": [{"select": {"type": "Conv2d"}, "params": params}]}
+        t0 = time.perf_counter()
+        with pytest.raises(RecipeError, match=why):
+            load_recipe(rec)
+        assert time.perf_counter() - t0 < 5

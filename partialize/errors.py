@@ -28,3 +28,7 @@ class WeightsUnavailableError(PartializeError):
 
 class CheckpointError(PartializeError):
     """A checkpoint is corrupt, truncated, from an unknown format, or does not match its plan."""
+
+
+class ExportError(PartializeError):
+    """A model cannot be exported the way that was asked (an exporter that cannot express an operator)."""

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import OperatorError
+from ._export import RefuseScript, exporting
 from ._utils import copy_top_left, split_channels
 from .pconv import conv_source
 from .registry import register_operator
@@ -31,7 +32,7 @@ class SoftRoutingWarning(UserWarning):
 
 
 @register_operator("ada_pconv")
-class AdaPConv(nn.Module):
+class AdaPConv(RefuseScript, nn.Module):
     """Input-adaptive partial conv with one conv per ratio and a GAP -> linear -> softmax router."""
 
     PARAM_CHOICES = {"routing": ROUTINGS}  # values a recipe may give, checked when it is validated
@@ -104,6 +105,8 @@ class AdaPConv(nn.Module):
         return out
 
     def _hard(self, x: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+        if exporting():
+            return self._select(x, choice)
         out = x.clone()
         for i, (conv, n) in enumerate(zip(self.branches, self.widths)):
             idx = (choice == i).nonzero().squeeze(1)
@@ -113,6 +116,17 @@ class AdaPConv(nn.Module):
                 out[:, :n] = conv(x[:, :n])
             else:
                 out[idx, :n] = conv(x[idx, :n])
+        return out
+
+    def _select(self, x: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+        """Hard routing without data-dependent shapes, for exporters: every branch runs on the whole
+        batch and each sample takes its chosen branch's output (``torch.where``). The same function
+        per sample, at the cost of all branches; a traced or exported graph cannot group the batch."""
+        choice = choice.reshape(-1, 1, 1, 1)
+        out = x
+        for i, (conv, n) in enumerate(zip(self.branches, self.widths)):
+            y = torch.cat((conv(x[:, :n]), x[:, n:]), dim=1)
+            out = torch.where(choice == i, y, out)
         return out
 
     def expected_macs(self, h: int, w: int) -> float:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import OperatorError
+from ._export import RefuseScript, exporting
 from ._utils import bn_affine, split_channels
 from .registry import register_operator
 
@@ -46,7 +47,7 @@ def _gate_fn(name: str):
         raise OperatorError(f"gate must be one of {sorted(GATES)}, got {name!r}") from None
 
 
-class GaussianChannelAttention(nn.Module):
+class GaussianChannelAttention(RefuseScript, nn.Module):
     """PAT_ch attention: gate each channel by a map of its mean and std over H*W.
 
     mu, std per 000 eq. 2-3 (``channel_mean_std``); s = BN(gate(W [mu, std])), F~ = F * s
@@ -114,7 +115,7 @@ class ChannelwiseMap(nn.Module):
         return torch.einsum("bck,ck->bc", pairs, self.weight) + self.bias
 
 
-class FusedChannelGate(nn.Module):
+class FusedChannelGate(RefuseScript, nn.Module):
     """Inference form of GaussianChannelAttention: the BN is an affine on the gate."""
 
     def __init__(self, attn: GaussianChannelAttention):
@@ -159,7 +160,7 @@ def distance_index(h: int, w: int, num_buckets: int, device=None) -> torch.Tenso
     return dist.clamp_(max=num_buckets - 1)
 
 
-class PartialSelfAttention(nn.Module):
+class PartialSelfAttention(RefuseScript, nn.Module):
     """PAT_sf attention: multi-head self-attention on a (B, C, H, W) map with a learned bias.
 
     000 eq. 6: s = softmax(q k^T / sqrt(d) + R), F~ = v s. Pre-LayerNorm on the channels, no qkv
@@ -226,7 +227,7 @@ class PartialSelfAttention(nn.Module):
 
 
 @register_operator("pat_sp")
-class PartialSpatialAttention(nn.Module):
+class PartialSpatialAttention(RefuseScript, nn.Module):
     """PAT_sp (000 eq. 5) at the tail of an MLP: wraps the MLP's second 1x1 conv.
 
     y = conv(h); the last (1 - r) * C channels of y are reweighted by a one-channel spatial map
@@ -275,7 +276,7 @@ class PartialSpatialAttention(nn.Module):
         return MergedSpatialAttention(self)
 
 
-class MergedSpatialAttention(nn.Module):
+class MergedSpatialAttention(RefuseScript, nn.Module):
     """PAT_sp with its gate folded into the MLP conv: conv' = [W2; Wg W2[att]], one conv call."""
 
     _partialize_leaf = True
@@ -304,6 +305,8 @@ class MergedSpatialAttention(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         y = self.conv(h)
         s = F.hardsigmoid(y[:, self.dim :]) * self.gate_scale + self.gate_shift
+        if exporting():  # out of place for exporters (see ops/_export.py)
+            return torch.cat((y[:, : self.dim_keep], y[:, self.dim_keep : self.dim] * s), dim=1)
         out = y[:, : self.dim].clone()
         out[:, self.dim_keep :] *= s
         return out

@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import OperatorError
+from ._export import RefuseScript
 from ._utils import copy_top_left
 from .attention import GATES, GaussianChannelAttention, channel_mean_std
 from .patconv import PATConv
 from .pconv import PConv, conv_source, is_partial_source
-from ._export import RefuseScript
 from .registry import register_operator
 
 DP_ATTENTIONS = ("identity", "ch")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import OperatorError
+from ._export import RefuseScript, exporting
 from ._utils import bn_remainder, fold_bn_into_conv, is_foldable_bn, slice_bn, slice_conv, split_channels
 from .registry import register_operator
 
@@ -215,7 +216,7 @@ def _flatten(seq: nn.Module) -> list[nn.Module]:
 
 
 @register_operator("partial_mlp")
-class PartialMLP(nn.Module):
+class PartialMLP(RefuseScript, nn.Module):
     """Run an MLP-like block on the first r*C channels only (see module docstring)."""
 
     _partialize_leaf = True
@@ -237,6 +238,10 @@ class PartialMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.dim_part
         y1 = self.layers(x.narrow(self.channel_dim, 0, n))
+        if exporting():  # out of place for exporters (see ops/_export.py)
+            rest = x.narrow(self.channel_dim, n, self.dim - n)
+            head = x.narrow(self.channel_dim, 0, n) + y1 if self.residual else y1
+            return torch.cat((head, rest if self.residual else torch.zeros_like(rest)), dim=self.channel_dim)
         # write into one output instead of concatenating temporaries (one pass fewer)
         out = x.clone() if self.residual else torch.zeros_like(x)
         part = out.narrow(self.channel_dim, 0, n)
@@ -318,7 +323,7 @@ def _kept_heads(num_heads: int, ratio: float, heads: int | str | None) -> int:
 
 
 @register_operator("partial_attention")
-class PartialAttention(nn.Module):
+class PartialAttention(RefuseScript, nn.Module):
     """Self-attention on the last (1 - r)*C channels, a cheap mixer on the first r*C."""
 
     PARAM_CHOICES = {"mixer": ("identity", "dwconv")}  # values a recipe may give, checked when it is validated

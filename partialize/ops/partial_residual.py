@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import OperatorError
+from ._export import RefuseScript, exporting
 from ._utils import bn_remainder, fold_bn_into_conv, is_foldable_bn, slice_bn, slice_conv, split_channels
 from .registry import is_partial_op, register_operator
 
@@ -87,7 +88,7 @@ def _act(act: nn.Module, t: torch.Tensor) -> torch.Tensor:
 
 
 @register_operator("partial_residual")
-class PartialResidual(nn.Module):
+class PartialResidual(RefuseScript, nn.Module):
     """A residual block whose branch writes channels ``[offset, offset + dim_part)`` only."""
 
     PARAM_CHOICES = {"read": READ_MODES}  # values a recipe may give, checked when it is validated
@@ -147,7 +148,7 @@ class PartialResidual(nn.Module):
         o, k = self.offset, self.dim_part
         y = self._branch(x)
         act = getattr(self, self.out_act)
-        if self.forward_mode == "write":
+        if self.forward_mode == "write" and not exporting():  # exporters get the out-of-place form
             return self._forward_write(x, y, act)
         pieces = []
         if o > 0:

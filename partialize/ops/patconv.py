@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import OperatorError
+from ._export import RefuseScript, exporting
 from ._utils import bn_affine, copy_top_left
 from .attention import GATES, FusedChannelGate, GaussianChannelAttention, PartialSelfAttention
 from .pconv import PConv, conv_source, is_partial_source, resolve_ratio
@@ -26,7 +27,7 @@ def build_attention(attn: str, dim: int, identity_init: bool = False, **params) 
 
 
 @register_operator("patconv")
-class PATConv(nn.Module):
+class PATConv(RefuseScript, nn.Module):
     """O = cat(C(F[:, :rC]), A(F[:, rC:])) per 000 eq. 1, with A = PAT_ch or PAT_sf."""
 
     PARAM_CHOICES = {"attn": ATTENTIONS, "gate": tuple(GATES), "mapping": ("dense", "channelwise")}  # recipes
@@ -92,7 +93,7 @@ class PATConv(nn.Module):
         return PATConvDeploy(self)
 
 
-class PATConvDeploy(nn.Module):
+class PATConvDeploy(RefuseScript, nn.Module):
     """Eval-only PATConv: the same conv, attention with BN folded; no parameters train."""
 
     _partialize_leaf = True
@@ -111,7 +112,7 @@ class PATConvDeploy(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1, x2 = torch.split(x, [self.dim_conv, self.dim_attn], dim=1)
-        if not isinstance(self.attn, FusedChannelGate):
+        if not isinstance(self.attn, FusedChannelGate) or exporting():
             return torch.cat((self.conv(x1), self.attn(x2)), dim=1)
         # gate written straight into the output: one pass over the attention channels, no cat
         y1 = self.conv(x1)

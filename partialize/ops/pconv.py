@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import OperatorError
+from ._export import RefuseScript, exporting
 from ._utils import (
     bn_affine,
     check_same_size_conv,
@@ -24,7 +25,7 @@ FORWARD_MODES = ("split_cat", "slicing")
 
 
 @register_operator("pconv")
-class PConv(nn.Module):
+class PConv(RefuseScript, nn.Module):
     """Partial convolution: ``conv`` on channels ``[:dim_conv]``, identity on ``[dim_conv:]``.
 
     ``forward_mode="split_cat"`` (training) splits and concatenates; ``"slicing"`` (inference)
@@ -88,6 +89,8 @@ class PConv(nn.Module):
         return torch.cat((self.conv(x1), self._untouched(x2)), dim=1)
 
     def _forward_slicing(self, x: torch.Tensor) -> torch.Tensor:
+        if exporting():  # the same function without the in-place write (see ops/_export.py)
+            return torch.cat((self.conv(x[:, : self.dim_conv]), x[:, self.dim_conv :]), dim=1)
         out = x.clone()
         out[:, : self.dim_conv] = self.conv(x[:, : self.dim_conv])
         return out
@@ -139,7 +142,7 @@ class PConv(nn.Module):
         return op
 
 
-class PConvBN(nn.Module):
+class PConvBN(RefuseScript, nn.Module):
     """Eval-only ``BN(PConv(x))``: BN[:n] folded into the conv, BN[n:] an affine on the untouched
     channels, written in one pass (addcmul into the output) instead of a copy plus a BN pass."""
 
@@ -172,6 +175,8 @@ class PConvBN(nn.Module):
             return torch.cat((y1, y2), dim=1)
         if self.stride > 1:
             x2 = F.avg_pool2d(x2, self.stride, self.stride, ceil_mode=True, count_include_pad=False)
+        if exporting():  # out of place for exporters (see ops/_export.py)
+            return torch.cat((y1, torch.addcmul(self.shift.to(x.dtype), x2, self.scale.to(x.dtype))), dim=1)
         out = torch.empty(
             (x.shape[0], self.dim, *y1.shape[2:]),
             dtype=y1.dtype,

@@ -4,7 +4,7 @@ For each case three models are timed side by side (``measure_speed`` with all th
 their rounds interleave and share the machine's noise): the original network in inference form
 (``partialize.deploy``: BN folded), the converted network as trained (eval mode, no folding) and the
 converted network deployed. Latency at batch 1 and throughput at ``--batch``, fp32, NCHW, medians over
-interleaved rounds. MACs are fvcore-style multiply-adds of each timed model at batch 1; the relative
+interleaved rounds. MACs are multiply-adds (partialize.macs) of each timed model at batch 1; the relative
 error column is the deployed model against the eval-mode trained one on the same random input.
 
 PartialNet has no "original": its row uses timm's FasterNet of the same tier (deployed), the network

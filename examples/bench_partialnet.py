@@ -9,7 +9,7 @@ its own inference forward. Then, at 224x224:
 - throughput: batch 16, ``torch.set_num_threads(--threads)``;
 
 each timed with ``partialize.measure.speed.time_side_by_side`` (the two models interleaved round by
-round, medians). Params (training form) and MACs (fvcore, deploy form) are printed alongside.
+round, medians). Params (training form) and MACs (partialize.macs, deploy form) are printed alongside.
 
     python examples/bench_partialnet.py --rounds 7 --json bench.json
 """

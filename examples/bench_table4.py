@@ -122,7 +122,7 @@ def main() -> None:
             f"Machine: {machine}. Both models in inference form (BN folded, operators deployed), fp32, "
             "NCHW and channels_last (NHWC) layouts, "
             f"timed side by side in {args.rounds} interleaved rounds (medians). MACs = multiply-accumulates "
-            "per image at 224x224 (fvcore). Limit = 1 / MACs ratio.",
+            "per image at 224x224 (partialize.macs). Limit = 1 / MACs ratio.",
             "",
             f"Conversion time of resnet50 with resnet50-patconv (trace + plan + apply, 224x224): "
             f"first call in a fresh process {conv_t['cold_s']:.2f} s, later calls median "

@@ -161,7 +161,7 @@ def dynamic_macs(model: nn.Module, calibration: dict[str, dict]) -> dict[str, di
     for name, mod in dynamic_layers(model).items():
         rec = calibration.get(name)
         if rec is None or rec["hw"] is None:
-            continue  # never called on this input: fvcore's count (0) stands
+            continue  # never called on this input: nothing to describe
         h, w = rec["hw"]
         if isinstance(mod, AdaPConv):
             d = adapconv_macs(mod, h, w, rec["histogram"])

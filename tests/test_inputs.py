@@ -442,3 +442,16 @@ def test_recipe_dicts_from_python_are_bounded_too():
         with pytest.raises(RecipeError, match=why):
             load_recipe(rec)
         assert time.perf_counter() - t0 < 5
+
+
+def test_report_with_a_corrupt_image_in_data_names_the_file(tmp_path):
+    from PIL import Image
+
+    for c in "ab":
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            Image.new("RGB", (40, 40), (60 * i, 0, 0)).save(tmp_path / c / f"{i}.png")
+    (tmp_path / "b" / "broken.png").write_bytes(b"not a png")
+    r = _cli("report", "torchvision:resnet18", "--input-size", 32, "--no-speed", "--data", tmp_path)
+    _clean_exit(r)
+    assert "broken.png" in r.output and "not a readable image" in r.output and "remove or replace" in r.output

@@ -36,6 +36,17 @@ def sample_indices(total: int, n: int | None, seed: int = 0) -> list[int] | None
     return sorted(torch.randperm(total, generator=g)[:n].tolist())
 
 
+def load_image(path: str):
+    """An RGB image, or a DataError naming the file (a corrupt or non-image file in the folder)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise DataError(f"{path!r} is not a readable image ({type(e).__name__}: {e}); remove or replace it") from None
+
+
 def make_loader(
     model: nn.Module,
     data: str,
@@ -55,7 +66,7 @@ def make_loader(
     cfg = timm.data.resolve_data_config(args, model=model)
     transform = timm.data.create_transform(**cfg, is_training=False)
     try:
-        ds = datasets.ImageFolder(root, transform=transform)
+        ds = datasets.ImageFolder(root, transform=transform, loader=load_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"cannot read an ImageFolder from {root!r}: {e}") from None
     idx = sample_indices(len(ds), limit, seed)

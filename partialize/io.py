@@ -123,7 +123,8 @@ def _check_spec(spec: str, kwargs: dict, path, trust_factory: bool) -> None:
         raise CheckpointError(
             f"{os.fspath(path)!r} asks to build its base model with the factory {spec!r}, which would import "
             "and run code named by the file. Pass the base model yourself (partialize.load(path, "
-            "model=...)) or, if you trust this file, trust_factory=True (CLI: --trust-factory)"
+            "model=...)) or, if you trust this file, trust_factory=True (around other calls: with "
+            "partialize.io.trusting_factories(): ...; CLI: --trust-factory)"
         )
 
 

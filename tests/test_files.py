@@ -300,3 +300,12 @@ def test_factory_checkpoints_need_trust_factory_and_import_from_the_working_fold
     assert torch.jit.load(str(tmp_path / "f.ts.pt"))(torch.randn(1, 3, 16, 16)).shape == (1, 10)
     r = _cli("bench", "models", ck, "--input-size", 16, "--rounds", 1, "--batch", 2, "--trust-factory")
     assert r.exit_code == 0, r.output
+    from partialize.errors import CheckpointError
+    from partialize.io import trusting_factories
+
+    with pytest.raises(CheckpointError, match="trusting_factories"):
+        partialize.load(ck)
+    with trusting_factories():
+        assert partialize.load(ck)(torch.randn(1, 3, 16, 16)).shape == (1, 10)
+    with pytest.raises(CheckpointError):
+        partialize.load(ck)  # the trust ends with the block

@@ -47,6 +47,35 @@ def _why(e: OSError) -> str:
     return (e.strerror or str(e)) + ": choose another path"
 
 
+_IO_WORDS = {
+    errno.ENOSPC: ("No space left", "os error 28"),
+    errno.EROFS: ("Read-only file system", "os error 30"),
+    errno.EACCES: ("Permission denied", "os error 13"),
+}
+
+
+def _io_failure(e: BaseException, folder: str) -> str | None:
+    """What a failed write means for the user when it was the file system (None: not an I/O failure).
+
+    Besides OSError, recognises I/O errors that writers wrap in their own exceptions (safetensors'
+    SafetensorError "os error 28", torch.save's RuntimeError) by their text, or by a folder with
+    (almost) no free space left while the temporary file is still there.
+    """
+    if isinstance(e, OSError):
+        return _why(e)
+    text = str(e)
+    for code, words in _IO_WORDS.items():
+        if any(w in text for w in words):
+            return _why(OSError(code, os.strerror(code)))
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return None
+    if st.f_bavail * st.f_frsize < 1 << 20:
+        return _why(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    return None
+
+
 def _existing_ancestor(folder: str) -> str:
     while folder and not os.path.exists(folder):
         parent = os.path.dirname(folder)
@@ -105,7 +134,8 @@ def atomic_write(
 
     Refuses (PartializeError) to replace an existing ``path`` unless ``force``; on any failure the
     temporary file is removed and ``path`` is untouched. A file system error (full disk, read-only
-    folder) is a PartializeError that names the path and the fix. The new file gets the mode of the
+    folder), also one a writer wraps in its own exception, is a PartializeError that names the path
+    and the fix. The new file gets the mode of the
     file it replaces, else 0666 less the umask (like ``open()``), not mkstemp's 0600.
     """
     path = os.fspath(path)
@@ -131,8 +161,13 @@ def atomic_write(
         os.replace(tmp, path)
         tmp = None
         _fsync_dir(folder)
-    except OSError as e:
-        raise PartializeError(f"cannot write {label}: {_why(e)}; nothing was written") from None
+    except PartializeError:
+        raise
+    except Exception as e:  # writers wrap I/O errors (safetensors, torch.save): recognise them
+        why = _io_failure(e, folder)
+        if why is None:
+            raise
+        raise PartializeError(f"cannot write {label}: {why}; nothing was written") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)

@@ -171,6 +171,35 @@ def test_full_disk_during_save_leaves_nothing_behind_and_the_old_file_intact(tmp
     _no_temporaries(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "exc",
+    [
+        RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),  # safetensors
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),  # torch.save
+    ],
+)
+def test_io_errors_that_writers_wrap_are_recognised(tmp_path, monkeypatch, exc):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"x" * 100)
+        raise exc
+
+    if "enforce" in str(exc):  # torch.save says nothing useful: the folder's free space tells
+        monkeypatch.setattr(os, "statvfs", lambda p: os.statvfs_result((4096, 4096, 10, 0, 0, 10, 0, 0, 0, 255)))
+    with pytest.raises(PartializeError, match="disk is full"):
+        atomic_write(tmp_path / "m.bin", write)
+    _no_temporaries(tmp_path)
+
+
+def test_other_writer_errors_are_not_disguised_as_disk_errors(tmp_path):
+    def write(tmp):
+        raise ValueError("a bug in the writer")
+
+    with pytest.raises(ValueError, match="a bug"):
+        atomic_write(tmp_path / "m.bin", write)
+    _no_temporaries(tmp_path)
+
+
 def test_atomic_write_turns_os_errors_into_partialize_errors(tmp_path):
     def fail(tmp):
         raise OSError(errno.EROFS, "Read-only file system")
@@ -273,6 +302,7 @@ def test_compare_remeasure_times_the_models_side_by_side(tmp_path):
 # --- package.module:factory checkpoints from the CLI -------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_factory_checkpoints_need_trust_factory_and_import_from_the_working_folder(tmp_path, monkeypatch):
     mod = "partialize_test_factory_mod"
     (tmp_path / f"{mod}.py").write_text(

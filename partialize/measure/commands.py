@@ -113,9 +113,10 @@ def report_cmd(
 ) -> None:
     """Measure a model (or saved checkpoint): params, MACs, speed and, with --data, accuracy.
 
-    MACs are multiply-adds per image (fvcore, the papers' "FLOPs"), cross-checked against
-    torch.utils.flop_counter. DPConv layers count at their learned width; Ada-PConv layers as
-    router + expected branch cost over a calibration batch (32 images of --data, else random).
+    MACs are multiply-adds per image of convs, matrix products and attention (partialize.macs), on
+    the inference form: DPConv at its learned width, Ada-PConv hard-routed and averaged over a
+    calibration batch (32 images of --data, else random); torch.utils.flop_counter's figure is shown
+    beside it for information.
     With --baseline both models are timed side by side (interleaved rounds, medians) and reported
     as ratios. --pruning-baseline adds the baseline pruned to the same MACs (torch-pruning,
     magnitude importance), not fine-tuned. Unmeasured figures read "not measured".

@@ -114,7 +114,7 @@ SUMMARY_COLUMNS = (
     "params (M)",
     "trainable (M)",
     "GMACs",
-    "fvcore vs flop_counter",
+    "flop_counter diff",
     "latency ms (b=1)",
     "throughput img/s",
     "peak MiB",
@@ -159,7 +159,10 @@ def render_report_table(report) -> Table:
         for i, label in enumerate(("MACs vs baseline", "latency speed-up", "throughput vs baseline")):
             t.add_row(label, *(c[i] for c in ratio_cells))
     cond = _conditions(report.speed_conditions)
-    t.caption = escape(f"GMACs = 1e9 multiply-adds per image (fvcore, the papers' FLOPs). {cond}.")
+    t.caption = escape(
+        f"GMACs = 1e9 multiply-adds per image (partialize.macs, inference form; flop_counter diff: torch's "
+        f"counter for information). {cond}."
+    )
     return t
 
 
@@ -257,8 +260,10 @@ def report_markdown(report) -> str:
         f"Input {'x'.join(map(str, report.input_size))}; created {report.created}; "
         f"torch {report.environment.get('torch')}, timm {report.environment.get('timm')}.",
         "",
-        "**Units.** MACs are multiply-adds per image counted by fvcore with partialize's handles (the "
-        'papers\' "FLOPs"); GMACs = 1e9 MACs. Params in millions. ' + _conditions(report.speed_conditions) + ".",
+        "**Units.** MACs are multiply-adds per image of convs, matrix products and attention, counted by "
+        "partialize.macs on the inference form (docs/measure.md); GMACs = 1e9 MACs. Params in millions. "
+        + _conditions(report.speed_conditions)
+        + ".",
         "",
     ]
     header = list(SUMMARY_COLUMNS)

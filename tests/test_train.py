@@ -35,7 +35,6 @@ from partialize.train import (
 from partialize.train.data import digits_tensors, make_train_loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VENV_BIN = os.path.dirname(sys.executable)
 
 
 def tiny_net(width: int = 16) -> nn.Module:
@@ -273,7 +272,7 @@ def _free_port() -> int:
 
 def test_ddp_two_gloo_processes_agree(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    cmd = [os.path.join(VENV_BIN, "torchrun"), "--nnodes", "1", "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
            os.path.join(ROOT, "tests", "_train_ddp_worker.py"), str(tmp_path)]  # fmt: skip
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -357,3 +356,78 @@ def test_deploying_a_soft_trained_ada_warns(digits):
         partialize.deploy(m)
     with pytest.warns(SoftRoutingWarning):
         freeze_dynamic(m)
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Digits with a flip decided by Python's global random, as timm's transforms do."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        import random
+
+        x = self.x[i]
+        return (x.flip(-1) if random.random() < 0.5 else x), self.y[i]
+
+
+def _rng_kw():
+    return dict(epochs=2, lr=5e-3, warmup_epochs=1, mixup=0.2, num_classes=10, seed=5, log=None)
+
+
+def test_code_outside_training_does_not_move_its_random_streams(digits, tmp_path):
+    """The progress bar, evaluation, checkpoint writes and a callback that draws from every global RNG
+    (what importing rich did) leave the training exactly as without them."""
+    import random
+
+    import numpy as np
+
+    xt, yt, xv, yv = digits
+    val = DataLoader(TensorDataset(xv[:64], yv[:64]), batch_size=64)
+
+    def run(**kw):
+        torch.manual_seed(0)
+        m = tiny_net()
+        finetune(m, make_train_loader(_Augmented(xt[:64], yt[:64]), 16, 0), val, **_rng_kw(), **kw)
+        return m.state_dict()
+
+    plain = run(progress=False)
+
+    def hungry(rec):
+        random.random(), np.random.rand(), torch.rand(1)
+
+    noisy = run(progress=True, on_epoch_end=hungry, out_dir=str(tmp_path))
+    for k in plain:
+        assert torch.equal(plain[k], noisy[k]), k
+
+
+def test_resume_with_loader_workers_is_bit_exact(digits, tmp_path):
+    """Workers seed their augmentation from the loader's generator; its state is part of the checkpoint."""
+    xt, yt, _, _ = digits
+
+    def loader():
+        return make_train_loader(_Augmented(xt[:64], yt[:64]), 16, 0, workers=2)
+
+    torch.manual_seed(0)
+    a = tiny_net()
+    finetune(a, loader(), None, out_dir=str(tmp_path / "a"), progress=False, **_rng_kw())
+
+    class Killed(Exception):
+        pass
+
+    def stop(rec):
+        if rec["epoch"] == 1:
+            raise Killed
+
+    torch.manual_seed(0)
+    b = tiny_net()
+    with pytest.raises(Killed):
+        finetune(b, loader(), None, out_dir=str(tmp_path / "b"), progress=False, on_epoch_end=stop, **_rng_kw())
+    b = tiny_net()
+    r = finetune(b, loader(), None, out_dir=str(tmp_path / "b"), resume=True, progress=False, **_rng_kw())
+    assert r.resumed_from_epoch == 1
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k

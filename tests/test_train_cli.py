@@ -76,14 +76,23 @@ def test_convert_then_finetune_then_resume(tmp_path):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in log] == [1]
     assert (out / "last.pt").exists() and (out / "best.pt").exists()
-    # resuming with a different schedule is refused (the cosine decay depends on --epochs)
+    assert "resolution: 32x32" in r.output
+    # a setting the resume cannot honour is refused, naming the option, before anything is trained
+    other_lr = [a if a != "1e-3" else "2e-3" for a in args]
+    r = runner.invoke(main, other_lr + ["--epochs", "2", "--resume"])
+    assert r.exit_code == 2 and "--lr (lr=) 0.001 -> 0.002" in r.output and "Traceback" not in r.output, r.output
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
+    # extending --epochs is allowed: the schedule is recomputed and the log says so
     r = runner.invoke(main, args + ["--epochs", "2", "--resume"])
-    assert r.exit_code == 2 and "resume with the same settings" in r.output
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert "--epochs 1 -> 2: the warm-up + cosine schedule is recomputed" in r.output
     # resuming a finished run with the same settings trains nothing more and keeps the log
-    r = runner.invoke(main, args + ["--epochs", "1", "--resume"])
+    r = runner.invoke(main, args + ["--epochs", "2", "--resume"])
     assert r.exit_code == 0, r.output + repr(r.exception)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [e["epoch"] for e in log] == [1]
+    assert [e["epoch"] for e in log] == [1, 2]
+    r = runner.invoke(main, args + ["--epochs", "1", "--resume"])  # fewer epochs than already trained
+    assert r.exit_code == 2 and "already trained 2 epochs" in r.output
     assert {"train_loss", "val_top1", "lr", "time_s"} <= set(log[0])
     model = partialize.load(out / "final.safetensors")
     assert isinstance(model.layer1[0].conv1, PConv)
@@ -109,7 +118,7 @@ def test_ddp_cli_finetune_shards_data_and_ranks_agree(tmp_path):
             "--input-size", "32", "--out", str(out), "--lr", "1e-2", "--warmup-epochs", "0", "--no-amp",
             "--no-report", "--device", "cpu"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nnodes", "1", "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
            os.path.join(ROOT, "tests", "_train_ddp_worker.py"), "cli", str(tmp_path), *args]  # fmt: skip
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -77,3 +79,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def rng_preserved() -> Iterator[None]:
+    """Run a block without touching the training's random streams (Python, NumPy, torch CPU).
+
+    Wraps everything in the loop that is not training (progress bar, evaluation, checkpoint writes,
+    logging, callbacks): code there may draw from the global RNGs (importing ``rich.console`` draws
+    from Python's ``random``, which timm's augmentation uses), and a resumed process would make that
+    draw at a different point of the stream than the uninterrupted one.
+    """
+    py, np_state, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
+        torch.set_rng_state(th)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
+import sys
 
 import click
 import torch
@@ -169,15 +171,8 @@ def _finish(
 
     console = Console()
     model = model.cpu()
-    if getattr(model, "_partialize_plan", None) is not None:
-        path = save(model, os.path.join(out_dir, "final.safetensors"), overwrite=True)  # a rerun replaces it
-        console.print(f"wrote {path} (training form)")
-    else:  # a plain state_dict, loadable with --weights PATH / --teacher-weights PATH
-        from safetensors.torch import save_file
-
-        path = os.path.join(out_dir, "final.safetensors")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-        console.print(f"wrote {path} (state_dict)")
+    path = save(model, os.path.join(out_dir, "final.safetensors"), overwrite=True)  # a rerun replaces it
+    console.print(f"wrote {path} (partialize model file, training form)")
     frozen = copy.deepcopy(model)
     ratios = freeze_dynamic(frozen)
     with open(os.path.join(out_dir, "result.json"), "w") as f:
@@ -216,21 +211,45 @@ def _finish(
     console.print(f"wrote {os.path.join(out_dir, 'report.json')} and report.md")
 
 
-def _run(model, loaders, *, teacher, opts: dict, out_dir: str, resume: bool, device, kappa) -> object:
+def _run(model, loaders, *, teacher, opts: dict, out_dir: str, resume: bool, device, kappa, settings) -> object:
+    """finetune() with the CLI's logging; Ctrl-C exits 130 saying what is kept and how to continue."""
     from .finetune import finetune
 
-    return finetune(
-        model,
-        loaders.train,
-        loaders.val,
-        teacher=teacher,
-        num_classes=loaders.num_classes,
-        out_dir=out_dir,
-        resume=resume,
-        device=device,
-        kappa=kappa,
-        log=lambda s: click.echo(s),
-        **opts,
+    try:
+        return finetune(
+            model,
+            loaders.train,
+            loaders.val,
+            teacher=teacher,
+            num_classes=loaders.num_classes,
+            out_dir=out_dir,
+            resume=resume,
+            device=device,
+            kappa=kappa,
+            log=lambda s: click.echo(s),
+            settings=settings,
+            **opts,
+        )
+    except KeyboardInterrupt:
+        click.secho(f"\ninterrupted: {_kept(out_dir)}", fg="yellow", err=True)
+        sys.exit(130)
+
+
+def _kept(out_dir: str) -> str:
+    """What an interrupted run leaves: the last epoch's checkpoint (written atomically) and how to go on."""
+    last, log = os.path.join(out_dir, "last.pt"), os.path.join(out_dir, "log.jsonl")
+    if not os.path.isfile(last):
+        return f"no epoch had finished, so nothing was saved in {out_dir!r}; rerun the same command to start over"
+    epoch = "the last finished epoch"
+    try:
+        with open(log) as f:
+            lines = [line for line in f if line.strip()]
+        epoch = f"epoch {json.loads(lines[-1])['epoch']}"
+    except (OSError, ValueError, KeyError, IndexError):
+        pass
+    return (
+        f"the checkpoint {last!r} ({epoch}) is kept; run the same command with --resume to continue from it "
+        "(the interrupted epoch is trained again)"
     )
 
 
@@ -279,6 +298,12 @@ def finetune_cmd(converted, teacher, teacher_weights, kd_temperature, kd_weight,
     from ..zoo import build_model
     from .data import check_data_dir, image_folder_loaders
 
+    defaults = dict(
+        epochs=30, lr=1e-3, batch_size=64, weight_decay=0.05, warmup_epochs=1, smoothing=0.1, mixup=0.0,
+        cutmix=0.0, clip_grad=None,
+    )  # fmt: skip
+    cfg = {k: (kw[k] if kw.get(k) is not None else v) for k, v in defaults.items()}
+    _check_cli(cfg, kw, kd_temperature=kd_temperature, kd_weight=kd_weight)  # before anything is read or written
     check_data_dir(data)
     distributed = _join_group()
     model = load(converted)
@@ -290,15 +315,11 @@ def finetune_cmd(converted, teacher, teacher_weights, kd_temperature, kd_weight,
             "trainable parameters), which cannot be fine-tuned; pass the training-form file written by "
             "`partialize convert --out` (or partialize.save(model) without deployed=True)"
         )
-    defaults = dict(
-        epochs=30, lr=1e-3, batch_size=64, weight_decay=0.05, warmup_epochs=1, smoothing=0.1, mixup=0.0,
-        cutmix=0.0, clip_grad=None,
-    )  # fmt: skip
-    cfg = {k: (kw[k] if kw.get(k) is not None else v) for k, v in defaults.items()}
+    size, why = _input_size(model, kw["input_size"])
     loaders = image_folder_loaders(
-        data, model, batch_size=cfg["batch_size"], input_size=kw["input_size"], seed=kw["seed"],
-        workers=kw["workers"],
+        data, model, batch_size=cfg["batch_size"], input_size=size, seed=kw["seed"], workers=kw["workers"],
     )  # fmt: skip
+    click.echo(f"resolution: {loaders.input_size}x{loaders.input_size} ({why})")
     n_out = _num_outputs(model, loaders.input_size)
     if n_out != loaders.num_classes:
         raise PartializeError(
@@ -310,7 +331,7 @@ def finetune_cmd(converted, teacher, teacher_weights, kd_temperature, kd_weight,
     kappa = _kappa(model, kw["theta"], kw["target_macs"], loaders.input_size)
     opts = _opts(cfg, kw, kd_temperature, kd_weight)
     result = _run(model, loaders, teacher=t, opts=opts, out_dir=kw["out_dir"], resume=kw["resume"],
-                  device=kw["device"], kappa=kappa)  # fmt: skip
+                  device=kw["device"], kappa=kappa, settings={"input_size": loaders.input_size})  # fmt: skip
     _leave_group(distributed)
     if int(os.environ.get("RANK", 0)) != 0:
         return
@@ -321,6 +342,38 @@ def finetune_cmd(converted, teacher, teacher_weights, kd_temperature, kd_weight,
     _finish(model, result, out_dir=kw["out_dir"], data=data, input_size=loaders.input_size, baseline=baseline,
             baseline_weighted=weighted, name=f"{os.path.basename(converted)} fine-tuned", report=kw["report"],
             speed=kw["speed"], threads=kw["threads"])  # fmt: skip
+
+
+def _check_cli(cfg: dict, kw: dict, **more) -> None:
+    """Every numeric option checked before any file is read or written (a PartializeError naming it)."""
+    from .finetune import TrainingError, check_settings
+
+    check_settings(
+        epochs=cfg["epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"], weight_decay=cfg["weight_decay"],
+        warmup_epochs=cfg["warmup_epochs"], label_smoothing=cfg["smoothing"], mixup=cfg["mixup"], cutmix=cfg["cutmix"],
+        clip_grad=cfg["clip_grad"], ema_decay=kw["ema_decay"], gate_lr_scale=kw["gate_lr_scale"],
+        dp_alpha=kw["dp_alpha"], dp_alpha_under=kw["dp_alpha_under"], dp_beta=kw["dp_beta"],
+        router_weight=kw["router_weight"], ada_routing=kw["ada_routing"], **more,
+    )  # fmt: skip
+    for opt, key, low in (("--input-size", "input_size", 1), ("--workers", "workers", 0), ("--threads", "threads", 1)):
+        v = kw.get(key)
+        if v is not None and v < low:
+            raise TrainingError(f"{opt} must be >= {low}, got {v}")
+    for opt, key in (("--theta", "theta"), ("--target-macs", "target_macs"), ("--router-budget", "router_budget")):
+        v = kw.get(key)
+        if v is not None and not math.isfinite(v):
+            raise TrainingError(f"{opt} must be a finite number, got {v}")
+
+
+def _input_size(model: nn.Module, given: int | None) -> tuple[int | None, str]:
+    """The training resolution: --input-size, else the size the plan was made at, else the model's."""
+    if given:
+        return given, "--input-size"
+    plan = getattr(model, "_partialize_plan", None)
+    shape = tuple(getattr(plan, "input_shape", ()) or ())
+    if len(shape) == 4 and shape[-1] == shape[-2]:
+        return int(shape[-1]), "the size the model was converted at; --input-size to change"
+    return None, "the model's default; --input-size to change"
 
 
 def _opts(cfg: dict, kw: dict, kd_temperature: float, kd_weight: float) -> dict:
@@ -335,6 +388,45 @@ def _opts(cfg: dict, kw: dict, kd_temperature: float, kd_weight: float) -> dict:
     )  # fmt: skip
 
 
+def _fit_batch(model: nn.Module, wanted: int, given: bool, size: int, device, n_images: int, source: str) -> int:
+    """The per-process batch: ``wanted`` when it fits this machine's memory (estimated, see
+    partialize.train.memory); otherwise, when it was a default, the largest power of two that fits,
+    said in the output; a --batch-size given explicitly is kept, with a warning."""
+    from .finetune import TrainingError
+    from .memory import available_bytes, describe, fit_batch_size
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    want = min(wanted, n_images)  # the loader cannot make a larger batch than the data
+    batch, info = fit_batch_size(model.to(dev), size, want, available_bytes(dev), dev)
+    if batch == want:
+        return wanted
+    if given:
+        _warn(f"--batch-size {wanted} may not fit in memory at {size}x{size}: {describe(info)}; at most about "
+              f"{max(1, info['fits'])} images per step would")  # fmt: skip
+        return wanted
+    if batch == 0:
+        raise TrainingError(
+            f"not even one image fits in memory at {size}x{size} for training: {describe(info)}; "
+            "lower --input-size or free memory"
+        )
+    click.echo(f"batch: {batch} per process, not {wanted} ({source}): {wanted if wanted <= n_images else n_images} "
+               f"would not fit this machine's memory at {size}x{size}: {describe(info)}. --batch-size overrides; "
+               "lr is not rescaled (--lr to change)")  # fmt: skip
+    return batch
+
+
+def _native_plan(model: nn.Module, size: int) -> None:
+    """Attach a plan with no conversions to a natively built model, so `partialize train` writes a
+    partialize model file (loadable by load/export/report): the plan names how to rebuild it."""
+    from ..api import plan as make_plan
+
+    recipe = {"version": 1, "name": "native", "description": "trained as built: nothing converted",
+              "strict": False, "rules": [{"select": {"name": "__nothing__"}, "variant": "skip"}]}  # fmt: skip
+    was = model.training
+    model._partialize_plan = make_plan(model.eval(), recipe, input_size=size)
+    model.train(was)
+
+
 @click.command("train")
 @click.argument("model_spec", metavar="MODEL")
 @_common_options
@@ -345,21 +437,23 @@ def train_cmd(model_spec, data, **kw) -> None:
 
     For the native family (partialnet_t0 ... partialnet_l) the defaults are the paper's per-variant
     ImageNet settings (001 Table 7: epochs, batch, lr, weight decay, warm-up, stochastic depth,
-    RandAugment, mixup, CutMix, label smoothing, clipping); any option given overrides them. Other
-    models default to 100 epochs, AdamW lr 1e-3, wd 0.05, 5 warm-up epochs, label smoothing 0.1.
-    Outputs as for `partialize finetune` (no teacher, report without a baseline).
+    RandAugment, mixup, CutMix, label smoothing, clipping); any option given overrides them. Table 7's
+    batch is a global batch over many GPUs: when it does not fit this machine's memory the largest
+    batch that does is used, and said. Other models default to 100 epochs, AdamW lr 1e-3, wd 0.05,
+    5 warm-up epochs, label smoothing 0.1. The warm-up is capped at half the run. Outputs as for
+    `partialize finetune` (no teacher, report without a baseline); final.safetensors is a partialize
+    model file (export, report and load read it).
     """
     from ..zoo import build_model
     from .data import check_data_dir, image_folder_loaders
 
-    check_data_dir(data)
-    distributed = _join_group()
     defaults = dict(
         epochs=100, lr=1e-3, batch_size=128, weight_decay=0.05, warmup_epochs=5, smoothing=0.1, mixup=0.0,
         cutmix=0.0, clip_grad=None,
     )  # fmt: skip
     extra: dict = {}
     rand_augment = None
+    source = "the default"
     if model_spec.startswith("partialnet_"):
         from ..models.partialnet import partialnet_train_settings
 
@@ -371,6 +465,7 @@ def train_cmd(model_spec, data, **kw) -> None:
         )  # fmt: skip
         extra["drop_path_rate"] = s["drop_path_rate"]
         rand_augment = s["rand_augment"]
+        source = f"{s['source']}, a global batch over many GPUs"
         given = {k for k in defaults if kw.get(k) is not None}
         click.echo(
             f"defaults from {s['source']} for {s['model']}: "
@@ -383,19 +478,32 @@ def train_cmd(model_spec, data, **kw) -> None:
             "schedule is yours to choose; lr is not rescaled when you change --batch-size"
         )
     cfg = {k: (kw[k] if kw.get(k) is not None else v) for k, v in defaults.items()}
+    _check_cli(cfg, kw)  # before anything is read or written
+    check_data_dir(data)
+    distributed = _join_group()
     from torchvision import datasets
 
-    n_classes = len(datasets.ImageFolder(os.path.join(data, "train")).classes)
-    model = build_model(model_spec, weights="random", num_classes=n_classes, **extra)
+    train_folder = datasets.ImageFolder(os.path.join(data, "train"))
+    torch.manual_seed(kw["seed"])  # --seed also fixes the initial weights
+    model = build_model(model_spec, weights="random", num_classes=len(train_folder.classes), **extra)
+    size, why = _input_size(model, kw["input_size"])
+    if size is None:
+        import timm.data
+
+        size, why = int(timm.data.resolve_data_config({}, model=model)["input_size"][-1]), why
+    cfg["batch_size"] = _fit_batch(model, cfg["batch_size"], kw.get("batch_size") is not None, size, kw["device"],
+                                   len(train_folder), source)  # fmt: skip
+    _native_plan(model.cpu(), size)
     loaders = image_folder_loaders(
-        data, model, batch_size=cfg["batch_size"], input_size=kw["input_size"], seed=kw["seed"],
+        data, model, batch_size=cfg["batch_size"], input_size=size, seed=kw["seed"],
         workers=kw["workers"], rand_augment=rand_augment,
     )  # fmt: skip
-    click.echo(f"data: {loaders.description}")
+    click.echo(f"resolution: {loaders.input_size}x{loaders.input_size} ({why})\ndata: {loaders.description}")
     kappa = _kappa(model, kw["theta"], kw["target_macs"], loaders.input_size)
     opts = _opts(cfg, kw, 4.0, 0.0)
+    settings = {"input_size": loaders.input_size, "model": model_spec, "rand_augment": rand_augment, **extra}
     result = _run(model, loaders, teacher=None, opts=opts, out_dir=kw["out_dir"], resume=kw["resume"],
-                  device=kw["device"], kappa=kappa)  # fmt: skip
+                  device=kw["device"], kappa=kappa, settings=settings)  # fmt: skip
     _leave_group(distributed)
     if int(os.environ.get("RANK", 0)) != 0:
         return

@@ -8,6 +8,7 @@ distributed), so the sample order of an epoch is a function of ``(seed, epoch)``
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,38 @@ def make_train_loader(ds: Dataset, batch_size: int, seed: int, workers: int = 0,
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last, generator=g)
 
 
+class SkipUnreadable(Dataset):
+    """An ImageFolder whose unreadable files (corrupt, truncated, not an image) are skipped with a
+    warning naming the file: the next readable sample takes the place of each, so one bad file
+    does not stop a run hours in. DataError when no file can be read."""
+
+    ERRORS = (OSError, SyntaxError, ValueError)  # PIL: UnidentifiedImageError is an OSError; SyntaxError
+
+    def __init__(self, folder) -> None:
+        self.folder = folder
+        self.classes = folder.classes
+        self.warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int):
+        n = len(self.folder)
+        for k in range(n):
+            j = (index + k) % n
+            try:
+                return self.folder[j]
+            except self.ERRORS as e:
+                path = self.folder.samples[j][0]
+                if path not in self.warned:
+                    self.warned.add(path)
+                    sys.stderr.write(
+                        f"warning: skipping unreadable image {path!r} ({type(e).__name__}: {e}); the next "
+                        "readable image is used in its place. Delete or replace the file to silence this\n"
+                    )
+        raise DataError(f"no image under {self.folder.root!r} can be read (every file failed to open)")
+
+
 def check_data_dir(data: str) -> tuple[str, str | None]:
     """``(DATA/train, DATA/val or None)``; DataError naming the fix when the layout is wrong."""
     if not os.path.isdir(data):
@@ -65,7 +98,8 @@ def image_folder_loaders(
     hflip: float = 0.5,
 ) -> Loaders:
     """ImageFolder loaders with timm's train transform (random resized crop, flip, optional
-    RandAugment) and eval transform, resolved from the model's pretrained config."""
+    RandAugment) and eval transform, resolved from the model's pretrained config; ``input_size``
+    overrides the config's size. Unreadable images are skipped with a warning."""
     import timm.data
     from torchvision import datasets
 
@@ -81,17 +115,22 @@ def image_folder_loaders(
         raise DataError(f"cannot read an ImageFolder under {data!r}: {e}") from None
     if ds_val is not None and ds_val.classes != ds_train.classes:
         raise DataError(f"{data!r}: train/ and val/ have different class folders")
+    if len(ds_train) == 0:
+        raise DataError(f"{train_dir!r} holds no images")
     if len(ds_train) < batch_size:
         batch_size = max(1, len(ds_train))
+    classes = ds_train.classes
+    ds_train = SkipUnreadable(ds_train)
+    ds_val = SkipUnreadable(ds_val) if ds_val is not None else None
     train = make_train_loader(ds_train, batch_size, seed, workers)
     val = DataLoader(ds_val, batch_size=batch_size, shuffle=False, num_workers=workers) if ds_val else None
     return Loaders(
         train,
         val,
-        len(ds_train.classes),
+        len(classes),
         int(cfg["input_size"][-1]),
         f"ImageFolder {os.path.abspath(data)}: {len(ds_train)} train / "
-        f"{len(ds_val) if ds_val else 0} val images, {len(ds_train.classes)} classes" + _shard_note(train),
+        f"{len(ds_val) if ds_val else 0} val images, {len(classes)} classes" + _shard_note(train),
     )
 
 

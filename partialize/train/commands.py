@@ -397,7 +397,10 @@ def _fit_batch(model: nn.Module, wanted: int, given: bool, size: int, device, n_
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     want = min(wanted, n_images)  # the loader cannot make a larger batch than the data
-    batch, info = fit_batch_size(model.to(dev), size, want, available_bytes(dev), dev)
+    avail = available_bytes(dev)
+    if torch.device(dev).type == "cpu":  # processes on one machine share its memory (torchrun sets this)
+        avail //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    batch, info = fit_batch_size(model.to(dev), size, want, avail, dev)
     if batch == want:
         return wanted
     if given:

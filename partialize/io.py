@@ -205,6 +205,7 @@ def load(
             f"partialize.load({os.fspath(path)!r}, model=...): model= must be an nn.Module (the base model the "
             f"file was converted from), got {type(model).__name__}"
         )
+    own_base = model is None  # built from the file's own spec: a mismatch is the file's fault
     if model is None:
         spec = plan.model
         if not spec:
@@ -227,11 +228,16 @@ def load(
         ) from None
     differ = _shape_mismatches(converted, path)
     if differ:
+        shapes = "; ".join(f"{k}: {list(a)} in the file, {list(b)} in the model" for k, a, b in differ[:3])
+        shapes += " ..." if len(differ) > 3 else ""
+        if own_base:  # the file's plan, replayed on the base it names, does not give its own tensors
+            raise CheckpointError(
+                f"weights in {os.fspath(path)!r} do not match the replayed plan stored in the same file ({shapes}): "
+                "the file is corrupt or was edited; convert the model again"
+            )
         raise CheckpointError(
-            f"weights in {os.fspath(path)!r} do not fit {_base_hint(plan)}: tensor shapes differ ("
-            + "; ".join(f"{k}: {list(a)} in the file, {list(b)} in the model" for k, a, b in differ[:3])
-            + (" ..." if len(differ) > 3 else "")
-            + "). Pass the base model the file was converted from (same architecture and num_classes)"
+            f"weights in {os.fspath(path)!r} do not fit {_base_hint(plan)}: tensor shapes differ ({shapes}). "
+            "Pass the base model the file was converted from (same architecture and num_classes)"
         )
     try:
         missing, unexpected = load_model(converted, os.fspath(path), strict=False)

@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 import torchvision
-from click.testing import CliRunner
 from _helpers import rel_err
+from click.testing import CliRunner
 from torch import nn
 
 import partialize

@@ -9,8 +9,8 @@ import os
 
 import pytest
 import torch
-from click.testing import CliRunner
 from _helpers import rel_err
+from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn

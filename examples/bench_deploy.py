@@ -22,7 +22,7 @@ import timm
 import torch
 
 import partialize
-from partialize.deployment import eval_reference
+from partialize.inference import eval_reference
 from partialize.measure.flops import model_macs
 from partialize.measure.opbench import machine_description
 from partialize.measure.speed import measure_speed

@@ -24,7 +24,7 @@ import timm
 import torch
 
 import partialize  # noqa: F401  (registers partialnet_*)
-from partialize.deployment import deploy, find_conv_bn_pairs
+from partialize.inference import deploy, find_conv_bn_pairs
 from partialize.measure.flops import count_params, model_macs
 from partialize.measure.opbench import machine_description
 from partialize.measure.speed import time_side_by_side

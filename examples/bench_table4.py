@@ -19,7 +19,7 @@ import timm
 import torch
 
 import partialize
-from partialize.deployment import deploy
+from partialize.inference import deploy
 from partialize.measure.flops import model_macs
 from partialize.measure.opbench import machine_description
 from partialize.measure.speed import measure_speed

@@ -47,7 +47,7 @@ def status_of(plan) -> str:
 
 
 def check(spec: str, family: str, timeout_s: int = 240) -> dict:
-    from partialize.zoo import build_model
+    from partialize.base_model import build_model
 
     row = {"family": family, "model": spec}
     signal.signal(signal.SIGALRM, _alarm)

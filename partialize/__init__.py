@@ -10,7 +10,6 @@ __version__ = "0.1.0"
 
 from . import models  # noqa: E402,F401  (registers the native models with timm)
 from .api import apply, plan  # noqa: E402
-from .deployment import deploy  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError,
     ModelError,
@@ -19,9 +18,10 @@ from .errors import (  # noqa: E402
     RecipeError,
     WeightsUnavailableError,
 )
-from .exporter import export  # noqa: E402
-from .io import load, save  # noqa: E402
+from .exporting import export  # noqa: E402
+from .inference import deploy  # noqa: E402
 from .ops import get_operator, list_operators, register_operator  # noqa: E402
+from .serialization import load, save  # noqa: E402
 
 __all__ = [
     "apply",

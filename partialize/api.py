@@ -18,7 +18,7 @@ def _check_args(model, ratio, variant, example_input, input_size, fn: str) -> No
     if not isinstance(model, nn.Module):
         raise PartializeError(
             f"partialize.{fn}(model, ...): model must be an nn.Module, got {type(model).__name__}; build it first "
-            "(e.g. timm.create_model(name) or partialize.zoo.build_model(spec))"
+            "(e.g. timm.create_model(name) or partialize.base_model.build_model(spec))"
         )
     try:
         check_ratio(ratio)

@@ -9,7 +9,7 @@ import torchvision
 from _helpers import randomize_bn, rel_err
 from torch import nn
 
-from partialize.deployment import deploy, find_conv_bn_pairs
+from partialize.inference import deploy, find_conv_bn_pairs
 from partialize.ops import MergedSpatialAttention, PartialSpatialAttention, PATConv, PATConvDeploy, PConv
 
 

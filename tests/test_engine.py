@@ -292,7 +292,7 @@ def test_unknown_variant_parameter_is_a_recipe_error():
 
 @pytest.mark.parametrize("recipe", ["resnet50-patconv", "dynamic", "adaptive"])
 def test_save_load_round_trip_identical_outputs(tmp_path, recipe):
-    from partialize.zoo import build_model
+    from partialize.base_model import build_model
 
     model = build_model("torchvision:resnet18", num_classes=7)
     rec = load_recipe(recipe).model_copy(update={"strict": False})
@@ -319,7 +319,7 @@ def test_load_errors_are_clear_and_nothing_is_unpickled(tmp_path):
     bad.write_bytes(b"\x00" * 20)
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         partialize.load(bad)
-    from partialize.zoo import build_model
+    from partialize.base_model import build_model
 
     conv = partialize.apply(build_model("torchvision:resnet18"), input_size=32)
     path = partialize.save(conv, tmp_path / "ok.safetensors")
@@ -362,9 +362,9 @@ def test_cli_errors_without_traceback(tmp_path, monkeypatch):
     bad.write_text("version: 1\nrules:\n  - select: {typo: Conv2d}\n")
     r = runner.invoke(main, ["recipe", "validate", str(bad)])
     assert r.exit_code != 0 and "r.yaml:3" in r.output and "typo" in r.output
-    import partialize.zoo
+    import partialize.base_model
 
-    monkeypatch.setattr(partialize.zoo, "hub_reachable", lambda *a, **k: False)  # offline, no network use
+    monkeypatch.setattr(partialize.base_model, "hub_reachable", lambda *a, **k: False)  # offline, no network use
     r = runner.invoke(main, ["convert", "resnet18", "--weights", "pretrained", "--dry-run"])
     assert r.exit_code == 2 and "--weights random" in r.output
     assert isinstance(r.exception, SystemExit)
@@ -383,7 +383,7 @@ def test_cli_recipe_schema_and_validate_shipped():
 
 
 def test_load_never_runs_a_factory_named_by_the_file_and_never_touches_the_callers_model(tmp_path):
-    from partialize.io import read_plan
+    from partialize.serialization import read_plan
 
     model = Untraceable()
     conv = partialize.apply(model, input_size=16)

@@ -16,13 +16,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 import partialize
+from partialize.base_model import build_model
 from partialize.cli import main
-from partialize.deployment import eval_reference
 from partialize.errors import CheckpointError, PartializeError
-from partialize.exporter import AdaPConvSelect, export, export_onnx, exportable
+from partialize.exporting import AdaPConvSelect, export, export_onnx, exportable
+from partialize.inference import eval_reference
 from partialize.ops import AdaPConv, DPConv, PartialSpatialAttention, PATConvDeploy
 from partialize.ops.attention import GaussianChannelAttention, PartialSelfAttention
-from partialize.zoo import build_model
 
 SIZE = 64  # the functions are the same at 224; 64x64 keeps the default run fast
 TABLE4 = {

@@ -14,11 +14,11 @@ import torch
 from click.testing import CliRunner
 
 import partialize
+from partialize._fs import atomic_write, check_output, write_text
+from partialize.base_model import build_model
 from partialize.cli import main
 from partialize.errors import PartializeError
-from partialize.fsutil import atomic_write, check_output, write_text
 from partialize.measure.report import ModelMeasurement, Report
-from partialize.zoo import build_model
 
 R18 = ["torchvision:resnet18", "--input-size", "32"]
 
@@ -58,7 +58,7 @@ def test_report_json_and_md_refuse_an_existing_file_before_loading_anything(tmp_
     for opt in ("--json", "--md"):
         out = tmp_path / f"existing.{opt[2:]}"
         out.write_text("keep me")
-        monkeypatch.setattr("partialize.measure.commands.load_model", lambda *a, **k: pytest.fail("work started"))
+        monkeypatch.setattr("partialize.cli.measure.load_model", lambda *a, **k: pytest.fail("work started"))
         r = _cli("report", *R18, "--no-speed", opt, out)
         _refused(r, opt, "already exists", "--force")
         assert out.read_text() == "keep me"
@@ -127,7 +127,7 @@ def test_bench_outputs_refuse_existing_files_before_timing(tmp_path, monkeypatch
     _refused(_cli("bench", "ops", "--channels", 8, "--sizes", 8, "--batches", 1, "--md", md), "--md", "--force")
     js = tmp_path / "b.json"
     js.write_text("keep me")
-    monkeypatch.setattr("partialize.measure.commands.load_model", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr("partialize.cli.measure.load_model", lambda *a, **k: pytest.fail("work started"))
     _refused(_cli("bench", "models", "torchvision:resnet18", "--json", js), "--json", "already exists")
     assert md.read_text() == "keep me" and js.read_text() == "keep me"
 
@@ -135,7 +135,7 @@ def test_bench_outputs_refuse_existing_files_before_timing(tmp_path, monkeypatch
 def test_convert_checks_out_before_building_or_measuring(tmp_path, monkeypatch):
     out = tmp_path / "m.safetensors"
     out.write_bytes(b"keep me")
-    monkeypatch.setattr("partialize.zoo.build_model", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr("partialize.base_model.build_model", lambda *a, **k: pytest.fail("work started"))
     _refused(_cli("convert", *R18, "--out", out), "already exists", "--force")
     # the suffix save() adds is part of the check
     _refused(_cli("convert", *R18, "--out", tmp_path / "m"), "m.safetensors", "already exists")
@@ -144,9 +144,9 @@ def test_convert_checks_out_before_building_or_measuring(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc (a folder nobody can write)")
 def test_unwritable_output_folder_is_refused_before_the_work(monkeypatch):
-    monkeypatch.setattr("partialize.zoo.build_model", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr("partialize.base_model.build_model", lambda *a, **k: pytest.fail("work started"))
     _refused(_cli("convert", *R18, "--out", "/proc/partialize-test/m.safetensors"), "cannot write", "folder")
-    monkeypatch.setattr("partialize.measure.commands.load_model", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr("partialize.cli.measure.load_model", lambda *a, **k: pytest.fail("work started"))
     _refused(_cli("report", *R18, "--json", "/proc/partialize-test/r.json"), "cannot write --json")
     _refused(_cli("export", "/proc/partialize-test/m.safetensors", "-f", "torchscript"), "cannot write")
 
@@ -331,7 +331,7 @@ def test_factory_checkpoints_need_trust_factory_and_import_from_the_working_fold
     r = _cli("bench", "models", ck, "--input-size", 16, "--rounds", 1, "--batch", 2, "--trust-factory")
     assert r.exit_code == 0, r.output
     from partialize.errors import CheckpointError
-    from partialize.io import trusting_factories
+    from partialize.serialization import trusting_factories
 
     with pytest.raises(CheckpointError, match="trusting_factories"):
         partialize.load(ck)

@@ -277,7 +277,7 @@ def test_default_recipe_with_a_bad_api_ratio_is_a_recipe_error_not_a_pydantic_er
 
 @pytest.fixture(scope="module")
 def r18_checkpoint(tmp_path_factory):
-    from partialize.zoo import build_model
+    from partialize.base_model import build_model
 
     conv = partialize.apply(build_model("torchvision:resnet18", num_classes=10), input_size=32)
     return partialize.save(conv, tmp_path_factory.mktemp("ck") / "r18.safetensors")
@@ -358,7 +358,7 @@ def test_convert_weights_that_are_not_a_state_dict(tmp_path):
 def test_convert_with_a_bad_ignore_regex_fails_before_building_the_model(tmp_path, monkeypatch):
     p = tmp_path / "r.yaml"
     p.write_text(OK + "ignore: ['re:((']\n")
-    monkeypatch.setattr("partialize.zoo.build_model", lambda *a, **k: pytest.fail("model built"))
+    monkeypatch.setattr("partialize.base_model.build_model", lambda *a, **k: pytest.fail("model built"))
     r = _cli("convert", "torchvision:resnet18", "-r", p, "--dry-run")
     _clean_exit(r)
     assert "r.yaml:4" in r.output and "ignore.0" in r.output

@@ -472,7 +472,7 @@ def test_report_cli_unknown_model_is_friendly():
 
 def test_report_on_checkpoint_path(tmp_path):
     import partialize
-    import partialize.io as io
+    import partialize.serialization as io
 
     model = timm.create_model("resnet18", pretrained=False)
     converted = partialize.apply(model, ratio=0.25)

@@ -12,8 +12,8 @@ from _helpers import randomize_bn, rel_err
 from torch import nn
 
 import partialize  # noqa: F401  (registers partialnet_* with timm)
-from partialize.deployment import deploy
 from partialize.errors import RecipeError, WeightsUnavailableError
+from partialize.inference import deploy
 from partialize.measure.flops import count_params, model_macs
 from partialize.models.partialnet import PartialSpatialConv, partialnet_train_settings
 from partialize.ops import MergedSpatialAttention, PATConv

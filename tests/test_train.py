@@ -288,9 +288,9 @@ def test_ddp_two_gloo_processes_agree(tmp_path):
 
 def test_finetune_refuses_a_deployed_model_clearly(digits, tmp_path):
     """A deployed model has no trainable parameters: a TrainingError that says so (not AdamW's ValueError)."""
+    from partialize.base_model import build_model
     from partialize.cli import main
     from partialize.train.finetune import TrainingError
-    from partialize.zoo import build_model
 
     train, _ = _loaders(digits, n_train=32)
     frozen = partialize.deploy(partialize.apply(tiny_net(), ratio=0.5, input_size=8))
@@ -324,8 +324,8 @@ def test_ada_trains_by_default_with_the_routing_it_deploys(digits):
     the CLI's default is the same; deploying it does not warn."""
     import warnings
 
+    from partialize.cli.train import finetune_cmd, train_cmd
     from partialize.ops.adapconv import SoftRoutingWarning
-    from partialize.train.commands import finetune_cmd, train_cmd
 
     train, _ = _loaders(digits, n_train=64)
     m = partialize.apply(tiny_net(), ratio="adaptive", input_size=8)

@@ -185,7 +185,7 @@ def test_train_writes_a_model_file_with_a_batch_that_fits(folder, tmp_path, monk
 
     root, _ = folder
     torch.manual_seed(0)
-    m = partialize.zoo.build_model("resnet10t", weights="random", num_classes=10)
+    m = partialize.base_model.build_model("resnet10t", weights="random", num_classes=10)
     per, fixed = memory.activation_bytes_per_image(m, 16), memory.fixed_training_bytes(m)
     room_for_20 = int((fixed + memory.BACKWARD_FACTOR * per * 20) / memory.BUDGET_SHARE)
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": room_for_20)
@@ -198,7 +198,7 @@ def test_train_writes_a_model_file_with_a_batch_that_fits(folder, tmp_path, monk
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[0]["train_images"] == 48 and log[0]["step"] == 3  # 60 images in batches of 16, drop_last
     assert "capped to 0.5 epochs" in r.output  # the default 5 warm-up epochs in a 1-epoch run
-    plan = partialize.io.read_plan(out / "final.safetensors")
+    plan = partialize.serialization.read_plan(out / "final.safetensors")
     assert plan.model["spec"] == "resnet10t" and not plan.converted
     loaded = partialize.load(out / "final.safetensors")
     ck = torch.load(out / "last.pt", weights_only=True)["model"]

@@ -202,7 +202,7 @@ def flop_counter_macs(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Te
 def inference_copy(model: nn.Module) -> tuple[nn.Module, str | None]:
     """An eval copy of ``model`` with every partial operator in its deploy form (what is counted), and
     a note when some operator could not be deployed (then that one is counted as trained)."""
-    from ..deployment import deploy_operators
+    from ..inference import deploy_operators
     from ..ops.registry import get_operator, list_operators
 
     form = copy.deepcopy(model).eval()

@@ -423,7 +423,7 @@ def plot_entries(entries, path: str, conditions: dict | None = None, runs=None, 
     kept unless ``force``. Returns the y-x description."""
     import matplotlib.pyplot as plt
 
-    from ..fsutil import atomic_write
+    from .._fs import atomic_write
 
     fmt = plot_format(path)
     fig, what = plot_figure(entries, conditions, runs)

@@ -88,7 +88,7 @@ class Report:
         plain ``open()`` gives; ``force=False`` refuses an existing file (as ``report --json`` does)."""
         text = json.dumps(self.to_dict(), indent=2, sort_keys=False)
         if path is not None:
-            from ..fsutil import write_text
+            from .._fs import write_text
 
             write_text(path, text + "\n", force=force)
         return text

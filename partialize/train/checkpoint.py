@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._fs import atomic_write
 from ..errors import CheckpointError
-from ..fsutil import atomic_write
 
 FORMAT = "partialize.train/1"
 

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .deployment import deploy, eval_reference
+from ._fs import atomic_write
 from .errors import PartializeError
-from .fsutil import atomic_write
+from .inference import deploy, eval_reference
 from .ops.adapconv import AdaPConv
 
 __all__ = [
@@ -251,7 +251,7 @@ def export(
     replays the plan, loads the tensors and deploys (deterministic, tested bit-for-bit). The other
     formats are checked against the deployed model on the same input (relative error <= 1e-4).
     """
-    from . import io as pio
+    from . import serialization as pio
 
     if fmt not in FORMATS:
         raise PartializeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from . import __version__
-from .cliutil import POSITIVE, check_runs_at, friendly_errors, int_list, trust_factory_option
+from .. import __version__
+from ._common import POSITIVE, check_runs_at, friendly_errors, int_list, trust_factory_option
 
 _friendly_errors = friendly_errors  # the name command modules and older code use
 
@@ -47,9 +47,9 @@ def bench_ops_cmd(threads, channels, sizes, batches, rounds, md_path, force) -> 
     from rich.console import Console
     from rich.progress import Progress
 
-    from .fsutil import check_output, write_text
-    from .measure.opbench import bench_ops, machine_description
-    from .measure.render import op_bench_markdown, op_bench_table
+    from .._fs import check_output, write_text
+    from ..measure.opbench import bench_ops, machine_description
+    from ..measure.render import op_bench_markdown, op_bench_table
 
     if md_path:
         check_output(md_path, force=force, option="--md")
@@ -117,13 +117,13 @@ def convert(
 
     from rich.console import Console
 
-    from .engine.apply import apply_plan
-    from .engine.plan import make_plan
-    from .engine.render import plan_table, summary_table
-    from .fsutil import check_output
-    from .io import save
-    from .recipe import load_recipe
-    from .zoo import build_model
+    from .._fs import check_output
+    from ..base_model import build_model
+    from ..engine.apply import apply_plan
+    from ..engine.plan import make_plan
+    from ..engine.render import plan_table, summary_table
+    from ..recipe import load_recipe
+    from ..serialization import save
 
     stream = _sys.stderr if as_json else _sys.stdout
     console = Console(stderr=as_json, width=None if stream.isatty() else 150)
@@ -152,11 +152,11 @@ def convert(
         return
     converted = apply_plan(base, plan)
     if speed:
-        from .engine.render import speed_table
-        from .measure.speed import speed_summary
+        from ..engine.render import speed_table
+        from ..measure.speed import speed_summary
 
         console.print(f"[dim]measuring speed of the deployed forms: {threads} thread(s), batch 1 and {batch}...[/dim]")
-        from .deployment import deploy
+        from ..inference import deploy
 
         # both sides in inference form (BN folded, operators deployed): what would ship
         s = speed_summary(
@@ -219,9 +219,9 @@ def export_cmd(checkpoint, fmt, out, input_size, batch, force, trust_factory) ->
     """
     import os
 
-    from .exporter import export
-    from .fsutil import check_folder, check_output
-    from .io import trusting_factories
+    from .._fs import check_folder, check_output
+    from ..exporting import export
+    from ..serialization import trusting_factories
 
     if out:
         check_output(out, force=force, inputs=[checkpoint])
@@ -255,7 +255,7 @@ def recipe() -> None:
 @friendly_errors
 def recipe_validate(file) -> None:
     """Check FILE against the recipe schema; errors name the line, field and fix."""
-    from .recipe import load_recipe
+    from ..recipe import load_recipe
 
     rec = load_recipe(file)
     click.echo(f"{file}: valid recipe {rec.name or ''} ({len(rec.rules)} rules)".replace("  ", " "))
@@ -266,7 +266,7 @@ def recipe_schema() -> None:
     """Print the recipe JSON Schema."""
     import json
 
-    from .recipe import recipe_json_schema
+    from ..recipe import recipe_json_schema
 
     click.echo(json.dumps(recipe_json_schema(), indent=2))
 
@@ -274,22 +274,19 @@ def recipe_schema() -> None:
 @recipe.command("list")
 def recipe_list() -> None:
     """List the shipped recipes with their descriptions."""
-    from .recipe import list_shipped_recipes, load_recipe
+    from ..recipe import list_shipped_recipes, load_recipe
 
     for name in list_shipped_recipes():
         click.echo(f"{name:28s} {load_recipe(name).description or ''}")
 
 
 def _register_commands() -> None:
-    from .measure.commands import register as register_measure
+    from .measure import register as register_measure
 
     register_measure(main, bench)
-    from .train.commands import register as register_train
+    from .train import register as register_train
 
     register_train(main)
 
 
 _register_commands()
-
-if __name__ == "__main__":
-    main()

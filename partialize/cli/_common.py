@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .errors import PartializeError
+from ..errors import PartializeError
 
 POSITIVE = click.IntRange(min=1)  # sizes, counts, threads, batches, rounds: 0 or less is a usage error
 

@@ -12,8 +12,8 @@ import click
 import torch
 from torch import nn
 
-from ..cliutil import friendly_errors
 from ..errors import CheckpointError, PartializeError
+from ._common import friendly_errors
 
 
 def _warn(msg: str) -> None:
@@ -25,7 +25,7 @@ def _join_group() -> bool:
     """Under torchrun (WORLD_SIZE > 1), join the process group *before* any loader is built: the
     DistributedSampler reads the rank and world size when it is created, so a loader built earlier
     would hand every rank the whole dataset. True when distributed."""
-    from .distributed import init_distributed
+    from ..train.distributed import init_distributed
 
     return init_distributed()
 
@@ -112,8 +112,8 @@ def resolve_teacher(
     needs ``--teacher-weights``: the converted file holds only the converted weights, and a teacher
     with random weights would teach noise, so without them distillation is switched off.
     """
-    from ..io import load, read_plan
-    from ..zoo import build_model
+    from ..base_model import build_model
+    from ..serialization import load, read_plan
 
     if teacher == "none":
         return None, "distillation off (--teacher none)"
@@ -166,8 +166,8 @@ def _finish(
     from rich.console import Console
     from rich.table import Table
 
-    from ..io import save
-    from .finetune import freeze_dynamic
+    from ..serialization import save
+    from ..train.finetune import freeze_dynamic
 
     console = Console()
     model = model.cpu()
@@ -213,7 +213,7 @@ def _finish(
 
 def _run(model, loaders, *, teacher, opts: dict, out_dir: str, resume: bool, device, kappa, settings) -> object:
     """finetune() with the CLI's logging; Ctrl-C exits 130 saying what is kept and how to continue."""
-    from .finetune import finetune
+    from ..train.finetune import finetune
 
     try:
         return finetune(
@@ -254,7 +254,7 @@ def _kept(out_dir: str) -> str:
 
 
 def _kappa(model, theta, target_macs, input_size) -> float | None:
-    from .constraints import kappa_from_target_macs, kappa_from_theta
+    from ..train.constraints import kappa_from_target_macs, kappa_from_theta
 
     if theta is not None and target_macs is not None:
         raise PartializeError("give --theta or --target-macs, not both")
@@ -294,9 +294,9 @@ def finetune_cmd(converted, teacher, teacher_weights, kd_temperature, kd_weight,
 
     Multi-GPU / multi-node: torchrun --nproc-per-node N -m partialize.cli finetune ... (see docs/training.md).
     """
-    from ..io import load
-    from ..zoo import build_model
-    from .data import check_data_dir, image_folder_loaders
+    from ..base_model import build_model
+    from ..serialization import load
+    from ..train.data import check_data_dir, image_folder_loaders
 
     defaults = dict(
         epochs=30, lr=1e-3, batch_size=64, weight_decay=0.05, warmup_epochs=1, smoothing=0.1, mixup=0.0,
@@ -308,7 +308,7 @@ def finetune_cmd(converted, teacher, teacher_weights, kd_temperature, kd_weight,
     distributed = _join_group()
     model = load(converted)
     if not any(p.requires_grad for p in model.parameters()):
-        from .finetune import TrainingError
+        from ..train.finetune import TrainingError
 
         raise TrainingError(
             f"{converted!r} is marked deployed, so it loads as the frozen inference form (BN folded, no "
@@ -346,7 +346,7 @@ def finetune_cmd(converted, teacher, teacher_weights, kd_temperature, kd_weight,
 
 def _check_cli(cfg: dict, kw: dict, **more) -> None:
     """Every numeric option checked before any file is read or written (a PartializeError naming it)."""
-    from .finetune import TrainingError, check_settings
+    from ..train.finetune import TrainingError, check_settings
 
     check_settings(
         epochs=cfg["epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"], weight_decay=cfg["weight_decay"],
@@ -392,8 +392,8 @@ def _fit_batch(model: nn.Module, wanted: int, given: bool, size: int, device, n_
     """The per-process batch: ``wanted`` when it fits this machine's memory (estimated, see
     partialize.train.memory); otherwise, when it was a default, the largest power of two that fits,
     said in the output; a --batch-size given explicitly is kept, with a warning."""
-    from .finetune import TrainingError
-    from .memory import available_bytes, describe, fit_batch_size
+    from ..train.finetune import TrainingError
+    from ..train.memory import available_bytes, describe, fit_batch_size
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     want = min(wanted, n_images)  # the loader cannot make a larger batch than the data
@@ -447,8 +447,8 @@ def train_cmd(model_spec, data, **kw) -> None:
     `partialize finetune` (no teacher, report without a baseline); final.safetensors is a partialize
     model file (export, report and load read it).
     """
-    from ..zoo import build_model
-    from .data import check_data_dir, image_folder_loaders
+    from ..base_model import build_model
+    from ..train.data import check_data_dir, image_folder_loaders
 
     defaults = dict(
         epochs=100, lr=1e-3, batch_size=128, weight_decay=0.05, warmup_epochs=5, smoothing=0.1, mixup=0.0,

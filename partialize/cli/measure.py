@@ -7,21 +7,21 @@ import os
 
 import click
 
-from ..cliutil import POSITIVE, check_device, check_runs_at, friendly_errors, trust_factory_option
 from ..errors import CheckpointError, PartializeError
+from ._common import POSITIVE, check_device, check_runs_at, friendly_errors, trust_factory_option
 
 
 def load_model(spec: str, weights: str = "random", *, trust_factory: bool = False):
-    """A model from a saved checkpoint (an existing path, via partialize.io.load) or a model spec."""
+    """A model from a saved checkpoint (an existing path, via partialize.serialization.load) or a model spec."""
     if os.path.exists(spec):
         if os.path.isdir(spec):
             raise CheckpointError(f"{spec!r} is a folder; give a checkpoint file (.safetensors) or a model name")
-        from ..io import load
+        from ..serialization import load
 
         return load(spec, trust_factory=trust_factory)
     if spec.endswith((".safetensors", ".pt", ".pth")):
         raise CheckpointError(f"checkpoint {spec!r} does not exist (check the path)")
-    from ..zoo import build_model
+    from ..base_model import build_model
 
     return build_model(spec, weights=weights)
 
@@ -123,9 +123,9 @@ def report_cmd(
     """
     from rich.console import Console
 
-    from ..fsutil import write_text
-    from .render import render_report_details, render_report_table, report_markdown
-    from .report import build_report
+    from .._fs import write_text
+    from ..measure.render import render_report_details, render_report_table, report_markdown
+    from ..measure.report import build_report
 
     # every output is checked before anything is loaded or timed
     _check_outputs({"--json": json_path, "--md": md_path}, force, inputs=[model_or_checkpoint, baseline, weights])
@@ -173,7 +173,7 @@ def report_cmd(
 def _check_outputs(paths: dict[str, str | None], force: bool, inputs=()) -> dict[str, str]:
     """Check every output path before the work (exists without --force, unwritable, an input, the same
     file twice) and return the ones given."""
-    from ..fsutil import check_output
+    from .._fs import check_output
 
     given = {opt: p for opt, p in paths.items() if p}
     seen: dict[str, str] = {}
@@ -211,8 +211,8 @@ def compare_cmd(reports, md_path, plot_path, force, no_speed, remeasure, trust_f
     """
     from rich.console import Console
 
-    from .render import compare_markdown, compare_table, plot_entries, plot_format
-    from .report import check_compatible, compare_entries, load_reports
+    from ..measure.render import compare_markdown, compare_table, plot_entries, plot_format
+    from ..measure.report import check_compatible, compare_entries, load_reports
 
     if remeasure and no_speed:
         raise PartializeError("--remeasure times the models and --no-speed ignores speed: give one of them")
@@ -235,7 +235,7 @@ def compare_cmd(reports, md_path, plot_path, force, no_speed, remeasure, trust_f
         conditions, runs = _remeasure(entries, reps, runs, trust_factory)
     Console().print(compare_table(entries, conditions, runs))
     if md_path:
-        from ..fsutil import write_text
+        from .._fs import write_text
 
         write_text(md_path, compare_markdown(entries, conditions, runs), force=force, option="--md")
         click.echo(f"wrote {md_path}")
@@ -247,7 +247,7 @@ def compare_cmd(reports, md_path, plot_path, force, no_speed, remeasure, trust_f
 def _remeasure(entries, reps, runs, trust_factory: bool):
     """Time every entry again, side by side, under the reports' speed conditions; entries are updated in
     place. Returns the new conditions and run labels."""
-    from .speed import measure_speed
+    from ..measure.speed import measure_speed
 
     cond = next((r.speed_conditions for r in reps if r.speed_conditions), None) or {}
     models = {}
@@ -303,8 +303,8 @@ def bench_models_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from .flops import count_params, macs_breakdown
-    from .speed import measure_speed
+    from ..measure.flops import count_params, macs_breakdown
+    from ..measure.speed import measure_speed
 
     _check_outputs({"--json": json_path}, force, inputs=list(models) + [weights])
     console = Console()
@@ -360,7 +360,7 @@ def bench_models_cmd(
         for n in loaded:
             res["models"][n]["macs"] = macs[n]
             res["models"][n]["params"] = count_params(loaded[n])
-        from ..fsutil import write_text
+        from .._fs import write_text
 
         write_text(json_path, json.dumps(res, indent=2) + "\n", force=force, option="--json")
         click.echo(f"wrote {json_path}")

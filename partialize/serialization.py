@@ -47,7 +47,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, deployed: bool = False, o
     """
     from safetensors.torch import save_model
 
-    from .fsutil import atomic_write
+    from ._fs import atomic_write
 
     if getattr(model, "_partialize_deployed", False):
         raise PartializeError(
@@ -124,7 +124,7 @@ def _check_spec(spec: str, kwargs: dict, path, trust_factory: bool) -> None:
             f"{os.fspath(path)!r} asks to build its base model with the factory {spec!r}, which would import "
             "and run code named by the file. Pass the base model yourself (partialize.load(path, "
             "model=...)) or, if you trust this file, trust_factory=True (around other calls: with "
-            "partialize.io.trusting_factories(): ...; CLI: --trust-factory)"
+            "partialize.serialization.trusting_factories(): ...; CLI: --trust-factory)"
         )
 
 
@@ -156,7 +156,7 @@ def _check_fits(model: nn.Module, plan, path) -> None:
     modules = dict(model.named_modules())
     spec = (plan.model or {}).get("spec")
     fix = (
-        f"pass the model the file was converted from ({spec!r}; e.g. partialize.zoo.build_model({spec!r}"
+        f"pass the model the file was converted from ({spec!r}; e.g. partialize.base_model.build_model({spec!r}"
         + (f", **{plan.model.get('kwargs')}" if plan.model.get("kwargs") else "")
         + ")), or leave model= out to build it from the file"
         if spec
@@ -195,8 +195,8 @@ def load(
     """
     from safetensors.torch import load_model
 
+    from .base_model import build_model
     from .engine.apply import apply_plan
-    from .zoo import build_model
 
     meta = read_metadata(path)
     plan = read_plan(path)
@@ -253,7 +253,7 @@ def load(
     if deployed is None:
         deployed = meta.get("deployed") == "true"
     if deployed:
-        from .deployment import deploy
+        from .inference import deploy
 
         return deploy(converted)
     return converted

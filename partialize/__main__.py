@@ -1,0 +1,5 @@
+"""``python -m partialize``: the command line."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,5 @@
+"""``python -m partialize.cli``: the command line (what torchrun launches)."""
+
+from . import main
+
+main()

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from .engine.apply import apply_plan
-from .engine.plan import Plan, make_plan
+from .engine.plan import Plan
+from .engine.planner import make_plan
 from .errors import PartializeError, RecipeError
 
 

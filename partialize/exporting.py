@@ -1,25 +1,21 @@
 """Export a converted model in inference form: ONNX (checked under onnxruntime), TorchScript, safetensors.
 
 Every export starts from ``partialize.deploy(model)`` (BN folded, PAT_sp merged, DPConv frozen, Ada-PConv
-hard-routed, PConv slicing) and is verified against it on the same random input before the file is
-moved into place; an existing file is never overwritten unless ``force``.
+hard-routed, PConv slicing) and is verified against it on the same random input, and on a batch of
+another size, before the file is moved into place; an existing file is never overwritten unless
+``force``.
 
-Ada-PConv: eager hard routing groups the batch by branch with data-dependent indexing, which neither
-ONNX nor TorchScript tracing can express. The exported graph uses :class:`AdaPConvSelect` instead: every
-branch's conv runs on the whole batch and each sample takes the output of its arg-max branch
-(``torch.where`` on the one-hot of the router's choice). The result is the same per-sample function,
-but the file always pays for all branches (the sum of the branch convs plus the router), unlike eager
-hard routing, which pays for the chosen branch only.
-
-ONNX goes through ``torch.onnx.export(dynamo=True)``: the legacy TorchScript-based exporter mis-handles
-the in-place write into a ``narrow`` view used by ``partial_mlp`` (mobilenetv2-patconv exported with it
-is wrong by ~70% relative), while the dynamo exporter functionalises in-place writes correctly.
+The operators know how to be captured in a graph (``partialize.ops._export``): under tracing and
+either ONNX exporter they compute the same function out of place, and an input-adaptive operator
+(Ada-PConv) runs every branch and selects per sample, since a graph cannot group the batch by routing.
+Where that changes the cost, the operator says so (``export_note()``) and the export result carries
+the note. ONNX goes through the dynamo exporter (dynamic batch axis); the TorchScript-based one
+(``dynamo=False``) gives the same result on the deployed forms (tests/test_export_ops.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import os
 import warnings
@@ -32,85 +28,27 @@ from torch import nn
 from ._fs import atomic_write
 from .errors import PartializeError
 from .inference import deploy, eval_reference
-from .ops.adapconv import AdaPConv
+from .ops.registry import operators_in
 
-__all__ = [
-    "AdaPConvSelect",
-    "ExportResult",
-    "FORMATS",
-    "ada_export_note",
-    "atomic_write",
-    "export",
-    "export_onnx",
-    "export_torchscript",
-    "exportable",
-]
+__all__ = ["ExportResult", "FORMATS", "export", "export_notes", "export_onnx", "export_torchscript"]
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 TOLERANCE = 1e-4
-
-
-class AdaPConvSelect(nn.Module):
-    """Exportable hard routing for a deployed Ada-PConv: all branches, per-sample select.
-
-    Same function as ``AdaPConv(routing="hard")`` (arg-max of the router, first index on ties) without
-    data-dependent shapes; costs the router plus every branch's conv.
-    """
-
-    def __init__(self, op: AdaPConv) -> None:
-        super().__init__()
-        self.dim = op.dim
-        self.widths = list(op.widths)
-        self.branches = copy.deepcopy(op.branches)
-        self.router = copy.deepcopy(op.router)
-        self.eval().requires_grad_(False)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, widths={self.widths}, routing='select (all branches)'"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(self.router(x.mean(dim=(2, 3))), dim=-1)
-        choice = probs.argmax(dim=1).reshape(-1, 1, 1, 1)
-        out = x
-        for i, (conv, n) in enumerate(zip(self.branches, self.widths)):
-            y = torch.cat((conv(x[:, :n]), x[:, n:]), dim=1)
-            out = torch.where(choice == i, y, out)
-        return out
 
 
 def _deployed(model: nn.Module) -> nn.Module:
     return model if getattr(model, "_partialize_deployed", False) else deploy(model)
 
 
-def exportable(model: nn.Module) -> tuple[nn.Module, int]:
-    """A deployed copy of ``model`` with each Ada-PConv in its exportable select form; returns it and
-    the number of Ada-PConv layers replaced. A model that is already deployed is not deployed again."""
-    out = copy.deepcopy(_deployed(model))
-    count = 0
-
-    def visit(parent: nn.Module) -> None:
-        nonlocal count
-        for name, child in list(parent.named_children()):
-            if isinstance(child, AdaPConv):
-                setattr(parent, name, AdaPConvSelect(child))
-                count += 1
-            else:
-                visit(child)
-
-    visit(out)
-    return out.eval(), count
-
-
-def ada_export_note(count: int) -> str:
-    """One line for the user on what an exported file does for Ada-PConv (empty when there is none)."""
-    if not count:
-        return ""
-    return (
-        f"Ada-PConv ({count} layer(s)): the exported graph routes per sample like the eager model "
-        "(arg-max of the router) but computes every branch and selects with torch.where, so it costs "
-        "the sum of all branch convs, not only the chosen one; eager partialize.deploy() runs only "
-        "the chosen branch"
-    )
+def export_notes(model: nn.Module) -> list[str]:
+    """What the operators of a deployed ``model`` say an exported graph does differently (once each),
+    with how many layers each note is about."""
+    counts: dict[str, int] = {}
+    for op in operators_in(model).values():
+        note = op.export_note()
+        if note:
+            counts[note] = counts.get(note, 0) + 1
+    return [f"{note} ({n} layer(s))" for note, n in counts.items()]
 
 
 @dataclass
@@ -122,7 +60,6 @@ class ExportResult:
     input_shape: tuple[int, ...]
     max_rel_err: float | None = None  # exported file vs deployed PyTorch model, same input
     deploy_rel_err: float | None = None  # deployed vs eval-mode trained model, same input
-    ada_layers: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -162,7 +99,7 @@ def export_onnx(
         ) from None
 
     eager = _deployed(model)
-    net, ada = exportable(eager)
+    net = eager
     other = torch.randn(example.shape[0] + 1, *example.shape[1:], generator=torch.Generator().manual_seed(1))
     # torch.export specialises a dimension of size 1, so trace with at least 2 samples to keep the batch
     # axis dynamic; one eager call first fills PAT_sf's position-index cache for this H x W (the index
@@ -195,14 +132,13 @@ def export_onnx(
         _check(max(errs), "ONNX model under onnxruntime vs deployed PyTorch model", tol)
 
     atomic_write(path, write_and_check, force=force)
-    res = ExportResult(os.fspath(path), "onnx", tuple(example.shape), max(errs), ada_layers=ada)
+    res = ExportResult(os.fspath(path), "onnx", tuple(example.shape), max(errs))
     res.notes.append(
         f"verified with onnxruntime {ort.__version__} at batch {example.shape[0]} and "
         f"{example.shape[0] + 1}; batch axis dynamic, spatial size fixed at "
         f"{example.shape[-2]}x{example.shape[-1]}"
     )
-    if ada:
-        res.notes.append(ada_export_note(ada))
+    res.notes.extend(export_notes(eager))
     return res
 
 
@@ -213,7 +149,7 @@ def export_torchscript(
     ``example`` and on a batch of another size before writing ``path``. The input's spatial size is
     fixed by the trace; the batch size is not."""
     eager = _deployed(model)
-    net, ada = exportable(eager)
+    net = eager
     errs: list[float] = []
 
     def write(tmp: str) -> None:
@@ -228,10 +164,9 @@ def export_torchscript(
         _check(max(errs), "TorchScript model vs deployed PyTorch model", tol)
 
     atomic_write(path, write, force=force)
-    res = ExportResult(os.fspath(path), "torchscript", tuple(example.shape), max(errs), ada_layers=ada)
+    res = ExportResult(os.fspath(path), "torchscript", tuple(example.shape), max(errs))
     res.notes.append("torch.jit.trace: spatial size fixed at export; load with torch.jit.load")
-    if ada:
-        res.notes.append(ada_export_note(ada))
+    res.notes.extend(export_notes(eager))
     return res
 
 

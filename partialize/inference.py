@@ -2,8 +2,8 @@
 
 ``deploy(model)`` works on any ``nn.Module`` and leaves its input untouched:
 
-1. every submodule that is an instance of a registered partialize operator (``partialize.ops.registry``)
-   is replaced by ``op.deploy()`` (outermost first; an operator's insides are its own business);
+1. every outermost partialize operator (``partialize.ops.PartialOperator``) is replaced by its
+   ``deploy()`` form (the operator contract; an operator's insides are its own business);
 2. each BatchNorm whose input is the output of a conv used nowhere else is folded into that conv
    (``fold_bn_into_conv``) and replaced by ``nn.Identity``.
 
@@ -11,7 +11,7 @@ Pairs are found by torch.fx tracing (registered operators kept as leaves): a con
 user is a BN node. A submodule that cannot be traced becomes a leaf and is analysed on its own; a
 module whose own forward cannot be traced is analysed child by child, and inside such an
 ``nn.Sequential`` adjacent (conv, BN) children are paired. Only exact
-``nn.Conv1d/2d/3d`` (or a deployed partialize operator with ``fold_bn``, e.g. PConv, PATConv) and
+``nn.Conv1d/2d/3d`` (or a deployed operator form whose ``fold_bn`` accepts the BN) and
 ``nn.BatchNorm1d/2d/3d``/``SyncBatchNorm`` types with running statistics are folded (subclasses such
 as weight-standardised convs change the maths); timm's ``BatchNormAct2d`` folds its BN and leaves its
 activation in place. A module that is registered or called more than once is never folded.
@@ -27,7 +27,8 @@ from torch import nn
 
 from .engine.apply import set_module
 from .ops._utils import bn_remainder, fold_bn_into_conv, is_foldable_bn
-from .ops.registry import get_operator, is_partial_op, list_operators
+from .ops.base import InferenceForm, PartialOperator
+from .ops.registry import is_partial_op, operators_in
 
 __all__ = ["deploy", "deploy_operators", "eval_reference", "find_conv_bn_pairs", "fold_batchnorm"]
 
@@ -55,36 +56,32 @@ def deploy(model: nn.Module) -> nn.Module:
 
 def eval_reference(model: nn.Module) -> nn.Module:
     """The function ``deploy(model)`` must equal: an eval-mode copy of the trained model with each
-    Ada-PConv switched to hard routing (soft mixing is the training relaxation; the deployed form
-    runs the router's arg-max branch). Nothing else changes: BN, DPConv masks, attention as trained."""
-    from .ops.adapconv import AdaPConv
-
+    operator replaced by its ``reference()`` (the contract: the eval copy for most, hard routing for an
+    input-adaptive one trained with soft mixing). Innermost operators first, so an operator that
+    holds another copies the other's reference. Nothing else changes (BN as trained)."""
     ref = copy.deepcopy(model).eval()
-    for m in ref.modules():
-        if isinstance(m, AdaPConv):
-            m.routing = "hard"
+    ops = operators_in(ref)
+    if isinstance(ref, PartialOperator):
+        return ref.reference()
+    for name in sorted(ops, key=lambda n: -n.count(".")):
+        set_module(ref, name, ref.get_submodule(name).reference())
     return ref
 
 
-def _operator_classes() -> tuple[type, ...]:
-    return tuple(get_operator(name) for name in list_operators())
-
-
 def deploy_operators(model: nn.Module) -> int:
-    """In place: replace each outermost registered operator by its ``.deploy()`` form; returns the count."""
-    classes = _operator_classes()
+    """In place: replace each outermost operator by its ``deploy()`` form; returns the count."""
     count = 0
 
     def visit(parent: nn.Module) -> None:
         nonlocal count
         for name, child in list(parent.named_children()):
-            if isinstance(child, classes):
+            if isinstance(child, PartialOperator):
                 setattr(parent, name, child.eval().deploy())
                 count += 1
             else:
                 visit(child)
 
-    if isinstance(model, classes):
+    if isinstance(model, PartialOperator):
         raise TypeError("deploy_operators works on a model that contains operators; call op.deploy() directly")
     visit(model)
     return count
@@ -117,20 +114,17 @@ class _LeafTracer(torch.fx.Tracer):
 
 
 def _is_conv(m: nn.Module) -> bool:
-    """An exact conv, or a deployed partialize operator that can absorb a following BN."""
-    return type(m) in _CONVS or callable(getattr(m, "fold_bn", None))
-
-
-def _out_channels(m: nn.Module) -> int:
-    return m.out_channels if type(m) in _CONVS else m.dim
+    """An exact conv, or an operator / inference form (its ``fold_bn`` says whether it can absorb a BN)."""
+    return type(m) in _CONVS or isinstance(m, (PartialOperator, InferenceForm))
 
 
 def _is_foldable_bn(m: nn.Module, conv: nn.Module) -> bool:
     if not is_foldable_bn(m):
         return False
+    if type(conv) not in _CONVS:
+        return True  # the operator's fold_bn decides (None when it cannot)
     dims = _BNS.get(type(m), 2)  # timm BatchNormAct2d is 2-d
-    conv_dims = _CONVS.get(type(conv), 2)
-    return (dims is None or dims == conv_dims) and m.num_features == _out_channels(conv)
+    return (dims is None or dims == _CONVS[type(conv)]) and m.num_features == conv.out_channels
 
 
 def _trace(module: nn.Module, max_retries: int = 64) -> tuple[torch.fx.Graph, set[str]] | None:
@@ -208,10 +202,13 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 def fold_batchnorm(model: nn.Module) -> int:
     """In place: fold every exact (conv, BN) pair (see ``find_conv_bn_pairs``); returns the count."""
-    pairs = find_conv_bn_pairs(model)
-    for conv_name, bn_name in pairs:
+    count = 0
+    for conv_name, bn_name in find_conv_bn_pairs(model):
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        folded = conv.fold_bn(bn) if callable(getattr(conv, "fold_bn", None)) else fold_bn_into_conv(conv, bn)
+        folded = fold_bn_into_conv(conv, bn) if type(conv) in _CONVS else conv.fold_bn(bn)
+        if folded is None:  # the operator cannot absorb this BN: both stay
+            continue
         set_module(model, conv_name, folded)
         set_module(model, bn_name, bn_remainder(bn))
-    return len(pairs)
+        count += 1
+    return count

@@ -1,9 +1,10 @@
 """Recipes: YAML files that say which layers become which partial operator.
 
-Validated with pydantic; every error names the file, line, field and the fix. Precedence when
-several rules match a layer (lowest first, later ones override the fields they set):
-defaults < rules selecting by type/predicates only < rules with a glob or ``re:`` name
-< rules with an exact name; among equals, file order. See docs/recipes.md.
+Validated with pydantic; every error names the file, line, field and the fix. When several rules
+match a layer, :func:`resolve` decides (torch.ao's precedence: defaults < rules selecting by
+type/predicates only < rules with a glob or ``re:`` name < rules with an exact name; among equals,
+file order): the most specific rule that names a variant decides the variant, and only the ratio
+and params given for that variant apply. See docs/recipes.md, "Precedence".
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import re
 import textwrap
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -37,8 +39,6 @@ from .errors import RecipeError
 
 RATIO_WORDS = ("dynamic", "adaptive", "inherit")
 SKIP_VARIANTS = ("skip", "none")
-# ratio words that turn a variant into another operator (engine.plan._variant_for_ratio)
-_IMPLIED_VARIANTS = {"dynamic": ("dpconv", ("pconv", "patconv", "dpconv")), "adaptive": ("ada_pconv", ("pconv",))}
 
 MAX_DEPTH = 32  # nesting levels of a recipe document (a real recipe uses about 6)
 MAX_NODES = 50_000  # YAML values after alias expansion (shipped recipes: < 200)
@@ -307,10 +307,14 @@ def _value_problem(name: str, value: Any, hints: dict, choices: dict) -> str | N
 
 
 def _candidate_variants(variant: str, ratio: Any) -> list[str]:
-    """The operators a rule's params may end up with: its variant, and the one a ratio word implies."""
-    if isinstance(ratio, str) and ratio in _IMPLIED_VARIANTS:
-        implied, sources = _IMPLIED_VARIANTS[ratio]
-        if variant in sources and implied != variant:
+    """The operators a rule's params may end up with: its variant, and the one a ratio word implies
+    (the operator's ``ratio_words``)."""
+    from .ops.registry import _OPERATORS
+
+    cls = _OPERATORS.get(variant)
+    if isinstance(ratio, str) and cls is not None and ratio in cls.ratio_words:
+        implied = cls.ratio_words[ratio][0]
+        if implied != variant:
             return [variant, implied]
     return [variant]
 
@@ -742,3 +746,76 @@ def closest_names(pattern: str, names: list[str], n: int = 5) -> list[str]:
     core = pattern[3:] if pattern.startswith("re:") else pattern
     core = re.sub(r"[\\^$*?\[\]().+{}|]", "", core)
     return difflib.get_close_matches(core, names, n=n, cutoff=0.3)
+
+
+# ---------------------------------------------------------------------------------------------
+# resolution: what the rules decide for one layer
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a recipe says for one layer: the variant (after ratio words), its ratio and params, every
+    matching rule (lowest precedence first) and the rule that chose the variant (None: defaults)."""
+
+    variant: str
+    ratio: float | str | None
+    params: dict
+    rules: tuple[int, ...]
+    variant_rule: int | None
+
+    def rules_text(self) -> str:
+        return ", ".join(f"rules[{i}]" for i in self.rules)
+
+
+def resolve(recipe: Recipe, info, mro_names: tuple[str, ...]) -> Decision | None:
+    """The decision for a layer (LayerInfo + its class MRO names), or None when no rule matches it.
+
+    Precedence (docs/recipes.md): matching rules are ordered defaults < type/predicates < glob/regex
+    name < exact name, file order among equals. The most specific rule that names a ``variant`` decides
+    it. ``ratio`` and ``params`` then come only from the defaults and rules that are *for that variant*
+    (a rule without a ``variant`` is for the defaults' variant): a more specific rule overrides the
+    fields it sets, ``params`` key by key. A ``params: {attn: sf}`` meant for PATConv therefore never
+    reaches a layer another rule turns into PConv.
+    """
+    matches = sorted(
+        (1 + r.select.name_kind(), i) for i, r in enumerate(recipe.rules) if select_matches(r.select, info, mro_names)
+    )
+    if not matches:
+        return None
+    order = [i for _, i in matches]
+    base = recipe.defaults.variant
+    variant, chooser = base, None
+    for i in order:
+        if recipe.rules[i].variant is not None:
+            variant, chooser = recipe.rules[i].variant, i
+    ratio = recipe.defaults.ratio
+    params = dict(recipe.defaults.params) if variant == base else {}
+    for i in order:
+        r = recipe.rules[i]
+        if (r.variant or base) != variant:
+            continue
+        if r.ratio is not None:
+            ratio = r.ratio
+        params.update(r.params)
+    return Decision(variant, ratio, params, tuple(order), chooser)
+
+
+def apply_ratio_word(decision: Decision, layer: str) -> Decision:
+    """A ratio word (``dynamic``, ``adaptive``, ``inherit``) turns the variant into the operator its
+    ``ratio_words`` name, with the parameters it implies; RecipeError naming the layer and the rule
+    when the variant does not take the word."""
+    from .ops.registry import get_operator, list_operators
+
+    ratio = decision.ratio
+    if not isinstance(ratio, str) or decision.variant in SKIP_VARIANTS:
+        return decision
+    words = get_operator(decision.variant).ratio_words
+    if ratio not in words:
+        takers = [n for n in list_operators() if ratio in get_operator(n).ratio_words]
+        where = f"rules[{decision.variant_rule}]" if decision.variant_rule is not None else "defaults"
+        raise RecipeError(
+            f"layer {layer!r}: ratio {ratio!r} does not apply to variant {decision.variant!r} (chosen by {where}; "
+            f"the word applies to {', '.join(takers) or 'no registered operator'}); give a number in (0, 1]"
+        )
+    variant, implied = words[ratio]
+    return Decision(variant, ratio, implied | decision.params, decision.rules, decision.variant_rule)

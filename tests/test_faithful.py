@@ -21,7 +21,7 @@ from _helpers import nondegenerate_, rel_err
 from torch import nn
 
 import partialize  # noqa: F401  (registers the operators)
-from partialize.engine.plan import capture_calls
+from partialize.engine._calls import capture_calls
 from partialize.ops import get_operator, list_operators
 from partialize.ops.partial_residual import KNOWN_BLOCKS
 

@@ -23,6 +23,7 @@ from partialize.ops import (
     get_operator,
     list_operators,
     register_operator,
+    unregister_operator,
 )
 from partialize.ops.dpconv import binarize_ste
 
@@ -420,16 +421,23 @@ def test_registry_names_and_user_registration():
     assert {"pconv", "patconv", "pat_sp", "dpconv", "ada_pconv"} <= set(list_operators())
     assert get_operator("patconv") is PATConv
 
-    @register_operator("test_halfconv")
-    class HalfConv(PConv):
-        @classmethod
-        def from_module(cls, original, **kw):
-            return super().from_module(original, ratio=0.5)
+    try:
 
-    assert get_operator("test_halfconv") is HalfConv
-    assert HalfConv.from_module(nn.Conv2d(8, 8, 3, 1, 1)).dim_conv == 4
-    with pytest.raises(ValueError, match="already registered"):
-        register_operator("pconv")(HalfConv)
+        @register_operator("test_halfconv")
+        class HalfConv(PConv):
+            @classmethod
+            def from_module(cls, original, **kw):
+                return super().from_module(original, ratio=0.5)
+
+        assert get_operator("test_halfconv") is HalfConv
+        assert HalfConv.from_module(nn.Conv2d(8, 8, 3, 1, 1)).dim_conv == 4
+        with pytest.raises(ValueError, match="already registered"):
+            register_operator("pconv")(HalfConv)
+        with pytest.raises(TypeError, match="must subclass partialize.ops.PartialOperator"):
+            register_operator("test_not_an_operator")(nn.Conv2d)  # duck typing is not the contract
+    finally:
+        unregister_operator("test_halfconv")
+    assert "test_halfconv" not in list_operators() and "test_not_an_operator" not in list_operators()
     from partialize.errors import RecipeError
 
     with pytest.raises(RecipeError, match="known variants"):

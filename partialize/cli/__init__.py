@@ -120,7 +120,7 @@ def convert(
     from .._fs import check_output
     from ..base_model import build_model
     from ..engine.apply import apply_plan
-    from ..engine.plan import make_plan
+    from ..engine.planner import make_plan
     from ..engine.render import plan_table, summary_table
     from ..recipe import load_recipe
     from ..serialization import save

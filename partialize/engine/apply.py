@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ..errors import PartializeError
-from .plan import Plan, build_op, copy_plan_ops
+from .plan import Plan
+from .planner import build_op
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -31,13 +32,10 @@ def apply_plan(
     With ``check`` a forward pass on the example input verifies the output shape is unchanged.
     """
     target = model if inplace else copy.deepcopy(model)
-    ops = copy_plan_ops(plan) if plan._ops else {}
-    for e in plan.converted:
-        op = ops.get(e.layer)
-        if op is None:  # replaying a plan loaded from JSON
-            params = dict(e.params)
-            ratio = params.pop("ratio", None)
-            op = build_op(target.get_submodule(e.layer), e.variant, ratio, params)
+    for e in plan.converted:  # parents before children: a nested layer is built inside its new parent
+        params = dict(e.params)
+        ratio = params.pop("ratio", None)
+        op = build_op(target.get_submodule(e.layer), e.variant, ratio, params, where=f"layer {e.layer!r}")
         set_module(target, e.layer, op)
     target._partialize_plan = plan
     if check and plan.output_shape is not None:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..macs import MAC_UNIT, count_macs
+from ..ops.registry import operators_in
 
 __all__ = ["MAC_UNIT", "count_params", "flop_counter_macs", "macs_breakdown", "model_macs"]
 
@@ -46,133 +47,53 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     return n
 
 
-# --- dynamic operators, per-layer breakdown and the cross-check -----------------------------------
-
-
-def conv_macs(c_in: int, c_out: int, kernel: tuple[int, int], h_out: int, w_out: int, groups: int = 1) -> int:
-    """MACs of one conv on one image: C_out * (C_in / groups) * kh * kw * H_out * W_out (bias ignored)."""
-    return c_out * (c_in // groups) * kernel[0] * kernel[1] * h_out * w_out
-
-
-def dpconv_macs(op: nn.Module, h: int, w: int) -> dict:
-    """Realised MACs of a DPConv on one h x w image: the conv on its n learned channels, plus PAT_ch's
-    map from the 2(C - n) statistics to C - n gates when ``attn="ch"``: 2(C - n)^2 MACs for the dense
-    mapping (every gate sees all statistics), 2(C - n) for ``mapping="channelwise"`` (each gate sees its
-    own mean and std); what ``deploy()`` runs."""
-    n, c = op.num_conv_channels, op.dim
-    conv = conv_macs(n, n, tuple(op.conv.kernel_size), h, w)
-    attn = attn_full = 0
-    if op.attn is not None:
-        channelwise = getattr(op.attn, "mapping", "dense") == "channelwise"
-        attn = 2 * (c - n) if channelwise else 2 * (c - n) * (c - n)
-        attn_full = 2 * c if channelwise else 2 * c * c
-    full = conv_macs(c, c, tuple(op.conv.kernel_size), h, w) + attn_full
-    return {
-        "macs": conv + attn,
-        "conv_macs": conv,
-        "attn_macs": attn,
-        "dense_equivalent_macs": full,
-        "width": n,
-        "channels": c,
-        "realised_ratio": n / c,
-    }
-
-
-def adapconv_macs(op: nn.Module, h: int, w: int, histogram: Sequence[int] | None) -> dict:
-    """Expected MACs of an Ada-PConv's inference form (hard routing) on one h x w image: router
-    (C x branches) plus the branch cost averaged over ``histogram`` (samples per branch). A layer
-    trained with soft or straight-through routing deploys hard-routed, so it is counted so too."""
-    k = tuple(op.branches[0].kernel_size)
-    branch = [conv_macs(n, n, k, h, w) for n in op.widths]
-    router = op.dim * len(op.widths)
-    hist = [int(v) for v in (histogram if histogram is not None else [0] * len(branch))]
-    total = sum(hist)
-    if total == 0:
-        expected = float(max(branch))
-        basis = "hard routing, no calibration samples: the widest branch (upper bound)"
-    else:
-        expected = sum(c * b for c, b in zip(hist, branch)) / total
-        basis = f"hard routing: branch costs weighted by the histogram over {total} calibration samples"
-    return {
-        "macs": router + expected,
-        "router_macs": router,
-        "branch_macs": branch,
-        "widths": list(op.widths),
-        "channels": op.dim,
-        "histogram": hist,
-        "routing": op.routing,
-        # mean chosen width / C under hard routing; soft routing has no single width
-        "realised_ratio": sum(c * n for c, n in zip(hist, op.widths)) / total / op.dim if total else None,
-        "basis": basis,
-    }
-
-
-def _dynamic_types() -> tuple[type, ...]:
-    from ..ops import AdaPConv, DPConv
-
-    return (DPConv, AdaPConv)
+# --- operators that describe themselves (learned widths, routing), and the cross-check ----------------
 
 
 def dynamic_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Qualified names of the DPConv / Ada-PConv modules in ``model``."""
-    types = _dynamic_types()
-    return {n: m for n, m in model.named_modules() if isinstance(m, types)}
+    """The operators in ``model`` with something to report beyond params and MACs (``describe()``:
+    DPConv's learned width, Ada-PConv's routing), by qualified name."""
+    return {n: m for n, m in operators_in(model).items() if m.describe()}
+
+
+def _data_dependent(model: nn.Module) -> bool:
+    return any(m.data_dependent for m in operators_in(model).values())
 
 
 @torch.no_grad()
-def calibrate_dynamic(model: nn.Module, batches: Sequence[torch.Tensor] | torch.Tensor) -> dict[str, dict]:
-    """Run ``batches`` through ``model`` (eval) and record, per dynamic layer, its input size and,
-    for Ada-PConv, the branch histogram summed over every sample."""
+def describe_layers(model: nn.Module, batches: Sequence[torch.Tensor]) -> dict[str, dict]:
+    """Run ``batches`` through ``model`` (eval) and return each describing operator's ``describe()``
+    with its input size and the number of images it saw; a ``histogram`` (routing counts) is summed over
+    the batches."""
     layers = dynamic_layers(model)
-    if isinstance(batches, torch.Tensor):
-        batches = [batches]
-    info: dict[str, dict] = {n: {"hw": None, "histogram": None, "samples": 0} for n in layers}
+    info: dict[str, dict] = {n: {"input_hw": None, "calibration_samples": 0} for n in layers}
     hooks = []
-    from ..ops import AdaPConv
-
     for name, mod in layers.items():
 
         def hook(m, inp, out, name=name):
-            rec = info[name]
-            rec["hw"] = tuple(inp[0].shape[-2:])
-            rec["samples"] += inp[0].shape[0]
-            if isinstance(m, AdaPConv):
-                h = m.last_histogram.tolist()
-                rec["histogram"] = h if rec["histogram"] is None else [a + b for a, b in zip(rec["histogram"], h)]
+            rec, d = info[name], m.describe()
+            rec["input_hw"] = list(inp[0].shape[-2:])
+            rec["calibration_samples"] += inp[0].shape[0]
+            hist = d.get("histogram")
+            if hist is not None and rec.get("histogram") is not None:
+                d["histogram"] = [a + b for a, b in zip(rec["histogram"], hist)]
+            rec.update({k: v for k, v in d.items()})
 
         hooks.append(mod.register_forward_hook(hook))
-    was_training = model.training
+    was = model.training
     model.eval()
     try:
         for x in batches:
             model(x)
     finally:
-        model.train(was_training)
+        model.train(was)
         for h in hooks:
             h.remove()
+    for rec in info.values():  # the realised share of channels over everything seen
+        hist, widths = rec.get("histogram"), rec.get("widths")
+        if hist and widths and sum(hist):
+            rec["realised_ratio"] = sum(c * w for c, w in zip(hist, widths)) / sum(hist) / rec["channels"]
     return info
-
-
-def dynamic_macs(model: nn.Module, calibration: dict[str, dict]) -> dict[str, dict]:
-    """Analytic per-image MACs of every dynamic layer from :func:`calibrate_dynamic`'s record."""
-    from ..ops import AdaPConv
-
-    out = {}
-    for name, mod in dynamic_layers(model).items():
-        rec = calibration.get(name)
-        if rec is None or rec["hw"] is None:
-            continue  # never called on this input: nothing to describe
-        h, w = rec["hw"]
-        if isinstance(mod, AdaPConv):
-            d = adapconv_macs(mod, h, w, rec["histogram"])
-            d["type"] = "AdaPConv"
-        else:
-            d = dpconv_macs(mod, h, w)
-            d["type"] = "DPConv"
-        d["input_hw"] = [h, w]
-        d["calibration_samples"] = rec["samples"]
-        out[name] = d
-    return out
 
 
 def flop_counter_macs(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor]) -> int | None:
@@ -203,13 +124,13 @@ def inference_copy(model: nn.Module) -> tuple[nn.Module, str | None]:
     """An eval copy of ``model`` with every partial operator in its deploy form (what is counted), and
     a note when some operator could not be deployed (then that one is counted as trained)."""
     from ..inference import deploy_operators
-    from ..ops.registry import get_operator, list_operators
+    from ..ops.base import PartialOperator
 
     form = copy.deepcopy(model).eval()
     try:
         if getattr(model, "_partialize_deployed", False):
             return form, None
-        if isinstance(form, tuple(get_operator(n) for n in list_operators())):  # an operator on its own
+        if isinstance(form, PartialOperator):  # an operator on its own
             return form.deploy().eval(), None
         deploy_operators(form)
         return form, None
@@ -226,9 +147,10 @@ def macs_breakdown(
     """Per-image MACs of ``model`` in its inference form (see the module docstring), per module too.
 
     Models with data-dependent layers (Ada-PConv) are counted over ``calibration`` (default: 32 N(0, 1)
-    images) and averaged per image; ``dynamic`` describes each DPConv / Ada-PConv layer (width, branch
-    histogram) with its counted MACs. Returns ``{"total", "per_module", "dynamic", "flop_counter",
-    "crosscheck_rel_diff", "calibration", "uncounted_ops", "notes"}``, every count in :data:`MAC_UNIT`.
+    images) and averaged per image; ``dynamic`` holds what each describing operator says of itself
+    (``describe()``: learned width, routing histogram) with its counted MACs. Returns ``{"total",
+    "per_module", "dynamic", "flop_counter", "crosscheck_rel_diff", "calibration", "uncounted_ops",
+    "notes"}``, every count in :data:`MAC_UNIT`.
     """
     size = _input_chw(input_size)
     device = _device_of(model)
@@ -236,7 +158,7 @@ def macs_breakdown(
     form, note = inference_copy(model)
     notes = [note] if note else []
     batches, calib_desc, dyn = [x], None, {}
-    if dynamic_layers(model):
+    if dynamic_layers(model) or _data_dependent(model):
         if calibration is None:
             gen = torch.Generator().manual_seed(0)
             calibration = torch.randn(32, *size, generator=gen).to(device)
@@ -244,7 +166,7 @@ def macs_breakdown(
         batches = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
         if calib_desc is None:
             calib_desc = f"{sum(b.shape[0] for b in batches)} images from the given data"
-        dyn = dynamic_macs(model, calibrate_dynamic(model, batches))
+        dyn = describe_layers(model, batches)
     images, total, per, uncounted = 0, 0, {}, {}
     for batch in batches:
         r = count_macs(form, batch, per_module=True)
@@ -255,9 +177,8 @@ def macs_breakdown(
         for k, v in r.uncounted.items():
             uncounted[k] = uncounted.get(k, 0) + v
     per = {k: v / images for k, v in per.items()}
-    for name, d in dyn.items():  # the counted figure is the one reported; the analytic one checks it
-        d["analytic_macs"] = d["macs"]
-        d["macs"] = per.get(name, 0.0)
+    for name, d in dyn.items():
+        d["macs"] = per.get(name, 0.0)  # counted on the inference form, per image
     if uncounted:
         notes.append(f"ops with no MAC formula were seen and are not counted: {sorted(uncounted)}")
     # the cross-check runs on one image: comparable only when the count does not depend on the data

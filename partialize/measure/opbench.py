@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..ops import AdaPConv, DPConv, PartialSpatialAttention, PATConv, PConv
+from ..ops.registry import get_operator
 from .speed import time_side_by_side
 
 
@@ -26,28 +26,33 @@ class OpBenchRow:
 
 
 def _candidates(c: int, size: int, seed: int = 0) -> dict[str, nn.Module]:
+    """Every operator built from the registry by name (``from_module`` on a dense 3x3 conv, or on the
+    1x1 MLP conv PAT_sp wraps), in its training and inference forms."""
     torch.manual_seed(seed)
     dense = nn.Conv2d(c, c, 3, 1, 1, bias=False)
+    op = lambda name, module, **kw: get_operator(name).from_module(module, **kw)  # noqa: E731
+    pconv = op("pconv", dense, ratio=0.25)
     cands: dict[str, nn.Module] = {
         "dense3x3": dense,
         "dw3x3": nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False),
-        "pconv(split_cat)": PConv(c, 0.25),
-        "pconv(slicing)": PConv(c, 0.25).deploy(),
-        "patconv_ch": PATConv(c, 0.25, "ch").eval().deploy(),
+        "pconv(split_cat)": pconv,
+        "pconv(slicing)": pconv.deploy(),
+        "patconv_ch": op("patconv", dense, ratio=0.25, attn="ch").eval().deploy(),
     }
     if size <= 28:  # quadratic in H*W: the paper uses PAT_sf only at the last stage (7x7)
-        cands["patconv_sf"] = PATConv(c, 0.25, "sf").eval().deploy()
-    dp = DPConv(c, attn="identity", init_ratio=0.25)
+        cands["patconv_sf"] = op("patconv", dense, ratio=0.25, attn="sf").eval().deploy()
+    dp = op("dpconv", dense, ratio=0.25)
     cands["dpconv(train form)"] = dp.eval()
     cands["dpconv(deployed)"] = dp.deploy()
-    ada = AdaPConv(c)
+    ada = op("ada_pconv", dense)
     with torch.no_grad():  # route everything to the 1/4 branch so hard routing has one group
         ada.router.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))
+    ada.set_routing("soft")
     cands["ada_pconv(soft)"] = ada.eval()
     cands["ada_pconv(hard)"] = ada.deploy()
     # PAT_sp cost is relative to the MLP conv it wraps (2C -> C 1x1)
     mlp2 = nn.Conv2d(2 * c, c, 1, bias=False)
-    sp = PartialSpatialAttention.from_module(mlp2, ratio=0.5).eval()
+    sp = op("pat_sp", mlp2, ratio=0.5).eval()
     cands["mlp_conv1x1"] = mlp2
     cands["pat_sp(train form)"] = sp
     cands["pat_sp(merged)"] = sp.deploy()

@@ -191,12 +191,14 @@ def render_report_details(report) -> list[Table]:
 
 
 def _dynamic_cells(name: str, d: dict) -> list[str]:
-    ratio = f"{d['realised_ratio']:.3f}" if d.get("realised_ratio") is not None else "n/a (soft)"
-    if d["type"] == "AdaPConv":
-        extra = f"widths {d['widths']}: {d['histogram']}; {d['basis']}"
+    """One row of an operator's own description (``describe()``): learned width or routing histogram."""
+    ratio = f"{d['realised_ratio']:.3f}" if d.get("realised_ratio") is not None else "n/a"
+    if d.get("histogram") is not None:
+        extra = f"widths {d.get('widths')}: {d['histogram']} (hard routing, per calibration image)"
     else:
-        extra = f"width {d['width']}/{d['channels']}"
-    return [name, d["type"], "x".join(map(str, d["input_hw"])), f"{d['macs'] / 1e6:.3f}", ratio, extra]
+        extra = f"width {d.get('width')}/{d.get('channels')}"
+    hw = "x".join(map(str, d["input_hw"])) if d.get("input_hw") else "-"
+    return [name, d.get("kind", ""), hw, f"{d['macs'] / 1e6:.3f}", ratio, extra]
 
 
 def _changed_cells(r: dict) -> list[str]:

@@ -1,4 +1,5 @@
-"""Partial-channel operators: plain nn.Modules with ``from_module`` and ``deploy``."""
+"""Partial-channel operators: subclasses of :class:`PartialOperator` (the contract, ``base.py``),
+registered by name for recipes."""
 
 from .adapconv import AdaPConv
 from .attention import (
@@ -8,10 +9,19 @@ from .attention import (
     PartialSelfAttention,
     PartialSpatialAttention,
 )
+from .base import InferenceForm, PartialOperator
 from .dpconv import DPConv
 from .patconv import PATConv, PATConvDeploy
 from .pconv import PConv
-from .registry import get_operator, is_partial_op, list_operators, register_operator
+from .registry import (
+    get_operator,
+    is_partial_layer,
+    is_partial_op,
+    list_operators,
+    operators_in,
+    register_operator,
+    unregister_operator,
+)
 
 __all__ = [
     "AdaPConv",
@@ -24,10 +34,15 @@ __all__ = [
     "PConv",
     "PartialSelfAttention",
     "PartialSpatialAttention",
+    "InferenceForm",
+    "PartialOperator",
     "get_operator",
+    "is_partial_layer",
     "is_partial_op",
     "list_operators",
+    "operators_in",
     "register_operator",
+    "unregister_operator",
 ]
 
 from .partial_blocks import PartialAttention, PartialMLP  # noqa: E402

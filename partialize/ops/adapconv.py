@@ -19,9 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import OperatorError
-from ._export import RefuseScript, exporting
+from ..macs import count_macs
+from ._export import exporting
 from ._utils import copy_top_left, split_channels
-from .pconv import conv_source
+from .base import PartialOperator
+from .pconv import conv_source, dirac_outside
 from .registry import register_operator
 
 ROUTINGS = ("soft", "hard", "ste")
@@ -32,11 +34,12 @@ class SoftRoutingWarning(UserWarning):
 
 
 @register_operator("ada_pconv")
-class AdaPConv(RefuseScript, nn.Module):
+class AdaPConv(PartialOperator):
     """Input-adaptive partial conv with one conv per ratio and a GAP -> linear -> softmax router."""
 
     PARAM_CHOICES = {"routing": ROUTINGS}  # values a recipe may give, checked when it is validated
-    _partialize_leaf = True
+    ratio_words = {"adaptive": ("ada_pconv", {})}
+    data_dependent = True  # hard routing: each input pays for its chosen branch
 
     def __init__(
         self,
@@ -129,15 +132,6 @@ class AdaPConv(RefuseScript, nn.Module):
             out = torch.where(choice == i, y, out)
         return out
 
-    def expected_macs(self, h: int, w: int) -> float:
-        """MACs of one input under the last routing (hard: chosen branch; soft/ste: all branches)."""
-        per_branch = [n * n * self.branches[i].weight[0, 0].numel() * h * w for i, n in enumerate(self.widths)]
-        router = self.dim * len(self.widths)
-        if self.routing in ("soft", "ste") or self.last_choice is None:  # both run every branch
-            return float(sum(per_branch) + router)
-        hist = self.last_histogram.double()
-        return float((hist / hist.sum()) @ torch.tensor(per_branch, dtype=torch.double)) + router
-
     @classmethod
     def from_module(
         cls, original: nn.Module, ratios=(1 / 8, 1 / 4, 1 / 2), ratio: float | str | None = None, **params
@@ -157,16 +151,56 @@ class AdaPConv(RefuseScript, nn.Module):
             copy_top_left(conv, src)
         return op.to(src.weight.device)
 
-    def plan_form(self) -> tuple[nn.Module, str]:
-        """For planning: the cost bound of hard routing (router + the widest branch), and its basis."""
+    # --- the operator contract ------------------------------------------------------------------
+    @classmethod
+    def faithful_original(cls, module: nn.Module) -> nn.Module | None:
+        if type(module) is not nn.Conv2d:
+            return None
+        return dirac_outside(module, min(cls.from_module(module).widths))  # every branch then agrees
+
+    def macs(self, *args, **kwargs) -> tuple[int, str]:
+        """The bound the plan quotes: router + the widest branch (hard routing is data-dependent; reports
+        count the real average over calibration images)."""
         widest = max(range(len(self.widths)), key=lambda i: self.widths[i])
-        op = copy.deepcopy(self).eval()
-        op.routing = "hard"
+        op = self.deploy()
         with torch.no_grad():
             op.router.weight.zero_()
             op.router.bias.fill_(-1e4)
             op.router.bias[widest] = 1e4
-        return op, "upper bound: router + widest branch (hard routing is data-dependent)"
+        return count_macs(
+            op, *args, **kwargs
+        ).total, "upper bound: router + widest branch (hard routing is data-dependent)"
+
+    def reference(self) -> nn.Module:
+        """The deployed function: hard routing (soft/ste mixing is the training relaxation)."""
+        ref = copy.deepcopy(self).eval()
+        ref.routing = "hard"
+        return ref
+
+    def set_routing(self, routing: str) -> str | None:
+        if routing not in ROUTINGS:
+            raise OperatorError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+        before, self.routing = self.routing, routing
+        return before
+
+    def export_note(self) -> str | None:
+        return (
+            "Ada-PConv: the exported graph routes per sample like the eager model (arg-max of the router) but "
+            "computes every branch and selects with torch.where, so it costs the sum of all branch convs; eager "
+            "partialize.deploy() runs only the chosen branch"
+        )
+
+    def describe(self) -> dict:
+        hist = self.last_histogram.tolist()
+        seen = sum(hist)
+        return {
+            "kind": "input-adaptive width",
+            "widths": list(self.widths),
+            "channels": self.dim,
+            "routing": self.routing,
+            "histogram": hist,
+            "realised_ratio": sum(c * n for c, n in zip(hist, self.widths)) / seen / self.dim if seen else None,
+        }
 
     def deploy(self) -> AdaPConv:
         """Inference form: hard routing, eval mode, frozen weights.

@@ -21,6 +21,7 @@ from torch import nn
 from ..errors import OperatorError
 from ._export import RefuseScript, exporting
 from ._utils import bn_affine, split_channels
+from .base import InferenceForm, PartialOperator
 from .registry import register_operator
 
 GATES = {"sigmoid": torch.sigmoid, "hardsigmoid": F.hardsigmoid}
@@ -227,7 +228,7 @@ class PartialSelfAttention(RefuseScript, nn.Module):
 
 
 @register_operator("pat_sp")
-class PartialSpatialAttention(RefuseScript, nn.Module):
+class PartialSpatialAttention(PartialOperator):
     """PAT_sp (000 eq. 5) at the tail of an MLP: wraps the MLP's second 1x1 conv.
 
     y = conv(h); the last (1 - r) * C channels of y are reweighted by a one-channel spatial map
@@ -235,7 +236,7 @@ class PartialSpatialAttention(RefuseScript, nn.Module):
     ``conv`` as one extra output channel, so inference runs a single 1x1 conv.
     """
 
-    _partialize_leaf = True
+    faithful_params = {"identity_init": True}  # the gate starts at exactly 1: the wrapped conv alone
 
     def __init__(self, conv: nn.Conv2d, ratio: float = 0.5, identity_init: bool = False):
         super().__init__()
@@ -276,10 +277,8 @@ class PartialSpatialAttention(RefuseScript, nn.Module):
         return MergedSpatialAttention(self)
 
 
-class MergedSpatialAttention(RefuseScript, nn.Module):
+class MergedSpatialAttention(InferenceForm):
     """PAT_sp with its gate folded into the MLP conv: conv' = [W2; Wg W2[att]], one conv call."""
-
-    _partialize_leaf = True
 
     def __init__(self, sp: PartialSpatialAttention):
         super().__init__()

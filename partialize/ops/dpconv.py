@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import OperatorError
-from ._export import RefuseScript
 from ._utils import copy_top_left
 from .attention import GATES, GaussianChannelAttention, channel_mean_std
+from .base import PartialOperator
 from .patconv import PATConv
-from .pconv import PConv, conv_source, is_partial_source
+from .pconv import PConv, conv_source, dirac_outside, is_partial_source
 from .registry import register_operator
 
 DP_ATTENTIONS = ("identity", "ch")
@@ -48,11 +48,11 @@ def binarize_ste(g_tilde: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
 
 
 @register_operator("dpconv")
-class DPConv(RefuseScript, nn.Module):
+class DPConv(PartialOperator):
     """Conv on a learned prefix of the channels, identity or PAT_ch attention on the rest."""
 
     PARAM_CHOICES = {"attn": DP_ATTENTIONS, "gate": tuple(GATES), "mapping": ("dense", "channelwise")}  # recipes
-    _partialize_leaf = True
+    ratio_words = {"dynamic": ("dpconv", {}), "inherit": ("dpconv", {})}
     gap = 0.5  # enforce_monotonic_()'s spacing, as a share of 1/K (set_ratio() spaces gates by 1/K)
 
     def __init__(
@@ -217,6 +217,30 @@ class DPConv(RefuseScript, nn.Module):
         copy_top_left(op.conv, src)
         op.set_ratio(float(ratio))
         return op.to(src.weight.device)
+
+    # --- the operator contract: training hooks, report, faithful setting --------------------------
+    @classmethod
+    def faithful_original(cls, module: nn.Module) -> nn.Module | None:
+        if type(module) is not nn.Conv2d:
+            return None
+        return dirac_outside(module, cls.from_module(module).num_conv_channels)
+
+    def structure_parameters(self) -> list[nn.Parameter]:
+        return [self.gates]
+
+    def after_step(self) -> None:
+        self.enforce_monotonic_()  # 000 Alg. 1 line 12
+
+    def after_epoch(self, epoch: int, total_epochs: int) -> None:
+        self.anneal_(epoch, total_epochs)  # 000 Alg. 1 line 14
+
+    def freeze(self) -> nn.Module:
+        """The static slice at the learned width (refused while the gates are not monotone)."""
+        return self.deploy()
+
+    def describe(self) -> dict:
+        n, c = self.num_conv_channels, self.dim
+        return {"kind": "learned width", "width": n, "channels": c, "realised_ratio": n / c}
 
     def deploy(self) -> nn.Module:
         """Static inference form at the learned width: PConv (identity) or PATConv (ch) slice."""

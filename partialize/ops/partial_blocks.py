@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import OperatorError
-from ._export import RefuseScript, exporting
+from ._export import exporting
 from ._utils import bn_remainder, fold_bn_into_conv, is_foldable_bn, slice_bn, slice_conv, split_channels
+from .base import PartialOperator
 from .registry import register_operator
 
 _PASSTHROUGH = (
@@ -216,10 +217,10 @@ def _flatten(seq: nn.Module) -> list[nn.Module]:
 
 
 @register_operator("partial_mlp")
-class PartialMLP(RefuseScript, nn.Module):
+class PartialMLP(PartialOperator):
     """Run an MLP-like block on the first r*C channels only (see module docstring)."""
 
-    _partialize_leaf = True
+    faithful_params = {"ratio": 1.0, "hidden_ratio": 1.0}  # every channel and hidden unit: the block itself
 
     def __init__(self, layers: list[nn.Module], dim: int, dim_part: int, residual: bool, channel_dim: int):
         super().__init__()
@@ -323,11 +324,11 @@ def _kept_heads(num_heads: int, ratio: float, heads: int | str | None) -> int:
 
 
 @register_operator("partial_attention")
-class PartialAttention(RefuseScript, nn.Module):
+class PartialAttention(PartialOperator):
     """Self-attention on the last (1 - r)*C channels, a cheap mixer on the first r*C."""
 
     PARAM_CHOICES = {"mixer": ("identity", "dwconv")}  # values a recipe may give, checked when it is validated
-    _partialize_leaf = True
+    faithful_params = {"heads": "all"}  # every head keeps attention: the layer itself
 
     def __init__(
         self,

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from ..errors import OperatorError
-from ._export import RefuseScript, exporting
+from ._export import exporting
 from ._utils import bn_remainder, fold_bn_into_conv, is_foldable_bn, slice_bn, slice_conv, split_channels
+from .base import InferenceForm, PartialOperator
 from .registry import is_partial_op, register_operator
 
 READ_MODES = ("all", "group", "complement")
@@ -88,11 +89,10 @@ def _act(act: nn.Module, t: torch.Tensor) -> torch.Tensor:
 
 
 @register_operator("partial_residual")
-class PartialResidual(RefuseScript, nn.Module):
+class PartialResidual(PartialOperator):
     """A residual block whose branch writes channels ``[offset, offset + dim_part)`` only."""
 
     PARAM_CHOICES = {"read": READ_MODES}  # values a recipe may give, checked when it is validated
-    _partialize_leaf = True
 
     def __init__(
         self,
@@ -136,6 +136,23 @@ class PartialResidual(RefuseScript, nn.Module):
 
     def convertible_children(self) -> tuple[str, ...]:
         return self.kept
+
+    @classmethod
+    def faithful_original(cls, module: nn.Module) -> nn.Module | None:
+        """The block with its branch outputting exactly 0 outside the group a ratio-1/2 conversion writes."""
+        spec = KNOWN_BLOCKS.get(_qualname(module))
+        if spec is None:
+            return None
+        op = cls.from_module(module, ratio=0.5)
+        block = copy.deepcopy(module)
+        last, last_bn = getattr(block, spec[2]), getattr(block, spec[3])
+        keep = torch.zeros(last_bn.num_features, dtype=torch.bool)
+        keep[op.offset : op.offset + op.dim_part] = True
+        with torch.no_grad():
+            last_bn.weight[~keep] = 0
+            last_bn.bias[~keep] = 0
+            last.weight[~keep] = 0
+        return block
 
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.read_range()
@@ -242,11 +259,14 @@ class PartialResidual(RefuseScript, nn.Module):
             if not is_foldable_bn(bn) or names.count(conv_name) > 1 or names.count(bn_name) > 1:
                 continue
             if type(conv) is nn.Conv2d and bn.num_features == conv.out_channels:
-                setattr(new, conv_name, fold_bn_into_conv(conv, bn))
-            elif callable(getattr(conv, "fold_bn", None)) and getattr(conv, "dim", None) == bn.num_features:
-                setattr(new, conv_name, conv.fold_bn(bn))
+                folded = fold_bn_into_conv(conv, bn)
+            elif isinstance(conv, (PartialOperator, InferenceForm)):
+                folded = conv.fold_bn(bn)
             else:
+                folded = None
+            if folded is None:
                 continue
+            setattr(new, conv_name, folded)
             setattr(new, bn_name, bn_remainder(bn))
         new.forward_mode = "write"
         return new.requires_grad_(False)

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from ..errors import OperatorError
-from ._export import RefuseScript, exporting
-from ._utils import bn_affine, copy_top_left
+from ._export import exporting
+from ._utils import bn_affine, copy_top_left, split_channels
 from .attention import GATES, FusedChannelGate, GaussianChannelAttention, PartialSelfAttention
-from .pconv import PConv, conv_source, is_partial_source, resolve_ratio
+from .base import InferenceForm, PartialOperator
+from .pconv import PConv, conv_source, dirac_outside, is_partial_source, resolve_ratio
 from .registry import register_operator
 
 ATTENTIONS = ("ch", "sf")
@@ -27,13 +28,14 @@ def build_attention(attn: str, dim: int, identity_init: bool = False, **params) 
 
 
 @register_operator("patconv")
-class PATConv(RefuseScript, nn.Module):
+class PATConv(PartialOperator):
     """O = cat(C(F[:, :rC]), A(F[:, rC:])) per 000 eq. 1, with A = PAT_ch or PAT_sf."""
 
     PARAM_CHOICES = {"attn": ATTENTIONS, "gate": tuple(GATES), "mapping": ("dense", "channelwise")}  # recipes
+    ratio_words = {"dynamic": ("dpconv", {"attn": "ch"}), "inherit": ("patconv", {})}
+    faithful_params = {"identity_init": True}  # with faithful_original: the attention starts as the identity
     # what **attn_params passes on to the attention (GaussianChannelAttention / PartialSelfAttention)
     EXTRA_PARAMS = ("gate", "eps", "mapping", "num_heads", "num_buckets", "qkv_bias", "norm", "proj", "residual")
-    _partialize_leaf = True
 
     def __init__(
         self,
@@ -88,15 +90,17 @@ class PATConv(RefuseScript, nn.Module):
         copy_top_left(op.conv, src)
         return op.to(src.weight.device)
 
+    @classmethod
+    def faithful_original(cls, module: nn.Module) -> nn.Module | None:
+        return dirac_outside(module, split_channels(module.in_channels, 0.25)) if type(module) is nn.Conv2d else None
+
     def deploy(self) -> PATConvDeploy:
         """Inference form: the channel attention's BN folded into an affine gate."""
         return PATConvDeploy(self)
 
 
-class PATConvDeploy(RefuseScript, nn.Module):
+class PATConvDeploy(InferenceForm):
     """Eval-only PATConv: the same conv, attention with BN folded; no parameters train."""
-
-    _partialize_leaf = True
 
     def __init__(self, op: PATConv):
         super().__init__()
@@ -121,11 +125,11 @@ class PATConvDeploy(RefuseScript, nn.Module):
         self.attn.apply_gate(x2, self.attn.gate_values(x2), out=out[:, self.dim_conv :])
         return out
 
-    def fold_bn(self, bn: nn.modules.batchnorm._BatchNorm) -> PATConvDeploy:
+    def fold_bn(self, bn: nn.modules.batchnorm._BatchNorm) -> PATConvDeploy | None:
         """``bn(self(x))`` in one module: BN[:n] folded into the conv, BN[n:] into the gate (PAT_ch)
         or applied as an affine after the attention (PAT_sf)."""
         if bn.num_features != self.dim:
-            raise OperatorError(f"BN has {bn.num_features} channels, PATConv {self.dim}")
+            return None
         n = self.dim_conv
         new = copy.deepcopy(self)
         scale, shift = bn_affine(bn)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import OperatorError
-from ._export import RefuseScript, exporting
+from ._export import exporting
 from ._utils import (
     bn_affine,
     check_same_size_conv,
@@ -19,13 +19,14 @@ from ._utils import (
     slice_bn,
     split_channels,
 )
+from .base import InferenceForm, PartialOperator
 from .registry import register_operator
 
 FORWARD_MODES = ("split_cat", "slicing")
 
 
 @register_operator("pconv")
-class PConv(RefuseScript, nn.Module):
+class PConv(PartialOperator):
     """Partial convolution: ``conv`` on channels ``[:dim_conv]``, identity on ``[dim_conv:]``.
 
     ``forward_mode="split_cat"`` (training) splits and concatenates; ``"slicing"`` (inference)
@@ -38,7 +39,7 @@ class PConv(RefuseScript, nn.Module):
     """
 
     PARAM_CHOICES = {"stride_mode": ("refuse", "pool"), "forward_mode": FORWARD_MODES}  # checked by recipes
-    _partialize_leaf = True
+    ratio_words = {"dynamic": ("dpconv", {}), "adaptive": ("ada_pconv", {}), "inherit": ("pconv", {})}
 
     def __init__(
         self,
@@ -129,9 +130,17 @@ class PConv(RefuseScript, nn.Module):
         copy_top_left(op.conv, src)
         return op.to(src.weight.device)
 
+    @classmethod
+    def recognizes(cls, module: nn.Module) -> bool:
+        return is_timm_partial_conv(module)
+
+    @classmethod
+    def faithful_original(cls, module: nn.Module) -> nn.Module | None:
+        return dirac_outside(module, split_channels(module.in_channels, 0.25)) if type(module) is nn.Conv2d else None
+
     def fold_bn(self, bn: nn.modules.batchnorm._BatchNorm) -> PConvBN:
         """Inference form of ``bn(self(x))``: BN folded into the conv and an affine on the rest."""
-        return PConvBN(self, bn)
+        return PConvBN(self, bn) if bn.num_features == self.dim else None
 
     def deploy(self) -> PConv:
         """Inference form: the same weights with the in-place slicing forward, in eval mode."""
@@ -142,11 +151,9 @@ class PConv(RefuseScript, nn.Module):
         return op
 
 
-class PConvBN(RefuseScript, nn.Module):
+class PConvBN(InferenceForm):
     """Eval-only ``BN(PConv(x))``: BN[:n] folded into the conv, BN[n:] an affine on the untouched
     channels, written in one pass (addcmul into the output) instead of a copy plus a BN pass."""
-
-    _partialize_leaf = True
 
     def __init__(self, op: PConv, bn: nn.modules.batchnorm._BatchNorm):
         super().__init__()
@@ -186,6 +193,23 @@ class PConvBN(RefuseScript, nn.Module):
         out[:, : self.dim_conv] = y1
         torch.addcmul(self.shift.to(x.dtype), x2, self.scale.to(x.dtype), out=out[:, self.dim_conv :])
         return out
+
+
+def dirac_outside(conv: nn.Conv2d, n: int) -> nn.Conv2d:
+    """A copy of ``conv`` whose channels n.. compute the identity (their rows and the other rows'
+    columns n.. zeroed, a centre tap of 1): exactly what a partial conv of width n represents."""
+    c = copy.deepcopy(conv)
+    depthwise = c.groups > 1
+    kh, kw = c.kernel_size
+    with torch.no_grad():
+        c.weight[n:] = 0
+        if not depthwise:
+            c.weight[:n, n:] = 0
+        for i in range(n, c.out_channels):
+            c.weight[i, 0 if depthwise else i, kh // 2, kw // 2] = 1.0
+        if c.bias is not None:
+            c.bias[n:] = 0
+    return c
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -54,12 +55,13 @@ def kappa_from_target_macs(model: nn.Module, target_macs: float, input_size: int
     from ..measure.flops import macs_breakdown
 
     mb = macs_breakdown(model, input_size, crosscheck=False)
-    dyn = {k: v for k, v in mb["dynamic"].items() if v.get("type") == "DPConv"}
+    layers = dpconv_layers(model)
+    dyn = {k: v for k, v in mb["dynamic"].items() if k in layers}
     if not dyn:
         raise PartializeError("the model has no DPConv layers: --target-macs needs ratio='dynamic'")
-    fixed = mb["total"] - sum(v["conv_macs"] for v in dyn.values())
-    # k^2 H_l W_l: the conv MACs per squared channel
-    unit = {k: v["conv_macs"] / v["width"] ** 2 for k, v in dyn.items()}
+    # k^2 H_l W_l: the conv MACs per squared channel (a k x k conv at stride 1 keeps H x W)
+    unit = {k: math.prod(layers[k].conv.kernel_size) * math.prod(v["input_hw"]) for k, v in dyn.items()}
+    fixed = mb["total"] - sum(unit[k] * v["width"] ** 2 for k, v in dyn.items())
     full = sum(unit[k] * dyn[k]["channels"] ** 2 for k in dyn)
     budget = target_macs - fixed
     if budget <= 0:

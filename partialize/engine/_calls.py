@@ -1,0 +1,119 @@
+"""What the planner runs on one layer: its captured call arguments, the MACs before and after a swap,
+and whether other code holds on to its tensors."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import OperatorError
+from ..macs import MacCounter
+from ..ops.base import PartialOperator
+from .discover import Discovery
+
+Call = tuple[tuple, dict]
+
+
+def _clone(v, memo: dict | None = None):
+    """Deep copy of the tensors in a call's arguments (later in-place ops must not change them); a
+    tensor passed twice stays one tensor (``nn.MultiheadAttention`` checks ``query is key``)."""
+    memo = {} if memo is None else memo
+    if isinstance(v, torch.Tensor):
+        if id(v) not in memo:
+            memo[id(v)] = v.detach().clone()
+        return memo[id(v)]
+    if isinstance(v, (list, tuple)):
+        items = [_clone(a, memo) for a in v]
+        return type(v)(*items) if hasattr(v, "_fields") else type(v)(items)
+    if isinstance(v, dict):
+        return {k: _clone(a, memo) for k, a in v.items()}
+    return v
+
+
+def _clone_call(args: tuple, kwargs: dict) -> Call:
+    memo: dict = {}
+    return _clone(args, memo), _clone(kwargs, memo)
+
+
+def capture_calls(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, list[Call]]:
+    """The arguments of every call of each module in ``names`` during one eval forward on ``x``."""
+    calls: dict[str, list[Call]] = {n: [] for n in names}
+    handles = []
+    for n in names:
+
+        def pre(_m, args, kwargs, n=n):
+            calls[n].append(_clone_call(args, kwargs))
+
+        handles.append(model.get_submodule(n).register_forward_pre_hook(pre, with_kwargs=True))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return calls
+
+
+def _shapes(v):
+    if isinstance(v, torch.Tensor):
+        return tuple(v.shape)
+    if isinstance(v, (list, tuple)):
+        return tuple(_shapes(a) for a in v)
+    return None
+
+
+def layer_cost(module: nn.Module, op: PartialOperator, calls: list[Call]) -> tuple[int, int, str]:
+    """(MACs before, MACs after, basis) of swapping ``module`` for ``op``, summed over the layer's calls
+    in the example forward. Runs the original and the operator's inference form on each call's own
+    arguments, so any call signature works (an output of another shape raises OperatorError); the
+    MACs after are the operator's own count (``op.macs``, the contract)."""
+    form = op.deploy()
+    was = module.training
+    module.eval()
+    before = after = 0
+    basis = "inference form"
+    try:
+        for call in calls:
+            args, kwargs = _clone_call(*call)
+            with torch.no_grad(), MacCounter() as c0:
+                ref = module(*args, **kwargs)
+            args, kwargs = _clone_call(*call)
+            with torch.no_grad():
+                got = form(*args, **kwargs)
+            if _shapes(got) != _shapes(ref):
+                raise OperatorError(f"the converted layer returns shape {_shapes(got)}, the original {_shapes(ref)}")
+            args, kwargs = _clone_call(*call)
+            with torch.no_grad():
+                macs, basis = op.macs(*args, **kwargs)
+            before, after = before + c0.result.total, after + macs
+    finally:
+        module.train(was)
+    return before, after, basis
+
+
+def shared_parameters(name: str, module: nn.Module, discovery: Discovery, owners: dict[int, list[str]]) -> str | None:
+    """Why ``module`` cannot be swapped because its tensors are used by code outside it, or None."""
+    inside = lambda n: n == name or n.startswith(name + ".")  # noqa: E731
+    for owner, (user, op) in discovery.used_outside.items():
+        if inside(owner) and not inside(user):
+            where = f"the forward of {user!r}" if user else "the model's top-level forward"
+            return (
+                f"its parameters are used outside it ({op} in {where} reads {owner!r}'s tensors): a swapped "
+                "layer would leave that code reading weights that no longer exist"
+            )
+    for t in list(module.parameters()) + list(module.buffers()):
+        others = [n for n in owners.get(id(t), []) if not inside(n)]
+        if others:
+            return f"it shares a parameter with {others[0]!r} (tied weights): converting one side would untie them"
+    return None
+
+
+def tensor_owners(model: nn.Module) -> dict[int, list[str]]:
+    owners: dict[int, list[str]] = {}
+    for mname, m in model.named_modules(remove_duplicate=False):
+        for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+            owners.setdefault(id(t), []).append(mname)
+    return owners

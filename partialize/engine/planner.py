@@ -1,0 +1,252 @@
+"""Planning: the recipe's decision for every discovered layer, each operator built and checked on the
+layer's own call arguments; one layer never aborts the plan."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from ..errors import OperatorError, RecipeError
+from ..ops.base import PartialOperator
+from ..ops.registry import get_operator, is_partial_layer, is_partial_op
+from ..recipe import (
+    SKIP_VARIANTS,
+    Decision,
+    Recipe,
+    apply_ratio_word,
+    closest_names,
+    load_recipe,
+    name_matches,
+    param_problems,
+    resolve,
+)
+from ._calls import capture_calls, layer_cost, shared_parameters, tensor_owners
+from .discover import Discovery, discover
+from .plan import Plan, PlanEntry
+from .tracer import example_input_for
+
+
+def build_op(module: nn.Module, variant: str, ratio, params: dict, where: str = "") -> PartialOperator:
+    """Instantiate ``variant`` from ``module`` (weights inherited), on its device and dtype.
+
+    The ratio (a number or a ratio word the operator takes) goes to ``from_module`` as ``ratio``. New
+    weights an operator draws (an added attention, gates) come from a fixed seed on a forked RNG:
+    planning and replaying are reproducible and never move the caller's global torch RNG.
+    """
+    cls = get_operator(variant)
+    problems = param_problems(variant, params, ratio)
+    if problems:
+        raise RecipeError(f"{where or variant}: " + "; ".join(problems))
+    kwargs = dict(params)
+    if ratio is not None:
+        kwargs["ratio"] = ratio
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        op = cls.from_module(module, **kwargs)
+    ref = next((t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()), None)
+    if ref is not None:
+        op = op.to(device=ref.device, dtype=ref.dtype)
+    op.train(module.training)
+    return op
+
+
+def _mro_names(m: nn.Module) -> tuple[str, ...]:
+    out = []
+    for c in type(m).__mro__:
+        out += [c.__name__, f"{c.__module__}.{c.__qualname__}"]
+    return tuple(out)
+
+
+def _candidates(rec: Recipe, discovery: Discovery, modules: dict[str, nn.Module], names: list[str], hits: list[int]):
+    """(name, decision) for every layer some rule selects (recipe.resolve: torch.ao precedence)."""
+    out = []
+    for name in names:
+        decision = resolve(rec, discovery.layers[name], _mro_names(modules[name]))
+        if decision is None:
+            continue
+        for i in decision.rules:
+            hits[i] += 1
+        out.append((name, apply_ratio_word(decision, name)))
+    return out
+
+
+def make_plan(
+    model: nn.Module,
+    recipe=None,
+    *,
+    discovery: Discovery | None = None,
+    example_input: torch.Tensor | None = None,
+    input_size: int | None = None,
+    ratio=0.25,
+    variant: str | None = None,
+) -> Plan:
+    """Resolve ``recipe`` (default: shipped ``default`` with ``ratio``/``variant``) on ``model``.
+
+    One layer never aborts the plan: whatever goes wrong while building, checking or costing its
+    operator becomes a skip with the reason. Only a recipe error (RecipeError) stops planning.
+    """
+    t_start = time.perf_counter()
+    rec = _default_recipe(ratio, variant) if recipe is None else load_recipe(recipe)
+    x = example_input if example_input is not None else example_input_for(model, input_size or rec.input_size)
+    if discovery is None:
+        discovery = discover(model, x)
+    t_plan = time.perf_counter()
+    modules = dict(model.named_modules())
+    # definition order (parents before children), so a block converted as a whole claims its children
+    names = [n for n in modules if n in discovery.layers]
+    hits = [0] * len(rec.rules)
+    cands = _candidates(rec, discovery, modules, names, hits)
+    wanted = [n for n, d in cands if d.variant not in SKIP_VARIANTS]
+    calls = capture_calls(model, x, wanted)
+    state = _PlanState(rec, discovery, modules, calls, tensor_owners(model))
+    for name, decision in cands:
+        state.decide(name, decision)
+    if rec.strict:
+        _check_dead_rules(rec, hits, names)
+    plan = Plan(
+        entries=state.entries,
+        recipe=rec.model_dump(mode="json", exclude_none=True),
+        model=infer_spec(model),
+        input_shape=discovery.input_shape,
+        output_shape=discovery.output_shape,
+        params_before=sum(p.numel() for p in model.parameters()),
+        macs_before=discovery.macs,
+        traced=discovery.traced,
+        trace_error=discovery.trace_error,
+        seconds=dict(discovery.seconds)
+        | {"plan": time.perf_counter() - t_plan, "total": time.perf_counter() - t_start},
+        uncounted_ops=dict(discovery.uncounted),
+        original_macs=state.orig_macs,
+    )
+    return plan
+
+
+class _PlanState:
+    """The decisions taken so far while walking the candidates in definition order."""
+
+    def __init__(self, rec, discovery, modules, calls, owners) -> None:
+        self.rec, self.discovery, self.modules, self.calls, self.owners = rec, discovery, modules, calls, owners
+        self.entries: list[PlanEntry] = []
+        self.orig_macs: dict[str, int] = {}
+        self.whole: list[str] = []  # converted blocks that claim all their children
+        self.containers: dict[str, tuple[str, ...]] = {}  # converted blocks whose unchanged children stay convertible
+
+    def _skip_reason(self, name: str, decision: Decision) -> str | None:
+        if any(name_matches(p, name) for p in self.rec.ignore):
+            return "in the recipe's ignore list"
+        parent = next((p for p in self.whole if name.startswith(p + ".")), None)
+        if parent is not None:
+            return f"inside {parent}, which is converted as a whole"
+        box = next((p for p in self.containers if name.startswith(p + ".")), None)
+        if box is not None and name[len(box) + 1 :].split(".")[0] not in self.containers[box]:
+            return f"inside {box}, whose conversion changes this layer's channels"
+        owner = _partial_ancestor(name, self.modules)
+        if owner is not None:
+            return f"inside {owner}, which is already a partial operator"
+        if decision.variant in SKIP_VARIANTS:
+            return "the recipe says skip"
+        if is_partial_op(self.modules[name]):
+            return "already a partialize operator"
+        if not self.calls.get(name):
+            return "not called in the example forward (nothing to measure or check it on)"
+        return shared_parameters(name, self.modules[name], self.discovery, self.owners)
+
+    def decide(self, name: str, decision: Decision) -> None:
+        info, m = self.discovery.layers[name], self.modules[name]
+        rule_desc = decision.rules_text()
+        base = PlanEntry(layer=name, original=info.describe(), status="skip", found=info.found, rule=rule_desc)
+        base.reason = self._skip_reason(name, decision)
+        if base.reason is not None:
+            self.entries.append(base)
+            return
+        variant_name, params, ratio = decision.variant, decision.params, decision.ratio
+        try:
+            op = build_op(m, variant_name, ratio, params, where=f"layer {name!r} ({rule_desc})")
+            before, after, basis = layer_cost(m, op, self.calls[name])
+        except RecipeError:
+            raise
+        except OperatorError as e:
+            base.reason = str(e)
+        except Exception as e:  # anything else one layer raises is that layer's skip, never the plan's end
+            base.reason = f"{variant_name} failed on this layer: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        if base.reason is not None:
+            self.entries.append(base)
+            return
+        self.orig_macs[name] = before
+        kept = op.convertible_children()
+        if kept:
+            self.containers[name] = tuple(kept)
+        else:
+            self.whole.append(name)
+        ratio_out = getattr(op, "ratio", ratio)
+        self.entries.append(
+            PlanEntry(
+                layer=name,
+                original=info.describe(),
+                status="convert",
+                variant=variant_name,
+                ratio=round(float(ratio_out), 6) if isinstance(ratio_out, (int, float)) else ratio_out,
+                params=params if ratio is None else params | {"ratio": ratio},
+                new=op.extra_repr().replace("\n", " ") if hasattr(op, "extra_repr") else type(op).__name__,
+                delta_params=sum(p.numel() for p in op.parameters()) - sum(p.numel() for p in m.parameters()),
+                delta_macs=after - before,
+                macs_basis=basis,
+                found=info.found,
+                rule=rule_desc,
+            )
+        )
+
+
+def _check_dead_rules(rec: Recipe, hits: list[int], names: list[str]) -> None:
+    """strict: every rule must match some layer (RecipeError listing the dead ones with close names)."""
+    dead = [i for i, h in enumerate(hits) if h == 0]
+    if not dead:
+        return
+    msgs = []
+    for i in dead:
+        sel = rec.rules[i].select
+        pats = sel.name if isinstance(sel.name, list) else [sel.name] if sel.name else []
+        close = sorted({c for p in pats for c in closest_names(p, names)})
+        hint = f"; closest layer names: {', '.join(close)}" if close else ""
+        msgs.append(f"rules[{i}] ({sel.model_dump(exclude_none=True)}) matches no layer{hint}")
+    raise RecipeError("; ".join(msgs) + ". Fix the selector, or set `strict: false` in the recipe to allow it.")
+
+
+def _default_recipe(ratio, variant) -> Recipe:
+    rec = load_recipe("default")
+    data = rec.model_dump(mode="json", exclude_none=True)
+    data["defaults"]["ratio"] = ratio
+    if variant is not None:
+        data["defaults"]["variant"] = variant
+        for r in data["rules"]:
+            r.pop("variant", None)
+    for r in data["rules"]:
+        r.pop("ratio", None)
+    return Recipe.model_validate(data)
+
+
+def _partial_ancestor(name: str, modules: dict[str, nn.Module]) -> str | None:
+    """The nearest enclosing module that is already partial (an operator, or one an operator recognises)."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        anc = ".".join(parts[:i])
+        m = modules.get(anc)
+        if m is not None and is_partial_layer(m):
+            return anc
+    return None
+
+
+def infer_spec(model: nn.Module) -> dict | None:
+    """How to rebuild the base model: set by ``base_model.build_model``, else a timm architecture name."""
+    spec = getattr(model, "_partialize_spec", None)
+    if spec is not None:
+        return spec
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("architecture"):
+        kwargs = {}
+        if getattr(model, "num_classes", None) is not None:
+            kwargs["num_classes"] = model.num_classes
+        return {"spec": cfg["architecture"], "kwargs": kwargs}
+    return None

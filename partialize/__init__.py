@@ -1,30 +1,50 @@
 """partialize: convert vision networks to partial-channel form, fine-tune them, report the change.
 
-Importing the package registers the operators (and, once available, the native PartialNet models
-with timm); nothing else happens at import time.
+Importing the package registers the operators and the native PartialNet models with timm; nothing
+else happens at import time.
+
+The package is layered; a module imports only from its own layer and those below it (enforced by
+tests/test_architecture.py; docs/architecture.md says what each does):
+
+1. ``errors``, ``macs`` (the one MAC counter), ``_fs``, ``_version``
+2. ``ops`` (the operators and their contract, ``ops.base.PartialOperator``)
+3. ``models`` (native PartialNet), ``recipe`` (schema, loading, rule resolution)
+4. ``base_model`` (build the model a conversion starts from)
+5. ``engine`` (discover, plan, apply)
+6. ``inference`` (deploy: operators' inference forms, BN folding)
+7. ``serialization`` (save / load: plan + tensors)
+8. ``exporting`` (ONNX, TorchScript, deployed safetensors)
+9. ``measure`` (MACs, speed, accuracy, reports)
+10. ``train``, ``calibrate``
+11. ``api`` (plan, apply, convert)
+12. ``cli`` (parses and prints), this package
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from . import models  # noqa: E402,F401  (registers the native models with timm)
-from .api import apply, plan  # noqa: E402
-from .errors import (  # noqa: E402
+from . import models  # noqa: F401  (registers the native models with timm)
+from ._version import __version__
+from .api import ConversionResult, apply, convert, plan
+from .errors import (
     CheckpointError,
+    ExportError,
     ModelError,
     OperatorError,
     PartializeError,
     RecipeError,
     WeightsUnavailableError,
 )
-from .exporting import export  # noqa: E402
-from .inference import deploy  # noqa: E402
-from .ops import get_operator, list_operators, register_operator  # noqa: E402
-from .serialization import load, save  # noqa: E402
+from .exporting import export
+from .inference import deploy
+from .ops import PartialOperator, get_operator, list_operators, register_operator
+from .serialization import load, save, trusting_factories
 
 __all__ = [
+    "ConversionResult",
+    "ExportError",
+    "PartialOperator",
     "apply",
+    "convert",
     "deploy",
     "export",
     "load",
@@ -40,4 +60,5 @@ __all__ = [
     "get_operator",
     "list_operators",
     "register_operator",
+    "trusting_factories",
 ]

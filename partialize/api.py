@@ -1,21 +1,29 @@
-"""The public Python API: plan, apply, save, load."""
+"""The public Python API: plan, apply and the whole convert job (what the CLI's ``convert`` runs)."""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ._fs import check_output
+from .base_model import build_model, check_runs_at
 from .engine.apply import apply_plan
 from .engine.plan import Plan
 from .engine.planner import make_plan
 from .errors import PartializeError, RecipeError
+from .inference import deploy
+from .measure.speed import speed_summary
+from .ops.registry import list_operators
+from .recipe import RATIO_WORDS, SKIP_VARIANTS, check_ratio, load_recipe
+from .serialization import save
 
 
 def _check_args(model, ratio, variant, example_input, input_size, fn: str) -> None:
     """Refuse bad arguments with the argument's name and the fix (not a pydantic or torch error)."""
-    from .ops.registry import list_operators
-    from .recipe import RATIO_WORDS, SKIP_VARIANTS, check_ratio
-
     if not isinstance(model, nn.Module):
         raise PartializeError(
             f"partialize.{fn}(model, ...): model must be an nn.Module, got {type(model).__name__}; build it first "
@@ -83,3 +91,83 @@ def apply(
     _check_args(model, ratio, variant, example_input, input_size, "apply")
     p = make_plan(model, recipe, example_input=example_input, input_size=input_size, ratio=ratio, variant=variant)
     return apply_plan(model, p, inplace=inplace, example_input=example_input)
+
+
+@dataclass
+class ConversionResult:
+    """What :func:`convert` did: the plan, the converted model (None on a dry run), the side-by-side
+    speed of the deployed original and converted models (None when not measured) and the file written."""
+
+    plan: Plan
+    model: nn.Module | None = None
+    original: nn.Module | None = None
+    speed: dict | None = None
+    path: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        out = {"plan": self.plan.to_dict(), "notes": list(self.notes)}
+        if self.speed is not None:
+            out["speed"] = self.speed
+        if self.path is not None:
+            out["out"] = self.path
+        return out
+
+
+def convert(
+    model: str | nn.Module,
+    recipe=None,
+    *,
+    weights: str = "random",
+    num_classes: int | None = None,
+    input_size: int | None = None,
+    out: str | os.PathLike | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    speed: bool = True,
+    threads: int = 1,
+    batch: int = 16,
+    progress: Callable[[str], None] | None = None,
+) -> ConversionResult:
+    """The whole ``partialize convert`` job: build ``model`` (a spec, see ``base_model.build_model``, or
+    an ``nn.Module``), plan ``recipe`` (default ``default``), convert, time the deployed original and
+    converted models side by side (``threads``, latency at batch 1, throughput at ``batch``), and save
+    to ``out``. ``out`` is checked before any work: an existing file needs ``force``. ``dry_run`` stops
+    after the plan."""
+    say = progress or (lambda _msg: None)
+    if out is not None and not dry_run:  # before the work: an existing or unwritable --out fails now
+        out = os.fspath(out)
+        out = out if out.endswith(".safetensors") else out + ".safetensors"
+        check_output(out, force=force, inputs=[weights] + ([os.fspath(recipe)] if isinstance(recipe, str) else []))
+    rec = load_recipe(recipe if recipe is not None else "default")
+    size = input_size or rec.input_size
+    if isinstance(model, str):
+        name = model
+        model = build_model(model, weights=weights, num_classes=num_classes)
+    else:
+        name = type(model).__name__
+        _check_args(model, 0.25, None, None, input_size, "convert")
+    model.eval()
+    if size:
+        check_runs_at(model, size, name, "--input-size" if input_size else "the recipe's input_size")
+    say(f"planning {name}")
+    plan = make_plan(model, rec, input_size=size)
+    result = ConversionResult(plan=plan, original=model)
+    if weights == "random":
+        result.notes.append("weights: random (use weights='pretrained' or a file to convert trained weights)")
+    if dry_run:
+        return result
+    result.model = apply_plan(model, plan)
+    if speed:
+        say(f"measuring speed of the deployed forms: {threads} thread(s), batch 1 and {batch}")
+        result.speed = speed_summary(
+            deploy(model),
+            deploy(result.model),
+            tuple(plan.input_shape[1:]),
+            threads=threads,
+            batch=batch,
+            names=("original", "converted"),
+        )
+    if out is not None:
+        result.path = save(result.model, out, overwrite=force)
+    return result

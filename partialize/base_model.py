@@ -13,7 +13,7 @@ import os
 import torch
 from torch import nn
 
-from .errors import ModelError, WeightsUnavailableError
+from .errors import ModelError, PartializeError, WeightsUnavailableError
 
 
 def build_model(spec: str, weights: str = "random", num_classes: int | None = None, **kwargs) -> nn.Module:
@@ -187,3 +187,33 @@ def _factory(spec: str, pretrained: bool, extra: dict) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ModelError(f"factory {spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def check_runs_at(model, size: int, name: str, option: str = "--input-size") -> None:
+    """One batch-1 forward at ``size`` x ``size``, so that a model which cannot take that input (a ViT
+    built for 224, a size that pools to nothing) fails now, with the reason and the fix, instead of as
+    a traceback deep inside discovery, counting or timing."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    chans, native = 3, None
+    if isinstance(cfg.get("input_size"), (tuple, list)) and len(cfg["input_size"]) == 3:
+        chans, native = cfg["input_size"][0], cfg["input_size"][-1]
+    ref = next((t for t in model.parameters() if t.is_floating_point()), None)
+    x = torch.zeros(1, chans, size, size, dtype=ref.dtype if ref is not None else None)
+    if ref is not None:
+        x = x.to(ref.device)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except PartializeError:
+        raise
+    except Exception as e:
+        hint = f"; it was built for {native} px: use {option} {native}" if native and native != size else ""
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise PartializeError(
+            f"{name} does not run at {option} {size} ({type(e).__name__}: {first}){hint} (or build it for this "
+            "size, e.g. timm's img_size=...)"
+        ) from None
+    finally:
+        model.train(was)

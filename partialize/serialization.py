@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .errors import CheckpointError, PartializeError
 
 FORMAT = "partialize/1"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .. import __version__
-from ._common import POSITIVE, check_runs_at, friendly_errors, int_list, trust_factory_option
+from .._version import __version__
+from ._common import POSITIVE, friendly_errors, int_list, trust_factory_option
 
 _friendly_errors = friendly_errors  # the name command modules and older code use
 
@@ -117,66 +117,37 @@ def convert(
 
     from rich.console import Console
 
-    from .._fs import check_output
-    from ..base_model import build_model
-    from ..engine.apply import apply_plan
-    from ..engine.planner import make_plan
-    from ..engine.render import plan_table, summary_table
-    from ..recipe import load_recipe
-    from ..serialization import save
+    from ..api import convert as run_convert
+    from ..engine.render import plan_table, speed_table, summary_table
 
     stream = _sys.stderr if as_json else _sys.stdout
     console = Console(stderr=as_json, width=None if stream.isatty() else 150)
-    if out and not dry_run:  # before any of the work: an existing or unwritable --out fails now, not in a minute
-        out = out if out.endswith(".safetensors") else out + ".safetensors"
-        check_output(out, force=force, inputs=[weights, recipe_path])
-    rec = load_recipe(recipe_path)
-    base = build_model(model, weights=weights, num_classes=num_classes)
-    if weights == "random":
-        console.print(
-            "[dim]weights: random (use --weights pretrained or --weights PATH to convert trained weights)[/dim]"
-        )
-    base.eval()
-    if input_size or rec.input_size:
-        check_runs_at(
-            base, input_size or rec.input_size, model, "--input-size" if input_size else "the recipe's input_size"
-        )
-    plan = make_plan(base, rec, input_size=input_size or rec.input_size)
-    result = {"model": model, "recipe": rec.name or recipe_path, "plan": plan.to_dict()}
-    if not as_json:
-        console.print(plan_table(plan))
-        console.print(summary_table(plan))
-    if dry_run:
-        if as_json:
-            click.echo(json.dumps(result, indent=2))
-        return
-    converted = apply_plan(base, plan)
-    if speed:
-        from ..engine.render import speed_table
-        from ..measure.speed import speed_summary
-
-        console.print(f"[dim]measuring speed of the deployed forms: {threads} thread(s), batch 1 and {batch}...[/dim]")
-        from ..inference import deploy
-
-        # both sides in inference form (BN folded, operators deployed): what would ship
-        s = speed_summary(
-            deploy(base),
-            deploy(converted),
-            tuple(plan.input_shape[1:]),
-            threads=threads,
-            batch=batch,
-            names=("original", "converted"),
-        )
-        result["speed"] = s
-        if not as_json:
-            console.print(speed_table(s, plan))
-    if out:
-        path = save(converted, out, overwrite=force)
-        result["out"] = path
-        if not as_json:
-            console.print(f"wrote {path}")
+    res = run_convert(
+        model,
+        recipe_path,
+        weights=weights,
+        num_classes=num_classes,
+        input_size=input_size,
+        out=out,
+        force=force,
+        dry_run=dry_run,
+        speed=speed,
+        threads=threads,
+        batch=batch,
+        progress=None if as_json else lambda msg: console.print(f"[dim]{msg}...[/dim]"),
+    )
     if as_json:
-        click.echo(json.dumps(result, indent=2, default=str))
+        click.echo(json.dumps({"model": model, "recipe": res.plan.recipe.get("name") or recipe_path} | res.to_dict(),
+                              indent=2, default=str))  # fmt: skip
+        return
+    for note in res.notes:
+        console.print(f"[dim]{note}[/dim]")
+    console.print(plan_table(res.plan))
+    console.print(summary_table(res.plan))
+    if res.speed is not None:
+        console.print(speed_table(res.speed, res.plan))
+    if res.path:
+        console.print(f"wrote {res.path}")
 
 
 @main.command("export")

@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from ..base_model import check_runs_at  # noqa: F401  (re-exported for the commands)
 from ..errors import PartializeError
 
 POSITIVE = click.IntRange(min=1)  # sizes, counts, threads, batches, rounds: 0 or less is a usage error
@@ -41,38 +42,6 @@ def int_list(ctx, param, value: str) -> tuple[int, ...]:
     if not out:
         raise click.BadParameter("give at least one value, e.g. 64,128")
     return tuple(out)
-
-
-def check_runs_at(model, size: int, name: str, option: str = "--input-size") -> None:
-    """One batch-1 forward at ``size`` x ``size``, so that a model which cannot take that input (a ViT
-    built for 224, a size that pools to nothing) fails now, with the reason and the fix, instead of as
-    a traceback deep inside discovery, counting or timing."""
-    import torch
-
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    chans, native = 3, None
-    if isinstance(cfg.get("input_size"), (tuple, list)) and len(cfg["input_size"]) == 3:
-        chans, native = cfg["input_size"][0], cfg["input_size"][-1]
-    ref = next((t for t in model.parameters() if t.is_floating_point()), None)
-    x = torch.zeros(1, chans, size, size, dtype=ref.dtype if ref is not None else None)
-    if ref is not None:
-        x = x.to(ref.device)
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(x)
-    except PartializeError:
-        raise
-    except Exception as e:
-        hint = f"; it was built for {native} px: use {option} {native}" if native and native != size else ""
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise PartializeError(
-            f"{name} does not run at {option} {size} ({type(e).__name__}: {first}){hint} (or build it for this "
-            "size, e.g. timm's img_size=...)"
-        ) from None
-    finally:
-        model.train(was)
 
 
 def trust_factory_option(fn):

@@ -131,6 +131,7 @@ def _onnx_err(model: nn.Module, tmp_path, batch: int = 2) -> float:
 ONNX_DEFAULT = [(m, r) for m, r in TABLE4.items()] + [("partialnet_t0", None), ("partialnet_t1", None)]
 
 
+@pytest.mark.slow  # the dynamo exporter takes 10-25 s a model; test_export_ops covers every operator fast
 @pytest.mark.parametrize("name,recipe", ONNX_DEFAULT, ids=[m for m, _ in ONNX_DEFAULT])
 def test_onnx_equals_pytorch(name, recipe, tmp_path):
     assert _onnx_err(converted(name, recipe), tmp_path) < 1e-4
@@ -145,6 +146,7 @@ def test_onnx_equals_pytorch_all(name, recipe, tmp_path):
     assert _onnx_err(converted(name, recipe), tmp_path) < 1e-4
 
 
+@pytest.mark.slow  # a dynamo ONNX export of a whole ResNet-18; the per-operator legacy export is fast
 def test_ada_onnx_routes_per_sample(tmp_path):
     """Ada-PConv exports as all-branches + per-sample select: same outputs as eager hard routing on a
     batch whose samples take different branches."""
@@ -302,6 +304,7 @@ def _compile_check(backend: str) -> None:
             assert rel_err(compiled(x), model(x)) < 1e-4
 
 
+@pytest.mark.slow
 def test_torch_compile_graph_capture():
     """torch.compile (dynamo graph capture + AOT autograd, no code generation) on torchvision resnet18
     + default recipe at 32x32, trained form (eval) and deployed form, equals eager. Inductor runs in

@@ -42,7 +42,10 @@ def _randomize_norms(model: nn.Module) -> None:
                 m.gate.weight.normal_(0, 0.5, generator=g)
 
 
-@pytest.fixture(scope="module", params=VARIANTS)
+# PartialNet-M and -L at 224 take seconds each per test on 2 cores: behind the slow marker
+@pytest.fixture(
+    scope="module", params=[pytest.param(v, marks=pytest.mark.slow) if v in ("m", "l") else v for v in VARIANTS]
+)
 def variant_model(request):
     """(variant, eval-mode training form with non-trivial BN statistics, its deploy form, and a
     snapshot of the training form taken before deploying: its state_dict clone and module types), built once."""

@@ -13,7 +13,8 @@ import os
 import torch
 from torch import nn
 
-from .errors import ModelError, PartializeError, WeightsUnavailableError
+from . import models  # noqa: F401  (registers partialnet_* with timm)
+from .errors import CheckpointError, ModelError, PartializeError, WeightsUnavailableError
 
 
 def build_model(spec: str, weights: str = "random", num_classes: int | None = None, **kwargs) -> nn.Module:
@@ -36,8 +37,6 @@ def build_model(spec: str, weights: str = "random", num_classes: int | None = No
 
 def load_state_file(model: nn.Module, path: str) -> None:
     """Load a local state_dict file into ``model`` (safetensors, or torch with weights_only=True)."""
-    from .errors import CheckpointError
-
     if not os.path.isfile(path):
         raise WeightsUnavailableError(f"weights file {path!r} does not exist")
     try:
@@ -119,8 +118,6 @@ def _prefer_local_cache() -> None:
 
 def _timm(name: str, pretrained: bool, extra: dict) -> nn.Module:
     import timm
-
-    from . import models  # noqa: F401  (registers partialnet_* with timm)
 
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)

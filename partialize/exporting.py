@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import serialization as pio
 from ._fs import atomic_write
 from .errors import PartializeError
 from .inference import deploy, eval_reference
@@ -186,8 +187,6 @@ def export(
     replays the plan, loads the tensors and deploys (deterministic, tested bit-for-bit). The other
     formats are checked against the deployed model on the same input (relative error <= 1e-4).
     """
-    from . import serialization as pio
-
     if fmt not in FORMATS:
         raise PartializeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     say = progress or (lambda _msg: None)

@@ -36,6 +36,7 @@ from pydantic import (
 )
 
 from .errors import RecipeError
+from .ops.registry import _OPERATORS, get_operator, list_operators
 
 RATIO_WORDS = ("dynamic", "adaptive", "inherit")
 SKIP_VARIANTS = ("skip", "none")
@@ -60,7 +61,6 @@ Ratio = Annotated[float | Literal["dynamic", "adaptive", "inherit"], BeforeValid
 
 
 def _known_variant(v: str | None) -> str | None:
-    from .ops.registry import list_operators
 
     known = set(list_operators()) | set(SKIP_VARIANTS)
     if v is not None and v not in known:
@@ -309,8 +309,6 @@ def _value_problem(name: str, value: Any, hints: dict, choices: dict) -> str | N
 def _candidate_variants(variant: str, ratio: Any) -> list[str]:
     """The operators a rule's params may end up with: its variant, and the one a ratio word implies
     (the operator's ``ratio_words``)."""
-    from .ops.registry import _OPERATORS
-
     cls = _OPERATORS.get(variant)
     if isinstance(ratio, str) and cls is not None and ratio in cls.ratio_words:
         implied = cls.ratio_words[ratio][0]
@@ -322,8 +320,6 @@ def _candidate_variants(variant: str, ratio: Any) -> list[str]:
 def param_problems(variant: str | None, params: dict, ratio: Any = None) -> list[str]:
     """Every problem with ``params`` for ``variant`` at ``ratio`` (variant None: checked against every
     operator taking each name), e.g. ``params.attn: 'nope' is not one of ch, sf (variant 'patconv')``."""
-    from .ops.registry import _OPERATORS
-
     if not params or variant in SKIP_VARIANTS:
         return []
     if variant is not None:
@@ -804,8 +800,6 @@ def apply_ratio_word(decision: Decision, layer: str) -> Decision:
     """A ratio word (``dynamic``, ``adaptive``, ``inherit``) turns the variant into the operator its
     ``ratio_words`` name, with the parameters it implies; RecipeError naming the layer and the rule
     when the variant does not take the word."""
-    from .ops.registry import get_operator, list_operators
-
     ratio = decision.ratio
     if not isinstance(ratio, str) or decision.variant in SKIP_VARIANTS:
         return decision

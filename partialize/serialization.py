@@ -18,8 +18,13 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from ._fs import atomic_write
 from ._version import __version__
+from .base_model import build_model
+from .engine.apply import apply_plan
+from .engine.plan import Plan
 from .errors import CheckpointError, PartializeError
+from .inference import deploy
 
 FORMAT = "partialize/1"
 FORMAT_VERSION = 1
@@ -46,8 +51,6 @@ def save(model: nn.Module, path: str | os.PathLike, *, deployed: bool = False, o
     save the trained model with ``deployed=True`` instead. ``overwrite=False`` refuses an existing file.
     """
     from safetensors.torch import save_model
-
-    from ._fs import atomic_write
 
     if getattr(model, "_partialize_deployed", False):
         raise PartializeError(
@@ -103,7 +106,6 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def read_plan(path: str | os.PathLike):
     """The Plan stored in a checkpoint (CheckpointError if unreadable or of an unknown format)."""
-    from .engine.plan import Plan
 
     meta = read_metadata(path)
     try:
@@ -195,9 +197,6 @@ def load(
     """
     from safetensors.torch import load_model
 
-    from .base_model import build_model
-    from .engine.apply import apply_plan
-
     meta = read_metadata(path)
     plan = read_plan(path)
     if model is not None and not isinstance(model, nn.Module):
@@ -253,7 +252,5 @@ def load(
     if deployed is None:
         deployed = meta.get("deployed") == "true"
     if deployed:
-        from .inference import deploy
-
         return deploy(converted)
     return converted

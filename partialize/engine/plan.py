@@ -8,6 +8,7 @@ from typing import Any
 
 from ..errors import PartializeError
 from ..macs import MAC_UNIT
+from .render import plan_text
 
 PLAN_FORMAT = 1
 
@@ -123,6 +124,4 @@ class Plan:
         return p
 
     def __str__(self) -> str:
-        from .render import plan_text
-
         return plan_text(self)

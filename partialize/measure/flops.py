@@ -17,7 +17,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..inference import deploy_operators
 from ..macs import MAC_UNIT, count_macs
+from ..ops.base import PartialOperator
 from ..ops.registry import operators_in
 
 __all__ = ["MAC_UNIT", "count_params", "flop_counter_macs", "macs_breakdown", "model_macs"]
@@ -123,9 +125,6 @@ def flop_counter_macs(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Te
 def inference_copy(model: nn.Module) -> tuple[nn.Module, str | None]:
     """An eval copy of ``model`` with every partial operator in its deploy form (what is counted), and
     a note when some operator could not be deployed (then that one is counted as trained)."""
-    from ..inference import deploy_operators
-    from ..ops.base import PartialOperator
-
     form = copy.deepcopy(model).eval()
     try:
         if getattr(model, "_partialize_deployed", False):

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import platform
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..ops.registry import get_operator
-from .speed import time_side_by_side
+from .speed import machine_description, time_side_by_side  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -107,17 +106,3 @@ def _bench_grid(channels, sizes, batches, rounds: int, progress) -> list[OpBench
         if progress is not None:
             progress()
     return rows
-
-
-def machine_description(threads: int) -> str:
-    """One line naming the CPU, torch version and thread count the figures came from."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}; torch {torch.__version__}; {threads} thread(s)"

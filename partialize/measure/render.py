@@ -6,6 +6,9 @@ import os
 
 from rich.table import Table
 
+from .._fs import atomic_write
+from ..errors import PartializeError
+
 # columns of the converted-layer table (terminal and Markdown), matching _changed_cells
 CHANGED_LAYER_COLUMNS = (
     "layer",
@@ -408,8 +411,6 @@ def plot_format(path: str) -> str:
     matplotlib.use("Agg")
     from matplotlib.backend_bases import FigureCanvasBase
 
-    from ..errors import PartializeError
-
     fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
     supported = FigureCanvasBase.get_supported_filetypes()
     if fmt not in supported:
@@ -424,8 +425,6 @@ def plot_entries(entries, path: str, conditions: dict | None = None, runs=None, 
     """Write :func:`plot_figure` to ``path`` (format from its extension), atomically; an existing file is
     kept unless ``force``. Returns the y-x description."""
     import matplotlib.pyplot as plt
-
-    from .._fs import atomic_write
 
     fmt = plot_format(path)
     fig, what = plot_figure(entries, conditions, runs)
@@ -449,8 +448,6 @@ def plot_figure(entries, conditions: dict | None = None, runs=None):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..errors import PartializeError
 
     thr_stats = [(m.speed or {}).get("throughput_ips") for m in entries]
     thr = [t["median"] if t else None for t in thr_stats]

@@ -18,10 +18,14 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
+from .._fs import write_text
 from ..errors import PartializeError
-from .flops import MAC_UNIT, _input_chw, macs_breakdown, params_per_module
+from ..ops.registry import is_partial_op
+from .accuracy import calibration_batch, evaluate_accuracy
+from .flops import MAC_UNIT, _input_chw, count_params, dynamic_layers, macs_breakdown, params_per_module
+from .pruning import prune_to_macs
 from .render import render_report_details, render_report_table, report_markdown  # noqa: F401  (re-exported)
-from .speed import measure_speed, speed_summary  # noqa: F401  (speed_summary re-exported for convert)
+from .speed import machine_description, measure_speed, speed_summary  # noqa: F401  (speed_summary re-exported)
 
 SCHEMA = "partialize.report"
 SCHEMA_VERSION = 1
@@ -88,8 +92,6 @@ class Report:
         plain ``open()`` gives; ``force=False`` refuses an existing file (as ``report --json`` does)."""
         text = json.dumps(self.to_dict(), indent=2, sort_keys=False)
         if path is not None:
-            from .._fs import write_text
-
             write_text(path, text + "\n", force=force)
         return text
 
@@ -145,7 +147,6 @@ class Report:
 def layer_rows(model: nn.Module, per_module_macs: dict[str, float]) -> list[dict]:
     """One row per layer: leaves, and partial operators taken whole; rows with no params and no MACs
     are left out. Params are the layer's own (with its children's for a partial operator)."""
-    from ..ops import is_partial_op
 
     own = params_per_module(model)
     rows, skip = [], None
@@ -190,22 +191,17 @@ def measure_model(
     progress: Callable[[str], None] | None = None,
 ) -> ModelMeasurement:
     """Params, MACs (with cross-check and dynamic layers) and, with ``data``, accuracy of one model."""
-    from .flops import count_params, dynamic_layers
 
     chw = _input_chw(input_size)
     calibration = None
     notes = []
     if data is not None and dynamic_layers(model):
-        from .accuracy import calibration_batch
-
         calibration = calibration_batch(model, data, calibration_images, chw[1])
     if progress:
         progress(f"{name}: counting MACs")
     mb = macs_breakdown(model, chw, calibration=calibration, crosscheck=crosscheck)
     accuracy = None
     if data is not None:
-        from .accuracy import evaluate_accuracy
-
         if progress:
             progress(f"{name}: accuracy on {data}")
         accuracy = evaluate_accuracy(model, data, limit=data_limit, input_size=chw[1])
@@ -242,8 +238,6 @@ def measure_model(
 def environment() -> dict:
     """Versions and machine the figures came from."""
     import timm
-
-    from .opbench import machine_description
 
     return {
         "torch": torch.__version__,
@@ -292,7 +286,6 @@ def build_report(
     if pruning_baseline:
         if baseline is None:
             raise ReportError("--pruning-baseline prunes the original model: give it with --baseline MODEL")
-        from .pruning import prune_to_macs
 
         if progress:
             progress("pruning the baseline to the same MACs")

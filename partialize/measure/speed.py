@@ -3,12 +3,16 @@ hits all of them alike; results are medians with spread, compared as ratios."""
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+
+from ..errors import PartializeError
+from .flops import _input_chw
 
 
 @dataclass
@@ -122,16 +126,10 @@ def measure_speed(
     extra allocated memory of one batch forward. Figures are medians over ``rounds`` with IQR and
     range; ``latency_ms`` is ms per batch-1 call, ``throughput_ips`` images per second.
     """
-    from .flops import _input_chw
-
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from ..errors import PartializeError
-
         raise PartializeError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
     if amp and dev.type != "cuda":
-        from ..errors import PartializeError
-
         raise PartializeError("--amp (fp16 autocast) is only measured on CUDA; drop --amp or use --device cuda")
     chw = _input_chw(input_size)
     prev_threads = torch.get_num_threads()
@@ -223,7 +221,6 @@ def _cuda_peak_mib(model: torch.nn.Module, x: torch.Tensor, amp: bool) -> float:
 def _device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(dev)}"
-    from .opbench import machine_description
 
     return "cpu: " + machine_description(torch.get_num_threads()).split(";")[0]
 
@@ -260,3 +257,17 @@ def speed_summary(
     r["latency_speedup"] = ma["latency_ms"]["median"] / mb["latency_ms"]["median"]
     r["throughput_ratio"] = mb["throughput_ips"]["median"] / ma["throughput_ips"]["median"]
     return r
+
+
+def machine_description(threads: int) -> str:
+    """One line naming the CPU, torch version and thread count the figures came from."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}; torch {torch.__version__}; {threads} thread(s)"

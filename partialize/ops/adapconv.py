@@ -7,12 +7,18 @@ branch, so an input costs the router plus one branch.
 ``routing="ste"`` (training, our addition): the forward value is the hard routing's, the router's
 gradient is the soft mixture's (straight-through). Training then sees the function that is
 deployed; soft training evaluated with hard routing computes a different function.
+
+Training (the operator contract's family objective, :class:`RouterObjective`): every epoch trains with
+the ``ada_routing`` setting ("ste" by default), and an optional compute budget on the router
+(:class:`RouterBudget`) keeps soft training from collapsing onto the widest branch.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +28,7 @@ from ..errors import OperatorError
 from ..macs import count_macs
 from ._export import exporting
 from ._utils import copy_top_left, split_channels
-from .base import PartialOperator
+from .base import PartialOperator, TrainingContext, TrainingError, TrainingObjective, TrainingSetting
 from .pconv import conv_source, dirac_outside
 from .registry import register_operator
 
@@ -40,6 +46,23 @@ class AdaPConv(PartialOperator):
     PARAM_CHOICES = {"routing": ROUTINGS}  # values a recipe may give, checked when it is validated
     ratio_words = {"adaptive": ("ada_pconv", {})}
     data_dependent = True  # hard routing: each input pays for its chosen branch
+    training_settings = {  # read by training_objective; finetune(**settings) keys, CLI options
+        "router_budget": TrainingSetting(
+            None, "Ada-PConv: mean branch cost / widest branch cap.", lambda v: 0 < v <= 1, "in (0, 1]",
+            "the expected branch MACs as a share of the widest branch's, e.g. --router-budget 0.3",
+            flag="--router-budget", needs_layers=True,
+        ),
+        "router_weight": TrainingSetting(
+            1.0, "Weight of the router budget term.", lambda v: v >= 0, ">= 0", "e.g. --router-weight 1",
+            flag="--router-weight",
+        ),
+        "ada_routing": TrainingSetting(
+            "ste", "Ada-PConv training routing: ste (hard forward as deployed, soft gradient) or soft mixing "
+            "(004; deployed hard routing is then a different function).", lambda v: v in ("ste", "soft"),
+            "'ste' or 'soft'", "ste trains the deployed function", flag="--ada-routing", value_type=str,
+            choices=("ste", "soft"),
+        ),
+    }  # fmt: skip
 
     def __init__(
         self,
@@ -183,6 +206,20 @@ class AdaPConv(PartialOperator):
         before, self.routing = self.routing, routing
         return before
 
+    def freeze(self) -> AdaPConv:
+        """The deployed routing (hard), still trainable; warns like deploy() after soft training."""
+        self._warn_if_soft_trained()
+        op = copy.deepcopy(self)
+        op.routing = "hard"
+        return op
+
+    @classmethod
+    def training_objective(
+        cls, layers: Mapping[str, PartialOperator], settings: Mapping[str, Any], context: TrainingContext
+    ) -> RouterObjective:
+        """Train every Ada-PConv with ``ada_routing``; with ``router_budget`` add the router's compute budget."""
+        return RouterObjective(layers, settings["ada_routing"], settings["router_budget"], settings["router_weight"])
+
     def export_note(self) -> str | None:
         return (
             "Ada-PConv: the exported graph routes per sample like the eager model (arg-max of the router) but "
@@ -209,6 +246,13 @@ class AdaPConv(PartialOperator):
         trains ``sum_i a_i PConv_i(x)`` while this form runs only the arg-max branch, a different
         function on the same weights (tens of % apart on digits, docs/training.md).
         """
+        self._warn_if_soft_trained()
+        op = copy.deepcopy(self).eval()
+        op.routing = "hard"
+        op.last_choice = op.last_probs = None
+        return op.requires_grad_(False)
+
+    def _warn_if_soft_trained(self) -> None:
         if self.trained_routing == "soft":
             warnings.warn(
                 "this Ada-PConv was trained with soft routing (sum of all branches) but is deployed with "
@@ -216,9 +260,100 @@ class AdaPConv(PartialOperator):
                 "lower accuracy than measured while training; fine-tune with --ada-routing ste "
                 "(finetune(ada_routing='ste'), the default) to train the function that is deployed",
                 SoftRoutingWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        op = copy.deepcopy(self).eval()
-        op.routing = "hard"
-        op.last_choice = op.last_probs = None
-        return op.requires_grad_(False)
+
+
+# --- training: routing and the router's compute budget (the family objective) ------------------------
+
+
+class RouterBudget:
+    """Ada-PConv compute budget: ``weight * mean_l relu(E[cost_l] - budget)``, where
+    ``cost_l = sum_i p_i (n_i / n_max)^2`` is the expected branch MACs relative to the widest branch
+    under the router's probabilities p (004 eq. 2), averaged over the batch.
+
+    Forward hooks on ``layers`` recompute the router's probabilities with gradient (the operator keeps
+    only a detached copy); the router is a pooled linear layer, so this costs next to nothing.
+    """
+
+    def __init__(self, layers: Mapping[str, AdaPConv], budget: float, weight: float = 1.0) -> None:
+        if not 0.0 < budget <= 1.0:
+            raise TrainingError(f"--router-budget must be in (0, 1] (share of the widest branch), got {budget}")
+        self.budget, self.weight = float(budget), float(weight)
+        self.layers = dict(layers)
+        self._costs: list[torch.Tensor] = []
+        self._hooks = [m.register_forward_hook(self._hook) for m in self.layers.values()]
+
+    def _hook(self, mod: AdaPConv, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        if not mod.training or not torch.is_grad_enabled():
+            return
+        probs = mod.route(inp[0])
+        w = torch.tensor([float(n) for n in mod.widths], device=probs.device)
+        rel = (w / w.max()) ** 2
+        self._costs.append((probs.float() * rel).sum(dim=1).mean())
+
+    def loss(self) -> tuple[torch.Tensor | None, float]:
+        """The budget term for the forward(s) since the last call, and the mean expected cost."""
+        if not self._costs:
+            return None, float("nan")
+        costs = torch.stack(self._costs)
+        self._costs = []
+        return self.weight * torch.relu(costs - self.budget).mean(), float(costs.detach().mean())
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+def router_budget_loss(model: nn.Module, x: torch.Tensor, budget: float, weight: float = 1.0) -> torch.Tensor:
+    """One-shot form of :class:`RouterBudget` over every Ada-PConv of ``model``: run ``model(x)`` and
+    return only the budget term."""
+    rb = RouterBudget({n: m for n, m in model.named_modules() if isinstance(m, AdaPConv)}, budget, weight)
+    try:
+        model(x)
+        term, _ = rb.loss()
+    finally:
+        rb.remove()
+    return term if term is not None else torch.zeros(())
+
+
+class RouterObjective(TrainingObjective):
+    """The Ada-PConv family's part of a run: each epoch trains with ``routing`` (and marks the layers, so
+    deploy() can warn after soft training); with a ``budget``, the :class:`RouterBudget` term is added
+    and the epoch's mean expected branch cost logged (``router_expected_cost``)."""
+
+    def __init__(self, layers: Mapping[str, AdaPConv], routing: str, budget: float | None, weight: float) -> None:
+        super().__init__(layers)
+        self.routing, self.budget, self.weight = routing, budget, weight
+        self._rb = RouterBudget(self.layers, budget, weight) if budget is not None else None
+        self._cost, self._steps = 0.0, 0
+
+    def run_settings(self) -> dict[str, Any]:
+        on = self.budget is not None
+        return {"router_budget": self.budget, "router_weight": self.weight if on else None, "ada_routing": self.routing}
+
+    def epoch_start(self, epoch: int, total_epochs: int) -> None:
+        self._cost, self._steps = 0.0, 0
+        for m in self.layers.values():
+            m.set_routing(self.routing)
+            m.trained_routing = self.routing  # what deploy() checks (SoftRoutingWarning)
+
+    def __call__(self, loss: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self._steps += 1
+        if self._rb is None:
+            return loss, {}
+        term, cost = self._rb.loss()
+        if term is None:
+            return loss, {}
+        self._cost += cost
+        return loss, {"router_budget": term}
+
+    def epoch_record(self) -> dict[str, Any]:
+        if self._rb is None or not self._steps:
+            return {}
+        return {"router_expected_cost": self._cost / self._steps}
+
+    def close(self) -> None:
+        if self._rb is not None:
+            self._rb.remove()

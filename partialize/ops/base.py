@@ -11,20 +11,125 @@ Two kinds of module live here:
   inference form (``deploy``), its MAC count, and the hooks the trainer and the calibrator call.
 - :class:`InferenceForm`: an operator's deployed form when it is a different class (PConv + BN folded,
   PATConv with its gate folded...); it can absorb a following BatchNorm (``fold_bn``).
+
+And the training side of the contract (``partialize.train`` calls only these):
+
+- :class:`TrainingSetting`: one setting an operator family's training reads, declared in the class's
+  ``training_settings`` (a key of ``finetune(**settings)`` and a CLI option), with its check.
+- :class:`TrainingObjective`: one operator family's part of a training run (000 eq. 8 for DPConv, the
+  router budget for Ada-PConv), built by :meth:`PartialOperator.training_objective`.
+- :class:`TrainingContext`: what the trainer tells an objective about the run.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..errors import OperatorError
+from ..errors import OperatorError, PartializeError
 from ..macs import count_macs
 from ._export import RefuseScript
+
+
+class TrainingError(PartializeError):
+    """Training cannot go on: a setting it cannot use, a non-finite loss, a target no layer can reach.
+
+    Raised by the trainer (``partialize.train``) and by operators' training objectives, which sit below
+    it; ``partialize.train.TrainingError`` is this class."""
+
+
+@dataclass(frozen=True)
+class TrainingSetting:
+    """One setting an operator family's training objective reads (``PartialOperator.training_settings``).
+
+    It is a key of ``finetune(**settings)`` and, when ``flag`` is set, a CLI option of ``partialize
+    finetune``/``train`` (``value_type``, ``choices``, ``help``); messages name it by ``label`` (default: the
+    flag). ``check(value) -> bool`` on values other than None, with ``must_be`` (what a valid value is)
+    and ``fix`` for the error. ``needs_layers``: giving it for a model without this operator is an error
+    (a target nothing could reach).
+    """
+
+    default: Any = None
+    help: str = ""
+    check: Callable[[Any], bool] | None = None
+    must_be: str = ""
+    fix: str = ""
+    flag: str | None = None
+    label: str | None = None
+    value_type: type = float
+    choices: tuple[str, ...] | None = None
+    needs_layers: bool = False
+
+    def name(self, key: str) -> str:
+        """How an error message names this setting: ``--flag (key=)``, both spellings a user may have typed."""
+        shown = self.label or self.flag
+        return f"{shown} ({key}=)" if shown else key
+
+
+@dataclass
+class TrainingContext:
+    """What the trainer tells an operator family's objective about the run.
+
+    ``model``: the model being trained (not DDP-wrapped); ``epochs``: the run's length; ``input_size``:
+    the training resolution when known; ``log``: prints a line (rank 0); ``count_macs()``: the whole
+    model's per-image MACs in its inference form at ``input_size`` (``partialize.measure.flops
+    .macs_breakdown``: ``total`` and, per describing operator, ``dynamic[name]`` with its ``input_hw``),
+    for objectives with a compute target; it raises when ``input_size`` is unknown.
+    """
+
+    model: nn.Module
+    epochs: int
+    input_size: int | tuple[int, ...] | None
+    log: Callable[[str], None]
+    count_macs: Callable[[], dict]
+
+
+class TrainingObjective:
+    """One operator family's part of a training run, over ``layers`` (qualified name -> operator).
+
+    The trainer calls, in this order: ``run_settings()`` once (recorded in every checkpoint: a resume
+    must match them); ``epoch_start(epoch, total_epochs)`` before each epoch (``epoch`` from 1);
+    ``__call__(loss)`` after each forward; ``epoch_record()`` and ``epoch_summary(record)`` at the end of
+    each epoch; ``close()`` when training ends, however it ends.
+
+    This base class is the default objective: each layer's ``training_losses()`` added to the loss.
+    """
+
+    def __init__(self, layers: Mapping[str, PartialOperator]) -> None:
+        self.layers = dict(layers)
+
+    def run_settings(self) -> dict[str, Any]:
+        """The values that shape the run (e.g. the resolved target); JSON-friendly."""
+        return {}
+
+    def epoch_start(self, epoch: int, total_epochs: int) -> None:
+        """Before epoch ``epoch`` of ``total_epochs`` (from 1): routing, temperatures."""
+
+    def __call__(self, loss: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``loss`` is the task loss (with distillation, as earlier families left it). Return it, reweighted
+        where the family's objective scales the task loss (000 eq. 8) or unchanged, and the named terms to
+        add to it (the trainer adds every family's terms after all have reweighted)."""
+        terms = {}
+        for name, op in self.layers.items():
+            for key, value in op.training_losses().items():
+                terms[f"{name}.{key}"] = value
+        return loss, terms
+
+    def epoch_record(self) -> dict[str, Any]:
+        """What the epoch's log record says for this family (JSON-friendly)."""
+        return {}
+
+    def epoch_summary(self, record: Mapping[str, Any]) -> str | None:
+        """A short phrase for the epoch's one-line summary, read from ``record``; None for nothing."""
+        return None
+
+    def close(self) -> None:
+        """Training ended: remove hooks, let go of tensors."""
 
 
 class InferenceForm(RefuseScript, nn.Module):
@@ -49,6 +154,8 @@ class PartialOperator(RefuseScript, nn.Module):
     - ``PARAM_CHOICES``: allowed values of enumerated ``from_module`` parameters (checked when a recipe
       is validated); ``EXTRA_PARAMS``: names accepted through ``**params`` beyond the signatures.
     - ``data_dependent``: True when the cost depends on the input (counted over calibration data).
+    - ``training_settings``: the settings this family's :meth:`training_objective` reads (name ->
+      :class:`TrainingSetting`); the trainer checks them and fills in defaults.
     - ``faithful_params`` and :meth:`faithful_original`: the setting at which the converted layer
       must equal the original (the contract tests check it on every class the operator accepts in
       real models): ``from_module(faithful_original(m) or m, **faithful_params)`` equals
@@ -63,6 +170,7 @@ class PartialOperator(RefuseScript, nn.Module):
     EXTRA_PARAMS: ClassVar[tuple[str, ...]] = ()
     data_dependent: ClassVar[bool] = False
     faithful_params: ClassVar[dict[str, Any] | None] = None
+    training_settings: ClassVar[Mapping[str, TrainingSetting]] = {}
 
     # --- conversion ---------------------------------------------------------------------------
     @classmethod
@@ -159,3 +267,14 @@ class PartialOperator(RefuseScript, nn.Module):
         """The static form of a learned structure (a DPConv at its learned width); the module itself
         when nothing is learned. Still trainable: fine-tuning may go on after freezing."""
         return self
+
+    @classmethod
+    def training_objective(
+        cls, layers: Mapping[str, PartialOperator], settings: Mapping[str, Any], context: TrainingContext
+    ) -> TrainingObjective:
+        """This family's part of a training run: ``layers`` are the model's operators that inherit this
+        method from ``cls`` (a subclass joins its parent's family unless it overrides it), ``settings``
+        every declared training setting's value (defaults filled in). Default: each layer's
+        ``training_losses()`` added to the loss. Raise :class:`TrainingError` for settings this model
+        cannot honour."""
+        return TrainingObjective(layers)

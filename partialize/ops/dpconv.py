@@ -11,6 +11,12 @@ Choices (docs/operators.md): the paper writes zeta = sum 2^{2 sum g} but r_p wit
 zeta_l = (r_p C_l)^2, the squared conv width, which is what kappa = sum (C_l / theta)^2 bounds
 (theta = 4 <=> FasterNet's 1/4). Channel counts that are not powers of two use K = ceil(log2 C) and
 truncate the mask to C, so reachable widths are the powers of two below C, and C itself.
+
+Training (the operator contract's family objective, :class:`ComplexityObjective`): 000 eq. 8
+``L = L_task * (kappa / zeta)^alpha + beta * psi`` over every DPConv layer of the model, with
+``zeta = sum_l complexity()``, ``kappa = sum_l (C_l / theta)^2`` (or solved from a MAC target),
+``alpha = alpha_over`` (-0.01) above kappa, ``alpha_under`` below it (our two-sided choice, 0 in the
+paper, docs/training.md), ``psi = sum_l penalty()``; each epoch at its annealing temperature.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from __future__ import annotations
 import copy
 import functools
 import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +35,7 @@ from torch import nn
 from ..errors import OperatorError
 from ._utils import copy_top_left
 from .attention import GATES, GaussianChannelAttention, channel_mean_std
-from .base import PartialOperator
+from .base import PartialOperator, TrainingContext, TrainingError, TrainingObjective, TrainingSetting
 from .patconv import PATConv
 from .pconv import PConv, conv_source, dirac_outside, is_partial_source
 from .registry import register_operator
@@ -54,6 +63,33 @@ class DPConv(PartialOperator):
     PARAM_CHOICES = {"attn": DP_ATTENTIONS, "gate": tuple(GATES), "mapping": ("dense", "channelwise")}  # recipes
     ratio_words = {"dynamic": ("dpconv", {}), "inherit": ("dpconv", {})}
     gap = 0.5  # enforce_monotonic_()'s spacing, as a share of 1/K (set_ratio() spaces gates by 1/K)
+    training_settings = {  # read by training_objective (000 eq. 8); finetune(**settings) keys, CLI options
+        "theta": TrainingSetting(
+            None, "DPConv target: kappa = sum (C_l/theta)^2 (000 eq. 8); 4 ~ 1/4.", lambda v: v >= 1, ">= 1",
+            "kappa = sum (C_l/theta)^2 (000 eq. 8), e.g. --theta 4 for about 1/4 of the channels",
+            flag="--theta", needs_layers=True,
+        ),
+        "target_macs": TrainingSetting(
+            None, "DPConv target as whole-model MACs per image (e.g. 1.2e9).", lambda v: v > 0, "> 0",
+            "whole-model MACs per image, e.g. --target-macs 1.2e9", flag="--target-macs", needs_layers=True,
+        ),
+        "kappa": TrainingSetting(
+            None, "", lambda v: v > 0, "> 0", "a target from --theta (>= 1) or --target-macs",
+            label="--theta/--target-macs", needs_layers=True,
+        ),
+        "dp_alpha": TrainingSetting(
+            -0.01, "alpha when zeta > kappa (000 eq. 8).", lambda v: v <= 0, "<= 0",
+            "000 eq. 8 uses -0.01 (over the target, fewer channels)", flag="--dp-alpha",
+        ),
+        "dp_alpha_under": TrainingSetting(
+            0.01, "alpha when zeta < kappa (000 eq. 8 has 0: kappa only caps; >0 pulls narrow layers up to it).",
+            lambda v: v >= 0, ">= 0", "0 is 000 eq. 8, 0.01 pulls narrow layers up", flag="--dp-alpha-under",
+        ),
+        "dp_beta": TrainingSetting(
+            0.9, "Weight of the gate monotonicity term psi.", lambda v: v >= 0, ">= 0", "000 eq. 8 uses 0.9",
+            flag="--dp-beta",
+        ),
+    }  # fmt: skip
 
     def __init__(
         self,
@@ -231,12 +267,25 @@ class DPConv(PartialOperator):
     def after_step(self) -> None:
         self.enforce_monotonic_()  # 000 Alg. 1 line 12
 
-    def after_epoch(self, epoch: int, total_epochs: int) -> None:
-        self.anneal_(epoch, total_epochs)  # 000 Alg. 1 line 14
+    # no after_epoch: the temperature of epoch t is set before it, by ComplexityObjective.epoch_start (000
+    # Alg. 1 line 14), and only when eq. 8 has a target, as the gates then train against it
 
     def freeze(self) -> nn.Module:
-        """The static slice at the learned width (refused while the gates are not monotone)."""
-        return self.deploy()
+        """The static slice at the learned width, still trainable: a PConv (identity) or PATConv (ch) on the
+        first n channels, or the dense conv when n = C (refused while the gates are not monotone)."""
+        return self._static_slice()
+
+    @classmethod
+    def training_objective(
+        cls, layers: Mapping[str, PartialOperator], settings: Mapping[str, Any], context: TrainingContext
+    ) -> ComplexityObjective:
+        """000 eq. 8 over ``layers`` (every DPConv of the model) against the target from ``kappa``,
+        ``theta`` or ``target_macs`` (at most one); without a target only the learned ratios are logged."""
+        kappa = _resolve_kappa(layers, settings, context)
+        return ComplexityObjective(
+            layers, kappa, alpha_over=settings["dp_alpha"], alpha_under=settings["dp_alpha_under"],
+            beta=settings["dp_beta"],
+        )  # fmt: skip
 
     def describe(self) -> dict:
         n, c = self.num_conv_channels, self.dim
@@ -244,18 +293,28 @@ class DPConv(PartialOperator):
 
     def deploy(self) -> nn.Module:
         """Static inference form at the learned width: PConv (identity) or PATConv (ch) slice."""
+        form = self._static_slice()
+        if isinstance(form, nn.Conv2d):
+            return form.eval().requires_grad_(False)
+        return form.eval().deploy()
+
+    def _static_slice(self) -> nn.Module:
+        """The trainable static operator at the learned width (what freeze() returns, deploy() deploys)."""
         if not self.is_prefix():
             raise OperatorError(
-                "DPConv gates are not monotone, so the active channels are not a prefix; call "
-                "enforce_monotonic_() (the trainer does every step) before deploying"
+                "DPConv gates are not monotone, so the active channels are not a prefix and the layer cannot "
+                "become a static slice without changing what it computes; call enforce_monotonic_() (the trainer "
+                "does after every step) and check the accuracy before deploying or freezing"
             )
         n = self.num_conv_channels
+        w = self.conv.weight
         if n == self.dim:
-            return copy.deepcopy(self.conv).eval().requires_grad_(False)
+            return copy.deepcopy(self.conv).train(self.training)
         if self.attn is None:
             op = PConv(self.dim, n / self.dim, self.conv.kernel_size, self.conv.dilation, self.conv.bias is not None)
+            op = op.to(w.device, w.dtype).train(self.training)
             copy_top_left(op.conv, self.conv)
-            return op.deploy()
+            return op
         op = PATConv(
             self.dim,
             n / self.dim,
@@ -278,4 +337,158 @@ class DPConv(PartialOperator):
             b.fc.bias.copy_(a.fc.bias[n:])
             for name in ("weight", "bias", "running_mean", "running_var"):
                 getattr(b.norm, name).copy_(getattr(a.norm, name)[n:])
-        return op.eval().deploy()
+        return op.train(self.training)
+
+
+# --- training: 000 eq. 8 over the model's DPConv layers (the family objective) -----------------------
+
+
+def dpconv_layers(model: nn.Module) -> dict[str, DPConv]:
+    """Qualified name -> DPConv module of ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, DPConv)}
+
+
+def kappa_from_theta(layers: Iterable[DPConv], theta: float) -> float:
+    """kappa = sum_l (C_l / theta)^2 over the DPConv layers (000, text before eq. 8)."""
+    if not theta >= 1:
+        raise TrainingError(f"--theta must be >= 1 (000 eq. 8), got {theta}")
+    layers = list(layers)
+    if not layers:
+        raise TrainingError("the model has no DPConv layers: --theta/--target-macs need ratio='dynamic'")
+    return float(sum((m.dim / theta) ** 2 for m in layers))
+
+
+def kappa_from_target_macs(layers: Mapping[str, DPConv], target_macs: float, breakdown: Mapping[str, Any]) -> dict:
+    """The kappa that ``target_macs`` (whole model, per image) asks for, from the model's MAC ``breakdown``
+    (``partialize.measure.flops.macs_breakdown``: its ``total`` and per-layer ``dynamic`` entries).
+
+    The DPConv convs cost ``k^2 H_l W_l n_l^2`` MACs; everything else is fixed. Solving
+    ``fixed + sum_l k^2 H_l W_l (C_l / theta)^2 = target`` for one theta shared by all layers and
+    returning ``kappa = sum_l (C_l / theta)^2`` keeps eq. 8's form (000) while hitting the budget when
+    every layer takes the same ratio; learned per-layer ratios trade width between layers, so the
+    realised MACs land near, not exactly on, the target. PAT_ch's small map is counted as fixed.
+    """
+    dyn = {k: v for k, v in breakdown["dynamic"].items() if k in layers}
+    if not dyn:
+        raise TrainingError("the model has no DPConv layers: --target-macs needs ratio='dynamic'")
+    # k^2 H_l W_l: the conv MACs per squared channel (a k x k conv at stride 1 keeps H x W)
+    unit = {k: math.prod(layers[k].conv.kernel_size) * math.prod(v["input_hw"]) for k, v in dyn.items()}
+    fixed = breakdown["total"] - sum(unit[k] * v["width"] ** 2 for k, v in dyn.items())
+    full = sum(unit[k] * dyn[k]["channels"] ** 2 for k in dyn)
+    budget = target_macs - fixed
+    if budget <= 0:
+        raise TrainingError(
+            f"--target-macs {target_macs:.4g} is below the {fixed:.4g} MACs the model spends outside "
+            "its DPConv layers; no ratio can reach it"
+        )
+    inv_theta2 = min(1.0, budget / full)
+    return {
+        "kappa": float(sum(v["channels"] ** 2 * inv_theta2 for v in dyn.values())),
+        "theta": float(inv_theta2**-0.5),
+        "fixed_macs": float(fixed),
+        "dpconv_dense_macs": float(full),
+    }
+
+
+def _resolve_kappa(layers: Mapping[str, DPConv], settings: Mapping[str, Any], context: TrainingContext) -> float | None:
+    """The eq. 8 target from whichever of kappa, theta, target_macs was given (None: no target)."""
+    given = [k for k in ("kappa", "theta", "target_macs") if settings.get(k) is not None]
+    if len(given) > 1:
+        names = " and ".join(DPConv.training_settings[k].name(k) for k in given)
+        raise TrainingError(f"give one DPConv target, not {names}: --theta or --target-macs (kappa= from Python)")
+    if not given:
+        return None
+    if given[0] == "kappa":
+        return float(settings["kappa"])
+    if given[0] == "theta":
+        return kappa_from_theta(layers.values(), settings["theta"])
+    target = settings["target_macs"]
+    k = kappa_from_target_macs(layers, target, context.count_macs())
+    context.log(f"--target-macs {target:.4g}: kappa {k['kappa']:.1f} (uniform theta {k['theta']:.2f})")
+    return k["kappa"]
+
+
+@dataclass
+class ComplexityTerms:
+    """What eq. 8 computed for one step (floats, for the log)."""
+
+    zeta: float
+    kappa: float
+    alpha: float
+    psi: float
+    factor: float
+    extra: dict = field(default_factory=dict)
+
+
+def _eq8_parts(
+    layers: Iterable[DPConv], kappa: float, alpha_over: float, alpha_under: float
+) -> tuple[torch.Tensor, torch.Tensor, ComplexityTerms]:
+    """(kappa / zeta)^alpha and psi of 000 eq. 8 over ``layers``, with the step's terms as floats."""
+    layers = list(layers)
+    zeta = torch.stack([m.complexity() for m in layers]).sum()  # 000 Alg. 1 line 6
+    psi = torch.stack([m.penalty() for m in layers]).sum()  # 000 eq. 8, psi_l
+    z = float(zeta.detach())
+    alpha = alpha_over if z > kappa else alpha_under if z < kappa else 0.0  # 000 Alg. 1 line 7 (under: 0)
+    factor = (kappa / zeta) ** alpha
+    return factor, psi, ComplexityTerms(z, kappa, alpha, float(psi.detach()), float(factor.detach()))
+
+
+def complexity_loss(
+    task_loss: torch.Tensor,
+    layers: Iterable[DPConv],
+    kappa: float,
+    *,
+    alpha_over: float = -0.01,
+    beta: float = 0.9,
+    alpha_under: float = 0.0,
+) -> tuple[torch.Tensor, ComplexityTerms]:
+    """``task * (kappa / zeta)^alpha + beta * psi`` (000 eq. 8 / Algorithm 1 line 8) over ``layers``."""
+    layers = list(layers)
+    if not layers:
+        return task_loss, ComplexityTerms(0.0, kappa, 0.0, 0.0, 1.0)
+    factor, psi, terms = _eq8_parts(layers, kappa, alpha_over, alpha_under)
+    return task_loss * factor + beta * psi, terms  # 000 eq. 8
+
+
+class ComplexityObjective(TrainingObjective):
+    """The DPConv family's part of a run: 000 eq. 8 against ``kappa`` (the task loss reweighted by
+    ``(kappa / zeta)^alpha``, ``beta * psi`` added) and each epoch t of T at the temperature sqrt(t/T)
+    (Algorithm 1 line 14). Without a target (``kappa`` None) the loss is left alone and only the learned
+    ratios are logged. Gate monotonicity after every step is each layer's ``after_step()``."""
+
+    def __init__(
+        self, layers: Mapping[str, DPConv], kappa: float | None, *, alpha_over: float, alpha_under: float, beta: float
+    ) -> None:
+        super().__init__(layers)
+        self.kappa, self.alpha_over, self.alpha_under, self.beta = kappa, alpha_over, alpha_under, beta
+
+    def run_settings(self) -> dict[str, Any]:
+        on = self.kappa is not None
+        return {
+            "kappa": self.kappa,
+            "dp_alpha": self.alpha_over if on else None,
+            "dp_alpha_under": self.alpha_under if on else None,
+            "dp_beta": self.beta if on else None,
+        }
+
+    def epoch_start(self, epoch: int, total_epochs: int) -> None:
+        if self.kappa is not None:
+            for m in self.layers.values():
+                m.anneal_(epoch, total_epochs)  # 000 Alg. 1 line 14: this epoch's temperature, t from 1
+
+    def __call__(self, loss: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.kappa is None:
+            return loss, {}
+        factor, psi, _ = _eq8_parts(self.layers.values(), self.kappa, self.alpha_over, self.alpha_under)
+        return loss * factor, {"dpconv_psi": self.beta * psi}  # 000 eq. 8: L_task (kappa/zeta)^alpha + beta psi
+
+    def epoch_record(self) -> dict[str, Any]:
+        rec: dict[str, Any] = {"ratios": {n: m.ratio for n, m in self.layers.items()}}
+        if self.kappa is not None:
+            rec["zeta"] = sum(float(m.complexity().detach()) for m in self.layers.values())
+            rec["kappa"] = self.kappa
+        return rec
+
+    def epoch_summary(self, record: Mapping[str, Any]) -> str | None:
+        ratios = record.get("ratios") or {}
+        return f"mean DPConv ratio {sum(ratios.values()) / len(ratios):.3f}" if ratios else None

@@ -43,7 +43,7 @@ def cli_run(out: str, args: list[str]) -> None:
     from partialize.cli import main
 
     torch.set_num_threads(1)
-    ft = importlib.import_module("partialize.train.finetune")  # the module (the package attribute is the function)
+    ft = importlib.import_module("partialize.train.runner")  # where the CLI's runs call finetune() from
     real = ft.finetune
     seen: dict = {}
 

@@ -21,17 +21,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import partialize
 from partialize.errors import CheckpointError
 from partialize.ops import AdaPConv, DPConv
-from partialize.train import (
-    DistillationLoss,
-    dpconv_complexity_loss,
-    finetune,
-    freeze_dynamic,
-    kappa_from_theta,
-    kd_loss,
-    load_checkpoint,
-    router_budget_loss,
-    save_checkpoint,
-)
+from partialize.ops.adapconv import router_budget_loss
+from partialize.ops.dpconv import complexity_loss, dpconv_layers, kappa_from_theta
+from partialize.train import DistillationLoss, finetune, freeze_dynamic, kd_loss, load_checkpoint, save_checkpoint
 from partialize.train.data import digits_tensors, make_train_loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,15 +163,15 @@ def test_dpconv_loss_matches_eq8():
     with torch.no_grad():
         m[1].gates.copy_(torch.tensor([0.5, -0.5, -0.3, -0.5]))  # n = 8; psi = 0.2 (gate 2 > gate 1)
     task = torch.tensor(2.0)
-    kappa = kappa_from_theta(m, 4.0)
+    kappa = kappa_from_theta(dpconv_layers(m).values(), 4.0)
     assert kappa == 2 * (16 / 4) ** 2
-    loss, t = dpconv_complexity_loss(task, m, kappa)
+    loss, t = complexity_loss(task, dpconv_layers(m).values(), kappa)
     zeta = 16**2 + 8**2
     assert t.zeta == zeta and t.alpha == -0.01
     assert math.isclose(float(loss), 2.0 * (kappa / zeta) ** -0.01 + 0.9 * 0.2, rel_tol=1e-6)
-    loss, t = dpconv_complexity_loss(task, m, kappa=1000.0)  # under budget: alpha = 0
+    loss, t = complexity_loss(task, [m[0], m[1]], kappa=1000.0)  # under budget: alpha = 0
     assert t.alpha == 0.0 and math.isclose(float(loss), 2.0 + 0.9 * 0.2, rel_tol=1e-6)
-    loss, _ = dpconv_complexity_loss(task, m, kappa)
+    loss, _ = complexity_loss(task, [m[0], m[1]], kappa)
     loss.backward()  # at full width (zeta_0 = C^2) eq. 8 still pushes the gates up (fewer channels)
     assert bool((m[0].gates.grad < 0).all())
 
@@ -191,7 +183,7 @@ def test_dpconv_ratios_move_to_target_and_freeze(digits):
     dp = [op for op in m.modules() if isinstance(op, DPConv)]
     assert len(dp) == 1
     dp[0].set_ratio(1.0)
-    kappa = kappa_from_theta(m, 4.0)  # target width 16 / 4 = 4
+    kappa = kappa_from_theta(dp, 4.0)  # target width 16 / 4 = 4
     r = finetune(m, train, val, epochs=3, lr=3e-3, theta=4.0, gate_lr_scale=20.0, progress=False, log=None)
     traj = [h["ratios"]["3"] for h in r.history]
     assert traj[-1] == dp[0].ratio and 0.125 <= traj[-1] <= 0.5  # from 1.0 to within one step of 1/4

@@ -21,7 +21,7 @@ from partialize.errors import CheckpointError
 from partialize.train import finetune
 from partialize.train.data import digits_tensors, make_train_loader, write_image_folder
 
-ft_module = importlib.import_module("partialize.train.finetune")
+runner = importlib.import_module("partialize.train.runner")  # the CLI's runs call finetune() from here
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +86,13 @@ def test_a_corrupt_image_is_skipped_with_its_path(folder, tmp_path):
 def test_finetune_trains_at_the_plans_size(folder, tmp_path, monkeypatch):
     root, ckpt = folder
     sizes = []
-    real = ft_module.finetune
+    real = runner.finetune
 
     def spy(model, train_loader, *a, **k):
         sizes.append(tuple(next(iter(train_loader))[0].shape[-2:]))
         return real(model, train_loader, *a, **k)
 
-    monkeypatch.setattr(ft_module, "finetune", spy)
+    monkeypatch.setattr(runner, "finetune", spy)
     r = CliRunner().invoke(main, _ft(ckpt, root / "data", tmp_path / "run"))
     assert r.exit_code == 0, r.output
     assert sizes == [(16, 16)]  # converted at 16 px (the plan), not resnet18's 224
@@ -101,7 +101,7 @@ def test_finetune_trains_at_the_plans_size(folder, tmp_path, monkeypatch):
 
 def test_ctrl_c_keeps_the_checkpoint_and_exits_130(folder, tmp_path, monkeypatch):
     root, ckpt = folder
-    real = ft_module.finetune
+    real = runner.finetune
 
     def interrupted(*a, **k):
         def ctrl_c(rec):
@@ -110,13 +110,13 @@ def test_ctrl_c_keeps_the_checkpoint_and_exits_130(folder, tmp_path, monkeypatch
 
         return real(*a, **{**k, "on_epoch_end": ctrl_c})
 
-    monkeypatch.setattr(ft_module, "finetune", interrupted)
+    monkeypatch.setattr(runner, "finetune", interrupted)
     out = tmp_path / "run"
     r = CliRunner().invoke(main, _ft(ckpt, root / "data", out)[:-6] + ["--epochs", "3", "--out", str(out)])
     assert r.exit_code == 130, r.output
     assert "interrupted" in r.output and "(epoch 1) is kept" in r.output and "--resume" in r.output
     assert "Traceback" not in r.output
-    monkeypatch.setattr(ft_module, "finetune", real)
+    monkeypatch.setattr(runner, "finetune", real)
     r = CliRunner().invoke(main, _ft(ckpt, root / "data", out)[:-6] + ["--epochs", "3", "--out", str(out), "--resume"])
     assert r.exit_code == 0 and "after epoch 1 " in r.output, r.output
 

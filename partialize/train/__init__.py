@@ -1,34 +1,36 @@
-"""Fine-tuning and training: the loop, distillation, DPConv/Ada-PConv constraints, checkpoints, DDP.
+"""Fine-tuning and training: the loop (config, trainer, callbacks), distillation, checkpoints, DDP, and
+the runs behind ``partialize finetune`` / ``partialize train``.
 
+The trainer calls only the operator contract (``partialize.ops.PartialOperator``): each operator family
+brings its own objective and settings (DPConv's 000 eq. 8, Ada-PConv's routing and router budget).
 Nothing here is imported by ``partialize`` itself; import ``partialize.train`` to use it.
 """
 
 from __future__ import annotations
 
+from .callbacks import Callback
 from .checkpoint import load_checkpoint, save_checkpoint
-from .constraints import (
-    dpconv_complexity_loss,
-    dpconv_layers,
-    kappa_from_target_macs,
-    kappa_from_theta,
-    learned_ratios,
-    router_budget_loss,
-)
+from .config import FinetuneConfig, TrainingError
 from .distill import DistillationLoss, kd_loss
-from .finetune import FinetuneResult, finetune, freeze_dynamic
+from .finetune import FinetuneResult, evaluate, finetune, freeze_dynamic, learned_ratios
+from .loop import Trainer
+from .runner import RunResult, run_finetune, run_train
 
 __all__ = [
+    "Callback",
     "DistillationLoss",
+    "FinetuneConfig",
     "FinetuneResult",
-    "dpconv_complexity_loss",
-    "dpconv_layers",
+    "RunResult",
+    "Trainer",
+    "TrainingError",
+    "evaluate",
     "finetune",
     "freeze_dynamic",
-    "kappa_from_target_macs",
-    "kappa_from_theta",
     "kd_loss",
     "learned_ratios",
     "load_checkpoint",
-    "router_budget_loss",
+    "run_finetune",
+    "run_train",
     "save_checkpoint",
 ]

@@ -140,6 +140,7 @@ def test_settings_are_checked_against_the_declarations(digits):
     train, _ = digits
     cfg = FinetuneConfig.from_settings(epochs=1, lr=1e-3, theta=4.0, router_budget=0.3, seed=2)
     assert (cfg.epochs, cfg.seed) == (1, 2) and cfg.operator_settings == {"theta": 4.0, "router_budget": 0.3}
+    assert FinetuneConfig.from_settings(epochs=1, settings={"size": 8}).run_settings == {"size": 8}  # the old name
     with pytest.raises(TrainingError, match="unknown training setting.*'thetta'.*the operators' .*theta"):
         FinetuneConfig.from_settings(epochs=1, lr=1e-3, thetta=4.0).validate()
     with pytest.raises(TrainingError, match=r"--lr \(lr=\) is required"):

@@ -147,6 +147,8 @@ class FinetuneConfig:
     def from_settings(cls, **settings: Any) -> FinetuneConfig:
         """The trainer's keys become fields, every other key ``operator_settings`` (:meth:`validate`
         refuses one that no operator declares)."""
+        if "settings" in settings and "run_settings" not in settings:  # its name before FinetuneConfig
+            settings["run_settings"] = settings.pop("settings") or {}
         own = {f.name for f in fields(cls)} - {"operator_settings"}
         ops = {k: v for k, v in settings.items() if k not in own}
         return cls(**{k: v for k, v in settings.items() if k in own}, operator_settings=ops)

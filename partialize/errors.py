@@ -32,3 +32,8 @@ class CheckpointError(PartializeError):
 
 class ExportError(PartializeError):
     """A model cannot be exported the way that was asked (an exporter that cannot express an operator)."""
+
+
+class TrainingError(PartializeError):
+    """Training cannot go on: a setting it cannot use, a non-finite loss, a target no layer can reach
+    (raised by the trainer and by operators' training objectives)."""

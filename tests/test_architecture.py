@@ -13,7 +13,7 @@ PKG = pathlib.Path(__file__).resolve().parent.parent / "partialize"
 
 # lowest first; a module may import from its own layer and the layers below it, never above
 LAYERS = [
-    {"errors", "_version", "macs", "_fs"},
+    {"errors", "_version", "macs", "_fs", "datasets"},
     {"ops"},
     {"models", "recipe"},
     {"base_model"},
@@ -22,7 +22,7 @@ LAYERS = [
     {"serialization"},
     {"exporting"},
     {"measure"},
-    {"train", "calibrate"},
+    {"train", "calibration"},
     {"api"},
     {"cli", "__init__", "__main__"},
 ]
@@ -124,8 +124,10 @@ def test_no_module_level_import_cycle():
 def _operator_class_names() -> set[str]:
     names = set()
     for p in (PKG / "ops").glob("*.py"):
+        if p.name == "base.py":  # the contract itself: what everyone is meant to use
+            continue
         for node in ast.parse(p.read_text()).body:
-            if isinstance(node, ast.ClassDef) and node.name not in ("PartialOperator", "InferenceForm"):
+            if isinstance(node, ast.ClassDef):
                 names.add(node.name)
     return names
 

@@ -31,16 +31,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import OperatorError, PartializeError
+from ..errors import OperatorError, PartializeError, TrainingError  # noqa: F401  (TrainingError: re-exported)
 from ..macs import count_macs
 from ._export import RefuseScript
-
-
-class TrainingError(PartializeError):
-    """Training cannot go on: a setting it cannot use, a non-finite loss, a target no layer can reach.
-
-    Raised by the trainer (``partialize.train``) and by operators' training objectives, which sit below
-    it; ``partialize.train.TrainingError`` is this class."""
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ else happens at import time.
 The package is layered; a module imports only from its own layer and those below it (enforced by
 tests/test_architecture.py; docs/architecture.md says what each does):
 
-1. ``errors``, ``macs`` (the one MAC counter), ``_fs``, ``_version``
+1. ``errors``, ``macs`` (the one MAC counter), ``_fs``, ``_version``, ``datasets`` (digits made harder)
 2. ``ops`` (the operators and their contract, ``ops.base.PartialOperator``)
 3. ``models`` (native PartialNet), ``recipe`` (schema, loading, rule resolution)
 4. ``base_model`` (build the model a conversion starts from)
@@ -15,7 +15,7 @@ tests/test_architecture.py; docs/architecture.md says what each does):
 7. ``serialization`` (save / load: plan + tensors)
 8. ``exporting`` (ONNX, TorchScript, deployed safetensors)
 9. ``measure`` (MACs, speed, accuracy, reports)
-10. ``train``, ``calibrate``
+10. ``train``, ``calibration`` (keeping what the model knew)
 11. ``api`` (plan, apply, convert)
 12. ``cli`` (parses and prints), this package
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 from . import models  # noqa: F401  (registers the native models with timm)
 from ._version import __version__
 from .api import ConversionResult, apply, convert, plan
+from .calibration import calibrate, fidelity
 from .errors import (
     CheckpointError,
     ExportError,
@@ -44,9 +45,11 @@ __all__ = [
     "ExportError",
     "PartialOperator",
     "apply",
+    "calibrate",
     "convert",
     "deploy",
     "export",
+    "fidelity",
     "load",
     "plan",
     "save",

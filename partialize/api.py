@@ -11,6 +11,7 @@ from torch import nn
 
 from ._fs import check_output
 from .base_model import build_model, check_runs_at
+from .calibration import CalibrationError, CalibrationResult, calibrate_model
 from .engine.apply import apply_plan
 from .engine.plan import Plan
 from .engine.planner import make_plan
@@ -104,9 +105,12 @@ class ConversionResult:
     speed: dict | None = None
     path: str | None = None
     notes: list[str] = field(default_factory=list)
+    calibration: CalibrationResult | None = None
 
     def to_dict(self) -> dict:
         out = {"plan": self.plan.to_dict(), "notes": list(self.notes)}
+        if self.calibration is not None:
+            out["calibration"] = self.calibration.to_dict()
         if self.speed is not None:
             out["speed"] = self.speed
         if self.path is not None:
@@ -127,13 +131,19 @@ def convert(
     speed: bool = True,
     threads: int = 1,
     batch: int = 16,
+    calibrate: str | os.PathLike | None = None,
+    calib_images: int = 512,
+    calib_steps: int = 200,
     progress: Callable[[str], None] | None = None,
+    calib_progress: Callable[[str, int, int, float], None] | None = None,
 ) -> ConversionResult:
     """The whole ``partialize convert`` job: build ``model`` (a spec, see ``base_model.build_model``, or
     an ``nn.Module``), plan ``recipe`` (default ``default``), convert, time the deployed original and
     converted models side by side (``threads``, latency at batch 1, throughput at ``batch``), and save
     to ``out``. ``out`` is checked before any work: an existing file needs ``force``. ``dry_run`` stops
-    after the plan."""
+    after the plan. ``calibrate``: an ImageFolder of unlabelled images (``calib_images`` of them, the
+    labels unused) on which the converted model is calibrated against the original before it is timed
+    and saved (``partialize.calibrate``; the fidelity report is in the result)."""
     say = progress or (lambda _msg: None)
     if out is not None and not dry_run:  # before the work: an existing or unwritable --out fails now
         out = os.fspath(out)
@@ -141,6 +151,10 @@ def convert(
         check_output(out, force=force, inputs=[weights] + ([os.fspath(recipe)] if isinstance(recipe, str) else []))
     rec = load_recipe(recipe if recipe is not None else "default")
     size = input_size or rec.input_size
+    if calibrate is not None and not os.path.isdir(os.fspath(calibrate)):
+        raise CalibrationError(
+            f"--calibrate {os.fspath(calibrate)!r} is not a directory: give an ImageFolder of images (labels unused)"
+        )
     if isinstance(model, str):
         name = model
         model = build_model(model, weights=weights, num_classes=num_classes)
@@ -158,6 +172,15 @@ def convert(
     if dry_run:
         return result
     result.model = apply_plan(model, plan)
+    if calibrate is not None:
+        if weights == "random":
+            result.notes.append("calibrating random weights: it restores the original's function, which is random")
+        say(f"calibrating on {calib_images} images of {os.fspath(calibrate)}")
+        result.calibration = calibrate_model(
+            result.model, model, calibrate, images=calib_images, steps=calib_steps, input_size=size,
+            progress=calib_progress,
+        )  # fmt: skip
+        result.model = result.calibration.model
     if speed:
         say(f"measuring speed of the deployed forms: {threads} thread(s), batch 1 and {batch}")
         result.speed = speed_summary(

@@ -99,9 +99,34 @@ def bench_ops_cmd(threads, channels, sizes, batches, rounds, md_path, force) -> 
 )
 @click.option("--threads", default=1, type=POSITIVE, show_default=True, help="torch threads for the speed check.")
 @click.option("--batch", default=16, type=POSITIVE, show_default=True, help="Batch size for the throughput check.")
+@click.option(
+    "--calibrate",
+    "calib_dir",
+    type=click.Path(),
+    help="ImageFolder of unlabelled images: calibrate the converted model against the original on them "
+    "(channel choice, BN statistics, block-wise distillation) and print its fidelity before and after.",
+)
+@click.option("--calib-images", default=512, type=POSITIVE, show_default=True, help="Calibration images to use.")
+@click.option(
+    "--calib-steps", default=200, type=click.IntRange(min=0), show_default=True, help="Distillation steps per block."
+)
 @friendly_errors
 def convert(
-    model, recipe_path, weights, out, input_size, num_classes, dry_run, force, as_json, speed, threads, batch
+    model,
+    recipe_path,
+    weights,
+    out,
+    input_size,
+    num_classes,
+    dry_run,
+    force,
+    as_json,
+    speed,
+    threads,
+    batch,
+    calib_dir,
+    calib_images,
+    calib_steps,
 ) -> None:
     """Convert MODEL to partial-channel form by a recipe and print what changed.
 
@@ -112,6 +137,7 @@ def convert(
 
       partialize convert resnet50 --recipe recipes/resnet50-patconv.yaml --out r50.safetensors
     """
+    import contextlib
     import json
     import sys as _sys
 
@@ -119,31 +145,40 @@ def convert(
 
     from ..api import convert as run_convert
     from ..engine.render import plan_table, speed_table, summary_table
+    from ._render import CalibrationBar, fidelity_table
 
     stream = _sys.stderr if as_json else _sys.stdout
     console = Console(stderr=as_json, width=None if stream.isatty() else 150)
-    res = run_convert(
-        model,
-        recipe_path,
-        weights=weights,
-        num_classes=num_classes,
-        input_size=input_size,
-        out=out,
-        force=force,
-        dry_run=dry_run,
-        speed=speed,
-        threads=threads,
-        batch=batch,
-        progress=None if as_json else lambda msg: console.print(f"[dim]{msg}...[/dim]"),
-    )
+    bar = CalibrationBar(console) if calib_dir and not as_json else contextlib.nullcontext()
+    with bar:
+        res = run_convert(
+            model,
+            recipe_path,
+            weights=weights,
+            num_classes=num_classes,
+            input_size=input_size,
+            out=out,
+            force=force,
+            dry_run=dry_run,
+            speed=speed,
+            threads=threads,
+            batch=batch,
+            calibrate=calib_dir,
+            calib_images=calib_images,
+            calib_steps=calib_steps,
+            progress=None if as_json else lambda msg: console.print(f"[dim]{msg}...[/dim]"),
+            calib_progress=getattr(bar, "update", None),
+        )
     if as_json:
-        click.echo(json.dumps({"model": model, "recipe": res.plan.recipe.get("name") or recipe_path} | res.to_dict(),
-                              indent=2, default=str))  # fmt: skip
+        name = res.plan.recipe.get("name") or recipe_path
+        click.echo(json.dumps({"model": model, "recipe": name} | res.to_dict(), indent=2, default=str))
         return
     for note in res.notes:
         console.print(f"[dim]{note}[/dim]")
     console.print(plan_table(res.plan))
     console.print(summary_table(res.plan))
+    if res.calibration is not None:
+        console.print(fidelity_table(res.calibration))
     if res.speed is not None:
         console.print(speed_table(res.speed, res.plan))
     if res.path:

@@ -1,0 +1,152 @@
+"""Calibration (issue 13): the permutation leaves the original's function unchanged, each step reduces
+what it targets on held-out images, nothing passed in is modified, bad input is a clear error, and a
+seed reproduces it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from _helpers import nondegenerate_, rel_err
+from click.testing import CliRunner
+
+import partialize
+from partialize.calibration import CalibrationError, calibrate_model, fidelity
+from partialize.calibration.permute import permute_by_importance
+from partialize.calibration.steps import blocks_of, recalibrate_bn
+from partialize.cli import main
+from partialize.datasets import hard_digits, write_image_folder
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, _ = hard_digits("train", renders=1)
+    return x[:192]
+
+
+@pytest.fixture(scope="module")
+def r18():
+    torch.manual_seed(0)
+    return nondegenerate_(timm.create_model("resnet18", num_classes=10).eval())
+
+
+def _state(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "name,recipe", [("resnet18", "default"), ("mobilenetv2_100", "mobilenetv2-patconv"), ("resnet50", "default")]
+)
+def test_the_permuted_original_computes_the_same_function(name, recipe, digits):
+    torch.manual_seed(0)
+    model = nondegenerate_(timm.create_model(name, num_classes=10).eval())
+    plan = partialize.plan(model, recipe, input_size=32)
+    layers = [e.layer for e in plan.converted_outermost]
+    permuted, notes = permute_by_importance(model, layers, digits)
+    assert not notes, notes
+    with torch.no_grad():
+        assert rel_err(permuted(digits[:32]), model(digits[:32])) < 1e-5
+    convs = [n for n in layers if isinstance(model.get_submodule(n), torch.nn.Conv2d)]
+    changed = [n for n in convs if not torch.equal(permuted.get_submodule(n).weight, model.get_submodule(n).weight)]
+    assert changed, "nothing was reordered"
+
+
+def test_the_most_important_channels_come_first(r18, digits):
+    """After the permutation, the converted conv's input-channel importance (E[x^2] ||W[:, c]||^2) is in
+    descending order: the first channels, those a partial conv computes, are the most important."""
+    layer = "layer1.0.conv2"  # reads the block's own channels (a residual stream keeps its order)
+    permuted, _ = permute_by_importance(r18, [layer], digits)
+    acts = []
+    h = permuted.get_submodule(layer).register_forward_hook(lambda m, a, o: acts.append(a[0]))
+    with torch.no_grad():
+        permuted(digits)
+    h.remove()
+    x = torch.cat(acts)
+    w = permuted.get_submodule(layer).weight
+    score = x.square().mean(dim=(0, 2, 3)) * w.square().sum(dim=(0, 2, 3))
+    assert torch.all(score[:-1] >= score[1:] - 1e-6 * score.max())
+
+
+def test_each_step_reduces_its_error_on_held_out_images(r18, digits):
+    converted = partialize.apply(r18, "default", input_size=32)
+    held = digits[-64:]
+    res = calibrate_model(converted, r18, digits[:-64], images=128, steps=30, seed=0)
+    errs = [(d["rel_error_before"], d["rel_error_after"]) for d in res.blocks.values()]
+    assert errs and all(a <= b for b, a in errs)  # on the calibration images: never worse (kept otherwise)
+    assert sum(a < b for b, a in errs) >= len(errs) // 2  # and most blocks strictly better
+    blocks = blocks_of(converted, [e.layer for e in converted._partialize_plan.converted_outermost])
+    before = fidelity(converted, r18, held, blocks)
+    after = fidelity(res.model, r18, held)  # model outputs: the permutation does not matter there
+    assert after.kl < before.kl and after.agreement >= before.agreement
+    # BN statistics alone already move the held-out output towards the original
+    bn_only = copy.deepcopy(converted)
+    recalibrate_bn(bn_only, digits[:-64])
+    assert fidelity(bn_only, r18, held, []).kl < before.kl
+
+
+def test_inputs_are_untouched_and_a_seed_reproduces(r18, digits):
+    converted = partialize.apply(r18, "default", input_size=32)
+    s_orig, s_conv = _state(r18), _state(converted)
+    a = calibrate_model(converted, r18, digits, images=96, steps=10, seed=3)
+    b = calibrate_model(converted, r18, digits, images=96, steps=10, seed=3)
+    c = calibrate_model(converted, r18, digits, images=96, steps=10, seed=4)
+    assert _same(_state(r18), s_orig) and _same(_state(converted), s_conv)
+    assert _same(_state(a.model), _state(b.model))
+    assert not _same(_state(a.model), _state(c.model))
+
+
+def test_a_trained_model_keeps_its_weights_no_channel_choice(r18, digits):
+    converted = partialize.apply(r18, "default", input_size=32)
+    with torch.no_grad():
+        converted.fc.weight.add_(0.01)  # as if fine-tuned: the permutation would discard this
+    res = calibrate_model(converted, r18, digits, images=64, steps=0)
+    assert any("channel choice skipped" in n for n in res.notes)
+    assert torch.equal(res.model.fc.weight, converted.fc.weight)
+
+
+def test_the_calibrated_model_saves_and_loads(r18, digits, tmp_path):
+    converted = partialize.apply(r18, "default", input_size=32)
+    cal = partialize.calibrate(converted, r18, digits, images=64, steps=5)
+    assert cal.calibration["after"]["images"] > 0
+    loaded = partialize.load(partialize.save(cal, tmp_path / "c.safetensors"), model=r18)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(digits[:4]), cal.eval()(digits[:4]))
+
+
+def test_bad_calibration_input_is_a_clear_error(r18, tmp_path):
+    converted = partialize.apply(r18, "default", input_size=32)
+    with pytest.raises(CalibrationError, match="not a directory"):
+        calibrate_model(converted, r18, str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CalibrationError):
+        calibrate_model(converted, r18, str(tmp_path / "empty"))
+    with pytest.raises(CalibrationError, match="converted by partialize"):
+        calibrate_model(r18, r18, torch.randn(4, 3, 32, 32))
+    with pytest.raises(CalibrationError, match="unknown calibration step"):
+        calibrate_model(converted, r18, torch.randn(4, 3, 32, 32), use=("magic",))
+    runner = CliRunner()
+    for bad in (str(tmp_path / "nope"), str(tmp_path / "empty")):
+        r = runner.invoke(main, ["convert", "resnet18", "--input-size", "32", "--no-speed", "--calibrate", bad])
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+
+
+def test_cli_convert_calibrate_prints_fidelity(tmp_path):
+    x, y = hard_digits("val", renders=1)
+    folder = write_image_folder(x[:80], y[:80], tmp_path / "calib")
+    args = ["convert", "resnet10t", "--input-size", "32", "--no-speed", "--calibrate", folder, "--calib-images", "64"]
+    r = CliRunner().invoke(main, args + ["--calib-steps", "5"])
+    assert r.exit_code == 0, r.output
+    assert "top-1 agreement" in r.output and "KL to the original" in r.output
+    r = CliRunner().invoke(main, args + ["--calib-steps", "5", "--json"])
+    assert r.exit_code == 0
+    import json
+
+    data = json.loads(r.stdout)
+    assert data["calibration"]["steps"] == ["channels", "bn", "distil"]
+    assert 0 <= data["calibration"]["after"]["agreement"] <= 100

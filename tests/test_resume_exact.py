@@ -42,7 +42,7 @@ def _cmd(ckpt, data, out, *extra):
             "--device", "cpu", "--no-amp", "--no-report", "--out", str(out), *extra]  # fmt: skip
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the venv imports this checkout (editable install)
 
 
 def _epochs_logged(out) -> int:

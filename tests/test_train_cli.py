@@ -105,6 +105,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.filterwarnings("ignore")
+@pytest.mark.slow  # two torchrun processes: ~12 s on 2 cores
 def test_ddp_cli_finetune_shards_data_and_ranks_agree(tmp_path):
     """`torchrun -nproc 2 partialize finetune` (gloo): each rank trains on its own half of the
     ImageFolder (disjoint, together the whole set) and both end with identical weights."""
@@ -117,7 +118,7 @@ def test_ddp_cli_finetune_shards_data_and_ranks_agree(tmp_path):
     args = ["finetune", str(ckpt), "--data", str(data), "--teacher", "none", "--batch-size", "3", "--epochs", "1",
             "--input-size", "32", "--out", str(out), "--lr", "1e-2", "--warmup-epochs", "0", "--no-amp",
             "--no-report", "--device", "cpu"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the venv imports this checkout (editable install)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
            os.path.join(ROOT, "tests", "_train_ddp_worker.py"), "cli", str(tmp_path), *args]  # fmt: skip

@@ -12,6 +12,8 @@ so a module called twice counts twice and whatever path an op takes (fused atten
 - ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` fast paths: their projections,
   attention and (encoder layer) feed-forward products.
 
+The same count in ``no_grad`` and ``inference_mode`` (where composite ops such as ``conv2d``,
+``linear``, ``matmul``, ``einsum`` and ``scaled_dot_product_attention`` reach the mode whole).
 Not counted: normalisation, activations, pooling, elementwise arithmetic, softmax. Their cost is
 linear in the activations; eval-mode BN folds into the preceding conv, so the count is the same
 for a model and its BN-folded inference form. Our formulas, not ``torch.utils.flop_counter``'s,
@@ -47,6 +49,36 @@ def _conv(args, out) -> int:
 
 def _mm(a, b) -> int:  # (..., M, K) @ (..., K, N)
     return prod(a.shape[:-1]) * a.shape[-1] * b.shape[-1]
+
+
+def _conv_composite(args, out) -> int:
+    """``aten.convNd`` (seen as one op under inference mode): output elements x weight[1] x kernel."""
+    w = args[1]
+    return out.numel() * w.shape[1] * prod(w.shape[2:])
+
+
+def _conv_transpose_composite(args, out) -> int:
+    x, w = args[0], args[1]
+    return x.numel() * w.shape[1] * prod(w.shape[2:])
+
+
+def _matmul(args, out) -> int:
+    """``aten.matmul`` with broadcasting: every output element is a K-long dot product (1-D ends too)."""
+    a = args[0]
+    return max(1, out.numel()) * a.shape[-1]
+
+
+def _einsum(args, out) -> int:
+    """A contraction: the product of the sizes of every index in the equation (each once)."""
+    equation, operands = args[0], args[1]
+    lhs = equation.replace(" ", "").split("->")[0].split(",")
+    sizes: dict[str, int] = {}
+    for spec, t in zip(lhs, operands):
+        if "." in spec:
+            return out.numel() * max(1, t.shape[-1])  # ellipsis: the output times the last size
+        for ch, n in zip(spec, t.shape):
+            sizes[ch] = n
+    return prod(sizes.values()) if len(operands) > 1 else 0
 
 
 def _attention_bhld(q, k, v) -> int:
@@ -98,6 +130,19 @@ _FORMULAS: dict[object, Callable] = {
     aten._efficient_attention_forward.default: lambda a, o: _attention_blhd(*a[:3]),
     aten._native_multi_head_attention.default: lambda a, o: _mha(a[0], a[1], a[2], int(a[3]), a[7].shape[0]),
     aten._transformer_encoder_layer_fwd.default: lambda a, o: _encoder_layer(a),
+    # composite ops that inference mode hands to the mode whole (no_grad shows what they decompose to)
+    aten.conv1d.default: _conv_composite,
+    aten.conv2d.default: _conv_composite,
+    aten.conv3d.default: _conv_composite,
+    aten.conv1d.padding: _conv_composite,
+    aten.conv2d.padding: _conv_composite,
+    aten.conv3d.padding: _conv_composite,
+    aten.conv_transpose1d.default: _conv_transpose_composite,
+    aten.conv_transpose2d.input: _conv_transpose_composite,
+    aten.conv_transpose3d.input: _conv_transpose_composite,
+    aten.matmul.default: _matmul,
+    aten.einsum.default: _einsum,
+    aten.scaled_dot_product_attention.default: lambda a, o: _attention_bhld(*a[:3]),
 }
 
 # ops that do multiply-accumulate work but have no formula here: reported, never silently 0

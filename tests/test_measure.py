@@ -177,6 +177,8 @@ def test_totals_match_torchvision_published_gmacs(name):
     published = torchvision.models.get_model_weights(name).DEFAULT.meta["_ops"]
     x = torch.randn(1, 3, 224, 224)
     assert model_macs(model, x) / 1e9 == pytest.approx(published, abs=6e-4)  # published to 3 decimals
+    with torch.inference_mode():  # composite ops (conv2d, linear, sdpa) reach the counter whole here
+        assert model_macs(model, x) / 1e9 == pytest.approx(published, abs=6e-4)
     if name == "vit_b_16":  # nn.MultiheadAttention's fast path: the plan counts it too
         import partialize
 

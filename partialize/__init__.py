@@ -15,7 +15,7 @@ tests/test_architecture.py; docs/architecture.md says what each does):
 7. ``serialization`` (save / load: plan + tensors)
 8. ``exporting`` (ONNX, TorchScript, deployed safetensors)
 9. ``measure`` (MACs, speed, accuracy, reports)
-10. ``train``, ``calibration`` (keeping what the model knew)
+10. ``train``, ``calibration`` (keeping what the model knew), ``search`` (latency-aware recipes)
 11. ``api`` (plan, apply, convert)
 12. ``cli`` (parses and prints), this package
 """
@@ -26,6 +26,7 @@ from . import models  # noqa: F401  (registers the native models with timm)
 from ._version import __version__
 from .api import ConversionResult, apply, convert, plan
 from .calibration import calibrate, fidelity
+from .search import search
 from .errors import (
     CheckpointError,
     ExportError,
@@ -53,6 +54,7 @@ __all__ = [
     "load",
     "plan",
     "save",
+    "search",
     "CheckpointError",
     "ModelError",
     "OperatorError",

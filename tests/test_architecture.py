@@ -22,7 +22,7 @@ LAYERS = [
     {"serialization"},
     {"exporting"},
     {"measure"},
-    {"train", "calibration"},
+    {"train", "calibration", "search"},
     {"api"},
     {"cli", "__init__", "__main__"},
 ]

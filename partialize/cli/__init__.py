@@ -251,6 +251,59 @@ def export_cmd(checkpoint, fmt, out, input_size, batch, force, trust_factory) ->
     click.echo(f"wrote {res.path} (input {'x'.join(map(str, res.input_shape))})")
 
 
+@main.command("search")
+@click.argument("model")
+@click.option("--target-speedup", type=click.FloatRange(min=1.0, min_open=True), required=True,
+              help="Throughput speed-up to reach over the original, deployed forms (e.g. 2.0).")  # fmt: skip
+@click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="Write the recipe (YAML) here.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the full result as JSON.")
+@click.option("--threads", default=1, type=POSITIVE, show_default=True, help="torch CPU threads for every timing.")
+@click.option("--batch", default=16, type=POSITIVE, show_default=True, help="Batch the speed-up is for.")
+@click.option("--input-size", type=POSITIVE, help="Input H=W [default: the model's].")
+@click.option("--data", type=click.Path(file_okay=False), help="ImageFolder for the accuracy proxy [default: N(0,1)].")
+@click.option("--weights", default="random", show_default=True, help="random | pretrained | PATH (a state_dict).")
+@click.option("--num-classes", type=POSITIVE, help="Build the base model with this many classes.")
+@click.option("--no-remeasure", is_flag=True, help="Skip timing the whole converted model at the end.")
+@click.option("--no-cache", is_flag=True, help="Time every option again instead of reusing this machine's cache.")
+@click.option("--force", is_flag=True, help="Overwrite --out / --json if they exist.")
+@friendly_errors
+def search_cmd(model, target_speedup, out, json_path, threads, batch, input_size, data, weights, num_classes,
+               no_remeasure, no_cache, force) -> None:  # fmt: skip
+    """Find the partial form of MODEL that reaches --target-speedup on this machine at the least
+    predicted accuracy cost, and write it as a recipe.
+
+    Every layer an operator accepts is tried with each option (PConv 1/8, 1/4, 1/2, PATConv, partial
+    MLP / residual / attention, and combinations inside a block), each built by the planner, deployed
+    and timed in place at its real input shape, batch and threads (cached per machine); the choice is
+    an exact knapsack on a time grid; the whole converted model is then re-measured side by side with
+    the original (predicted vs measured). Example:
+
+      partialize search resnet50 --target-speedup 2.0 --out r50-2x.yaml --json r50-2x.json
+    """
+    from rich.console import Console
+
+    from .._fs import check_output
+    from ..base_model import build_model
+    from ..search import search, write_result
+
+    check_output(out, force=force, option="--out")
+    if json_path:
+        check_output(json_path, force=force, option="--json")
+    console = Console()
+    base = build_model(model, weights=weights, num_classes=num_classes).eval()
+    res = search(
+        base, target_speedup, name=model, input_size=input_size, threads=threads, batch=batch, data=data,
+        remeasure=not no_remeasure, cache=not no_cache, progress=lambda m: console.print(f"[dim]{m}[/dim]"),
+    )  # fmt: skip
+    write_result(res, out, json_path, force=force)
+    measured = f"{res.measured_speedup:.2f}x" if res.measured_speedup is not None else "not measured"
+    console.print(
+        f"{len(res.recipe['rules'])} rules; predicted {res.predicted_speedup:.2f}x, measured {measured} "
+        f"(target {target_speedup:g}x; batch {batch}, {threads} thread(s)); {res.seconds['total']:.0f} s"
+    )
+    console.print(f"wrote {out}" + (f" and {json_path}" if json_path else ""))
+
+
 @main.group()
 def recipe() -> None:
     """Inspect and validate recipes."""

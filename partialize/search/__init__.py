@@ -1,0 +1,188 @@
+"""Latency-aware search: the partial model that reaches a target speed-up on *this* machine at the
+least predicted accuracy cost, written as an ordinary recipe.
+
+``partialize.search(model, target_speedup=2.0)``:
+
+1. **units and options** (``units.py``): every outermost layer some operator accepts, with the
+   candidates inside it, and the options the operators accept there (PConv at 1/8, 1/4, 1/2,
+   PATConv, partial MLP, partial residual, partial attention, and combinations inside a unit);
+2. **cost table** (``costs.py``): each option built by the planner, deployed and timed in place at the
+   unit's real input shape, batch and thread count (cached on disk), and its accuracy proxy;
+3. **the choice** (``solve.py``): a multiple-choice knapsack solved exactly on a time grid: the least
+   total proxy whose predicted time reaches the target;
+4. the recipe (exact layer names, reviewable and replayable), the prediction, and the whole converted
+   model **re-measured** side by side with the original.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import yaml
+from torch import nn
+
+from .._fs import write_text
+from ..calibration.data import calibration_images
+from ..engine.apply import apply_plan
+from ..engine.discover import discover
+from ..engine.planner import make_plan
+from ..engine.tracer import example_input_for
+from ..inference import deploy
+from ..recipe import load_recipe
+from .costs import Timer, UnitCosts, fingerprint, measure_units, side_by_side_timer
+from .solve import SearchError, choose
+from .units import DEFAULT_OPTIONS, Unit, find_units
+
+__all__ = ["SearchError", "SearchResult", "search"]
+
+
+@dataclass
+class SearchResult:
+    """The recipe the search wrote, what it predicts and (re-measured) what the model does."""
+
+    target_speedup: float
+    predicted_speedup: float
+    measured_speedup: float | None
+    recipe: dict
+    choices: list[dict]
+    model_time_ms: float
+    rest_time_ms: float
+    guarantee: str
+    conditions: dict
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def recipe_yaml(self) -> str:
+        head = (
+            f"# written by partialize search: target {self.target_speedup:g}x, predicted "
+            f"{self.predicted_speedup:.3f}x, measured "
+            + (f"{self.measured_speedup:.3f}x" if self.measured_speedup is not None else "not measured")
+            + f"\n# on {self.conditions.get('machine')}, batch {self.conditions.get('batch')}\n"
+        )
+        return head + yaml.safe_dump(self.recipe, sort_keys=False)
+
+
+def _inputs(model, data, batch, input_size, seed: int = 0) -> torch.Tensor:
+    if data is not None:
+        return calibration_images(data, model, batch, input_size=input_size, seed=seed)
+    x1 = example_input_for(model, input_size)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((batch, *x1.shape[1:]), generator=g).to(x1.device, x1.dtype)
+
+
+def _model_time(model: nn.Module, x: torch.Tensor, timer: Timer, threads: int) -> float:
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            return timer({"model": deploy(model)}, x)["model"][0]
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _choices(units: list[Unit], costs: list[UnitCosts], picks: list[int]) -> list[dict]:
+    out = []
+    for unit, uc, k in zip(units, costs, picks):
+        out.append(
+            {
+                "unit": unit.name,
+                "option": [o.describe() for o in unit.options[k]] or ["keep"],
+                "time_ms": uc.times[k] * 1e3,
+                "keep_time_ms": uc.times[0] * 1e3,
+                "proxy": uc.costs[k],
+                "spread": uc.spread[k],
+            }
+        )
+    return out
+
+
+def search(
+    model: nn.Module,
+    target_speedup: float,
+    *,
+    name: str | None = None,
+    input_size: int | None = None,
+    threads: int = 1,
+    batch: int = 16,
+    data: str | os.PathLike | torch.Tensor | None = None,
+    options=DEFAULT_OPTIONS,
+    remeasure: bool = True,
+    timer: Timer | None = None,
+    cache: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> SearchResult:
+    """Search ``model`` for ``target_speedup`` (throughput at ``batch``, ``threads`` CPU threads,
+    deployed forms); see the module docstring. ``data``: images for the accuracy proxy (an ImageFolder,
+    or a tensor), else N(0, 1) inputs. ``timer`` replaces the real timer (tests)."""
+    if not target_speedup > 1.0:
+        raise SearchError(f"--target-speedup must be > 1 (a speed-up over the original), got {target_speedup!r}")
+    say = progress or (lambda _m: None)
+    timer = timer or side_by_side_timer()
+    secs: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model = model.eval()
+    x = _inputs(model, data, batch, input_size)
+    units = find_units(model, discover(model, x[:1]), options)
+    if not units:
+        raise SearchError("no layer of this model is accepted by any operator the search tries")
+    secs["units"] = time.perf_counter() - t0
+    say(f"cost table: {len(units)} units, {sum(len(u.options) for u in units)} options")
+    costs = measure_units(model, units, x, threads=threads, timer=timer, cache=cache, progress=progress)
+    total = _model_time(model, x, timer, threads)
+    secs["cost_table"] = time.perf_counter() - t0 - secs["units"]
+    rest = max(0.0, total - sum(c.times[0] for c in costs))
+    budget = total / target_speedup - rest
+    fastest = rest + sum(min(c.times) for c in costs)
+    if budget <= 0 or fastest > total / target_speedup:
+        raise SearchError(
+            f"{target_speedup:g}x is out of reach with these options: the fastest choice predicts "
+            f"{total / fastest:.2f}x (the layers no operator converts take {rest * 1e3:.1f} ms of "
+            f"{total * 1e3:.1f} ms); ask for at most {total / fastest:.2f}x"
+        )
+    pick = choose([c.times for c in costs], [c.costs for c in costs], budget)
+    rules = [o.rule() for u, k in zip(units, pick.picks) for o in u.options[k]]
+    label = name or type(model).__name__
+    recipe = {
+        "version": 1,
+        "name": f"search-{label}-{target_speedup:g}x",
+        "description": f"partialize search: {target_speedup:g}x throughput at batch {batch}, {threads} thread(s)",
+        "strict": True,
+        "input_size": int(x.shape[-1]),
+        "rules": rules or [{"select": {"name": units[0].name}, "variant": "skip"}],
+    }
+    load_recipe(recipe)  # what is written validates
+    predicted = total / (rest + pick.time)
+    result = SearchResult(
+        target_speedup, predicted, None, recipe, _choices(units, costs, pick.picks), total * 1e3, rest * 1e3,
+        f"least proxy among choices within the budget minus {pick.slack * 1e3:.3f} ms (time grid "
+        f"{pick.step * 1e6:.2f} us per unit, {len(units)} units)",
+        fingerprint(threads, batch, str(x.device)) | {"input_shape": list(x.shape)}, secs,
+    )  # fmt: skip
+    if remeasure:
+        say("re-measuring the whole converted model side by side with the original")
+        converted = apply_plan(model, make_plan(model, recipe, example_input=x[:1]), example_input=x[:1])
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                t = timer({"original": deploy(model), "converted": deploy(converted)}, x)
+        finally:
+            torch.set_num_threads(prev)
+        result.measured_speedup = t["original"][0] / t["converted"][0]
+    secs["total"] = time.perf_counter() - t0
+    return result
+
+
+def write_result(result: SearchResult, out: str, json_path: str | None = None, force: bool = False) -> None:
+    """Write the recipe (YAML with the prediction in its header) and, optionally, the JSON result."""
+    write_text(out, result.recipe_yaml(), force=force, option="--out")
+    if json_path:
+        write_text(json_path, json.dumps(result.to_dict(), indent=2) + "\n", force=force, option="--json")

@@ -1,0 +1,177 @@
+"""The cost table, measured on this machine: every option of every unit built by the planner, deployed
+(BN folded) and timed in place at the unit's real input shape, batch and thread count, interleaved
+with the unit's other options; and each option's data-free accuracy proxy (the relative output error
+of the converted unit before calibration, on the unit's own inputs).
+
+Times are cached on disk, keyed by machine, torch version, threads, batch, the unit's structure and
+input shape and the option (weights do not change a time); accuracy proxies depend on the weights and
+the data, so they are recomputed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .._fs import write_text
+from ..engine._calls import capture_calls
+from ..engine.apply import apply_plan
+from ..engine.planner import make_plan
+from ..inference import deploy, find_conv_bn_pairs
+from ..measure.speed import machine_description, time_side_by_side
+from .units import LayerOption, Unit
+
+
+@dataclass
+class UnitCosts:
+    """Measured time (s per batch call) and accuracy proxy of each option of one unit (index 0: keep)."""
+
+    unit: str
+    times: list[float]
+    costs: list[float]
+    spread: list[float] = field(default_factory=list)  # IQR / median of each time
+    cached: int = 0
+
+
+def cache_dir() -> str:
+    return os.path.join(os.path.expanduser(os.environ.get("PARTIALIZE_CACHE", "~/.cache/partialize")), "costs")
+
+
+def fingerprint(threads: int, batch: int, device: str) -> dict:
+    """What a measured time depends on besides the unit: machine, torch, threads, batch, device."""
+    return {
+        "machine": machine_description(threads),
+        "torch": torch.__version__,
+        "threads": threads,
+        "batch": batch,
+        "device": device,
+    }
+
+
+def _holder(model: nn.Module, unit: str, pairs: dict[str, str]) -> nn.Sequential:
+    """The unit alone (``u``), followed by the BN that reads only its output when there is one, so the
+    time includes what deploy folds into it."""
+    holder = nn.Sequential()
+    holder.add_module("u", copy.deepcopy(model.get_submodule(unit)))
+    if unit in pairs:
+        holder.add_module("bn", copy.deepcopy(model.get_submodule(pairs[unit])))
+    return holder.eval()
+
+
+def _recipe(option: tuple[LayerOption, ...], unit: str) -> dict:
+    rules = []
+    for o in option:
+        rel = "u" + o.layer[len(unit) :]  # the unit is "u" in its holder
+        rules.append(LayerOption(rel, o.variant, o.ratio, o.params).rule())
+    return {"version": 1, "strict": True, "rules": rules}
+
+
+def _build(holder: nn.Sequential, option, unit: str, x: torch.Tensor) -> nn.Module | None:
+    """The holder with ``option`` applied by the planner (None when the planner skips a part of it)."""
+    if not option:
+        return holder
+    plan = make_plan(holder, _recipe(option, unit), example_input=x)
+    if len(plan.converted) != len(option):
+        return None
+    return apply_plan(holder, plan, example_input=x)
+
+
+@torch.no_grad()
+def _rel_error(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    ya, yb = a(x), b(x)
+    return float((ya - yb).square().sum() / yb.square().sum().clamp_min(1e-12))
+
+
+Timer = Callable[[dict[str, nn.Module], torch.Tensor], dict[str, tuple[float, float]]]
+
+
+def side_by_side_timer(rounds: int = 5, min_round_s: float = 0.02) -> Timer:
+    """The real timer: every module on ``x``, interleaved (``time_side_by_side``), in inference mode;
+    returns name -> (median seconds per call, IQR / median)."""
+
+    def timer(modules: dict[str, nn.Module], x: torch.Tensor) -> dict[str, tuple[float, float]]:
+        fns = {n: (lambda m=m: m(x)) for n, m in modules.items()}
+        t = time_side_by_side(fns, rounds=rounds, min_round_s=min_round_s)
+        return {n: (v.median_s, v.iqr_s / v.median_s) for n, v in t.items()}
+
+    return timer
+
+
+def measure_units(
+    model: nn.Module,
+    units: list[Unit],
+    x: torch.Tensor,
+    *,
+    threads: int = 1,
+    timer: Timer | None = None,
+    cache: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> list[UnitCosts]:
+    """Time and score every option of every unit on ``x`` (a batch of the model's input). ``timer``
+    (default: :func:`side_by_side_timer`) is replaceable, for tests that must not time anything."""
+    timer = timer or side_by_side_timer()
+    fp = fingerprint(threads, x.shape[0], str(x.device))
+    path = os.path.join(cache_dir(), hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16] + ".json")
+    table = _read(path) if cache else {}
+    calls = capture_calls(model, x, [u.name for u in units])
+    pairs = dict(find_conv_bn_pairs(model))
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out = []
+    try:
+        for i, unit in enumerate(units):
+            if progress:
+                progress(f"unit {i + 1}/{len(units)}: {unit.name} ({len(unit.options)} options)")
+            (args, kwargs), *_ = calls[unit.name]
+            out.append(_measure_unit(model, unit, args[0], pairs, table, timer))
+    finally:
+        torch.set_num_threads(prev)
+    if cache:
+        write_text(path, json.dumps({"fingerprint": fp, "times": table}, indent=1), force=True)
+    return out
+
+
+def _key(holder: nn.Module, x: torch.Tensor, option) -> str:
+    sig = repr(holder) + str(tuple(x.shape)) + "|".join(o.describe() for o in option)
+    return hashlib.sha256(sig.encode()).hexdigest()[:20]
+
+
+def _measure_unit(model, unit: Unit, x: torch.Tensor, pairs, table: dict, timer: Timer) -> UnitCosts:
+    holder = _holder(model, unit.name, pairs)
+    built, keep = [], []
+    for k, option in enumerate(unit.options):
+        try:
+            m = _build(holder, option, unit.name, x)
+        except Exception:  # the planner refused a combination: not an option
+            m = None
+        if m is not None:
+            built.append((k, m))
+            keep.append(k)
+    unit.options = [unit.options[k] for k in keep]
+    costs = [_rel_error(m, holder, x) for _, m in built]
+    keys = [_key(holder, x, unit.options[i]) for i in range(len(built))]
+    todo = {i: deploy(m) for i, (_, m) in enumerate(built) if keys[i] not in table}
+    if todo:
+        with torch.inference_mode():
+            timed = timer({str(i): f for i, f in todo.items()}, x)
+        for i in todo:
+            median, spread = timed[str(i)]
+            table[keys[i]] = {"time": median, "spread": spread}
+    times = [table[k]["time"] for k in keys]
+    spread = [table[k]["spread"] for k in keys]
+    return UnitCosts(unit.name, times, costs, spread, cached=len(built) - len(todo))
+
+
+def _read(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f).get("times", {})
+    except (OSError, ValueError):
+        return {}

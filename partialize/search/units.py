@@ -1,0 +1,107 @@
+"""What the search chooses between: units (parts of the model timed and chosen independently) and, for
+each, the options the registered operators accept there.
+
+A unit is an outermost layer some option converts, together with every candidate inside it (a ResNet
+bottleneck with its 3x3 conv), so options that interact (a partial residual block and the conv
+inside it) are timed together, in place, as the planner would build them. An option is a small recipe
+over the unit's layers; each is built with the planner (so what the planner refuses, the search never
+proposes) and timed deployed, BN folded, at the unit's real input shape.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..engine.discover import Discovery
+from ..engine.planner import build_op
+from ..errors import PartializeError
+
+# (variant, ratio, params): what the search tries on each layer an operator accepts. Offsets of
+# partial_residual alternate by block index (consecutive blocks form coupling layers, docs/recipes.md).
+DEFAULT_OPTIONS: tuple[tuple[str, float, dict], ...] = (
+    ("pconv", 0.125, {}),
+    ("pconv", 0.25, {}),
+    ("pconv", 0.5, {}),
+    ("patconv", 0.25, {"attn": "ch"}),
+    ("partial_mlp", 0.25, {}),
+    ("partial_mlp", 0.5, {}),
+    ("partial_residual", 0.5, {"read": "complement"}),
+    ("partial_attention", 0.5, {}),
+)
+MAX_COMBOS = 24  # options per unit, at most (a unit with many candidates keeps the simpler combinations)
+
+
+@dataclass(frozen=True)
+class LayerOption:
+    """One operator on one layer: the recipe rule it is."""
+
+    layer: str
+    variant: str
+    ratio: float
+    params: tuple = ()
+
+    def rule(self) -> dict:
+        rule = {"select": {"name": self.layer}, "variant": self.variant, "ratio": self.ratio}
+        if self.params:
+            rule["params"] = dict(self.params)
+        return rule
+
+    def describe(self) -> str:
+        extra = "".join(f", {k}={v}" for k, v in self.params)
+        return f"{self.layer}: {self.variant}({self.ratio:g}{extra})"
+
+
+@dataclass
+class Unit:
+    """A part of the model the search times and chooses for on its own; ``options[0]`` is "keep"."""
+
+    name: str
+    in_shape: tuple[int, ...] | None
+    options: list[tuple[LayerOption, ...]] = field(default_factory=list)
+
+
+def _parity(name: str) -> int:
+    m = re.search(r"(\d+)$", name)
+    return int(m.group(1)) % 2 if m else 0
+
+
+def layer_options(module: nn.Module, name: str, options=DEFAULT_OPTIONS) -> list[LayerOption]:
+    """The options that build on ``module`` (``build_op`` succeeds: the operator accepts it)."""
+    out = []
+    for variant, ratio, params in options:
+        params = dict(params)
+        if variant == "partial_residual" and params.get("read") == "complement":
+            params["offset"] = 0.0 if _parity(name) else 1.0 - ratio
+        try:
+            build_op(module, variant, ratio, params)
+        except (PartializeError, Exception):  # refused, or not this operator's kind of layer
+            continue
+        out.append(LayerOption(name, variant, float(ratio), tuple(sorted(params.items()))))
+    return out
+
+
+def find_units(model: nn.Module, discovery: Discovery, options=DEFAULT_OPTIONS) -> list[Unit]:
+    """Units in forward order: each outermost layer with at least one option, its inner candidates'
+    options combined with its own (``MAX_COMBOS`` at most, fewest changes first)."""
+    modules = dict(model.named_modules())
+    cands = {}
+    for name, info in sorted(discovery.layers.items(), key=lambda kv: kv[1].order):
+        if info.calls != 1:  # reused modules: one choice would change every call; not searched
+            continue
+        opts = layer_options(modules[name], name, options)
+        if opts:
+            cands[name] = opts
+    names = list(cands)
+    outer = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+    units = []
+    for root in outer:
+        members = [root] + [n for n in names if n.startswith(root + ".")]
+        per_layer = [[None] + cands[n] for n in members]
+        combos = [tuple(o for o in c if o is not None) for c in itertools.product(*per_layer)]
+        combos.sort(key=len)
+        units.append(Unit(root, discovery.layers[root].in_shape, combos[:MAX_COMBOS]))
+    return units

@@ -1,0 +1,107 @@
+"""Latency-aware search (issue 14) with a fake, deterministic cost table (nothing is timed here): the
+search meets its target, the recipe validates and replays, an unreachable target says what is
+reachable, and the knapsack is optimal against brute force."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import timm
+import torch
+from _helpers import nondegenerate_
+from click.testing import CliRunner
+
+import partialize
+from partialize.cli import main
+from partialize.macs import count_macs
+from partialize.recipe import parse_recipe
+from partialize.search import SearchError, search
+from partialize.search.solve import choose
+
+
+def fake_timer(modules, x):
+    """Time = MACs x 1 ns + 10 us per call: additive over units, so the prediction must be exact."""
+    return {n: (count_macs(m, x).total * 1e-9 + 1e-5, 0.0) for n, m in modules.items()}
+
+
+@pytest.fixture(scope="module")
+def r18():
+    torch.manual_seed(0)
+    return nondegenerate_(timm.create_model("resnet18", num_classes=10).eval())
+
+
+@pytest.fixture(scope="module")
+def found(r18):
+    return search(r18, 2.0, input_size=32, batch=2, timer=fake_timer, cache=False)
+
+
+def test_the_search_meets_its_target_and_predicts_the_measurement(found):
+    assert found.predicted_speedup >= 2.0
+    assert found.measured_speedup == pytest.approx(found.predicted_speedup, rel=1e-6)  # additive fake costs
+    assert found.recipe["rules"] and all("name" in r["select"] for r in found.recipe["rules"])
+    assert any(c["option"] != ["keep"] for c in found.choices)
+
+
+def test_the_recipe_validates_and_replays(found, r18, tmp_path):
+    text = found.recipe_yaml()
+    rec = parse_recipe(text, "searched.yaml")
+    converted = partialize.apply(r18, rec, input_size=32)
+    want = {r["select"]["name"] for r in found.recipe["rules"]}
+    assert {e.layer for e in converted._partialize_plan.converted} == want
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    assert partialize.plan(r18, str(path), input_size=32).macs_after == converted._partialize_plan.macs_after
+
+
+def test_it_takes_the_least_proxy_that_reaches_the_target(r18, found):
+    """Asking for less converts less: the 1.3x recipe has no more rules, and a lower summed proxy."""
+    easy = search(r18, 1.3, input_size=32, batch=2, timer=fake_timer, cache=False, remeasure=False)
+    assert easy.predicted_speedup >= 1.3
+    assert sum(c["proxy"] for c in easy.choices) <= sum(c["proxy"] for c in found.choices)
+
+
+def test_an_unreachable_target_says_what_is_reachable(r18):
+    with pytest.raises(SearchError, match=r"out of reach .* ask for at most \d+\.\d\dx"):
+        search(r18, 50.0, input_size=32, batch=2, timer=fake_timer, cache=False, remeasure=False)
+    with pytest.raises(SearchError, match="must be > 1"):
+        search(r18, 1.0, input_size=32, timer=fake_timer, cache=False)
+
+
+def test_the_knapsack_is_optimal_against_brute_force():
+    rng = random.Random(0)
+    for _ in range(200):
+        units = rng.randint(1, 4)
+        times = [[rng.uniform(1, 10) for _ in range(rng.randint(1, 4))] for _ in range(units)]
+        costs = [[rng.uniform(0, 5) for _ in t] for t in times]
+        budget = rng.uniform(sum(min(t) for t in times), sum(max(t) for t in times) + 1)
+        best = min(
+            (sum(costs[u][k] for u, k in enumerate(p)), p)
+            for p in itertools.product(*(range(len(t)) for t in times))
+            if sum(times[u][k] for u, k in enumerate(p)) <= budget
+        )[0]
+        got = choose(times, costs, budget, bins=4000)
+        assert got.time <= budget + 1e-9
+        # optimal among choices that fit the budget less the grid's slack; never better than the optimum
+        tighter = [
+            sum(costs[u][k] for u, k in enumerate(p))
+            for p in itertools.product(*(range(len(t)) for t in times))
+            if sum(times[u][k] for u, k in enumerate(p)) <= budget - got.slack
+        ]
+        assert best - 1e-9 <= got.cost <= (min(tighter) if tighter else got.cost) + 1e-9
+
+
+def test_cli_search_writes_the_recipe_and_refuses_to_overwrite(tmp_path, monkeypatch):
+    import partialize.search as ps
+
+    real = ps.search
+    monkeypatch.setattr(ps, "search", lambda *a, **k: real(*a, **(k | {"timer": fake_timer, "cache": False})))
+    out, js = tmp_path / "r.yaml", tmp_path / "r.json"
+    args = ["search", "resnet10t", "--target-speedup", "1.5", "--input-size", "32", "--batch", "2"]
+    r = CliRunner().invoke(main, args + ["--out", str(out), "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    assert "predicted" in r.output and out.exists() and js.exists()
+    assert parse_recipe(out.read_text()).rules
+    r = CliRunner().invoke(main, args + ["--out", str(out)])
+    assert r.exit_code == 2 and "already exists" in r.output

@@ -26,7 +26,6 @@ from . import models  # noqa: F401  (registers the native models with timm)
 from ._version import __version__
 from .api import ConversionResult, apply, convert, plan
 from .calibration import calibrate, fidelity
-from .search import search
 from .errors import (
     CheckpointError,
     ExportError,
@@ -39,6 +38,7 @@ from .errors import (
 from .exporting import export
 from .inference import deploy
 from .ops import PartialOperator, get_operator, list_operators, register_operator
+from .search import search
 from .serialization import load, save, trusting_factories
 
 __all__ = [

@@ -541,3 +541,21 @@ def test_accuracy_class_count_mismatch_is_reported(tmp_path):
     with pytest.warns(UserWarning, match="10 outputs but .* has 3 class folders"):
         acc = evaluate_accuracy(wide, str(tmp_path), input_size=32)
     assert acc["images"] == 3
+
+
+def test_speed_protocol_deployed_forms_warmup_by_time_noise_flag_and_fingerprint():
+    from partialize.measure.speed import measure_speed, time_side_by_side
+
+    calls = {"a": 0}
+
+    def fn():
+        calls["a"] += 1
+
+    t = time_side_by_side({"a": fn}, rounds=3, warmup=1, warmup_s=0.05, min_round_s=0.001)["a"]
+    assert t.warmup_calls > 1 and t.warmup_calls + 1 + 3 * t.calls_per_round == calls["a"]  # warmed by time
+    res = measure_speed({"m": _tiny(True)}, 32, batch=2, rounds=3, min_round_s=0.001)
+    cond = res["conditions"]
+    assert cond["form"].startswith("deployed") and cond["environment"]["torch_threads"] == 1
+    assert cond["environment"]["torch"] == torch.__version__
+    lat = res["models"]["m"]["latency_ms"]
+    assert lat["noisy"] == (lat["iqr"] > 0.05 * lat["median"])

@@ -344,16 +344,17 @@ def bench_models_cmd(
             n,
             f"{count_params(m) / 1e6:.2f}",
             f"{macs[n] / 1e9:.3f}",
-            f"{lat['median']:.2f} ± {lat['iqr']:.2f}",
+            f"{lat['median']:.2f} ± {lat['iqr']:.2f}" + (" (noisy)" if lat.get("noisy") else ""),
             f"{f_lat / lat['median']:.2f}x",
-            f"{thr['median']:.1f}",
+            f"{thr['median']:.1f}" + (" (noisy)" if thr["batch_time_ms"].get("noisy") else ""),
             f"{thr['median'] / f_thr:.2f}x",
             f"{mem:.0f}" if mem is not None else "not measured",
         )
     threads_txt = f", {cond['threads']} thread(s)" if cond.get("threads") else ""
     t.caption = (
-        f"{cond['device']}{threads_txt}; batch {batch}; {cond['precision']}; medians of {rounds} "
-        "interleaved rounds; latency x = speed-up (first / this); GMACs = 1e9 multiply-adds per image."
+        f"{cond['device']}{threads_txt}; batch {batch}; {cond['precision']}; deployed forms; warm-up by time, "
+        f"medians of {rounds} interleaved rounds ± IQR, 'noisy' when IQR > 5% of the median; latency x = "
+        "speed-up (first / this); GMACs = 1e9 multiply-adds per image."
     )
     console.print(t)
     if json_path:

@@ -3,8 +3,11 @@ hits all of them alike; results are medians with spread, compared as ratios."""
 
 from __future__ import annotations
 
+import copy
+import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -12,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import PartializeError
+from ..inference import deploy
 from .flops import _input_chw
 
 
@@ -26,9 +30,18 @@ class Timing:
     iqr_s: float
     rounds: int
     calls_per_round: int
+    warmup_calls: int = 0
+
+    @property
+    def noisy(self) -> bool:
+        """The spread is too wide to trust a ratio at the few-percent level: IQR > 5% of the median."""
+        return self.iqr_s > NOISY * self.median_s
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return asdict(self) | {"noisy": self.noisy}
+
+
+NOISY = 0.05  # IQR / median above which a timing is flagged
 
 
 def _sync(device: torch.device | str | None) -> None:
@@ -41,21 +54,28 @@ def time_side_by_side(
     *,
     rounds: int = 7,
     warmup: int = 2,
+    warmup_s: float = 0.2,
     min_round_s: float = 0.05,
     max_calls: int = 200,
     device: torch.device | str | None = None,
 ) -> dict[str, Timing]:
-    """Time each zero-argument callable, interleaving them round by round.
+    """Time each zero-argument callable, interleaving them round by round, in inference mode.
 
-    Each candidate gets ``warmup`` untimed calls, then a call count per round chosen so a round
-    lasts at least ``min_round_s`` (capped at ``max_calls``); the order rotates every round.
+    Each candidate is warmed up by time: untimed calls until ``warmup_s`` seconds have passed (at least
+    ``warmup`` calls; caches, allocator and oneDNN's kernel choice settle). Then a call count per round
+    is chosen so a round lasts at least ``min_round_s`` (capped at ``max_calls``); the order rotates
+    every round. A timing whose IQR exceeds 5% of its median is ``noisy``.
     """
     names = list(fns)
     calls: dict[str, int] = {}
+    warm: dict[str, int] = {}
     with torch.inference_mode():
         for name in names:
-            for _ in range(warmup):
+            t_warm, warm[name] = time.perf_counter(), 0
+            while warm[name] < warmup or time.perf_counter() - t_warm < warmup_s:
                 fns[name]()
+                _sync(device)
+                warm[name] += 1
             _sync(device)
             t0 = time.perf_counter()
             fns[name]()
@@ -77,7 +97,7 @@ def time_side_by_side(
     for name in names:
         s = sorted(samples[name])
         q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0], s[0], s[0]]
-        out[name] = Timing(name, statistics.median(s), s[0], s[-1], q[2] - q[0], rounds, calls[name])
+        out[name] = Timing(name, statistics.median(s), s[0], s[-1], q[2] - q[0], rounds, calls[name], warm[name])
     return out
 
 
@@ -92,16 +112,35 @@ def _stats(samples_s: Timing) -> dict:
         "max": samples_s.max_s * 1e3,
         "rounds": samples_s.rounds,
         "calls_per_round": samples_s.calls_per_round,
+        "warmup_calls": samples_s.warmup_calls,
+        "noisy": samples_s.noisy,
     }
 
 
-def _prepare(model: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
-    if device.type != "cpu" or channels_last:
-        import copy
+def environment_fingerprint(threads: int) -> dict:
+    """What a timing depends on besides the model: machine, cores, torch and its thread settings."""
+    return {
+        "machine": machine_description(threads),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": threads,
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_AFFINITY") if k in os.environ},
+    }
 
-        model = copy.deepcopy(model).to(device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
+
+def _prepare(model: torch.nn.Module, device: torch.device, channels_last: bool, deployed: bool) -> torch.nn.Module:
+    """What is timed: the deployed form (operators' inference forms, BN folded; ``partialize.deploy``) on
+    the device, in the memory format asked for."""
+    if deployed and not getattr(model, "_partialize_deployed", False):
+        model = deploy(model)
+    elif device.type != "cpu" or channels_last:
+        model = copy.deepcopy(model)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return model.eval()
 
 
@@ -117,6 +156,7 @@ def measure_speed(
     rounds: int = 7,
     latency: bool = True,
     min_round_s: float = 0.1,
+    deployed: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Latency at batch 1 and throughput at ``batch``, every model timed interleaved with the others.
@@ -124,7 +164,8 @@ def measure_speed(
     CPU runs under ``torch.set_num_threads(threads)`` (restored after). On CUDA the calls are
     synchronised, optionally under fp16 autocast (``amp``) and channels_last; peak memory is the
     extra allocated memory of one batch forward. Figures are medians over ``rounds`` with IQR and
-    range; ``latency_ms`` is ms per batch-1 call, ``throughput_ips`` images per second.
+    range; ``latency_ms`` is ms per batch-1 call, ``throughput_ips`` images per second. Every model is
+    timed in its deployed form (``deployed=False``: as given).
     """
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -136,7 +177,7 @@ def measure_speed(
     if dev.type == "cpu":
         torch.set_num_threads(threads)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    prepared = {n: _prepare(m, dev, channels_last) for n, m in models.items()}
+    prepared = {n: _prepare(m, dev, channels_last, deployed) for n, m in models.items()}
     was_training = {n: m.training for n, m in models.items()}
 
     def runner(m, x):
@@ -151,10 +192,13 @@ def measure_speed(
             "batch": batch,
             "input_size": list(chw),
             "precision": "amp-fp16" if amp else "fp32",
+            "form": "deployed (operators in inference form, BN folded)" if deployed else "as given",
             "channels_last": channels_last,
             "rounds": rounds,
-            "method": "interleaved rounds, medians; latency = batch 1, throughput = batch "
-            f"{batch} images / median time",
+            "method": "eval + inference mode, warm-up by time, interleaved rounds, medians with IQR (flagged "
+            f"noisy when IQR > {NOISY:.0%} of the median); latency = batch 1, throughput = batch {batch} images "
+            "/ median time",
+            "environment": environment_fingerprint(threads),
         },
         "models": {n: {} for n in models},
     }

@@ -15,7 +15,7 @@ tests/test_architecture.py; docs/architecture.md says what each does):
 7. ``serialization`` (save / load: plan + tensors)
 8. ``exporting`` (ONNX, TorchScript, deployed safetensors)
 9. ``measure`` (MACs, speed, accuracy, reports)
-10. ``train``, ``calibration`` (keeping what the model knew), ``search`` (latency-aware recipes)
+10. ``train``, ``calibration`` (keeping what the model knew), ``recipe_search`` (``partialize.search``)
 11. ``api`` (plan, apply, convert)
 12. ``cli`` (parses and prints), this package
 """
@@ -38,7 +38,7 @@ from .errors import (
 from .exporting import export
 from .inference import deploy
 from .ops import PartialOperator, get_operator, list_operators, register_operator
-from .search import search
+from .recipe_search import search
 from .serialization import load, save, trusting_factories
 
 __all__ = [

@@ -22,7 +22,7 @@ LAYERS = [
     {"serialization"},
     {"exporting"},
     {"measure"},
-    {"train", "calibration", "search"},
+    {"train", "calibration", "recipe_search"},
     {"api"},
     {"cli", "__init__", "__main__"},
 ]

@@ -17,8 +17,8 @@ import partialize
 from partialize.cli import main
 from partialize.macs import count_macs
 from partialize.recipe import parse_recipe
-from partialize.search import SearchError, search
-from partialize.search.solve import choose
+from partialize.recipe_search import SearchError, search
+from partialize.recipe_search.solve import choose
 
 
 def fake_timer(modules, x):
@@ -93,7 +93,7 @@ def test_the_knapsack_is_optimal_against_brute_force():
 
 
 def test_cli_search_writes_the_recipe_and_refuses_to_overwrite(tmp_path, monkeypatch):
-    import partialize.search as ps
+    import partialize.recipe_search as ps
 
     real = ps.search
     monkeypatch.setattr(ps, "search", lambda *a, **k: real(*a, **(k | {"timer": fake_timer, "cache": False})))

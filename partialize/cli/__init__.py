@@ -284,7 +284,7 @@ def search_cmd(model, target_speedup, out, json_path, threads, batch, input_size
 
     from .._fs import check_output
     from ..base_model import build_model
-    from ..search import search, write_result
+    from ..recipe_search import search, write_result
 
     check_output(out, force=force, option="--out")
     if json_path:

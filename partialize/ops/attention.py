@@ -290,9 +290,9 @@ class MergedSpatialAttention(InferenceForm):
         bg = sp.gate.bias.detach()
         w_row = wg @ w2[sp.dim_keep :]  # gate logit is linear in h: Wg (W2 h + b2) + bg
         b_row = wg @ b2[sp.dim_keep :] + bg
-        self.conv = nn.Conv2d(
-            conv.in_channels, sp.dim + 1, 1, conv.stride, conv.padding, conv.dilation, bias=True
-        ).to(w2.device, w2.dtype)  # the wrapped conv's stride and padding (a strided 1x1 kept its shape)
+        self.conv = nn.Conv2d(conv.in_channels, sp.dim + 1, 1, conv.stride, conv.padding, conv.dilation, bias=True).to(
+            w2.device, w2.dtype
+        )  # the wrapped conv's stride and padding (a strided 1x1 kept its shape)
         with torch.no_grad():
             self.conv.weight.copy_(torch.cat((w2, w_row)).reshape(sp.dim + 1, -1, 1, 1))
             self.conv.bias.copy_(torch.cat((b2, b_row)))

@@ -92,7 +92,7 @@ def _rel_error(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
 Timer = Callable[[dict[str, nn.Module], torch.Tensor], dict[str, tuple[float, float]]]
 
 
-def side_by_side_timer(rounds: int = 5, min_round_s: float = 0.02) -> Timer:
+def side_by_side_timer(rounds: int = 5, min_round_s: float = 0.05) -> Timer:
     """The real timer: every module on ``x``, interleaved (``time_side_by_side``), in inference mode;
     returns name -> (median seconds per call, IQR / median)."""
 

@@ -26,9 +26,12 @@ DEFAULT_OPTIONS: tuple[tuple[str, float, dict], ...] = (
     ("pconv", 0.125, {}),
     ("pconv", 0.25, {}),
     ("pconv", 0.5, {}),
+    ("pconv", 0.125, {"stride_mode": "pool"}),  # strided convs only (the others take the plain option)
+    ("pconv", 0.25, {"stride_mode": "pool"}),
     ("patconv", 0.25, {"attn": "ch"}),
     ("partial_mlp", 0.25, {}),
     ("partial_mlp", 0.5, {}),
+    ("partial_residual", 0.25, {"read": "complement"}),
     ("partial_residual", 0.5, {"read": "complement"}),
     ("partial_attention", 0.5, {}),
 )
@@ -72,8 +75,11 @@ def _parity(name: str) -> int:
 def layer_options(module: nn.Module, name: str, options=DEFAULT_OPTIONS) -> list[LayerOption]:
     """The options that build on ``module`` (``build_op`` succeeds: the operator accepts it)."""
     out = []
+    strided = isinstance(module, nn.Conv2d) and tuple(module.stride) != (1, 1)
     for variant, ratio, params in options:
         params = dict(params)
+        if params.get("stride_mode") == "pool" and not strided:
+            continue  # the same operator as the plain option on a stride-1 conv
         if variant == "partial_residual" and params.get("read") == "complement":
             params["offset"] = 0.0 if _parity(name) else 1.0 - ratio
         try:

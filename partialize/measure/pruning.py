@@ -104,3 +104,121 @@ def prune_to_macs(
         "fine_tuned": False,
     }
     return pruned, info
+
+
+# --- one-shot pruning at a given channel ratio, magnitude or group-Taylor importance ------------------
+
+#: the importance criteria :func:`prune_to_ratio` knows
+IMPORTANCES = ("magnitude", "taylor")
+
+
+def _importance(kind: str):
+    import torch_pruning as tp
+
+    if kind == "magnitude":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    if kind == "taylor":
+        return tp.importance.GroupTaylorImportance()
+    raise PruningError(f"unknown pruning importance {kind!r}; choose from {', '.join(IMPORTANCES)}")
+
+
+def taylor_gradients(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None, batch_size: int = 64
+) -> torch.Tensor:
+    """In place: ``model``'s ``.grad`` set to the gradient of the mean cross-entropy over ``images``
+    (eval mode: BN uses its running statistics, as at inference). ``labels`` default to the model's
+    own argmax on ``images`` (no labels needed: what a user with unlabelled images has). Returns the
+    labels used."""
+    model.eval()
+    if labels is None:
+        with torch.no_grad():
+            labels = torch.cat([model(images[i : i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
+    model.zero_grad(set_to_none=True)
+    n = images.shape[0]
+    with torch.enable_grad():
+        for i in range(0, n, batch_size):
+            x, y = images[i : i + batch_size], labels[i : i + batch_size]
+            loss = nn.functional.cross_entropy(model(x), y, reduction="sum") / n
+            loss.backward()
+    return labels
+
+
+def _attention_heads(model: nn.Module) -> list[nn.Module]:
+    """Attention modules with a fused ``qkv`` Linear and ``num_heads`` (timm's): torch-pruning must know
+    their head count so it prunes the same dimensions of every head."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)
+    ]
+
+
+def prune_to_ratio(
+    model: nn.Module,
+    ratio: float,
+    input_size: int | tuple[int, int, int] = 224,
+    *,
+    importance: str = "magnitude",
+    images: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    round_to: int | None = None,
+) -> tuple[nn.Module, dict]:
+    """A copy of ``model`` with ``ratio`` of the channels of every prunable coupled group removed in one
+    shot (torch-pruning ``MetaPruner``, uniform per-layer ratio, classifier kept).
+
+    ``importance``: ``"magnitude"`` (group L2 norm of the weights) or ``"taylor"`` (group first-order
+    Taylor, |w * dL/dw| summed over each channel's weights, on ``images``: cross-entropy against
+    ``labels``, by default the original model's argmax on ``images``). ``model`` is not modified.
+    Returns ``(pruned, info)`` with the MACs before and after.
+    """
+    import torch_pruning as tp
+
+    if not 0 <= ratio < 1:
+        raise PruningError(f"the pruning ratio must be in [0, 1), got {ratio!r}")
+    if importance == "taylor" and images is None:
+        raise PruningError("Taylor importance needs calibration images (images=...)")
+    imp = _importance(importance)
+    chw = _input_chw(input_size)
+    pruned = copy.deepcopy(model).eval()
+    device = next(model.parameters()).device
+    example = torch.randn(1, *chw, device=device)
+    start = model_macs(pruned, example)
+    info = {
+        "method": f"torch-pruning MetaPruner, one shot, {importance} importance, uniform per-layer channel ratio, "
+        "classifier kept",
+        "torch_pruning_version": tp.__version__,
+        "importance": importance,
+        "channel_ratio": float(ratio),
+        "round_to": round_to,
+        "original_macs": float(start),
+        "fine_tuned": False,
+    }
+    if ratio == 0:
+        return pruned, info | {"reached_macs": float(start)}
+    heads = _attention_heads(pruned)
+    try:
+        pruner = tp.pruner.MetaPruner(
+            pruned,
+            example,
+            importance=imp,
+            pruning_ratio=ratio,
+            iterative_steps=1,
+            ignored_layers=_classifier_layers(pruned),
+            round_to=round_to,
+            num_heads={m.qkv: m.num_heads for m in heads},
+            prune_head_dims=True,
+        )
+    except Exception as e:  # tracing / dependency graph failures are model-specific
+        raise PruningError(f"torch-pruning cannot build a dependency graph for this model: {e}") from None
+    if importance == "taylor":
+        used = taylor_gradients(pruned, images.to(device), None if labels is None else labels.to(device))
+        info["taylor"] = {"images": int(images.shape[0]), "labels": "given" if labels is not None else "model argmax"}
+        info["taylor"]["label_classes_seen"] = int(used.unique().numel())
+    pruner.step()
+    for m in heads:  # fused qkv attention (timm): every head keeps its count and loses the same dims
+        m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+        if hasattr(m, "attn_dim"):
+            m.attn_dim = m.num_heads * m.head_dim
+    pruned.zero_grad(set_to_none=True)
+    pruned.eval()
+    return pruned, info | {"reached_macs": float(model_macs(pruned, example))}

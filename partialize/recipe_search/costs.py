@@ -175,3 +175,42 @@ def _read(path: str) -> dict:
             return json.load(f).get("times", {})
     except (OSError, ValueError):
         return {}
+
+
+def in_model_times(
+    model: nn.Module, units: list[str], x: torch.Tensor, *, threads: int = 1, calls: int = 5
+) -> tuple[float, dict[str, float]]:
+    """(whole deployed model, each unit inside it): median seconds per batch call, timed by forward hooks
+    during whole forwards. A unit timed alone can run at another speed than inside the model (measured:
+    ResNet-50 bottlenecks up to 1.7x slower alone, their converted forms within 10%), so the search
+    takes the original units' times, and what the rest of the model costs, from here."""
+    import statistics
+    import time
+
+    d = deploy(model)
+    mods = dict(d.named_modules())
+    spans: dict[str, list[float]] = {u: [] for u in units}
+    start: dict[str, float] = {}
+    hooks = []
+    for u in units:
+        hooks.append(mods[u].register_forward_pre_hook(lambda _m, _a, u=u: start.__setitem__(u, time.perf_counter())))
+        hooks.append(
+            mods[u].register_forward_hook(lambda _m, _a, _o, u=u: spans[u].append(time.perf_counter() - start[u]))
+        )
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    totals = []
+    try:
+        with torch.inference_mode():
+            d(x)  # warm-up
+            for u in units:
+                spans[u].clear()
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                d(x)
+                totals.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(prev)
+        for h in hooks:
+            h.remove()
+    return statistics.median(totals), {u: statistics.median(v) for u, v in spans.items()}

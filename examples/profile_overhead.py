@@ -1,0 +1,115 @@
+"""Where a converted model loses time against a pruned one at equal MACs: a torch.profiler breakdown by
+op of the deployed original, the deployed converted model and the Torch-Pruning model pruned to the
+same MACs, on one CPU thread.
+
+    .venv/bin/python examples/profile_overhead.py --model resnet50 --recipe resnet50-partial --batch 16
+
+Prints, per model: MACs, time per batch (median of interleaved rounds), the share of the
+MACs-proportional limit reached (speed-up / (original MACs / MACs)), and self CPU time per aten op
+(top ops), so "copies", "cat", "pooling", "statistics" can be read off; ``--md`` writes it as Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+
+import timm
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import partialize
+from partialize.macs import count_macs
+from partialize.measure.pruning import prune_to_macs
+from partialize.measure.speed import machine_description, time_side_by_side
+
+GROUPS = {
+    "conv": ("convolution", "mkldnn_convolution", "conv2d", "_convolution"),
+    "matmul/linear": ("addmm", "mm", "linear", "matmul"),
+    "copy (slice writes, clones)": ("copy_", "clone", "empty_like", "empty", "contiguous"),
+    "cat / split": ("cat", "split", "narrow", "slice", "unsafe_split"),
+    "elementwise (add, relu, mul, affine)": (
+        "add",
+        "add_",
+        "relu",
+        "relu_",
+        "clamp_min",
+        "clamp_min_",
+        "mul",
+        "mul_",
+        "addcmul",
+        "sigmoid",
+        "hardsigmoid",
+        "where",
+    ),  # fmt: skip
+    "pooling": ("avg_pool2d", "max_pool2d", "adaptive_avg_pool2d", "max_pool2d_with_indices", "mean"),
+    "reductions (PAT_ch statistics)": ("sum", "var_mean", "square", "sqrt", "sub"),
+}
+
+
+def _group(op: str) -> str:
+    name = op.split("::")[-1]
+    for g, names in GROUPS.items():
+        if name in names:
+            return g
+    return "other"
+
+
+def profile_model(model: torch.nn.Module, x: torch.Tensor, iters: int = 5) -> dict[str, float]:
+    """Self CPU time (ms per call) per op group, over ``iters`` calls after a warm-up."""
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(iters):
+                model(x)
+    per: dict[str, float] = collections.defaultdict(float)
+    for e in prof.key_averages():
+        per[_group(e.key)] += e.self_cpu_time_total / 1e3 / iters
+    return dict(per)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet50")
+    ap.add_argument("--recipe", default="resnet50-partial")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--md", help="write the tables as Markdown here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base = timm.create_model(args.model).eval()
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    converted = partialize.apply(base, args.recipe, input_size=args.size)
+    macs = {
+        "original": count_macs(base, x[:1]).total,
+        "converted": count_macs(partialize.deploy(converted), x[:1]).total,
+    }
+    pruned, _ = prune_to_macs(base, macs["converted"], args.size)
+    macs["pruned"] = count_macs(pruned, x[:1]).total
+    models = {"original": partialize.deploy(base), "converted": partialize.deploy(converted),
+              "pruned": partialize.deploy(pruned)}  # fmt: skip
+    t = time_side_by_side({n: (lambda m=m: m(x)) for n, m in models.items()}, rounds=7, min_round_s=0.2)
+    prof = {n: profile_model(m, x) for n, m in models.items()}
+    lines = [f"{machine_description(args.threads)}; batch {args.batch}, {args.size} px, deployed forms", ""]
+    lines += ["| model | MACs (G) | ms / batch | speed-up | MACs limit | reached |", "|---|---|---|---|---|---|"]
+    for n in models:
+        sp = t["original"].median_s / t[n].median_s
+        limit = macs["original"] / macs[n]
+        lines.append(f"| {n} | {macs[n] / 1e9:.3f} | {t[n].median_s * 1e3:.1f} | {sp:.2f}x | {limit:.2f}x | "
+                     f"{sp / limit:.0%} |")  # fmt: skip
+    groups = sorted({g for p in prof.values() for g in p}, key=lambda g: -prof["converted"].get(g, 0))
+    lines += ["", "| self CPU ms per batch | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
+    for g in groups:
+        lines.append(f"| {g} | " + " | ".join(f"{prof[n].get(g, 0):.1f}" for n in models) + " |")
+    text = "\n".join(lines)
+    print(text)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

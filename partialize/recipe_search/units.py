@@ -29,6 +29,7 @@ DEFAULT_OPTIONS: tuple[tuple[str, float, dict], ...] = (
     ("pconv", 0.125, {"stride_mode": "pool"}),  # strided convs only (the others take the plain option)
     ("pconv", 0.25, {"stride_mode": "pool"}),
     ("patconv", 0.25, {"attn": "ch"}),
+    ("partial_mlp", 0.125, {}),
     ("partial_mlp", 0.25, {}),
     ("partial_mlp", 0.5, {}),
     ("partial_residual", 0.25, {"read": "complement"}),

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from . import models  # noqa: F401  (registers the native models with timm)
 from ._version import __version__
-from .api import ConversionResult, apply, convert, plan
+from .api import ConversionResult, apply, convert, plan, scan
 from .calibration import calibrate, fidelity
 from .errors import (
     CheckpointError,
@@ -54,6 +54,7 @@ __all__ = [
     "load",
     "plan",
     "save",
+    "scan",
     "search",
     "CheckpointError",
     "ModelError",

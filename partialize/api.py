@@ -15,6 +15,7 @@ from .calibration import CalibrationError, CalibrationResult, calibrate_model
 from .engine.apply import apply_plan
 from .engine.plan import Plan
 from .engine.planner import make_plan
+from .engine.scan import KINDS, scan_model
 from .errors import PartializeError, RecipeError
 from .inference import deploy
 from .measure.speed import speed_summary
@@ -92,6 +93,31 @@ def apply(
     _check_args(model, ratio, variant, example_input, input_size, "apply")
     p = make_plan(model, recipe, example_input=example_input, input_size=input_size, ratio=ratio, variant=variant)
     return apply_plan(model, p, inplace=inplace, example_input=example_input)
+
+
+def scan(
+    model: str | nn.Module,
+    input_size: int | None = None,
+    *,
+    kind: str = "all",
+    example_input: torch.Tensor | None = None,
+    num_classes: int | None = None,
+) -> dict:
+    """Every candidate node of ``model`` (a spec as ``convert`` takes, built with random weights, or an
+    ``nn.Module``) by kind (``conv``, ``mlp``, ``attention``; ``kind`` picks one, default ``all``), and
+    what each registered operator would do there at its default parameters: the layer's MACs before
+    and after, or the reason it refuses. Plain data (``format``/``version``, ``nodes``, ``summary``)."""
+    if kind != "all" and kind not in KINDS:
+        raise PartializeError(f"partialize.scan(..., kind={kind!r}): use one of {', '.join(KINDS)} or all")
+    name = model if isinstance(model, str) else type(model).__name__
+    if isinstance(model, str):
+        model = build_model(model, num_classes=num_classes)
+    _check_args(model, 0.25, None, example_input, input_size, "scan")
+    model.eval()
+    if input_size and example_input is None:
+        check_runs_at(model, input_size, name, "--input-size")
+    kinds = KINDS if kind == "all" else (kind,)
+    return scan_model(model, example_input=example_input, input_size=input_size, kinds=kinds, name=name)
 
 
 @dataclass

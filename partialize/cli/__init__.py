@@ -346,6 +346,9 @@ def _register_commands() -> None:
     from .train import register as register_train
 
     register_train(main)
+    from .scan import register as register_scan
+
+    register_scan(main)
 
 
 _register_commands()

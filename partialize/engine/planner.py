@@ -52,6 +52,21 @@ def build_op(module: nn.Module, variant: str, ratio, params: dict, where: str = 
     return op
 
 
+def try_operator(module: nn.Module, variant: str, ratio, params: dict, calls, where: str = ""):
+    """(operator, (MACs before, after, basis), None) for ``variant`` built on ``module`` and run on its
+    captured ``calls``, or (None, None, reason) when the operator refuses the layer or fails on it.
+    Only a RecipeError (bad params) propagates: one layer never aborts a plan or a scan."""
+    try:
+        op = build_op(module, variant, ratio, params, where=where)
+        return op, layer_cost(module, op, calls), None
+    except RecipeError:
+        raise
+    except OperatorError as e:
+        return None, None, str(e)
+    except Exception as e:  # anything else one layer raises is that layer's skip
+        return None, None, f"{variant} failed on this layer: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
 def _mro_names(m: nn.Module) -> tuple[str, ...]:
     out = []
     for c in type(m).__mro__:
@@ -162,18 +177,13 @@ class _PlanState:
             self.entries.append(base)
             return
         variant_name, params, ratio = decision.variant, decision.params, decision.ratio
-        try:
-            op = build_op(m, variant_name, ratio, params, where=f"layer {name!r} ({rule_desc})")
-            before, after, basis = layer_cost(m, op, self.calls[name])
-        except RecipeError:
-            raise
-        except OperatorError as e:
-            base.reason = str(e)
-        except Exception as e:  # anything else one layer raises is that layer's skip, never the plan's end
-            base.reason = f"{variant_name} failed on this layer: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        op, cost, base.reason = try_operator(
+            m, variant_name, ratio, params, self.calls[name], f"layer {name!r} ({rule_desc})"
+        )
         if base.reason is not None:
             self.entries.append(base)
             return
+        before, after, basis = cost
         self.orig_macs[name] = before
         kept = op.convertible_children()
         if kept:

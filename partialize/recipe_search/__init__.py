@@ -152,31 +152,70 @@ def search(
     secs["cost_table"] = time.perf_counter() - t0 - secs["units"]
     rest = max(0.0, total - sum(c.times[0] for c in costs))
     fastest = rest + sum(min(c.times) for c in costs)
-    if fastest > total / target_speedup:
-        raise SearchError(
-            f"{target_speedup:g}x is out of reach with these options: the fastest choice predicts "
-            f"{total / fastest:.2f}x (the layers no operator converts take {rest * 1e3:.1f} ms of "
-            f"{total * 1e3:.1f} ms); ask for at most {total / fastest:.2f}x"
-        )
     ctx = _Ctx(model, units, costs, total, rest, x, timer, threads, name or type(model).__name__, batch)
-    result = _solve(ctx, target_speedup, target_speedup)
-    aim = target_speedup
-    for i in range(max(1, iterations) if remeasure else 0):
+    aim, first = target_speedup, None
+    if fastest > total / target_speedup:  # predicted out of reach: measured before refusing
+        first = _reachable(ctx, target_speedup, fastest, remeasure, say)
+        aim = target_speedup * (total / fastest) / first.measured_speedup  # the table's error, removed
+    result = _loop(ctx, target_speedup, aim, fastest, iterations if remeasure else 0, say)
+    if first is not None:
+        if (result.measured_speedup or 0.0) < target_speedup:
+            first.notes.append(f"a cheaper choice measured {result.measured_speedup:.2f}x: the fastest one is kept")
+            first.history, result = [*first.history, *result.history], first
+        else:
+            result.notes, result.history = [*first.notes, *result.notes], [*first.history, *result.history]
+    secs["total"] = time.perf_counter() - t0
+    result.seconds = secs
+    return result
+
+
+def _reachable(ctx: _Ctx, target: float, fastest: float, remeasure: bool, say) -> SearchResult:
+    """The fastest choice, measured; a ``SearchError`` naming what is reachable when it falls short.
+    The table sums per-unit times and can under-predict as well as over-predict, so a target the
+    prediction puts out of reach is refused only once the whole model has been measured."""
+    pred = ctx.total / fastest
+    reason = (
+        f"the fastest choice predicts {pred:.2f}x (the layers no operator converts take "
+        f"{ctx.rest * 1e3:.1f} ms of {ctx.total * 1e3:.1f} ms)"
+    )
+    if not remeasure:
+        raise SearchError(f"{target:g}x is out of reach with these options: {reason}; ask for at most {pred:.2f}x")
+    say(f"the table predicts at most {pred:.2f}x: measuring the fastest choice")
+    result = _fastest_choice(ctx, target)
+    result.measured_speedup = _remeasure(ctx, result.recipe)
+    result.history.append({"aim": pred, "predicted": result.predicted_speedup, "measured": result.measured_speedup})
+    if result.measured_speedup < target:
+        best = min(pred, result.measured_speedup)
+        raise SearchError(
+            f"{target:g}x is out of reach with these options: {reason}, and measured "
+            f"{result.measured_speedup:.2f}x; ask for at most {best:.2f}x"
+        )
+    result.notes.append(
+        f"the table predicted at most {pred:.2f}x; the fastest choice measured {result.measured_speedup:.2f}x"
+    )
+    return result
+
+
+def _loop(ctx: _Ctx, target: float, aim: float, fastest: float, iterations: int, say) -> SearchResult:
+    """Solve for ``aim``, re-measure, and while the model falls short aim higher by the shortfall (up to
+    the fastest choice, which is then measured as it is)."""
+    at_max = ctx.total / aim <= fastest * 1.01
+    result = _fastest_choice(ctx, target) if at_max else _solve(ctx, target, aim)
+    for i in range(iterations):
         say(f"re-measuring the whole converted model side by side with the original (aiming at {aim:.3f}x)")
         result.measured_speedup = _remeasure(ctx, result.recipe)
         result.history.append({"aim": aim, "predicted": result.predicted_speedup, "measured": result.measured_speedup})
-        if result.measured_speedup >= target_speedup or i == iterations - 1:
+        if result.measured_speedup >= target or i == iterations - 1:
+            break
+        if at_max:
+            result.notes.append(f"measured {result.measured_speedup:.2f}x with the fastest choice")
             break
         # the table over-predicted: aim higher by the measured shortfall and solve again (closed loop)
-        aim *= target_speedup / result.measured_speedup
-        if total / aim < fastest:
-            result.notes.append(f"measured {result.measured_speedup:.2f}x; the fastest choice cannot aim higher")
-            break
+        aim *= target / result.measured_speedup
+        at_max = ctx.total / aim <= fastest * 1.01
         history = result.history
-        result = _solve(ctx, target_speedup, aim)
+        result = _fastest_choice(ctx, target) if at_max else _solve(ctx, target, aim)
         result.history = history
-    secs["total"] = time.perf_counter() - t0
-    result.seconds = secs
     return result
 
 
@@ -197,7 +236,21 @@ class _Ctx:
 def _solve(ctx: _Ctx, target: float, aim: float) -> SearchResult:
     """The cheapest choice whose predicted speed-up is ``aim``, as a result with its recipe."""
     pick = choose([c.times for c in ctx.costs], [c.costs for c in ctx.costs], ctx.total / aim - ctx.rest)
-    rules = [o.rule() for u, k in zip(ctx.units, pick.picks) for o in u.options[k]]
+    guarantee = (
+        f"least proxy among choices within the budget minus {pick.slack * 1e3:.3f} ms (time grid "
+        f"{pick.step * 1e6:.2f} us per unit, {len(ctx.units)} units)"
+    )
+    return _result(ctx, target, pick.picks, guarantee)
+
+
+def _fastest_choice(ctx: _Ctx, target: float) -> SearchResult:
+    """Every unit at its fastest option (the least proxy among equally fast ones)."""
+    picks = [min(range(len(c.times)), key=lambda k, c=c: (c.times[k], c.costs[k])) for c in ctx.costs]
+    return _result(ctx, target, picks, "the fastest option of every unit (no budget left to trade)")
+
+
+def _result(ctx: _Ctx, target: float, picks: list[int], guarantee: str) -> SearchResult:
+    rules = [o.rule() for u, k in zip(ctx.units, picks) for o in u.options[k]]
     recipe = {
         "version": 1,
         "name": f"search-{ctx.label}-{target:g}x",
@@ -207,11 +260,10 @@ def _solve(ctx: _Ctx, target: float, aim: float) -> SearchResult:
         "rules": rules or [{"select": {"name": ctx.units[0].name}, "variant": "skip"}],
     }
     load_recipe(recipe)  # what is written validates
+    time_s = sum(c.times[k] for c, k in zip(ctx.costs, picks))
     return SearchResult(
-        target, ctx.total / (ctx.rest + pick.time), None, recipe, _choices(ctx.units, ctx.costs, pick.picks),
-        ctx.total * 1e3, ctx.rest * 1e3,
-        f"least proxy among choices within the budget minus {pick.slack * 1e3:.3f} ms (time grid "
-        f"{pick.step * 1e6:.2f} us per unit, {len(ctx.units)} units)",
+        target, ctx.total / (ctx.rest + time_s), None, recipe, _choices(ctx.units, ctx.costs, picks),
+        ctx.total * 1e3, ctx.rest * 1e3, guarantee,
         fingerprint(ctx.threads, ctx.batch, str(ctx.x.device)) | {"input_shape": list(ctx.x.shape)},
     )  # fmt: skip
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import click
 
 from .._version import __version__
@@ -291,17 +293,48 @@ def search_cmd(model, target_speedup, out, json_path, threads, batch, input_size
         check_output(json_path, force=force, option="--json")
     console = Console()
     base = build_model(model, weights=weights, num_classes=num_classes).eval()
-    res = search(
-        base, target_speedup, name=model, input_size=input_size, threads=threads, batch=batch, data=data,
-        remeasure=not no_remeasure, cache=not no_cache, progress=lambda m: console.print(f"[dim]{m}[/dim]"),
-    )  # fmt: skip
+    if weights == "random":
+        console.print(
+            "[yellow]note: random weights: the times hold for any weights, but the accuracy proxy ranks the "
+            "options for these random weights (timm zero-initialises residual branches, so changing them looks "
+            "free); pass --weights for a trained model[/yellow]"
+        )
+    with _search_progress(console) as progress:
+        res = search(
+            base, target_speedup, name=model, input_size=input_size, threads=threads, batch=batch, data=data,
+            remeasure=not no_remeasure, cache=not no_cache, progress=progress,
+        )  # fmt: skip
     write_result(res, out, json_path, force=force)
+    for note in res.notes:
+        console.print(f"note: {note}")
     measured = f"{res.measured_speedup:.2f}x" if res.measured_speedup is not None else "not measured"
     console.print(
         f"{len(res.recipe['rules'])} rules; predicted {res.predicted_speedup:.2f}x, measured {measured} "
         f"(target {target_speedup:g}x; batch {batch}, {threads} thread(s)); {res.seconds['total']:.0f} s"
     )
     console.print(f"wrote {out}" + (f" and {json_path}" if json_path else ""))
+
+
+@contextlib.contextmanager
+def _search_progress(console):
+    """A bar over the cost table's units ("unit i/N: ..." messages); other messages printed above it."""
+    import re
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console, transient=True)  # fmt: skip
+    task = bar.add_task("cost table", total=None)
+
+    def progress(message: str) -> None:
+        m = re.match(r"unit (\d+)/(\d+): (.*)", message)
+        if m:
+            bar.update(task, completed=int(m.group(1)) - 1, total=int(m.group(2)), description=m.group(3)[:48])
+        else:
+            bar.console.print(f"[dim]{message}[/dim]")
+
+    with bar:
+        yield progress
 
 
 @main.group()

@@ -24,6 +24,7 @@ from ..errors import OperatorError
 from ._export import exporting
 from ._utils import bn_remainder, fold_bn_into_conv, is_foldable_bn, slice_bn, slice_conv, split_channels
 from .base import PartialOperator
+from .gated_mlp import slice_gated
 from .registry import register_operator
 
 _PASSTHROUGH = (
@@ -254,13 +255,18 @@ class PartialMLP(PartialOperator):
 
     @classmethod
     def from_module(cls, original: nn.Module, ratio: float = 0.5, hidden_ratio: float | None = None) -> PartialMLP:
-        """Slice a known MLP-like block (see ``mlp_layers``) to its first ``ratio`` of the channels."""
+        """Slice a known MLP-like block (see ``mlp_layers``; timm's gated MLPs: ``gated_mlp``) to its
+        first ``ratio`` of the channels and first ``hidden_ratio`` of its hidden units."""
+        gated = slice_gated(original, ratio, hidden_ratio, _slice_layer)
+        if gated is not None:
+            layers, dim, n, ch_dim = gated
+            return cls(layers, dim, n, False, ch_dim)
         found = mlp_layers(original)
         if found is None:
             raise OperatorError(
                 f"partial_mlp does not know how to slice a {type(original).__name__} (known: timm "
-                "Mlp/ConvMlp, torchvision MLP, inverted residuals with a skip, Sequential of two "
-                "Linear/1x1 conv layers)"
+                "Mlp/ConvMlp/GluMlp/SwiGLU/GatedMlp, torchvision MLP, inverted residuals with a skip, "
+                "Sequential of two Linear/1x1 conv layers)"
             )
         layers, residual, ch_dim = found
         mixers = [m for m in layers if _width_change(m) is not None]

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from _helpers import nondegenerate_, rel_err
+from timm.layers import GatedMlp, GluMlp, SwiGLU
+from timm.models.mlp_mixer import MlpMixer, SpatialGatingBlock
 from torch import nn
 
 import partialize
@@ -82,6 +84,11 @@ def _tiny_tv_vit():
     )
 
 
+def _tiny_mixer(**kw):
+    """timm MlpMixer as gmixer_12_224 / gmlp_ti16_224 configure it, two blocks at 32 x 32."""
+    return MlpMixer(num_classes=10, img_size=32, patch_size=8, num_blocks=2, embed_dim=64, **kw)
+
+
 # small instances of real models: every attention / MLP / conv family the operators accept, and
 # families they must refuse (EVA-02 RoPE attention, relative-position attention, Swin windows)
 MODELS = {
@@ -102,6 +109,14 @@ MODELS = {
     "tv_mobilenet_v3": (lambda: torchvision.models.mobilenet_v3_small(), 32),
     "tv_resnet18": (lambda: torchvision.models.resnet18(), 32),
     "tv_vit": (_tiny_tv_vit, 32),
+    "vit_swiglu": (
+        lambda: timm.create_model(
+            "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, mlp_layer=SwiGLU, scale_mlp_norm=True
+        ),
+        32,
+    ),
+    "gmixer": (lambda: _tiny_mixer(mlp_ratio=(1.0, 4.0), mlp_layer=GluMlp, act_layer=nn.SiLU), 32),  # GLU MLPs
+    "gmlp": (lambda: _tiny_mixer(mlp_ratio=6, block_layer=SpatialGatingBlock, mlp_layer=GatedMlp), 32),
 }
 OPERATORS = sorted(set(list_operators()) | {USER})
 PER_CLASS = 2  # layers checked per (model, operator, class)
@@ -302,7 +317,8 @@ def test_the_accepted_classes_are_the_ones_we_verified(sweep):
         "torchvision.models.mobilenetv3.InvertedResidual",
         "torchvision.models.vision_transformer.MLPBlock",
     } <= mlp
-    assert "timm.layers.mlp.SwiGLU" not in mlp  # gated: refused until split across gate and value
+    gated = {"timm.layers.mlp.SwiGLU", "timm.layers.mlp.GluMlp", "timm.layers.mlp.GatedMlp"}
+    assert gated <= mlp  # split consistently across the gate and value halves (tests/test_gated_mlp.py)
     residual = _classes(sweep, "partial_residual")
     assert {"timm.models.resnet.BasicBlock", "timm.models.resnet.Bottleneck"} <= residual
     assert "torch.nn.modules.conv.Conv2d" in _classes(sweep, "pconv") & _classes(sweep, USER)

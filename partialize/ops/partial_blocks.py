@@ -4,7 +4,8 @@
 only (hidden width r*H, weights = the top-left blocks of the original layers); the other channels
 pass through the block unchanged: for a residual block (inverted residual) they keep x, for a
 branch that sits inside a residual (a transformer/ConvNeXt MLP) the branch outputs 0 for them.
-MACs of the block scale by about r^2.
+MACs of the block scale by about r^2. timm's gated MLPs (GluMlp, SwiGLU, GatedMlp) keep the same
+hidden units in their gate and value halves (``gated_mlp.py``).
 
 ``PartialAttention`` (``partial_attention``): multi-head self-attention on the last (1 - r)*C
 channels (whole heads, q/k/v/proj inherited as sub-blocks), a cheap mixer on the first r*C

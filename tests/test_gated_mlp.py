@@ -236,3 +236,26 @@ def test_real_models_convert_and_deploy_equals_eval(name):
         want = model(x)
         assert rel_err(whole.eval()(x), want) <= 1e-5  # keep everything: the model itself
         assert rel_err(partialize.deploy(half)(x), half.eval()(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["vit_swiglu", "gmlp"])
+def test_deployed_gated_models_export_equal_eager(name):
+    """torch.jit.trace and the TorchScript-based ONNX exporter (onnxruntime) on the deployed model."""
+    import io
+    import warnings
+
+    import onnxruntime as ort
+
+    build, cls = REAL[name]
+    torch.manual_seed(0)
+    net = partialize.deploy(partialize.apply(nondegenerate_(build().eval()), _recipe(cls, 0.5), input_size=64))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(net, (x,), check_trace=False)
+        f = io.BytesIO()
+        torch.onnx.export(net, (x,), f, dynamo=False, input_names=["input"], output_names=["output"])
+        want = net(x)
+    sess = ort.InferenceSession(f.getvalue(), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+    assert rel_err(traced(x), want) <= 1e-4 and rel_err(got, want) <= 1e-4

@@ -313,7 +313,7 @@ _MHA_ARGS = (
     "average_attn_weights",
     "is_causal",
 )
-# attention classes whose whole forward PartialAttention reproduces (checked by tests/test_contract.py::test_faithful_at_its_setting)
+# attention classes whose whole forward PartialAttention reproduces (tests/test_contract.py checks each)
 _ATTENTION_CLASSES = ("timm.layers.attention.Attention", "timm.models.metaformer.Attention")
 
 

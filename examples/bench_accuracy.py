@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import json
 import math
 import os
@@ -527,15 +528,13 @@ def render_md(doc: dict) -> str:
 
 
 def environment(args) -> dict:
-    import torch_pruning as tp
-
     return {
         "machine": machine_description(args.speed_threads).split(";")[0] + f", {os.cpu_count()} cores visible",
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "timm": timm.__version__,
-        "torch_pruning": tp.__version__,
+        "torch_pruning": importlib.metadata.version("torch-pruning"),
         "partialize": partialize.__version__,
         "train_threads": args.train_threads,
         "speed_threads": args.speed_threads,

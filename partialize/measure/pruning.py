@@ -23,6 +23,18 @@ class PruningError(PartializeError):
     """The pruning baseline cannot reach the requested MACs (or the model cannot be pruned)."""
 
 
+def _tp_version() -> str:
+    """The installed torch-pruning release (its ``__version__`` string lags: 1.6.1 says 1.6.0)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch-pruning")
+    except PackageNotFoundError:  # imported from a source tree
+        import torch_pruning as tp
+
+        return tp.__version__
+
+
 def _classifier_layers(model: nn.Module) -> list[nn.Module]:
     """Final classifier(s) to keep intact: timm's get_classifier(), else the last Linear."""
     get = getattr(model, "get_classifier", None)
@@ -94,7 +106,7 @@ def prune_to_macs(
         )
     info = {
         "method": "torch-pruning MetaPruner, L2 magnitude importance, uniform per-layer channel ratio, classifier kept",
-        "torch_pruning_version": tp.__version__,
+        "torch_pruning_version": _tp_version(),
         "target_macs": float(target_macs),
         "reached_macs": float(macs),
         "rel_error": rel,
@@ -186,7 +198,7 @@ def prune_to_ratio(
     info = {
         "method": f"torch-pruning MetaPruner, one shot, {importance} importance, uniform per-layer channel ratio, "
         "classifier kept",
-        "torch_pruning_version": tp.__version__,
+        "torch_pruning_version": _tp_version(),
         "importance": importance,
         "channel_ratio": float(ratio),
         "round_to": round_to,

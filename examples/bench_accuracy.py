@@ -49,7 +49,7 @@ from partialize.calibration.steps import recalibrate_bn
 from partialize.datasets import hard_digits
 from partialize.measure.flops import macs_breakdown
 from partialize.measure.pruning import prune_to_ratio
-from partialize.measure.speed import machine_description, measure_speed
+from partialize.measure.speed import machine_description, measure_speed, op_self_times
 from partialize.train import finetune
 from partialize.train.data import make_train_loader
 from partialize.train.operators import evaluate
@@ -261,21 +261,13 @@ def search_speed(teacher, teacher_dep, target: float, start: float, args) -> dic
 
 def where_time_goes(models: dict, args, calls: int = 10) -> dict:
     """Self CPU time per operator (1 thread, batch ``args.batch``, deployed), top 8 per model, ms per call."""
-    from torch.profiler import ProfilerActivity, profile
-
     prev = torch.get_num_threads()
     torch.set_num_threads(args.speed_threads)
     x = torch.randn(args.batch, 3, SIZE, SIZE)
     out = {}
     try:
         for name, m in models.items():
-            with torch.inference_mode():
-                for _ in range(3):
-                    m(x)
-                with profile(activities=[ProfilerActivity.CPU]) as prof:
-                    for _ in range(calls):
-                        m(x)
-            rows = [(e.key, e.self_cpu_time_total / calls / 1e3) for e in prof.key_averages()]
+            rows = list(op_self_times(m, x, calls).items())
             total = sum(t for _, t in rows)
             rows.sort(key=lambda r: -r[1])
             out[name] = {"total_ms": total, "top": [{"op": k, "ms": t, "share": t / total} for k, t in rows[:8]]}

@@ -16,12 +16,11 @@ import collections
 
 import timm
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import partialize
 from partialize.macs import count_macs
 from partialize.measure.pruning import prune_to_macs
-from partialize.measure.speed import machine_description, time_side_by_side
+from partialize.measure.speed import machine_description, op_self_times, time_side_by_side
 
 GROUPS = {
     "conv": ("convolution", "mkldnn_convolution", "conv2d", "_convolution"),
@@ -57,15 +56,9 @@ def _group(op: str) -> str:
 
 def profile_model(model: torch.nn.Module, x: torch.Tensor, iters: int = 5) -> dict[str, float]:
     """Self CPU time (ms per call) per op group, over ``iters`` calls after a warm-up."""
-    with torch.inference_mode():
-        for _ in range(3):
-            model(x)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(iters):
-                model(x)
     per: dict[str, float] = collections.defaultdict(float)
-    for e in prof.key_averages():
-        per[_group(e.key)] += e.self_cpu_time_total / 1e3 / iters
+    for op, ms in op_self_times(model, x, iters).items():
+        per[_group(op)] += ms
     return dict(per)
 
 

@@ -559,3 +559,14 @@ def test_speed_protocol_deployed_forms_warmup_by_time_noise_flag_and_fingerprint
     assert cond["environment"]["torch"] == torch.__version__
     lat = res["models"]["m"]["latency_ms"]
     assert lat["noisy"] == (lat["iqr"] > 0.05 * lat["median"])
+
+
+def test_op_self_times_names_the_ops_that_ran():
+    """A conv + ReLU model: the profile holds a convolution and a ReLU op and no matrix product."""
+    from partialize.measure.speed import op_self_times
+
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
+    times = op_self_times(m, torch.randn(2, 3, 16, 16), calls=2, warmup=1)
+    assert any("conv" in k for k in times) and any("relu" in k or "clamp" in k for k in times)
+    assert not any(k.endswith(("::mm", "::addmm", "::bmm")) for k in times)
+    assert all(v >= 0 for v in times.values())

@@ -315,3 +315,17 @@ def machine_description(threads: int) -> str:
     except OSError:
         pass
     return f"{cpu}; torch {torch.__version__}; {threads} thread(s)"
+
+
+def op_self_times(model: torch.nn.Module, x: torch.Tensor, calls: int = 10, warmup: int = 3) -> dict[str, float]:
+    """Self CPU time per aten op (ms per call of ``model``), from torch.profiler over ``calls`` calls
+    after ``warmup`` calls, in inference mode; the caller sets the thread count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                model(x)
+    return {e.key: e.self_cpu_time_total / 1e3 / calls for e in prof.key_averages()}

@@ -91,6 +91,26 @@ def test_a_target_the_table_puts_out_of_reach_is_measured_before_refused(r18):
         search(r18, 1.6 * p_max, input_size=32, batch=2, timer=quick_whole_model_timer, cache=False)
 
 
+def slow_whole_model_timer(modules, x):
+    """As ``fake_timer``, but a converted whole model runs 1.3x slower than its units add up to."""
+    t = fake_timer(modules, x)
+    if "converted" in t:
+        t["converted"] = (t["converted"][0] * 1.3, 0.0)
+    return t
+
+
+def test_a_target_the_measured_model_misses_is_an_error_not_a_recipe(r18):
+    """The table over-predicts by 1.3x everywhere: near the table's ceiling no choice measures the
+    target, so the search refuses and names the best measured speed-up (not a recipe that misses)."""
+    with pytest.raises(SearchError, match=r"ask for at most (\d+\.\d\d)x") as err:
+        search(r18, 50.0, input_size=32, batch=2, timer=fake_timer, cache=False, remeasure=False)
+    p_max = float(err.value.args[0].rsplit("at most ", 1)[1].rstrip("x"))
+    with pytest.raises(SearchError, match=r"not reached: the chosen model measured (\d+\.\d\d)x") as err:
+        search(r18, 0.95 * p_max, input_size=32, batch=2, timer=slow_whole_model_timer, cache=False)
+    best = float(err.value.args[0].rsplit("at most ", 1)[1].split("x")[0])
+    assert best == pytest.approx(p_max / 1.3, abs=0.02)  # the fastest choice, measured 1.3x slower
+
+
 def test_the_knapsack_is_optimal_against_brute_force():
     rng = random.Random(0)
     for _ in range(200):

@@ -126,7 +126,8 @@ def search(
     or a tensor), else N(0, 1) inputs. The prediction sums per-unit times, which misses how units
     interact in the whole model, so the loop re-measures the chosen model and, while it falls short,
     aims higher by the shortfall and solves again (``iterations`` times at most; ``history`` keeps
-    every prediction and measurement). ``timer`` replaces the real timer (tests)."""
+    every prediction and measurement). A target no measured choice reaches is a ``SearchError`` that
+    names the best measured speed-up. ``timer`` replaces the real timer (tests)."""
     if not target_speedup > 1.0:
         raise SearchError(f"--target-speedup must be > 1 (a speed-up over the original), got {target_speedup!r}")
     say = progress or (lambda _m: None)
@@ -164,6 +165,13 @@ def search(
             first.history, result = [*first.history, *result.history], first
         else:
             result.notes, result.history = [*first.notes, *result.notes], [*first.history, *result.history]
+    if result.measured_speedup is not None and result.measured_speedup < target_speedup:
+        best = max(h["measured"] for h in result.history)
+        raise SearchError(
+            f"{target_speedup:g}x was not reached: the chosen model measured {result.measured_speedup:.2f}x "
+            f"(the cost table predicted {result.predicted_speedup:.2f}x; best of {len(result.history)} "
+            f"measured choices {best:.2f}x); ask for at most {best:.2f}x, or search again on a quieter machine"
+        )
     secs["total"] = time.perf_counter() - t0
     result.seconds = secs
     return result

@@ -16,6 +16,7 @@ from partialize.ops import (
     MergedSpatialAttention,
     PartialAttention,
     PartialMLP,
+    PartialOperator,
     PartialSelfAttention,
     PartialSpatialAttention,
     PATConv,
@@ -435,9 +436,15 @@ def test_registry_names_and_user_registration():
             register_operator("pconv")(HalfConv)
         with pytest.raises(TypeError, match="must subclass partialize.ops.PartialOperator"):
             register_operator("test_not_an_operator")(nn.Conv2d)  # duck typing is not the contract
+
+        class NoFromModule(PartialOperator):
+            pass
+
+        with pytest.raises(TypeError, match="must implement from_module"):
+            register_operator("test_no_from_module")(NoFromModule)
     finally:
         unregister_operator("test_halfconv")
-    assert "test_halfconv" not in list_operators() and "test_not_an_operator" not in list_operators()
+    assert not {"test_halfconv", "test_not_an_operator", "test_no_from_module"} & set(list_operators())
     from partialize.errors import RecipeError
 
     with pytest.raises(RecipeError, match="known variants"):

@@ -26,6 +26,9 @@ def register_operator(name: str, *, overwrite: bool = False) -> Callable[[type],
                 f"operator {getattr(cls, '__name__', cls)!r} must subclass partialize.ops.PartialOperator "
                 "(the operator contract: from_module, deploy, macs, ...; see docs/architecture.md)"
             )
+        if cls.from_module.__func__ is PartialOperator.from_module.__func__:
+            # the base's from_module only raises: every layer would become a skip naming no mistake
+            raise TypeError(f"operator {cls.__name__!r} must implement from_module (the one required method)")
         if name in _OPERATORS and _OPERATORS[name] is not cls and not overwrite:
             raise ValueError(
                 f"operator name {name!r} is already registered to {_OPERATORS[name].__name__}; "

@@ -158,8 +158,11 @@ def search(
     if fastest > total / target_speedup:  # predicted out of reach: measured before refusing
         first = _reachable(ctx, target_speedup, fastest, remeasure, say)
         aim = target_speedup * (total / fastest) / first.measured_speedup  # the table's error, removed
-    result = _loop(ctx, target_speedup, aim, fastest, iterations if remeasure else 0, say)
-    if first is not None:
+    if first is not None and total / aim <= fastest * 1.01:  # nothing cheaper to try: already measured
+        result = first
+    else:
+        result = _loop(ctx, target_speedup, aim, fastest, iterations if remeasure else 0, say)
+    if first is not None and result is not first:
         if (result.measured_speedup or 0.0) < target_speedup:
             first.notes.append(f"a cheaper choice measured {result.measured_speedup:.2f}x: the fastest one is kept")
             first.history, result = [*first.history, *result.history], first

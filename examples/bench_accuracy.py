@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.metadata
 import json
 import math
 import os
@@ -48,7 +47,7 @@ from partialize.calibration import calibrate_model
 from partialize.calibration.steps import recalibrate_bn
 from partialize.datasets import hard_digits
 from partialize.measure.flops import macs_breakdown
-from partialize.measure.pruning import prune_to_ratio
+from partialize.measure.pruning import prune_to_ratio, torch_pruning_version
 from partialize.measure.speed import machine_description, measure_speed, op_self_times
 from partialize.train import finetune
 from partialize.train.data import make_train_loader
@@ -526,7 +525,7 @@ def environment(args) -> dict:
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "timm": timm.__version__,
-        "torch_pruning": importlib.metadata.version("torch-pruning"),
+        "torch_pruning": torch_pruning_version(),
         "partialize": partialize.__version__,
         "train_threads": args.train_threads,
         "speed_threads": args.speed_threads,

@@ -23,7 +23,7 @@ class PruningError(PartializeError):
     """The pruning baseline cannot reach the requested MACs (or the model cannot be pruned)."""
 
 
-def _tp_version() -> str:
+def torch_pruning_version() -> str:
     """The installed torch-pruning release (its ``__version__`` string lags: 1.6.1 says 1.6.0)."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -106,7 +106,7 @@ def prune_to_macs(
         )
     info = {
         "method": "torch-pruning MetaPruner, L2 magnitude importance, uniform per-layer channel ratio, classifier kept",
-        "torch_pruning_version": _tp_version(),
+        "torch_pruning_version": torch_pruning_version(),
         "target_macs": float(target_macs),
         "reached_macs": float(macs),
         "rel_error": rel,
@@ -198,7 +198,7 @@ def prune_to_ratio(
     info = {
         "method": f"torch-pruning MetaPruner, one shot, {importance} importance, uniform per-layer channel ratio, "
         "classifier kept",
-        "torch_pruning_version": _tp_version(),
+        "torch_pruning_version": torch_pruning_version(),
         "importance": importance,
         "channel_ratio": float(ratio),
         "round_to": round_to,

@@ -65,3 +65,49 @@ def hooked_macs(model: nn.Module, x: torch.Tensor) -> int:
         for h in handles:
             h.remove()
     return total[0]
+
+
+def tiny_tv_swin(v2: bool = False) -> nn.Module:
+    """torchvision's SwinTransformer (V1, or V2 with its blocks and patch merging) at a test size: two
+    stages at 32 x 32 input (an 8 x 8 grid of 4 x 4 windows, shifted in every other block; the second
+    stage's 4 x 4 grid is one window, where torchvision drops the shift)."""
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+
+    kw = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
+    return SwinTransformer(
+        patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=10, **kw
+    )
+
+
+def tiny_timm(name: str) -> nn.Module:
+    """Small instances of timm's window and relative-position attention models (two blocks or stages)."""
+    import timm
+
+    small = {
+        "swin": (
+            "swin_tiny_patch4_window7_224",
+            {"depths": (2, 2), "num_heads": (2, 4), "embed_dim": 32, "img_size": 56},
+        ),
+        "swinv2": (
+            "swinv2_tiny_window8_256",
+            {"depths": (2, 2), "num_heads": (2, 4), "embed_dim": 32, "img_size": 64, "window_size": 8},
+        ),
+        "beit": (
+            "beit_base_patch16_224",
+            {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 4},
+        ),
+        "beit_shared": (
+            "beit_base_patch16_224",
+            {
+                "img_size": 32,
+                "patch_size": 8,
+                "depth": 2,
+                "embed_dim": 64,
+                "num_heads": 4,
+                "use_rel_pos_bias": False,
+                "use_shared_rel_pos_bias": True,
+            },
+        ),
+    }
+    spec, kw = small[name]
+    return timm.create_model(spec, num_classes=10, **kw)

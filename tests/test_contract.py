@@ -5,8 +5,8 @@ every module class it accepts in small instances of real timm / torchvision mode
   converted layer equals the original on the layer's own call arguments (RoPE, masks and keyword
   arguments included), within 1e-5;
 - ``deploy()`` equals ``reference()`` within 1e-5;
-- ``macs()`` equals an independent count of the inference form (forward hooks on convs and linears
-  plus an interception of ``scaled_dot_product_attention``, not partialize.macs);
+- ``macs()`` equals an independent count of the inference form (the Python-level conv, linear,
+  matmul and ``scaled_dot_product_attention`` calls by formula, not partialize.macs);
 - converted by a one-layer recipe: save/load is bit-exact, and the deployed model under
   ``torch.jit.trace`` and the TorchScript-based ONNX exporter equals eager.
 
@@ -26,7 +26,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
-from _helpers import nondegenerate_, rel_err
+from _helpers import nondegenerate_, rel_err, tiny_timm, tiny_tv_swin
 from timm.layers import GatedMlp, GluMlp, SwiGLU
 from timm.models.mlp_mixer import MlpMixer, SpatialGatingBlock
 from torch import nn
@@ -90,7 +90,7 @@ def _tiny_mixer(**kw):
 
 
 # small instances of real models: every attention / MLP / conv family the operators accept, and
-# families they must refuse (EVA-02 RoPE attention, relative-position attention, Swin windows)
+# families they must refuse (EVA-02 RoPE attention, ViT relpos attention)
 MODELS = {
     "vit_tiny": (lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), 32),
     "vit_qknorm": (
@@ -101,6 +101,10 @@ MODELS = {
     "vit_relpos": (lambda: timm.create_model("vit_relpos_small_patch16_224", img_size=32, depth=2), 32),
     "caformer_s18": (lambda: timm.create_model("caformer_s18"), 64),
     "swin": (lambda: timm.create_model("swin_tiny_patch4_window7_224", depths=(1, 1, 1, 1), img_size=112), 112),
+    "swinv2": (lambda: tiny_timm("swinv2"), 64),
+    "beit": (lambda: tiny_timm("beit"), 32),
+    "tv_swin": (tiny_tv_swin, 32),
+    "tv_swin_v2": (lambda: tiny_tv_swin(v2=True), 32),
     "convnext_atto": (lambda: timm.create_model("convnext_atto"), 32),
     "mobilenetv2": (lambda: timm.create_model("mobilenetv2_050"), 32),
     "efficientnet_b0": (lambda: timm.create_model("efficientnet_b0"), 32),
@@ -195,31 +199,31 @@ def test_deploy_equals_reference(sweep, name):
 
 
 def _independent_macs(module: nn.Module, args, kwargs) -> int:
-    """Convs and linears by forward hooks, attention by intercepting F.scaled_dot_product_attention:
-    a count that shares no code with partialize.macs."""
+    """Contractions seen as Python-level torch functions (a TorchFunctionMode: F.conv2d, F.linear,
+    matmul / @, bmm, scaled_dot_product_attention), each by its textbook formula: a count that shares
+    no code with partialize.macs, which counts aten ops below the dispatcher."""
+    from torch.overrides import TorchFunctionMode
+
     total = [0]
 
-    def hook(m, inp, out):
-        if isinstance(m, nn.Conv2d):
-            total[0] += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-        else:
-            total[0] += out.numel() // m.out_features * m.in_features * m.out_features
+    class Count(TorchFunctionMode):
+        def __torch_function__(self, func, types, a=(), kw=None):
+            kw = kw or {}
+            out = func(*a, **kw)
+            if func is F.conv2d:
+                w = a[1] if len(a) > 1 else kw["weight"]
+                total[0] += out.numel() * w.shape[1] * w.shape[2] * w.shape[3]  # C_in / groups * kh * kw
+            elif func is F.linear:
+                total[0] += out.numel() * a[0].shape[-1]
+            elif func in (torch.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.matmul, torch.Tensor.bmm):
+                total[0] += out.numel() * a[0].shape[-1]
+            elif func is F.scaled_dot_product_attention:
+                q, k, v = a[:3]
+                total[0] += q.shape[:-1].numel() * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+            return out
 
-    sdpa = F.scaled_dot_product_attention
-
-    def counted_sdpa(q, k, v, *a, **kw):
-        total[0] += q.shape[:-1].numel() * k.shape[-2] * (q.shape[-1] + v.shape[-1])
-        return sdpa(q, k, v, *a, **kw)
-
-    handles = [m.register_forward_hook(hook) for m in module.modules() if type(m) in (nn.Conv2d, nn.Linear)]
-    F.scaled_dot_product_attention = counted_sdpa
-    try:
-        with torch.no_grad():
-            module.eval()(*args, **kwargs)
-    finally:
-        F.scaled_dot_product_attention = sdpa
-        for h in handles:
-            h.remove()
+    with torch.no_grad(), Count():
+        module.eval()(*args, **kwargs)
     return total[0]
 
 
@@ -307,9 +311,15 @@ def test_the_accepted_classes_are_the_ones_we_verified(sweep):
         "timm.layers.attention.Attention",
         "timm.models.metaformer.Attention",
         "torch.nn.modules.activation.MultiheadAttention",
+        # the layer's own forward cut to its kept heads (tests/test_sliced_attention.py)
+        "timm.models.swin_transformer.WindowAttention",
+        "timm.models.swin_transformer_v2.WindowAttention",
+        "timm.models.beit.Attention",
+        "torchvision.models.swin_transformer.ShiftedWindowAttention",
+        "torchvision.models.swin_transformer.ShiftedWindowAttentionV2",
     }
     refused = {"timm.models.eva.EvaAttention", "timm.models.vision_transformer_relpos.RelPosAttention"}
-    assert not refused & attn and not any("swin" in c.lower() for c in attn)
+    assert not refused & attn
     mlp = _classes(sweep, "partial_mlp")
     assert {
         "timm.layers.mlp.Mlp",

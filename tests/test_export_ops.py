@@ -18,7 +18,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from _helpers import nondegenerate_, rel_err
+from _helpers import nondegenerate_, rel_err, tiny_timm, tiny_tv_swin
 
 import partialize
 from partialize.errors import PartializeError
@@ -52,6 +52,9 @@ CASES = {
     "partial_attention": [
         ("vit", 32, _rule({"type": "Attention"}, "partial_attention", ratio=0.5)),
         ("tv_vit", 32, _rule({"type": "MultiheadAttention"}, "partial_attention", ratio=0.5)),
+        ("swin", 56, _rule({"type": "WindowAttention"}, "partial_attention", ratio=0.5)),
+        ("tv_swin_v2", 32, _rule({"type": "ShiftedWindowAttentionV2"}, "partial_attention", ratio=0.5)),
+        ("beit", 32, _rule({"type": "Attention"}, "partial_attention", ratio=0.5)),
     ],
     "partial_residual": [
         ("resnet50", 32, _rule({"type": "Bottleneck"}, "partial_residual", ratio=0.5)),
@@ -67,6 +70,10 @@ def _build(name: str):
         return torchvision.models.VisionTransformer(
             image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10
         )
+    if name in ("swin", "beit"):
+        return tiny_timm(name)
+    if name == "tv_swin_v2":
+        return tiny_tv_swin(v2=True)
     return timm.create_model(name)
 
 

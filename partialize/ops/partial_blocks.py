@@ -450,20 +450,27 @@ class PartialAttention(PartialOperator):
         """Build from a self-attention whose whole function this operator carries, keeping whole heads.
 
         Accepted: timm's ``Attention`` (ViT, DeiT...; q/k norms and the output gate are carried),
-        timm MetaFormer's ``Attention`` and ``nn.MultiheadAttention`` (self-attention, no masks). Any
-        other attention class is refused: it may add what this operator does not compute (relative
-        position bias, RoPE, window shifts, talking heads, separate q/v biases). The last ``heads``
+        timm MetaFormer's ``Attention`` and ``nn.MultiheadAttention`` (self-attention, no masks), and
+        the window / relative-position classes listed in ``sliced_attention.LAYOUTS`` (Swin, Swin V2,
+        torchvision's, BEiT), which run their own forward cut to the kept heads. Any other attention
+        class is refused: it may add what this operator does not compute (RoPE, talking heads, pooled
+        or reduced keys). The last ``heads``
         heads keep attention with their q/k/v/proj blocks (default ``round((1 - ratio) * heads)``;
         ``"all"`` keeps every head, the faithful setting).
         """
         if isinstance(original, nn.MultiheadAttention):
             return cls._from_mha(original, ratio, mixer, grid, prefix_tokens or 0, heads)
         kind = _qualname(original)
+        from .sliced_attention import LAYOUTS, HeadSlicedAttention  # imports this module
+
+        if kind in LAYOUTS:  # window / relative-position attention: the layer's own code, cut to its kept heads
+            return HeadSlicedAttention.from_original(original, ratio, mixer, heads)
         if kind not in _ATTENTION_CLASSES:
             raise OperatorError(
                 f"partial_attention does not convert {kind}: it carries the whole function of timm "
-                "Attention, timm MetaFormer Attention and nn.MultiheadAttention only, and this class may "
-                "compute more (position bias, RoPE, windows, masks, extra biases) than a sliced copy would keep"
+                "Attention, timm MetaFormer Attention, nn.MultiheadAttention and the window / relative-position "
+                f"classes of ops/sliced_attention.py ({len(LAYOUTS)}) only, and this class may compute more "
+                "(position bias, RoPE, windows, masks, extra biases) than a sliced copy would keep"
             )
         if not isinstance(getattr(original, "norm", nn.Identity()), nn.Identity):
             raise OperatorError(

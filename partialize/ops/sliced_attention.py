@@ -1,0 +1,195 @@
+"""Partial attention for attention classes that compute more than q/k/v/proj: window attention with a
+relative position bias (timm and torchvision Swin, Swin V2's cosine attention and continuous bias MLP,
+window masks and shifts) and BEiT's attention with separate q/v biases and a relative position table.
+
+Instead of re-implementing each class, the operator keeps a copy of the layer itself, cut down to its
+kept heads: the q/k/v rows and the proj block of those heads, and every tensor with a head axis (bias
+tables, logit scales, the bias MLP's output rows) sliced along it. The copy runs the class's own forward
+on the attention channels, so windows, shifts, masks and biases are the original code's, not ours; the
+other channels take the cheap path (identity), as in :class:`PartialAttention`.
+
+Each class is listed with its layout: which tensors have a head axis, which are over the attention width,
+and which are shared by all heads. A parameter the layout does not name refuses the layer (a new timm
+release that adds a per-head tensor cannot be sliced silently wrong).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import OperatorError
+from .base import PartialOperator
+from .partial_blocks import PartialAttention, _kept_heads, _qualname
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Where a class keeps its per-head state (attribute paths relative to the layer)."""
+
+    per_head: tuple[tuple[str, int], ...] = ()  # parameters / buffers with a head axis: (path, axis)
+    per_channel: tuple[str, ...] = ()  # 1-D tensors over the attention width (q_bias, k_bias, v_bias)
+    head_rows: tuple[str, ...] = ()  # nn.Linear layers whose outputs are the heads (a bias MLP's last layer)
+    shared: tuple[str, ...] = ()  # parameter prefixes every head uses unchanged (the bias MLP's hidden layer)
+    head_kwargs: tuple[tuple[str, int], ...] = ()  # call arguments with a head axis: (name, axis)
+    kwargs: tuple[str, ...] = ()  # call arguments passed through unchanged (a window mask, same for all heads)
+
+
+_SWIN_V2_BIAS = {"head_rows": ("cpb_mlp.2",), "shared": ("cpb_mlp.0",)}
+LAYOUTS: dict[str, HeadLayout] = {
+    "timm.models.swin_transformer.WindowAttention": HeadLayout(
+        per_head=(("relative_position_bias_table", 1),), kwargs=("mask",)
+    ),
+    "timm.models.swin_transformer_v2.WindowAttention": HeadLayout(
+        per_head=(("logit_scale", 0),), per_channel=("q_bias", "k_bias", "v_bias"), kwargs=("mask",), **_SWIN_V2_BIAS
+    ),
+    "torchvision.models.swin_transformer.ShiftedWindowAttention": HeadLayout(
+        per_head=(("relative_position_bias_table", 1),)
+    ),
+    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": HeadLayout(
+        per_head=(("logit_scale", 0),), **_SWIN_V2_BIAS
+    ),
+    "timm.models.beit.Attention": HeadLayout(
+        per_head=(("relative_position_bias_table", 1),),
+        per_channel=("q_bias", "k_bias", "v_bias"),
+        head_kwargs=(("shared_rel_pos_bias", -3),),
+    ),
+}
+
+
+def _get(module: nn.Module, path: str):
+    obj = module
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _set(module: nn.Module, path: str, value: torch.Tensor) -> None:
+    *parents, leaf = path.split(".")
+    owner = module
+    for part in parents:
+        owner = getattr(owner, part)
+    if isinstance(getattr(owner, leaf), nn.Parameter):
+        setattr(owner, leaf, nn.Parameter(value.clone(), requires_grad=getattr(owner, leaf).requires_grad))
+    else:  # a buffer (timm's k_bias) stays a buffer, persistent or not as it was
+        owner._buffers[leaf] = value.clone()
+
+
+def _check_layout(original: nn.Module, layout: HeadLayout, kind: str) -> None:
+    known = ["qkv.", "proj."] + [p for p, _ in layout.per_head] + list(layout.per_channel)
+    known += [r + "." for r in layout.head_rows] + [s + "." for s in layout.shared]
+    for name, _ in original.named_parameters():
+        if not any(name == k or name.startswith(k) for k in known):
+            raise OperatorError(
+                f"partial_attention: {kind} has parameter {name!r}, which its head layout does not place "
+                "(per head, per channel or shared), so a copy cut to fewer heads could be wrong; left unconverted"
+            )
+
+
+class HeadSlicedAttention(PartialAttention):
+    """The layer's own class, cut to its last ``num_heads`` heads, on the last channels; identity on the first.
+
+    ``attn`` is the cut copy. Channels are on the last axis for every listed class (tokens (B, N, C),
+    windows (B*nW, N, C) or torchvision's (B, H, W, C) maps).
+    """
+
+    def __init__(self, attn: nn.Module, layout: HeadLayout, dim: int, num_heads: int, kept: int, head_dim: int):
+        PartialOperator.__init__(self)
+        self.attn = attn
+        self.layout = layout
+        self.dim = dim
+        self.num_heads = kept
+        self.num_heads_original = num_heads
+        self.head_dim = head_dim
+        self.dim_attn = kept * head_dim
+        self.dim_cheap = dim - self.dim_attn
+        self.mixer_type = "identity"
+        self.mixer = nn.Identity()
+        self.kind = _qualname(attn)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, attn_channels={self.dim_attn} ({self.num_heads} of {self.num_heads_original} heads "
+            f"of {self.kind.rsplit('.', 1)[-1]}), cheap_channels={self.dim_cheap}, mixer='identity'"
+        )
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        unknown = set(kwargs) - set(self.layout.kwargs) - {n for n, _ in self.layout.head_kwargs}
+        if args or unknown:
+            raise OperatorError(
+                f"partial_attention ({self.kind}): unexpected call arguments "
+                f"({len(args)} positional after the input, keywords {sorted(unknown)})"
+            )
+        drop = self.num_heads_original - self.num_heads
+        for name, axis in self.layout.head_kwargs:
+            if kwargs.get(name) is not None and drop:
+                kwargs[name] = kwargs[name].narrow(axis, drop, self.num_heads)  # the kept (last) heads
+        if not self.dim_cheap:
+            return self.attn(x, **kwargs)
+        x1, x2 = torch.split(x, [self.dim_cheap, self.dim_attn], dim=-1)
+        return torch.cat((x1, self.attn(x2, **kwargs)), dim=-1)
+
+    @classmethod
+    def from_original(cls, original: nn.Module, ratio: float, mixer: str, heads) -> HeadSlicedAttention:
+        kind = _qualname(original)
+        layout = LAYOUTS[kind]
+        if mixer != "identity":
+            raise OperatorError(f"partial_attention on {kind} supports mixer 'identity' only (windows have no grid)")
+        _check_layout(original, layout, kind)
+        qkv, proj, num_heads = original.qkv, original.proj, original.num_heads
+        dim = qkv.in_features
+        if qkv.out_features != 3 * dim or proj.in_features != dim or proj.out_features != dim or dim % num_heads:
+            raise OperatorError(
+                f"partial_attention needs attention width == model width in {kind} (qkv {qkv.in_features} -> "
+                f"{qkv.out_features}, proj {proj.in_features} -> {proj.out_features}, {num_heads} heads)"
+            )
+        hd = dim // num_heads
+        kept = _kept_heads(num_heads, ratio, heads)
+        drop = num_heads - kept
+        lo = drop * hd  # the kept heads are the last ones, on the last channels
+        inner = copy.deepcopy(original)
+        with torch.no_grad():
+            rows = torch.cat([torch.arange(j * dim + lo, (j + 1) * dim) for j in range(3)]).to(qkv.weight.device)
+            inner.qkv = _cut_linear(qkv, rows, lo)
+            inner.proj = _cut_linear(proj, torch.arange(lo, dim, device=proj.weight.device), lo)
+            for path, axis in layout.per_head:
+                t = _get(original, path)
+                if t is not None:
+                    _set(inner, path, t.narrow(axis, drop, kept))
+            for path in layout.per_channel:
+                t = _get(original, path)
+                if t is not None:
+                    _set(inner, path, t[lo:])
+            for path in layout.head_rows:
+                layer = _get(original, path)
+                *parents, leaf = path.split(".")
+                setattr(
+                    _get(inner, ".".join(parents)) if parents else inner, leaf, _cut_linear(layer, None, None, drop)
+                )
+        inner.num_heads = kept
+        if isinstance(getattr(inner, "dim", None), int):
+            inner.dim = kept * hd
+        return cls(inner, layout, dim, num_heads, kept, hd)
+
+
+def _cut_linear(
+    layer: nn.Linear, rows: torch.Tensor | None, col_lo: int | None, row_lo: int | None = None
+) -> nn.Linear:
+    """A copy of ``layer`` keeping ``rows`` (or rows from ``row_lo``) and the input columns from ``col_lo``."""
+    w = layer.weight
+    w = w[rows] if rows is not None else (w[row_lo:] if row_lo else w)
+    if col_lo:
+        w = w[:, col_lo:]
+    b = layer.bias
+    if b is not None:
+        b = b[rows] if rows is not None else (b[row_lo:] if row_lo else b)
+    out = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+    out.weight.copy_(w)
+    if b is not None:
+        out.bias.copy_(b)
+    return out

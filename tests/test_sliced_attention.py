@@ -1,0 +1,164 @@
+"""partial_attention on window and relative-position attention (ops/sliced_attention.py): timm Swin and
+Swin V2, torchvision's ShiftedWindowAttention (V1 and V2), BEiT (its own table and the shared one).
+
+The oracle for a partial setting is the original layer itself with the parts a partial layer drops
+zeroed: the input columns of the cheap channels in qkv, the proj columns of the dropped heads, the proj
+rows (and bias) of the cheap channels; the cheap channels then carry the input (identity). This shares
+no code with the operator, so a bias table sliced to the wrong heads, a logit scale or q/v bias left
+whole, or a window mask applied to the wrong heads all show.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _helpers import nondegenerate_, rel_err, tiny_timm, tiny_tv_swin
+from torch import nn
+
+import partialize
+from partialize.engine._calls import capture_calls
+from partialize.errors import OperatorError
+from partialize.ops import get_operator
+
+PA = get_operator("partial_attention")
+ATTENTION = ("WindowAttention", "ShiftedWindowAttention", "ShiftedWindowAttentionV2")
+
+MODELS = {
+    "timm_swin": (lambda: tiny_timm("swin"), 56),
+    "timm_swinv2": (lambda: tiny_timm("swinv2"), 64),
+    "tv_swin": (lambda: tiny_tv_swin(), 32),
+    "tv_swin_v2": (lambda: tiny_tv_swin(v2=True), 32),
+    "beit": (lambda: tiny_timm("beit"), 32),
+    "beit_shared": (lambda: tiny_timm("beit_shared"), 32),
+}
+
+
+def _layers(model):
+    """Every attention layer (all blocks: shifted and unshifted windows, both stages)."""
+    return [n for n, m in model.named_modules() if type(m).__name__ in ATTENTION or n.endswith(".attn")]
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def case(request):
+    build, size = MODELS[request.param]
+    torch.manual_seed(0)
+    model = nondegenerate_(build().eval())
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    names = _layers(model)
+    assert names, "no attention layer found"
+    return request.param, model, size, x, names, capture_calls(model, x, names)
+
+
+def masked_original(layer: nn.Module, kept: int) -> nn.Module:
+    """The original layer with what a partial layer keeping the last ``kept`` heads drops zeroed."""
+    m = copy.deepcopy(layer)
+    dim, heads = m.qkv.in_features, m.num_heads
+    lo = (heads - kept) * dim // heads  # cheap channels and dropped heads' channels: the first lo
+    with torch.no_grad():
+        m.qkv.weight[:, :lo] = 0  # q/k/v see the attention channels only
+        m.proj.weight[:lo] = 0  # cheap channels get nothing from attention...
+        if m.proj.bias is not None:
+            m.proj.bias[:lo] = 0
+        m.proj.weight[:, :lo] = 0  # ...and the dropped heads reach no channel
+    return m
+
+
+def _oracle(layer, kept, args, kwargs):
+    x = args[0]
+    lo = (layer.num_heads - kept) * layer.qkv.in_features // layer.num_heads
+    out = masked_original(layer, kept)(*args, **kwargs)
+    return out + torch.cat((x[..., :lo], torch.zeros_like(x[..., lo:])), dim=-1)
+
+
+def test_faithful_with_every_head(case):
+    _, model, _, _, names, calls = case
+    modules = dict(model.named_modules())
+    for name in names:
+        op = PA.from_module(modules[name], heads="all").eval()
+        for args, kwargs in calls[name]:
+            with torch.no_grad():
+                assert rel_err(op(*args, **kwargs), modules[name](*args, **kwargs)) <= 1e-5, name
+
+
+def test_kept_heads_equal_the_masked_original(case):
+    key, model, _, _, names, calls = case
+    modules = dict(model.named_modules())
+    checked = 0
+    for name in names:
+        layer = modules[name]
+        for kept in sorted({1, layer.num_heads - 1} - {0}):
+            op = PA.from_module(layer, heads=kept).eval()
+            assert (
+                op.num_heads == kept
+                and op.dim_cheap == layer.qkv.in_features * (layer.num_heads - kept) // layer.num_heads
+            )
+            for args, kwargs in calls[name]:
+                with torch.no_grad():
+                    got, want = op(*args, **kwargs), _oracle(layer, kept, args, kwargs)
+                assert got.shape == want.shape
+                assert rel_err(got, want) <= 1e-5, f"{key} {name} keeping {kept} of {layer.num_heads} heads"
+                checked += 1
+    assert checked >= 2
+
+
+def test_dropped_heads_matter(case):
+    """The oracle is not vacuous: keeping every head differs from keeping one (the dropped heads and
+    the position bias change the output)."""
+    _, model, _, _, names, calls = case
+    layer = dict(model.named_modules())[names[0]]
+    args, kwargs = calls[names[0]][0]
+    with torch.no_grad():
+        assert rel_err(_oracle(layer, 1, args, kwargs), layer(*args, **kwargs)) > 1e-2
+
+
+def test_converted_model_runs_deploys_and_saves(case, tmp_path):
+    key, model, size, x, names, _ = case
+    recipe = {
+        "version": 1,
+        "rules": [{"select": {"name": n}, "variant": "partial_attention", "ratio": 0.5} for n in names],
+    }
+    converted = partialize.apply(model, recipe, input_size=size)
+    plan = converted._partialize_plan
+    assert len(plan.converted) == len(names), [(e.layer, e.reason) for e in plan.skipped]
+    assert plan.macs_after < plan.macs_before
+    nondegenerate_(converted, seed=2)
+    with torch.no_grad():
+        assert rel_err(partialize.deploy(converted)(x), converted.eval()(x)) <= 1e-5
+    path = partialize.save(converted, tmp_path / "m.safetensors")
+    loaded = partialize.load(path, model=model)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), converted(x))
+
+
+def test_beit_shared_bias_is_cut_to_the_kept_heads():
+    """BEiT's model-level shared table arrives as a call argument (heads on axis -3): the operator
+    narrows it to the kept heads, which the masked-original oracle confirms above; a layer called
+    without it (no shared table) still runs."""
+    torch.manual_seed(0)
+    model = nondegenerate_(tiny_timm("beit_shared").eval())
+    layer = model.blocks[0].attn
+    tokens = torch.randn(2, 17, 64)
+    bias = torch.randn(4, 17, 17)
+    op = PA.from_module(layer, heads=2).eval()
+    with torch.no_grad():
+        got = op(tokens, shared_rel_pos_bias=bias)
+        want = _oracle(layer, 2, (tokens,), {"shared_rel_pos_bias": bias})
+        assert rel_err(got, want) <= 1e-5
+        other = bias.clone()
+        other[:2] += 5.0  # the dropped heads' bias: no effect
+        assert rel_err(op(tokens, shared_rel_pos_bias=other), got) <= 1e-6
+        assert op(tokens).shape == tokens.shape
+
+
+def test_a_parameter_the_layout_does_not_place_is_refused():
+    layer = copy.deepcopy(tiny_tv_swin().features[1][0].attn)
+    layer.head_temperature = nn.Parameter(torch.ones(layer.num_heads))  # what a new release might add
+    with pytest.raises(OperatorError, match="head_temperature"):
+        PA.from_module(layer)
+
+
+def test_window_attention_refuses_the_dwconv_mixer():
+    with pytest.raises(OperatorError, match="mixer 'identity' only"):
+        PA.from_module(tiny_tv_swin().features[1][0].attn, mixer="dwconv")

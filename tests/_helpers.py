@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -67,6 +69,42 @@ def hooked_macs(model: nn.Module, x: torch.Tensor) -> int:
     return total[0]
 
 
+def function_macs(module: nn.Module, args, kwargs) -> int:
+    """Contractions seen as Python-level torch functions (a TorchFunctionMode: F.conv2d, F.linear,
+    matmul / @, bmm, two-operand einsum, scaled_dot_product_attention), each by its textbook formula:
+    a count that shares no code with partialize.macs, which counts aten ops below the dispatcher."""
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    total = [0]
+
+    class Count(TorchFunctionMode):
+        def __torch_function__(self, func, types, a=(), kw=None):
+            kw = kw or {}
+            out = func(*a, **kw)
+            if func is F.conv2d:
+                w = a[1] if len(a) > 1 else kw["weight"]
+                total[0] += out.numel() * w.shape[1] * w.shape[2] * w.shape[3]  # C_in / groups * kh * kw
+            elif func is F.linear:
+                total[0] += out.numel() * a[0].shape[-1]
+            elif func in (torch.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.matmul, torch.Tensor.bmm):
+                total[0] += out.numel() * a[0].shape[-1]
+            elif func is torch.einsum and len(a) == 3 and isinstance(a[0], str) and "..." not in a[0]:
+                # a two-operand contraction costs the product of every index's size, once
+                sizes = {}
+                for letters, t in zip(a[0].replace(" ", "").split("->")[0].split(","), a[1:]):
+                    sizes.update(zip(letters, t.shape))
+                total[0] += math.prod(sizes.values())
+            elif func is F.scaled_dot_product_attention:
+                q, k, v = a[:3]
+                total[0] += q.shape[:-1].numel() * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+            return out
+
+    with torch.no_grad(), Count():
+        module.eval()(*args, **kwargs)
+    return total[0]
+
+
 def tiny_tv_swin(v2: bool = False) -> nn.Module:
     """torchvision's SwinTransformer (V1, or V2 with its blocks and patch merging) at a test size: two
     stages at 32 x 32 input (an 8 x 8 grid of 4 x 4 windows, shifted in every other block; the second
@@ -109,5 +147,31 @@ def tiny_timm(name: str) -> nn.Module:
             },
         ),
     }
+    small |= {
+        "davit": ("davit_tiny", {"depths": (1, 1), "num_heads": (2, 4), "embed_dims": (32, 64)}),
+        "xcit": ("xcit_nano_12_p16_224", {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 4}),
+        "edgenext": ("edgenext_xx_small", {}),
+        "sam": (
+            "samvit_base_patch16",
+            {
+                "img_size": 64,
+                "depth": 2,
+                "embed_dim": 64,
+                "num_heads": 4,
+                "global_attn_indexes": (1,),
+                "window_size": 2,
+            },
+        ),
+        "twins": (
+            "twins_svt_small",
+            {"depths": (1, 1, 1, 1), "embed_dims": (32, 64, 128, 256), "num_heads": (1, 2, 4, 8)},
+        ),
+    }
+    if name == "volo":  # its factories fix the widths: the class itself, one block per stage
+        from timm.models.volo import VOLO
+
+        return VOLO(
+            layers=(1, 1, 1, 1), img_size=64, embed_dims=(32, 64, 64, 64), num_heads=(1, 4, 4, 4), num_classes=10
+        )
     spec, kw = small[name]
     return timm.create_model(spec, num_classes=10, **kw)

@@ -24,9 +24,8 @@ import numpy as np
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 import torchvision
-from _helpers import nondegenerate_, rel_err, tiny_timm, tiny_tv_swin
+from _helpers import function_macs, nondegenerate_, rel_err, tiny_timm, tiny_tv_swin
 from timm.layers import GatedMlp, GluMlp, SwiGLU
 from timm.models.mlp_mixer import MlpMixer, SpatialGatingBlock
 from torch import nn
@@ -198,35 +197,6 @@ def test_deploy_equals_reference(sweep, name):
     assert not bad, f"{name}: deploy() differs from reference(): {bad}"
 
 
-def _independent_macs(module: nn.Module, args, kwargs) -> int:
-    """Contractions seen as Python-level torch functions (a TorchFunctionMode: F.conv2d, F.linear,
-    matmul / @, bmm, scaled_dot_product_attention), each by its textbook formula: a count that shares
-    no code with partialize.macs, which counts aten ops below the dispatcher."""
-    from torch.overrides import TorchFunctionMode
-
-    total = [0]
-
-    class Count(TorchFunctionMode):
-        def __torch_function__(self, func, types, a=(), kw=None):
-            kw = kw or {}
-            out = func(*a, **kw)
-            if func is F.conv2d:
-                w = a[1] if len(a) > 1 else kw["weight"]
-                total[0] += out.numel() * w.shape[1] * w.shape[2] * w.shape[3]  # C_in / groups * kh * kw
-            elif func is F.linear:
-                total[0] += out.numel() * a[0].shape[-1]
-            elif func in (torch.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.matmul, torch.Tensor.bmm):
-                total[0] += out.numel() * a[0].shape[-1]
-            elif func is F.scaled_dot_product_attention:
-                q, k, v = a[:3]
-                total[0] += q.shape[:-1].numel() * k.shape[-2] * (q.shape[-1] + v.shape[-1])
-            return out
-
-    with torch.no_grad(), Count():
-        module.eval()(*args, **kwargs)
-    return total[0]
-
-
 @pytest.mark.parametrize("name", OPERATORS)
 def test_macs_equal_an_independent_count(sweep, name):
     cls = get_operator(name)
@@ -235,7 +205,7 @@ def test_macs_equal_an_independent_count(sweep, name):
         args, kwargs = calls[0]
         with torch.no_grad():
             macs, basis = op.macs(*args, **kwargs)
-        want = _independent_macs(op.deploy(), args, kwargs)
+        want = function_macs(op.deploy(), args, kwargs)
         ok = macs >= want if cls.data_dependent else macs == want  # a data-dependent operator quotes a bound
         if not ok:
             bad[(qual, layer)] = (macs, want, basis)

@@ -14,16 +14,16 @@ import copy
 
 import pytest
 import torch
-from _helpers import nondegenerate_, rel_err, tiny_timm, tiny_tv_swin
+from _helpers import function_macs, nondegenerate_, rel_err, tiny_timm, tiny_tv_swin
 from torch import nn
 
 import partialize
 from partialize.engine._calls import capture_calls
 from partialize.errors import OperatorError
 from partialize.ops import get_operator
+from partialize.ops.sliced_attention import LAYOUTS
 
 PA = get_operator("partial_attention")
-ATTENTION = ("WindowAttention", "ShiftedWindowAttention", "ShiftedWindowAttentionV2")
 
 MODELS = {
     "timm_swin": (lambda: tiny_timm("swin"), 56),
@@ -32,12 +32,25 @@ MODELS = {
     "tv_swin_v2": (lambda: tiny_tv_swin(v2=True), 32),
     "beit": (lambda: tiny_timm("beit"), 32),
     "beit_shared": (lambda: tiny_timm("beit_shared"), 32),
+    "davit": (lambda: tiny_timm("davit"), 64),  # window and channel attention
+    "xcit": (lambda: tiny_timm("xcit"), 32),
+    "edgenext": (lambda: tiny_timm("edgenext"), 64),
+    "sam": (lambda: tiny_timm("sam"), 64),  # windowed and global blocks, decomposed relative position
+    "twins": (lambda: tiny_timm("twins"), 64),
+    "volo": (lambda: tiny_timm("volo"), 64),
 }
 
 
 def _layers(model):
-    """Every attention layer (all blocks: shifted and unshifted windows, both stages)."""
-    return [n for n, m in model.named_modules() if type(m).__name__ in ATTENTION or n.endswith(".attn")]
+    """Every attention layer of a listed class (all blocks: shifted and unshifted windows, all stages)."""
+    return [n for n, m in model.named_modules() if f"{type(m).__module__}.{type(m).__qualname__}" in LAYOUTS]
+
+
+def test_every_listed_class_is_tested_here():
+    found = set()
+    for build, _ in MODELS.values():
+        found |= {f"{type(m).__module__}.{type(m).__qualname__}" for m in build().modules()}
+    assert set(LAYOUTS) <= found, f"classes in LAYOUTS without a model in this test: {set(LAYOUTS) - found}"
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
@@ -103,12 +116,29 @@ def test_kept_heads_equal_the_masked_original(case):
     assert checked >= 2
 
 
+def test_macs_equal_an_independent_count(case):
+    """macs() of each partial layer against the function-level count of tests/_helpers.py, and fewer
+    than the original layer's."""
+    _, model, _, _, names, calls = case
+    modules = dict(model.named_modules())
+    for name in names:
+        layer = modules[name]
+        op = PA.from_module(layer, heads=max(1, layer.num_heads - 1)).eval()
+        args, kwargs = calls[name][0]
+        macs, _ = op.macs(*args, **kwargs)
+        assert macs == function_macs(op.deploy(), args, kwargs), name
+        if layer.num_heads > 1:
+            assert macs < function_macs(layer, args, kwargs), name
+
+
 def test_dropped_heads_matter(case):
     """The oracle is not vacuous: keeping every head differs from keeping one (the dropped heads and
     the position bias change the output)."""
     _, model, _, _, names, calls = case
-    layer = dict(model.named_modules())[names[0]]
-    args, kwargs = calls[names[0]][0]
+    modules = dict(model.named_modules())
+    name = next(n for n in names if modules[n].num_heads > 1)
+    layer = modules[name]
+    args, kwargs = calls[name][0]
     with torch.no_grad():
         assert rel_err(_oracle(layer, 1, args, kwargs), layer(*args, **kwargs)) > 1e-2
 
@@ -162,3 +192,43 @@ def test_a_parameter_the_layout_does_not_place_is_refused():
 def test_window_attention_refuses_the_dwconv_mixer():
     with pytest.raises(OperatorError, match="mixer 'identity' only"):
         PA.from_module(tiny_tv_swin().features[1][0].attn, mixer="dwconv")
+
+
+def test_onnx_export_equals_eager(case):
+    """The TorchScript-based ONNX exporter on the deployed model, every listed layer converted; the
+    file must compute what eager does, on the export batch and another."""
+    import io
+    import warnings
+
+    import numpy as np
+    import onnxruntime as ort
+
+    key, model, size, x, names, _ = case
+    recipe = {
+        "version": 1,
+        "rules": [{"select": {"name": n}, "variant": "partial_attention", "ratio": 0.5} for n in names],
+    }
+    net = partialize.deploy(partialize.apply(model, recipe, input_size=size))
+
+    def export(m):
+        f = io.BytesIO()
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            axes = {"input": {0: "batch"}, "output": {0: "batch"}}
+            torch.onnx.export(
+                m, (x,), f, dynamo=False, input_names=["input"], output_names=["output"], dynamic_axes=axes
+            )
+        return f
+
+    if key == "volo":  # VOLO's outlook attention (col2im) does not export: the original fails the same way
+        for m in (model, net):
+            with pytest.raises(TypeError):
+                export(m)
+        return
+    f = export(net)
+    sess = ort.InferenceSession(f.getvalue(), providers=["CPUExecutionProvider"])
+    for inp in (x, torch.randn(3, *x.shape[1:]) * 2):
+        with torch.no_grad():
+            want = net(inp)
+        got = torch.from_numpy(sess.run(None, {"input": inp.numpy().astype(np.float32)})[0])
+        assert rel_err(got, want) <= 1e-4, key

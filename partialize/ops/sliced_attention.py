@@ -36,6 +36,7 @@ class HeadLayout:
     shared: tuple[str, ...] = ()  # parameter prefixes every head uses unchanged (the bias MLP's hidden layer)
     head_kwargs: tuple[tuple[str, int], ...] = ()  # call arguments with a head axis: (name, axis)
     kwargs: tuple[str, ...] = ()  # call arguments passed through unchanged (a window mask, same for all heads)
+    positional: int = 0  # positional arguments after the input passed through unchanged (Twins' grid size)
 
 
 _SWIN_V2_BIAS = {"head_rows": ("cpb_mlp.2",), "shared": ("cpb_mlp.0",)}
@@ -52,6 +53,16 @@ LAYOUTS: dict[str, HeadLayout] = {
     "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": HeadLayout(
         per_head=(("logit_scale", 0),), **_SWIN_V2_BIAS
     ),
+    # per-head attention with nothing more than q/k/v/proj: the class's own reshapes, windows and token layout
+    "timm.models.davit.WindowAttention": HeadLayout(),
+    "timm.models.davit.ChannelAttention": HeadLayout(),  # attention over each head's channels
+    "timm.models.volo.Attention": HeadLayout(),
+    "timm.models.twins.LocallyGroupedAttn": HeadLayout(positional=1),
+    # cross-covariance attention: a learned temperature per head
+    "timm.models.xcit.XCA": HeadLayout(per_head=(("temperature", 0),)),
+    "timm.models.edgenext.CrossCovarianceAttn": HeadLayout(per_head=(("temperature", 0),)),
+    # SAM's decomposed relative position: tables over head_dim, the same for every head
+    "timm.models.vision_transformer_sam.Attention": HeadLayout(shared=("rel_pos_h", "rel_pos_w")),
     "timm.models.beit.Attention": HeadLayout(
         per_head=(("relative_position_bias_table", 1),),
         per_channel=("q_bias", "k_bias", "v_bias"),
@@ -82,9 +93,9 @@ def _set(module: nn.Module, path: str, value: torch.Tensor) -> None:
 
 def _check_layout(original: nn.Module, layout: HeadLayout, kind: str) -> None:
     known = ["qkv.", "proj."] + [p for p, _ in layout.per_head] + list(layout.per_channel)
-    known += [r + "." for r in layout.head_rows] + [s + "." for s in layout.shared]
+    known += [r + "." for r in layout.head_rows] + list(layout.shared)
     for name, _ in original.named_parameters():
-        if not any(name == k or name.startswith(k) for k in known):
+        if not any(name == k or name.startswith(k + "." if not k.endswith(".") else k) for k in known):
             raise OperatorError(
                 f"partial_attention: {kind} has parameter {name!r}, which its head layout does not place "
                 "(per head, per channel or shared), so a copy cut to fewer heads could be wrong; left unconverted"
@@ -120,7 +131,7 @@ class HeadSlicedAttention(PartialAttention):
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         unknown = set(kwargs) - set(self.layout.kwargs) - {n for n, _ in self.layout.head_kwargs}
-        if args or unknown:
+        if len(args) > self.layout.positional or unknown:
             raise OperatorError(
                 f"partial_attention ({self.kind}): unexpected call arguments "
                 f"({len(args)} positional after the input, keywords {sorted(unknown)})"
@@ -130,9 +141,9 @@ class HeadSlicedAttention(PartialAttention):
             if kwargs.get(name) is not None and drop:
                 kwargs[name] = kwargs[name].narrow(axis, drop, self.num_heads)  # the kept (last) heads
         if not self.dim_cheap:
-            return self.attn(x, **kwargs)
+            return self.attn(x, *args, **kwargs)
         x1, x2 = torch.split(x, [self.dim_cheap, self.dim_attn], dim=-1)
-        return torch.cat((x1, self.attn(x2, **kwargs)), dim=-1)
+        return torch.cat((x1, self.attn(x2, *args, **kwargs)), dim=-1)
 
     @classmethod
     def from_original(cls, original: nn.Module, ratio: float, mixer: str, heads) -> HeadSlicedAttention:

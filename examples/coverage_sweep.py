@@ -1,19 +1,29 @@
-"""Coverage of the default recipe over the model zoo.
+"""Coverage of a recipe (default: the shipped ``auto``) over the model zoo.
 
-For one representative of every timm model family (timm module; the smallest-looking name) and
-for every torchvision classification model: build it (random weights), convert it with
-``default.yaml`` (every eligible 3x3 conv -> PConv 1/4), run a forward pass at the model's default
-input size and check the output shape is unchanged. Records the share of MACs in converted layers.
+For one representative of every timm model family (timm module; the smallest-looking name) and for
+every torchvision classification model: build it with random weights, make the initialisation
+non-degenerate (random BN statistics, every parameter moved off its init, layer scales away from zero:
+on a fresh timm model zero-initialised branches and heads make equivalence checks pass trivially),
+convert it with the recipe at the model's default input size, and check that the converted model runs
+with the original output shape and that ``partialize.deploy`` of it equals it in eval (max relative
+error <= 1e-4, batch 1, after the operators' own new parts are perturbed too). Per model: the candidate
+nodes by kind (conv, MLP-like, attention, as ``partialize scan`` names them), how many of each the
+recipe converted, the MACs ratio and the conversion time (plan + swap).
 
-    .venv/bin/python examples/coverage_sweep.py --md docs/coverage.md [--limit N]
+    .venv/bin/python examples/coverage_sweep.py [--recipe auto] [--md docs/coverage.md] [--json F] [--limit N]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
+import json
+import pathlib
 import re
 import signal
+import statistics
+import sys
 import time
 import traceback
 
@@ -21,7 +31,15 @@ import torch
 
 import partialize
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
+from _helpers import nondegenerate_, rel_err  # noqa: E402  (the tests' own initialisation)
+
 SMALL = re.compile(r"(atto|femto|pico|nano|tiny|small|mini|xxs|xs|_s\b|t0|b0|18|lite|mobile|_050|_075|_100)")
+MACS_TARGET = 0.8  # issue 15: something converted and MACs <= 0.8x
+DEPLOY_TOL = 1e-4
+# classes whose names say attention but which gate channels or branches, not tokens (no softmax over
+# tokens or channels of a q k product): not counted as "models with attention"
+NOT_SELF_ATTENTION = {"SplitAttn", "SelectiveKernelAttn", "GaussianChannelAttention"}
 
 
 def representative(names: list[str]) -> str:
@@ -46,29 +64,77 @@ def status_of(plan) -> str:
     return "ok" if plan.macs_after < plan.macs_before else "no-op"
 
 
-def check(spec: str, family: str, timeout_s: int = 240) -> dict:
+def candidates(model: torch.nn.Module) -> tuple[dict, dict]:
+    """(kind -> number of candidate nodes, attention class names), from the module tree."""
+    from partialize.engine.scan import node_kind
+
+    counts, attn = collections.Counter(), set()
+    for m in model.modules():
+        kind = node_kind(m)
+        name = type(m).__name__
+        if kind == "attention" or is_attention_name(name):
+            if name in NOT_SELF_ATTENTION:
+                continue
+            kind = "attention"
+        if kind:
+            counts[kind] += 1
+        if kind == "attention":
+            attn.add(f"{type(m).__module__.split('.')[-1]}.{name}")
+    return dict(counts), sorted(attn)
+
+
+def is_attention_name(name: str) -> bool:
+    """Wider than ``scan``'s suffix test, so that a model is not counted as attention-free because its
+    attention class is named otherwise (CoaT's FactorAttnConvRelPosEnc, ConViT's GPSA / MHSA)."""
+    low = name.lower()
+    return "attn" in low or "attention" in low or name in ("GPSA", "MHSA", "XCA")
+
+
+def converted_kinds(model: torch.nn.Module, plan) -> dict:
+    """kind -> converted nodes (outermost entries, each by the kind of the module it replaced)."""
+    from partialize.engine.scan import node_kind
+
+    modules = dict(model.named_modules())
+    out = collections.Counter()
+    for e in plan.converted_outermost:
+        m = modules.get(e.layer)
+        kind = node_kind(m) if m is not None else None
+        out[kind or ("conv" if e.variant in ("pconv", "patconv", "dpconv", "ada_pconv") else "mlp")] += 1
+    return dict(out)
+
+
+def check(spec: str, family: str, recipe: str = "auto", timeout_s: int = 300) -> dict:
     from partialize.base_model import build_model
+    from partialize.engine.apply import apply_plan
 
     row = {"family": family, "model": spec}
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(timeout_s)
     t0 = time.perf_counter()
     try:
-        model = build_model(spec, weights="random").eval()
-        plan = partialize.plan(model)
+        torch.manual_seed(0)
+        model = nondegenerate_(build_model(spec, weights="random").eval())
+        row["candidates"], row["attention_classes"] = candidates(model)
+        t1 = time.perf_counter()
+        plan = partialize.plan(model, recipe)
         row.update(
             macs_g=plan.macs_before / 1e9,
-            macs_after_g=plan.macs_after / 1e9,
+            macs_ratio=plan.macs_after / plan.macs_before,
             converted=len(plan.converted),
+            converted_kinds=converted_kinds(model, plan),
             skipped=len(plan.skipped),
-            macs_share=plan.converted_macs_share(),
             traced=plan.traced,
         )
         status = status_of(plan)
         if status != "nothing eligible":
-            from partialize.engine.apply import apply_plan
-
-            apply_plan(model, plan)  # runs a forward and checks the output shape
+            converted = apply_plan(model, plan)  # runs a forward and checks the output shape
+            row["convert_s"] = time.perf_counter() - t1
+            nondegenerate_(converted, seed=2)  # the operators' new parts (mixers, gates) too
+            x = torch.randn(1, *plan.input_shape[1:], generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                row["deploy_err"] = rel_err(partialize.deploy(converted)(x), converted.eval()(x))
+        else:
+            row["convert_s"] = time.perf_counter() - t1
         row["status"] = status
     except Timeout:
         row["status"], row["error"] = "error", f"timed out after {timeout_s} s"
@@ -97,89 +163,147 @@ def targets(limit: int | None = None) -> list[tuple[str, str]]:
     return out[:limit] if limit else out
 
 
-def markdown(rows: list[dict], seconds: float) -> str:
-    timm_rows = [r for r in rows if r["family"].startswith("timm:")]
-    tv_rows = [r for r in rows if r["family"] == "torchvision"]
+def summary(rows: list[dict]) -> dict:
+    """The sweep's headline numbers (issue 15's targets), over the models that built."""
+    built = [r for r in rows if "candidates" in r]
+    ok = [r for r in built if r["status"] == "ok"]
+    under = [r for r in ok if r["macs_ratio"] <= MACS_TARGET]
+    with_attn = [r for r in built if r["candidates"].get("attention")]
+    attn_conv = [r for r in with_attn if r.get("converted_kinds", {}).get("attention")]
+    checked = [r for r in ok if "deploy_err" in r]
+    deploy_bad = [r for r in checked if not r["deploy_err"] <= DEPLOY_TOL]
+    times = [r["convert_s"] for r in built if "convert_s" in r]
+    return {
+        "models": len(rows),
+        "built": len(built),
+        "converted": len(ok),
+        "macs_target": MACS_TARGET,
+        "converted_under_target": len(under),
+        "with_attention": len(with_attn),
+        "attention_converted": len(attn_conv),
+        "deploy_checked": len(checked),
+        "deploy_mismatch": [(r["model"], r["deploy_err"]) for r in deploy_bad],
+        "errors": [(r["model"], r.get("error")) for r in rows if r["status"] == "error"],
+        "convert_s_median": statistics.median(times) if times else float("nan"),
+        "convert_s_max": max(times) if times else float("nan"),
+        "convert_under_2s": sum(t < 2.0 for t in times),
+        "convert_timed": len(times),
+    }
 
-    def summary(rs):
-        ok = sum(r["status"] == "ok" for r in rs)
-        none = sum(r["status"] == "nothing eligible" for r in rs)
-        noop = sum(r["status"] == "no-op" for r in rs)
-        err = sum(r["status"] == "error" for r in rs)
-        eligible = ok + noop + err
-        return ok, none, noop, err, (ok / eligible if eligible else float("nan"))
 
+def _pct(a: int, b: int) -> str:
+    return f"{a}/{b} ({a / b:.0%})" if b else f"{a}/0"
+
+
+def _kinds(r: dict, kind: str) -> str:
+    n = r.get("candidates", {}).get(kind, 0)
+    return f"{r.get('converted_kinds', {}).get(kind, 0)}/{n}" if n else "-"
+
+
+def markdown(rows: list[dict], seconds: float, recipe: str = "auto", machine: str = "") -> str:
+    s = summary(rows)
     lines = [
-        "# Coverage of the default recipe",
+        f"# Coverage of the `{recipe}` recipe",
         "",
-        "Generated by `examples/coverage_sweep.py` (pytest `-m coverage`), random weights, each model at "
-        "its default input size. `default.yaml`: every eligible 3x3 conv (dense, stride 1, in == out) "
-        "-> PConv 1/4. A model counts as converted when the conversion succeeds, lowers the MACs and the "
-        "converted model runs forward with the original output shape; one whose plan converts layers "
-        "without lowering the MACs is listed as a no-op. The converted share is over the models with "
-        f"something eligible (converted + no-op + failed). Total sweep time {seconds / 60:.1f} min.",
+        "Generated by `examples/coverage_sweep.py` (`make coverage`, pytest `-m coverage`): one model per timm "
+        "family (the smallest-looking name) and every torchvision classifier, random weights made non-degenerate "
+        "(random BN statistics, every parameter perturbed, layer scales away from zero), each at its default "
+        f"input size. Machine: {machine or 'not recorded'}. Total sweep time {seconds / 60:.1f} min.",
+        "",
+        "A model counts as converted when the plan converts something, lowers the MACs and the converted model "
+        "runs with the original output shape. Columns conv / mlp / attention: converted / candidate nodes of "
+        "that kind (outermost; `partialize scan MODEL` lists each with every operator's answer or reason). "
+        f"deploy err: max relative error of `partialize.deploy(model)` against the model in eval, batch 1 "
+        f"(must be <= {DEPLOY_TOL:g}).",
+        "",
+        "## Summary",
+        "",
+        "| measure | result | target (issue 15) |",
+        "|---|---|---|",
+        f"| something converted and MACs <= {MACS_TARGET}x | {_pct(s['converted_under_target'], s['built'])} "
+        "of the models that built | >= 90% |",
+        f"| something converted (any MACs) | {_pct(s['converted'], s['built'])} | |",
+        f"| attention converted, of the models with attention | {_pct(s['attention_converted'], s['with_attention'])}"
+        " | >= 80% |",
+        f"| deploy == eval within {DEPLOY_TOL:g} | {s['deploy_checked'] - len(s['deploy_mismatch'])}/"
+        f"{s['deploy_checked']} converted models | all |",
+        f"| conversion time (plan + swap) | median {s['convert_s_median']:.2f} s, max {s['convert_s_max']:.1f} s; "
+        f"{_pct(s['convert_under_2s'], s['convert_timed'])} under 2 s | < 2 s |",
+        f"| failed (build, plan, forward or timeout) | {len(s['errors'])} of {s['models']} | 0 |",
         "",
     ]
     for title, rs in (
-        ("timm (one representative per model family)", timm_rows),
-        ("torchvision classification models", tv_rows),
+        ("timm (one representative per model family)", [r for r in rows if r["family"].startswith("timm:")]),
+        ("torchvision classification models", [r for r in rows if r["family"] == "torchvision"]),
     ):
-        ok, none, noop, err, share = summary(rs)
         lines += [
             f"## {title}",
             "",
-            f"{len(rs)} models: **{ok} converted (fewer MACs) and ran forward with the same output shape**, "
-            f"{none} had nothing eligible, {noop} no-op (layers converted, MACs unchanged), {err} failed. "
-            f"Converted share of the models with something eligible: **{share:.1%}**.",
-            "",
-            "| family | model | status | layers converted | MACs (G) | share of MACs converted | traced |",
-            "|---|---|---|---|---|---|---|",
+            "| family | model | status | MACs (G) | MACs after / before | conv | mlp | attention | deploy err | "
+            "convert (s) |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rs:
-            if r["status"] in ("nothing eligible", "no-op"):
-                continue
+            ratio = f"{r['macs_ratio']:.3f}" if "macs_ratio" in r else ""
+            err = f"{r['deploy_err']:.1e}" if "deploy_err" in r else ""
+            conv_s = f"{r['convert_s']:.2f}" if "convert_s" in r else ""
+            macs = f"{r['macs_g']:.3f}" if "macs_g" in r else ""
             lines.append(
-                f"| {r['family']} | {r['model']} | {r['status']} | {r.get('converted', '')} | "
-                f"{r.get('macs_g', float('nan')):.3f} | {r.get('macs_share', 0):.1%} | {r.get('traced', '')} |"
+                f"| {r['family']} | {r['model']} | {r['status']} | {macs} | {ratio} | {_kinds(r, 'conv')} | "
+                f"{_kinds(r, 'mlp')} | {_kinds(r, 'attention')} | {err} | {conv_s} |"
             )
-        nothing = [r for r in rs if r["status"] == "nothing eligible"]
-        if nothing:
-            lines += ["", "Nothing eligible (no dense stride-1 3x3 conv with in == out):", ""]
-            lines += [f"- {r['family']}: {r['model']} ({r.get('macs_g', 0):.3f} GMACs)" for r in nothing]
-        noops = [r for r in rs if r["status"] == "no-op"]
-        if noops:
-            lines += ["", "No-op (layers converted, MACs unchanged: not counted as converted):", ""]
-            lines += [
-                f"- {r['family']}: {r['model']} ({r.get('converted', 0)} layers, {r.get('macs_g', 0):.3f} GMACs "
-                "before and after)"
-                for r in noops
-            ]
         errs = [r for r in rs if r["status"] == "error"]
         if errs:
             lines += ["", "Failures:", ""]
-            lines += [f"- {r['family']}: {r['model']}: {r.get('error')} ({r.get('where', '')})" for r in errs]
+            lines += [f"- {r['model']}: {r.get('error')} ({r.get('where', '')})" for r in errs]
+        lines.append("")
+    left = collections.Counter()
+    for r in rows:
+        if r.get("candidates", {}).get("attention") and not r.get("converted_kinds", {}).get("attention"):
+            left.update(r.get("attention_classes", []))
+    if left:
+        lines += [
+            "## Attention not converted",
+            "",
+            "Attention classes in the models where no attention was converted (models), each refused with its "
+            "reason by `partialize scan MODEL --kind attention`:",
+            "",
+        ]
+        lines += [f"- {name} ({n})" for name, n in sorted(left.items(), key=lambda kv: (-kv[1], kv[0]))]
         lines.append("")
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--md", default="docs/coverage.md")
-    ap.add_argument("--limit", type=int)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+def run(recipe: str = "auto", limit: int | None = None, log=print) -> tuple[list[dict], float]:
     t0 = time.perf_counter()
     rows = []
-    for family, spec in targets(args.limit):
-        r = check(spec, family)
+    for family, spec in targets(limit):
+        r = check(spec, family, recipe)
         rows.append(r)
-        print(
-            f"{r['status']:17s} {family:28s} {spec:40s} {r.get('macs_share', 0):6.1%} {r['seconds']:.1f}s "
-            f"{r.get('error', '')}",
-            flush=True,
+        log(
+            f"{r['status']:17s} {family:28s} {spec:40s} {r.get('macs_ratio', float('nan')):6.3f} "
+            f"{r.get('converted_kinds', {})} {r['seconds']:.1f}s {r.get('error', '')}"
         )
-    with open(args.md, "w") as f:
-        f.write(markdown(rows, time.perf_counter() - t0))
+    return rows, time.perf_counter() - t0
+
+
+def main() -> None:
+    from partialize.measure.speed import machine_description
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="auto", help="recipe name or file (default: auto)")
+    ap.add_argument("--md", default="docs/coverage.md")
+    ap.add_argument("--json", help="also write the per-model rows here")
+    ap.add_argument("--limit", type=int, help="only the first N models (a quick look)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows, seconds = run(args.recipe, args.limit, log=lambda s: print(s, flush=True))
+    machine = machine_description(args.threads)
+    pathlib.Path(args.md).write_text(markdown(rows, seconds, args.recipe, machine))
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps({"summary": summary(rows), "rows": rows}, indent=1))
+    print(json.dumps(summary(rows), indent=1))
     print(f"wrote {args.md}")
 
 

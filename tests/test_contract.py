@@ -111,6 +111,11 @@ MODELS = {
     "resnet50": (lambda: timm.create_model("resnet50"), 32),
     "tv_mobilenet_v3": (lambda: torchvision.models.mobilenet_v3_small(), 32),
     "tv_resnet18": (lambda: torchvision.models.resnet18(), 32),
+    "tv_efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(), 32),  # MBConv with SE
+    "tv_efficientnet_v2": (  # FusedMBConv: two stages of the real ones, then MBConv
+        lambda: torchvision.models.efficientnet_v2_s(stochastic_depth_prob=0.1),
+        32,
+    ),
     "tv_vit": (_tiny_tv_vit, 32),
     "vit_swiglu": (
         lambda: timm.create_model(
@@ -296,6 +301,8 @@ def test_the_accepted_classes_are_the_ones_we_verified(sweep):
         "timm.models._efficientnet_blocks.InvertedResidual",  # with squeeze-excitation in EfficientNet
         "torchvision.models.mobilenetv3.InvertedResidual",
         "torchvision.models.vision_transformer.MLPBlock",
+        "torchvision.models.efficientnet.MBConv",
+        "torchvision.models.efficientnet.FusedMBConv",
     } <= mlp
     gated = {"timm.layers.mlp.SwiGLU", "timm.layers.mlp.GluMlp", "timm.layers.mlp.GatedMlp"}
     assert gated <= mlp  # split consistently across the gate and value halves (tests/test_gated_mlp.py)

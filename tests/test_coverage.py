@@ -3,10 +3,10 @@ checks of how the sweep classifies a model."""
 
 import importlib.util
 import pathlib
-import time
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -24,30 +24,53 @@ def test_sweep_counts_only_conversions_that_lower_macs():
     assert sweep.status_of(plan(3, 100, 80)) == "ok"
     assert sweep.status_of(plan(3, 100, 100)) == "no-op"  # layers swapped, nothing saved
     assert sweep.status_of(plan(0, 100, 100)) == "nothing eligible"
+
+
+def _row(model, status, ratio=None, cands=None, conv=None, err=None, secs=None, **kw):
+    r = {"family": f"timm:{model}", "model": model, "status": status, "candidates": cands or {}, **kw}
+    if ratio is not None:
+        r.update(macs_g=1.0, macs_ratio=ratio, converted_kinds=conv or {}, convert_s=secs)
+    if err is not None:
+        r["deploy_err"] = err
+    return r
+
+
+def test_sweep_summary_counts_each_target_by_hand():
+    """Four made-up models whose counts are known: a, b converted (a under 0.8x, b over), c has
+    attention that stayed, d failed to build."""
+    sweep = _sweep()
     rows = [
-        {"family": "timm:a", "model": "a", "status": "ok", "converted": 2, "macs_g": 1.0, "macs_share": 0.5},
-        {"family": "timm:b", "model": "b", "status": "no-op", "converted": 1, "macs_g": 2.0, "macs_share": 0.0},
-        {"family": "timm:c", "model": "c", "status": "nothing eligible", "macs_g": 0.5},
+        _row("a", "ok", 0.5, {"conv": 4, "attention": 2}, {"conv": 4, "attention": 2}, 0.0, 0.5),
+        _row("b", "ok", 0.9, {"conv": 2}, {"conv": 1}, 2e-4, 3.0),  # deploy error above 1e-4: a mismatch
+        _row("c", "nothing eligible", 1.0, {"attention": 3}, {}, None, 0.2, attention_classes=["m.Odd"]),
+        {"family": "timm:d", "model": "d", "status": "error", "error": "ValueError: x"},
     ]
-    md = sweep.markdown(rows, 90.0)
-    assert "Total sweep time 1.5 min" in md
-    assert "**1 converted (fewer MACs)" in md and "1 no-op" in md and "**50.0%**" in md  # 1 of 2 eligible
-    assert "- timm:b: b (1 layers, 2.000 GMACs before and after)" in md
-    assert "| timm:b |" not in md  # not in the table of converted models
+    s = sweep.summary(rows)
+    assert (s["models"], s["built"], s["converted"], s["converted_under_target"]) == (4, 3, 2, 1)
+    assert (s["with_attention"], s["attention_converted"]) == (2, 1)
+    assert s["deploy_checked"] == 2 and s["deploy_mismatch"] == [("b", 2e-4)]
+    assert s["errors"] == [("d", "ValueError: x")]
+    assert s["convert_s_median"] == 0.5 and s["convert_s_max"] == 3.0 and s["convert_under_2s"] == 2
+    md = sweep.markdown(rows, 90.0, "auto", "test machine")
+    assert "Total sweep time 1.5 min" in md and "test machine" in md
+    assert "| something converted and MACs <= 0.8x | 1/3 (33%)" in md
+    assert "| attention converted, of the models with attention | 1/2 (50%)" in md
+    assert "| timm:a | a | ok | 1.000 | 0.500 | 4/4 | - | 2/2 | 0.0e+00 | 0.50 |" in md
+    assert "- m.Odd (1)" in md  # the attention left unconverted is listed by class
 
 
 @pytest.mark.coverage
-def test_default_recipe_converts_95_percent_of_timm_families_with_something_eligible():
-    """The share is over the timm families whose representative has at least one eligible layer
-    (families with nothing eligible are listed in docs/coverage.md but not counted)."""
+def test_auto_recipe_sweep_writes_docs_coverage_md():
+    """The sweep over every timm family and torchvision classifier (about 20 min on 2 cores); the
+    shares against issue 15's targets are in the doc. Asserted: nothing converted computes something
+    else when deployed, and no model fails inside partialize."""
+    from partialize.measure.speed import machine_description
+
     sweep = _sweep()
-    t0 = time.perf_counter()
-    rows = [sweep.check(s, fam) for fam, s in sweep.targets()]
-    (ROOT / "docs" / "coverage.md").write_text(sweep.markdown(rows, time.perf_counter() - t0))
-    timm_rows = [r for r in rows if r["family"].startswith("timm:") and r["status"] != "nothing eligible"]
-    ok = sum(r["status"] == "ok" for r in timm_rows)
-    not_ok = [(r["family"], r["model"], r["status"], r.get("error", "")) for r in timm_rows if r["status"] != "ok"]
-    assert ok / len(timm_rows) >= 0.95, (
-        f"default recipe converted (with fewer MACs) {ok} of {len(timm_rows)} timm families that have "
-        f"something eligible ({ok / len(timm_rows):.1%} < 95%); not converted: {not_ok}"
-    )
+    torch.set_num_threads(2)
+    rows, seconds = sweep.run("auto")
+    (ROOT / "docs" / "coverage.md").write_text(sweep.markdown(rows, seconds, "auto", machine_description(2)))
+    s = sweep.summary(rows)
+    assert not s["deploy_mismatch"], s["deploy_mismatch"]
+    inside = [r for r in rows if r["status"] == "error" and "partialize" in r.get("where", "")]
+    assert not inside, [(r["model"], r["error"], r["where"]) for r in inside]

@@ -69,13 +69,29 @@ def test_pconv_split_cat_equals_slicing_and_slicing_has_gradients():
     [
         (nn.Conv2d(16, 16, 3, 2, 1), "stride"),
         (nn.Conv2d(16, 32, 3, 1, 1), "in_channels"),
-        (nn.Conv2d(16, 16, 3, 1, 1, groups=4), "groups"),
+        (nn.Conv2d(16, 32, 3, 1, 1, groups=4), "in_channels"),
         (nn.Conv2d(16, 16, 3, 1, 0), "spatial size"),
     ],
 )
 def test_pconv_refuses_what_it_cannot_represent(conv, reason):
     with pytest.raises(OperatorError, match=reason):
         PConv.from_module(conv, 0.25)
+
+
+@pytest.mark.parametrize("groups,ratio,kept", [(6, 0.5, 3), (6, 0.25, 2), (4, 0.25, 1), (2, 0.25, 1)])
+def test_pconv_on_a_grouped_conv_keeps_whole_groups(groups, ratio, kept):
+    """RegNet / ResNeXt convs: the first round(ratio * groups) groups stay the same grouped conv (the
+    oracle: F.conv2d of the original weight on those channels), the other channels are identity."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(48, 48, 3, 1, 1, groups=groups, bias=True)
+    op = PConv.from_module(conv, ratio)
+    n = kept * 48 // groups
+    assert op.dim_conv == n and op.conv.groups == kept
+    x = torch.randn(2, 48, 7, 7)
+    want = torch.cat((F.conv2d(x[:, :n], conv.weight[:n], conv.bias[:n], padding=1, groups=kept), x[:, n:]), dim=1)
+    assert rel_err(op(x), want) <= 1e-6 and rel_err(op.deploy()(x), want) <= 1e-6
+    with pytest.raises(OperatorError, match="same layer"):
+        PConv.from_module(nn.Conv2d(48, 48, 3, 1, 1, groups=2), 0.9)  # both groups: nothing partial
 
 
 def test_pconv_depthwise_and_pooled_stride_generalisations():
@@ -595,3 +611,25 @@ def test_partial_attention_refuses_masks():
     assert op(t, t, t, need_weights=False)[0].shape == t.shape
     with pytest.raises(OperatorError, match="masks"):
         op(t, t, t, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+
+
+def test_regnet_grouped_convs_convert_and_deploy_equal():
+    """torchvision RegNet: every stride-1 grouped 3x3 conv becomes a PConv on whole groups; the model
+    (non-degenerate init) deploys to the same function, BNs folded into the grouped conv part."""
+    import torchvision
+    from _helpers import nondegenerate_
+
+    import partialize
+
+    torch.manual_seed(0)
+    model = nondegenerate_(torchvision.models.regnet_x_400mf().eval())
+    rule = {"select": {"type": "Conv2d", "kernel": 3, "groups": "grouped"}, "variant": "pconv"}
+    converted = partialize.apply(model, {"version": 1, "rules": [rule]}, input_size=64)
+    plan = converted._partialize_plan
+    grouped = [m for m in model.modules() if isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels]
+    stride1 = [m for m in grouped if m.stride == (1, 1)]
+    assert len(plan.converted) == len(stride1) > 10
+    assert all(op.group_width for op in converted.modules() if isinstance(op, PConv))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(partialize.deploy(converted)(x), converted.eval()(x)) <= 1e-5

@@ -69,11 +69,13 @@ def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> n
     return fused
 
 
-def check_same_size_conv(conv: nn.Conv2d, op: str, allow_stride: bool = False, allow_depthwise: bool = False) -> None:
+def check_same_size_conv(
+    conv: nn.Conv2d, op: str, allow_stride: bool = False, allow_depthwise: bool = False, allow_grouped: bool = False
+) -> None:
     """Raise OperatorError unless ``conv`` keeps channels and spatial size (what PConv can represent).
 
     ``allow_stride`` accepts strided convs whose padding is the size-keeping one; ``allow_depthwise``
-    accepts depthwise convs (groups == in == out).
+    accepts depthwise convs (groups == in == out); ``allow_grouped`` grouped ones (whole groups kept).
     """
     name = type(conv).__name__
     if not isinstance(conv, nn.Conv2d):
@@ -93,8 +95,9 @@ def check_same_size_conv(conv: nn.Conv2d, op: str, allow_stride: bool = False, a
         hint = "" if allow_stride else " (PConv converts it with stride_mode: pool)"
         reasons.append(f"stride {tuple(conv.stride)} != 1: identity channels cannot be downsampled{hint}")
     depthwise = conv.groups == conv.in_channels == conv.out_channels and conv.groups > 1
-    if conv.groups != 1 and not (allow_depthwise and depthwise):
-        reasons.append(f"groups={conv.groups}: a grouped/depthwise conv has no dense top-left block to keep")
+    if conv.groups != 1 and not (allow_depthwise and depthwise) and not (allow_grouped and not depthwise):
+        kind = "depthwise" if depthwise else "grouped"
+        reasons.append(f"groups={conv.groups}: {op} keeps no {kind} conv part (PConv keeps whole groups)")
     if conv.padding_mode != "zeros":
         reasons.append(f"padding_mode={conv.padding_mode!r}: only zero padding is supported")
     if not reasons and not keeps_spatial_size(conv):
@@ -132,20 +135,21 @@ def copy_top_left(dst: nn.Conv2d, src: nn.Conv2d) -> None:
     When ``dst`` is wider than ``src`` (a partial source whose other channels were identity), the
     extra channels get an identity (Dirac) kernel, so the new op computes what the source did.
     """
-    if (dst.groups == 1) != (src.groups == 1):
+    same_kernels = dst.in_channels // dst.groups == src.in_channels // src.groups  # one kept group is dense
+    if (dst.groups == 1) != (src.groups == 1) and not same_kernels:
         raise OperatorError(
             f"cannot inherit a {'dense' if src.groups == 1 else 'grouped/depthwise'} conv's weights into a "
             f"{'dense' if dst.groups == 1 else 'grouped/depthwise'} one"
         )
-    depthwise = dst.groups > 1
     n_out, n_in = min(dst.out_channels, src.out_channels), min(dst.in_channels, src.in_channels)
+    group_in = dst.in_channels // dst.groups  # a kernel's input channels: C (dense), 1 (depthwise), C/g
     with torch.no_grad():
         dst.to(device=src.weight.device, dtype=src.weight.dtype)
         if n_out < dst.out_channels or n_in < dst.in_channels:
             dst.weight.zero_()
             kh, kw = dst.kernel_size
             for c in range(n_in, min(dst.in_channels, dst.out_channels)):
-                dst.weight[c, 0 if depthwise else c, kh // 2, kw // 2] = 1.0
+                dst.weight[c, c % group_in, kh // 2, kw // 2] = 1.0
         dst.weight[:n_out, :n_in].copy_(src.weight[:n_out, :n_in])
         if dst.bias is not None:
             dst.bias.zero_()

@@ -140,9 +140,9 @@ def mlp_layers(block: nn.Module) -> tuple[list[nn.Module], bool, int] | None:
 
     Known: timm ``Mlp``/``ConvMlp`` (fc1, act, drop1, norm, fc2, drop2), torchvision ``MLP`` /
     ``MLPBlock`` and plain Sequentials of Linear/1x1 conv layers, timm ``InvertedResidual``
-    (conv_pw, bn1, conv_dw, bn2, aa, se, conv_pwl, bn3, skip) and torchvision ``InvertedResidual``.
+    (conv_pw, bn1, conv_dw, bn2, aa, se, conv_pwl, bn3, skip) and torchvision ``InvertedResidual``,
+    ``MBConv`` and ``FusedMBConv``.
     """
-    name = type(block).__name__
     order = _TIMM_MLP_ORDER.get(_qualname(block))
     if order is not None:
         seq = [getattr(block, a) for a in order if isinstance(getattr(block, a, None), nn.Module)]
@@ -169,7 +169,7 @@ def mlp_layers(block: nn.Module) -> tuple[list[nn.Module], bool, int] | None:
         ]
         _require_all_consumed(block, seq)
         return seq, True, 1
-    if name == "InvertedResidual" and hasattr(block, "use_res_connect") and _qualname(block) in _TV_INVERTED:
+    if _qualname(block) in _TV_INVERTED and hasattr(block, "use_res_connect"):
         if not block.use_res_connect:
             raise OperatorError(
                 "inverted residual without a skip connection (stride 2 or in != out): "
@@ -205,7 +205,11 @@ def _sequential_channel_dim(flat: list[nn.Module]) -> int | None:
 _TV_INVERTED = {
     "torchvision.models.mobilenetv2.InvertedResidual": "conv",
     "torchvision.models.mobilenetv3.InvertedResidual": "block",
+    "torchvision.models.efficientnet.MBConv": "block",  # EfficientNet; its stochastic depth is carried
+    "torchvision.models.efficientnet.FusedMBConv": "block",  # EfficientNetV2: a 3x3 expansion, then 1x1
 }
+# a residual block's per-sample branch dropout (training only), applied to the partial branch as well
+_DROP_PATH_ATTRS = ("stochastic_depth", "drop_path")
 
 
 def _flatten(seq: nn.Module) -> list[nn.Module]:
@@ -224,12 +228,22 @@ class PartialMLP(PartialOperator):
 
     faithful_params = {"ratio": 1.0, "hidden_ratio": 1.0}  # every channel and hidden unit: the block itself
 
-    def __init__(self, layers: list[nn.Module], dim: int, dim_part: int, residual: bool, channel_dim: int):
+    def __init__(
+        self,
+        layers: list[nn.Module],
+        dim: int,
+        dim_part: int,
+        residual: bool,
+        channel_dim: int,
+        drop_path: nn.Module | None = None,
+    ):
         super().__init__()
         self.layers = nn.Sequential(*layers)
         self.dim, self.dim_part = dim, dim_part
         self.residual = residual
         self.channel_dim = channel_dim
+        if drop_path is not None and not isinstance(drop_path, nn.Identity):
+            self.drop_path = drop_path  # a residual block's stochastic depth, on the partial branch
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, dim_part={self.dim_part}, residual={self.residual}"
@@ -241,6 +255,8 @@ class PartialMLP(PartialOperator):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.dim_part
         y1 = self.layers(x.narrow(self.channel_dim, 0, n))
+        if self.residual and "drop_path" in self._modules:
+            y1 = self.drop_path(y1)
         if exporting():  # out of place for exporters (see ops/_export.py)
             rest = x.narrow(self.channel_dim, n, self.dim - n)
             head = x.narrow(self.channel_dim, 0, n) + y1 if self.residual else y1
@@ -289,7 +305,12 @@ class PartialMLP(PartialOperator):
             else:
                 width = h if seen == 1 else n
                 sliced.append(_slice_layer(m, width, width, type(original).__name__))
-        return cls(sliced, dim, n, residual, ch_dim)
+        drop = next(
+            (getattr(original, a) for a in _DROP_PATH_ATTRS if isinstance(getattr(original, a, None), nn.Module)), None
+        )
+        if drop is not None and any(True for _ in drop.parameters()):
+            raise OperatorError(f"partial_mlp: the drop path of {type(original).__name__} has weights")
+        return cls(sliced, dim, n, residual, ch_dim, copy.deepcopy(drop) if residual and drop is not None else None)
 
     def deploy(self) -> PartialMLP:
         """Inference form: eval mode, frozen, each (conv, BN) pair of the block folded."""

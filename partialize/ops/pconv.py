@@ -51,12 +51,17 @@ class PConv(PartialOperator):
         forward_mode: str = "split_cat",
         stride: int = 1,
         depthwise: bool = False,
+        groups: int = 1,
     ) -> None:
         super().__init__()
         if forward_mode not in FORWARD_MODES:
             raise OperatorError(f"forward_mode must be one of {FORWARD_MODES}, got {forward_mode!r}")
         self.dim = dim
-        self.dim_conv = split_channels(dim, ratio)
+        # a grouped (not depthwise) conv keeps whole groups: the first round(r * groups) of them
+        self.group_width = 0 if depthwise or groups == 1 else dim // groups
+        if self.group_width and dim % groups:
+            raise OperatorError(f"PConv: {dim} channels do not split into {groups} groups")
+        self.dim_conv = part_width(dim, ratio, 1 if depthwise else groups)
         self.dim_untouched = dim - self.dim_conv
         self.forward_mode = forward_mode
         self.stride = int(nn.modules.utils._pair(stride)[0])
@@ -66,8 +71,8 @@ class PConv(PartialOperator):
         pad = tuple(d * (k - 1) // 2 for k, d in zip(ks, dl))
         if any(k % 2 == 0 for k in ks):
             raise OperatorError(f"PConv needs an odd kernel to keep the spatial size, got {ks}")
-        groups = self.dim_conv if depthwise else 1
-        self.conv = nn.Conv2d(self.dim_conv, self.dim_conv, ks, self.stride, pad, dl, groups=groups, bias=bias)
+        conv_groups = self.dim_conv if depthwise else (self.dim_conv // self.group_width if self.group_width else 1)
+        self.conv = nn.Conv2d(self.dim_conv, self.dim_conv, ks, self.stride, pad, dl, groups=conv_groups, bias=bias)
 
     @property
     def ratio(self) -> float:
@@ -76,6 +81,7 @@ class PConv(PartialOperator):
     def extra_repr(self) -> str:
         extra = f", stride={self.stride}" if self.stride > 1 else ""
         extra += ", depthwise=True" if self.depthwise else ""
+        extra += f", groups={self.conv.groups} of width {self.group_width}" if self.group_width else ""
         return f"dim={self.dim}, dim_conv={self.dim_conv}, forward_mode={self.forward_mode!r}{extra}"
 
     def _untouched(self, x2: torch.Tensor) -> torch.Tensor:
@@ -102,15 +108,21 @@ class PConv(PartialOperator):
     ) -> PConv:
         """Build from a conv (or another PConv), keeping the top-left block of its weight.
 
-        Dense and depthwise convs with equal in/out widths and size-keeping padding convert.
-        A strided one converts only with ``stride_mode="pool"`` (untouched channels are average
-        pooled); otherwise, and for in != out or grouped convs, OperatorError says why.
+        Dense, depthwise and grouped convs with equal in/out widths and size-keeping padding convert
+        (a grouped one keeps its first ``round(ratio * groups)`` whole groups, so the conv part is the
+        same grouped conv on fewer groups). A strided one converts only with ``stride_mode="pool"``
+        (untouched channels are average pooled); otherwise, and for in != out, OperatorError says why.
         """
         if stride_mode not in ("refuse", "pool"):
             raise OperatorError(f"stride_mode must be 'refuse' or 'pool', got {stride_mode!r}")
-        src, dim = conv_source(original, "PConv", allow_stride=stride_mode == "pool", allow_depthwise=True)
+        src, dim = conv_source(
+            original, "PConv", allow_stride=stride_mode == "pool", allow_depthwise=True, allow_grouped=True
+        )
         ratio = resolve_ratio(original, src, dim, ratio)
         depthwise = isinstance(src, nn.Conv2d) and src.groups > 1 and src.groups == src.in_channels
+        group_width = original.group_width if isinstance(original, PConv) else 0
+        if not isinstance(original, PConv) and src.groups > 1 and not depthwise:
+            group_width = src.in_channels // src.groups
         op = cls(
             dim,
             ratio=ratio,
@@ -119,6 +131,7 @@ class PConv(PartialOperator):
             bias=src.bias is not None,
             stride=src.stride[0],
             depthwise=depthwise,
+            groups=dim // group_width if group_width else 1,
             **kwargs,
         )
         if tuple(conv_padding(src)) != tuple(op.conv.padding):
@@ -136,7 +149,10 @@ class PConv(PartialOperator):
 
     @classmethod
     def faithful_original(cls, module: nn.Module) -> nn.Module | None:
-        return dirac_outside(module, split_channels(module.in_channels, 0.25)) if type(module) is nn.Conv2d else None
+        if type(module) is not nn.Conv2d:
+            return None
+        depthwise = module.groups == module.in_channels
+        return dirac_outside(module, part_width(module.in_channels, 0.25, 1 if depthwise else module.groups))
 
     def fold_bn(self, bn: nn.modules.batchnorm._BatchNorm) -> PConvBN:
         """Inference form of ``bn(self(x))``: BN folded into the conv and an affine on the rest."""
@@ -199,14 +215,14 @@ def dirac_outside(conv: nn.Conv2d, n: int) -> nn.Conv2d:
     """A copy of ``conv`` whose channels n.. compute the identity (their rows and the other rows'
     columns n.. zeroed, a centre tap of 1): exactly what a partial conv of width n represents."""
     c = copy.deepcopy(conv)
-    depthwise = c.groups > 1
+    group_in = c.in_channels // c.groups  # C (dense), 1 (depthwise), C / groups (grouped; n whole groups)
     kh, kw = c.kernel_size
     with torch.no_grad():
         c.weight[n:] = 0
-        if not depthwise:
+        if c.groups == 1:
             c.weight[:n, n:] = 0
         for i in range(n, c.out_channels):
-            c.weight[i, 0 if depthwise else i, kh // 2, kw // 2] = 1.0
+            c.weight[i, i % group_in, kh // 2, kw // 2] = 1.0
         if c.bias is not None:
             c.bias[n:] = 0
     return c
@@ -220,8 +236,16 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     )
 
 
+def part_width(dim: int, ratio: float, groups: int = 1) -> int:
+    """Channels of the conv part: round(ratio * C) (000's r), or for a grouped conv (groups > 1,
+    not depthwise) whole groups, round(ratio * groups) of them; at least one."""
+    if groups == 1:
+        return split_channels(dim, ratio)
+    return split_channels(groups, ratio) * (dim // groups)
+
+
 def conv_source(
-    original: nn.Module, op: str, allow_stride: bool = False, allow_depthwise: bool = False
+    original: nn.Module, op: str, allow_stride: bool = False, allow_depthwise: bool = False, allow_grouped: bool = False
 ) -> tuple[nn.Conv2d, int]:
     """(conv whose top-left block a partial op inherits, channel count) for ``original``.
 
@@ -231,12 +255,16 @@ def conv_source(
     if isinstance(original, PConv):
         if original.depthwise and not allow_depthwise:
             raise OperatorError(f"{op} cannot be built from a depthwise PConv (its conv part is depthwise)")
+        if original.group_width and not allow_grouped:
+            raise OperatorError(f"{op} cannot be built from a grouped PConv (its conv part keeps whole groups)")
         if original.stride > 1 and not allow_stride:
             raise OperatorError(f"{op} cannot be built from a strided PConv (stride {original.stride})")
         return original.conv, original.dim
     if is_timm_partial_conv(original):
         return original.partial_conv3, original.dim_conv3 + original.dim_untouched
-    check_same_size_conv(original, op, allow_stride=allow_stride, allow_depthwise=allow_depthwise)
+    check_same_size_conv(
+        original, op, allow_stride=allow_stride, allow_depthwise=allow_depthwise, allow_grouped=allow_grouped
+    )
     return original, original.in_channels
 
 

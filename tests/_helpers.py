@@ -166,6 +166,19 @@ def tiny_timm(name: str) -> nn.Module:
             "twins_svt_small",
             {"depths": (1, 1, 1, 1), "embed_dims": (32, 64, 128, 256), "num_heads": (1, 2, 4, 8)},
         ),
+        "eva": ("eva02_tiny_patch14_224", {"img_size": 28, "depth": 2}),  # RoPE, q/v biases
+        "eva_unfused": ("eva02_tiny_patch14_224", {"img_size": 28, "depth": 2, "qkv_fused": False}),
+        "vit_rope": ("vit_base_patch16_rope_224", {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 4}),
+        "vit_rope_mixed": (  # per-head RoPE frequencies
+            "vit_base_patch16_rope_mixed_224",
+            {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 4},
+        ),
+        "tnt": ("tnt_s_patch16_224", {"img_size": 32, "depth": 2}),
+        "convit": ("convit_tiny", {"img_size": 32, "depth": 3, "local_up_to_layer": 2}),  # GPSA, then MHSA
+        "swinv2_cr": (
+            "swinv2_cr_tiny_224",
+            {"img_size": 64, "depths": (2, 2), "num_heads": (2, 4), "embed_dim": 32, "window_size": 4},
+        ),
     }
     if name == "volo":  # its factories fix the widths: the class itself, one block per stage
         from timm.models.volo import VOLO

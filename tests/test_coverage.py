@@ -48,9 +48,12 @@ def test_sweep_summary_counts_each_target_by_hand():
     s = sweep.summary(rows)
     assert (s["models"], s["built"], s["converted"], s["converted_under_target"]) == (4, 3, 2, 1)
     assert (s["with_attention"], s["attention_converted"]) == (2, 1)
-    assert s["deploy_checked"] == 2 and s["deploy_mismatch"] == [("b", 2e-4)]
+    assert s["deploy_checked"] == 2 and s["deploy_mismatch"] == [("b", 2e-4, None)]
     assert s["errors"] == [("d", "ValueError: x")]
     assert s["convert_s_median"] == 0.5 and s["convert_s_max"] == 3.0 and s["convert_under_2s"] == 2
+    rounding = _row("e", "ok", 0.5, {"conv": 1}, {"conv": 1}, 0.3, 0.1, deploy_err_f64=1e-12, out_absmax=1e9)
+    s2 = sweep.summary(rows + [rounding])  # exact in float64: rounding amplified, not a wrong deployed form
+    assert s2["deploy_mismatch"] == s["deploy_mismatch"] and s2["deploy_float32_rounding"] == [("e", 0.3, 1e-12, 1e9)]
     md = sweep.markdown(rows, 90.0, "auto", "test machine")
     assert "Total sweep time 1.5 min" in md and "test machine" in md
     assert "| something converted and MACs <= 0.8x | 1/3 (33%)" in md

@@ -34,9 +34,15 @@ class HeadLayout:
     per_channel: tuple[str, ...] = ()  # 1-D tensors over the attention width (q_bias, k_bias, v_bias)
     head_rows: tuple[str, ...] = ()  # nn.Linear layers whose outputs are the heads (a bias MLP's last layer)
     shared: tuple[str, ...] = ()  # parameter prefixes every head uses unchanged (the bias MLP's hidden layer)
-    head_kwargs: tuple[tuple[str, int], ...] = ()  # call arguments with a head axis: (name, axis)
+    head_kwargs: tuple[tuple[str, int], ...] = ()  # call arguments with a head axis (name, axis), cut where present
     kwargs: tuple[str, ...] = ()  # call arguments passed through unchanged (a window mask, same for all heads)
     positional: int = 0  # positional arguments after the input passed through unchanged (Twins' grid size)
+    # input projections: (attribute, blocks), a Linear whose outputs are `blocks` stacked head-major
+    # blocks of the attention width (q|k|v: 3); absent ones (None) are skipped, one must be there
+    projections: tuple[tuple[str, int], ...] = (("qkv", 3),)
+    head_attrs: tuple[str, ...] = ("num_heads",)  # int attributes that count heads: set to the kept heads
+    width_attrs: tuple[str, ...] = ("dim",)  # int attributes that hold the attention width: set to the kept width
+    broadcast_kwargs: tuple[str, ...] = ()  # call arguments allowed only when they broadcast over the heads
 
 
 _SWIN_V2_BIAS = {"head_rows": ("cpb_mlp.2",), "shared": ("cpb_mlp.0",)}
@@ -53,6 +59,33 @@ LAYOUTS: dict[str, HeadLayout] = {
     "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": HeadLayout(
         per_head=(("logit_scale", 0),), **_SWIN_V2_BIAS
     ),
+    "timm.models.swin_transformer_v2_cr.WindowMultiHeadAttention": HeadLayout(
+        per_head=(("logit_scale", 0),), head_rows=("meta_mlp.fc2",), shared=("meta_mlp.fc1",), kwargs=("mask",)
+    ),
+    # rotary position embedding: the same rotation for every head, passed in by the block
+    "timm.models.eva.EvaAttention": HeadLayout(
+        projections=(("qkv", 3), ("q_proj", 1), ("k_proj", 1), ("v_proj", 1)),
+        per_channel=("q_bias", "k_bias", "v_bias"),
+        shared=("q_norm", "k_norm"),
+        kwargs=("is_causal",),
+        head_kwargs=(("rope", -3),),
+        broadcast_kwargs=("attn_mask",),
+    ),
+    "timm.layers.attention.AttentionRope": HeadLayout(
+        projections=(("qkv", 3), ("q_proj", 1), ("k_proj", 1), ("v_proj", 1), ("gate", 1)),
+        shared=("q_norm", "k_norm"),
+        head_attrs=("num_heads", "num_kv_heads"),
+        width_attrs=("attn_dim", "kv_dim"),
+        kwargs=("is_causal",),
+        head_kwargs=(("rope", -3),),
+        broadcast_kwargs=("attn_mask",),
+    ),
+    # ConViT: GPSA mixes a positional and a content attention per head, with a gate per head
+    "timm.models.convit.GPSA": HeadLayout(
+        projections=(("qk", 2), ("v", 1)), per_head=(("gating_param", 0),), head_rows=("pos_proj",)
+    ),
+    "timm.models.convit.MHSA": HeadLayout(),
+    "timm.models.tnt.Attention": HeadLayout(projections=(("qk", 2), ("v", 1))),
     # per-head attention with nothing more than q/k/v/proj: the class's own reshapes, windows and token layout
     "timm.models.davit.WindowAttention": HeadLayout(),
     "timm.models.davit.ChannelAttention": HeadLayout(),  # attention over each head's channels
@@ -92,7 +125,8 @@ def _set(module: nn.Module, path: str, value: torch.Tensor) -> None:
 
 
 def _check_layout(original: nn.Module, layout: HeadLayout, kind: str) -> None:
-    known = ["qkv.", "proj."] + [p for p, _ in layout.per_head] + list(layout.per_channel)
+    known = [a + "." for a, _ in layout.projections] + ["proj."] + [p for p, _ in layout.per_head]
+    known += list(layout.per_channel)
     known += [r + "." for r in layout.head_rows] + list(layout.shared)
     for name, _ in original.named_parameters():
         if not any(name == k or name.startswith(k + "." if not k.endswith(".") else k) for k in known):
@@ -130,16 +164,27 @@ class HeadSlicedAttention(PartialAttention):
         )
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        unknown = set(kwargs) - set(self.layout.kwargs) - {n for n, _ in self.layout.head_kwargs}
-        if len(args) > self.layout.positional or unknown:
+        layout = self.layout
+        unknown = set(kwargs) - set(layout.kwargs) - {n for n, _ in layout.head_kwargs} - set(layout.broadcast_kwargs)
+        if len(args) > layout.positional or unknown:
             raise OperatorError(
                 f"partial_attention ({self.kind}): unexpected call arguments "
                 f"({len(args)} positional after the input, keywords {sorted(unknown)})"
             )
+        for name in layout.broadcast_kwargs:
+            t = kwargs.get(name)
+            if isinstance(t, torch.Tensor) and t.dim() >= 3 and t.shape[-3] != 1:
+                raise OperatorError(
+                    f"partial_attention ({self.kind}): {name} of shape {tuple(t.shape)} may differ per head; "
+                    "only masks that broadcast over the heads are supported"
+                )
         drop = self.num_heads_original - self.num_heads
         for name, axis in self.layout.head_kwargs:
-            if kwargs.get(name) is not None and drop:
-                kwargs[name] = kwargs[name].narrow(axis, drop, self.num_heads)  # the kept (last) heads
+            t = kwargs.get(name)
+            # the kept (last) heads, where the argument has a head axis (mixed RoPE: per-head frequencies;
+            # the plain rotation, shared by every head, has none and passes unchanged)
+            if isinstance(t, torch.Tensor) and drop and t.dim() >= -axis and t.shape[axis] == self.num_heads_original:
+                kwargs[name] = t.narrow(axis, drop, self.num_heads)
         if not self.dim_cheap:
             return self.attn(x, *args, **kwargs)
         x1, x2 = torch.split(x, [self.dim_cheap, self.dim_attn], dim=-1)
@@ -152,21 +197,35 @@ class HeadSlicedAttention(PartialAttention):
         if mixer != "identity":
             raise OperatorError(f"partial_attention on {kind} supports mixer 'identity' only (windows have no grid)")
         _check_layout(original, layout, kind)
-        qkv, proj, num_heads = original.qkv, original.proj, original.num_heads
-        dim = qkv.in_features
-        if qkv.out_features != 3 * dim or proj.in_features != dim or proj.out_features != dim or dim % num_heads:
+        projs = [
+            (a, b, getattr(original, a))
+            for a, b in layout.projections
+            if isinstance(getattr(original, a, None), nn.Linear)
+        ]
+        proj, num_heads = original.proj, original.num_heads
+        dim = proj.out_features
+        widths = {a: (p.in_features, p.out_features) for a, _, p in projs}
+        if (
+            not projs
+            or any(p.in_features != dim or p.out_features != b * dim for _, b, p in projs)
+            or proj.in_features != dim
+            or dim % num_heads
+        ):
             raise OperatorError(
-                f"partial_attention needs attention width == model width in {kind} (qkv {qkv.in_features} -> "
-                f"{qkv.out_features}, proj {proj.in_features} -> {proj.out_features}, {num_heads} heads)"
+                f"partial_attention needs attention width == model width in {kind} (projections {widths}, "
+                f"proj {proj.in_features} -> {proj.out_features}, {num_heads} heads)"
             )
+        if getattr(original, "num_kv_heads", num_heads) != num_heads:
+            raise OperatorError(f"partial_attention: {kind} shares keys and values between heads (grouped-query)")
         hd = dim // num_heads
         kept = _kept_heads(num_heads, ratio, heads)
         drop = num_heads - kept
         lo = drop * hd  # the kept heads are the last ones, on the last channels
         inner = copy.deepcopy(original)
         with torch.no_grad():
-            rows = torch.cat([torch.arange(j * dim + lo, (j + 1) * dim) for j in range(3)]).to(qkv.weight.device)
-            inner.qkv = _cut_linear(qkv, rows, lo)
+            for attr, blocks, layer in projs:
+                rows = torch.cat([torch.arange(j * dim + lo, (j + 1) * dim) for j in range(blocks)])
+                setattr(inner, attr, _cut_linear(layer, rows.to(layer.weight.device), lo))
             inner.proj = _cut_linear(proj, torch.arange(lo, dim, device=proj.weight.device), lo)
             for path, axis in layout.per_head:
                 t = _get(original, path)
@@ -182,9 +241,12 @@ class HeadSlicedAttention(PartialAttention):
                 setattr(
                     _get(inner, ".".join(parents)) if parents else inner, leaf, _cut_linear(layer, None, None, drop)
                 )
-        inner.num_heads = kept
-        if isinstance(getattr(inner, "dim", None), int):
-            inner.dim = kept * hd
+        for attr in layout.head_attrs:
+            if isinstance(getattr(inner, attr, None), int):
+                setattr(inner, attr, kept)
+        for attr in layout.width_attrs:
+            if isinstance(getattr(inner, attr, None), int):
+                setattr(inner, attr, kept * hd)
         return cls(inner, layout, dim, num_heads, kept, hd)
 
 

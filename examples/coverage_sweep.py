@@ -91,17 +91,13 @@ def is_attention_name(name: str) -> bool:
     return "attn" in low or "attention" in low or name in ("GPSA", "MHSA", "XCA")
 
 
-def converted_kinds(model: torch.nn.Module, plan) -> dict:
-    """kind -> converted nodes (outermost entries, each by the kind of the module it replaced)."""
-    from partialize.engine.scan import node_kind
+VARIANT_KIND = {"partial_attention": "attention", "partial_mlp": "mlp", "pat_sp": "mlp", "partial_residual": "mlp"}
 
-    modules = dict(model.named_modules())
-    out = collections.Counter()
-    for e in plan.converted_outermost:
-        m = modules.get(e.layer)
-        kind = node_kind(m) if m is not None else None
-        out[kind or ("conv" if e.variant in ("pconv", "patconv", "dpconv", "ada_pconv") else "mlp")] += 1
-    return dict(out)
+
+def converted_kinds(plan) -> dict:
+    """kind -> converted nodes (outermost entries), by the operator that replaced each: attention and
+    MLP-like block operators by name, every other (PConv, PATConv, DPConv, Ada-PConv) a conv."""
+    return dict(collections.Counter(VARIANT_KIND.get(e.variant, "conv") for e in plan.converted_outermost))
 
 
 def check(spec: str, family: str, recipe: str = "auto", timeout_s: int = 300) -> dict:
@@ -122,7 +118,7 @@ def check(spec: str, family: str, recipe: str = "auto", timeout_s: int = 300) ->
             macs_g=plan.macs_before / 1e9,
             macs_ratio=plan.macs_after / plan.macs_before,
             converted=len(plan.converted),
-            converted_kinds=converted_kinds(model, plan),
+            converted_kinds=converted_kinds(plan),
             skipped=len(plan.skipped),
             traced=plan.traced,
         )

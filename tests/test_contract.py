@@ -112,6 +112,8 @@ MODELS = {
     "tv_mobilenet_v3": (lambda: torchvision.models.mobilenet_v3_small(), 32),
     "tv_resnet18": (lambda: torchvision.models.resnet18(), 32),
     "tv_efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(), 32),  # MBConv with SE
+    "tv_mnasnet": (lambda: torchvision.models.mnasnet0_5(), 32),
+    "tv_convnext": (lambda: torchvision.models.convnext_tiny(), 32),  # CNBlock: the MLP is not a module
     "tv_efficientnet_v2": (  # FusedMBConv: two stages of the real ones, then MBConv
         lambda: torchvision.models.efficientnet_v2_s(stochastic_depth_prob=0.1),
         32,
@@ -304,6 +306,8 @@ def test_the_accepted_classes_are_the_ones_we_verified(sweep):
         "torchvision.models.vision_transformer.MLPBlock",
         "torchvision.models.efficientnet.MBConv",
         "torchvision.models.efficientnet.FusedMBConv",
+        "torchvision.models.mnasnet._InvertedResidual",
+        "torchvision.models.convnext.CNBlock",
     } <= mlp
     gated = {"timm.layers.mlp.SwiGLU", "timm.layers.mlp.GluMlp", "timm.layers.mlp.GatedMlp"}
     assert gated <= mlp  # split consistently across the gate and value halves (tests/test_gated_mlp.py)

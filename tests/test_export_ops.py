@@ -34,7 +34,10 @@ def _rule(select: dict, variant: str, strict: bool = True, **extra) -> dict:
 CONV3 = {"type": "Conv2d", "kernel": 3, "stride": 1, "groups": "dense"}
 # operator -> (model builder, input size, recipe); several cases for operators with several forms
 CASES = {
-    "pconv": [("resnet18", 32, _rule(CONV3, "pconv"))],
+    "pconv": [
+        ("resnet18", 32, _rule(CONV3, "pconv")),
+        ("tv_regnet", 32, _rule({"type": "Conv2d", "kernel": 3, "groups": "grouped"}, "pconv", strict=False)),
+    ],
     "patconv": [
         ("resnet18", 32, _rule(CONV3, "patconv", params={"attn": "ch"})),
         ("resnet18", 32, _rule({**CONV3, "stage": 3}, "patconv", params={"attn": "sf"})),
@@ -48,6 +51,8 @@ CASES = {
     "partial_mlp": [
         ("mobilenetv2_050", 32, _rule({"type": "InvertedResidual"}, "partial_mlp", strict=False)),
         ("vit", 32, _rule({"type": "Mlp"}, "partial_mlp")),
+        ("tv_convnext", 32, _rule({"type": "CNBlock"}, "partial_mlp")),
+        ("tv_efficientnet_b0", 32, _rule({"type": "MBConv"}, "partial_mlp", strict=False)),
     ],
     "partial_attention": [
         ("vit", 32, _rule({"type": "Attention"}, "partial_attention", ratio=0.5)),
@@ -74,6 +79,12 @@ def _build(name: str):
         return tiny_timm(name)
     if name == "tv_swin_v2":
         return tiny_tv_swin(v2=True)
+    if name == "tv_convnext":
+        return torchvision.models.convnext_tiny()
+    if name == "tv_efficientnet_b0":
+        return torchvision.models.efficientnet_b0()
+    if name == "tv_regnet":
+        return torchvision.models.regnet_x_400mf()
     return timm.create_model(name)
 
 

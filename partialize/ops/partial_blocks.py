@@ -169,8 +169,11 @@ def mlp_layers(block: nn.Module) -> tuple[list[nn.Module], bool, int] | None:
         ]
         _require_all_consumed(block, seq)
         return seq, True, 1
-    if _qualname(block) in _TV_INVERTED and hasattr(block, "use_res_connect"):
-        if not block.use_res_connect:
+    if _qualname(block) in _TV_INVERTED:
+        skip = getattr(block, "use_res_connect", getattr(block, "apply_residual", None))
+        if skip is None:  # a torchvision version that names its skip otherwise: not known, not guessed
+            return None
+        if not skip:
             raise OperatorError(
                 "inverted residual without a skip connection (stride 2 or in != out): "
                 "its untouched channels would have nowhere to go"
@@ -207,6 +210,7 @@ _TV_INVERTED = {
     "torchvision.models.mobilenetv3.InvertedResidual": "block",
     "torchvision.models.efficientnet.MBConv": "block",  # EfficientNet; its stochastic depth is carried
     "torchvision.models.efficientnet.FusedMBConv": "block",  # EfficientNetV2: a 3x3 expansion, then 1x1
+    "torchvision.models.mnasnet._InvertedResidual": "layers",  # its skip flag is `apply_residual`
 }
 # a residual block's per-sample branch dropout (training only), applied to the partial branch as well
 _DROP_PATH_ATTRS = ("stochastic_depth", "drop_path")
@@ -274,6 +278,8 @@ class PartialMLP(PartialOperator):
     def from_module(cls, original: nn.Module, ratio: float = 0.5, hidden_ratio: float | None = None) -> PartialMLP:
         """Slice a known MLP-like block (see ``mlp_layers``; timm's gated MLPs: ``gated_mlp``) to its
         first ``ratio`` of the channels and first ``hidden_ratio`` of its hidden units."""
+        if _qualname(original) == "torchvision.models.convnext.CNBlock":
+            return PartialCNBlock.from_cnblock(original, ratio, hidden_ratio)
         gated = slice_gated(original, ratio, hidden_ratio, _slice_layer)
         if gated is not None:
             layers, dim, n, ch_dim = gated
@@ -322,6 +328,49 @@ class PartialMLP(PartialOperator):
                 layers[i], layers[i + 1] = fold_bn_into_conv(conv, bn), bn_remainder(bn)
         new.layers = nn.Sequential(*layers)
         return new.requires_grad_(False)
+
+
+class PartialCNBlock(PartialMLP):
+    """torchvision ConvNeXt's ``CNBlock``, whose MLP is not a module of its own: the 7x7 depthwise conv
+    and the LayerNorm run on every channel as in the original (the norm needs them all), the MLP on the
+    first n channels and h hidden units; the layer scale and stochastic depth of those channels are
+    kept, and the other channels' branch is 0 (the residual carries them), as ``partial_mlp`` does for
+    timm ConvNeXt's ``Mlp``."""
+
+    def __init__(self, prefix: list[nn.Module], layers: list[nn.Module], dim: int, n: int, scale, drop_path):
+        super().__init__(layers, dim, n, True, -1, drop_path)
+        self.prefix = nn.Sequential(*prefix)
+        self.layer_scale = nn.Parameter(scale.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.dim_part
+        t = self.prefix(x)  # (B, H, W, C) after the depthwise conv, the permute and the norm
+        y = self.layers(t[..., :n]).permute(0, 3, 1, 2) * self.layer_scale
+        if "drop_path" in self._modules:
+            y = self.drop_path(y)
+        if exporting():  # out of place for exporters (see ops/_export.py)
+            return torch.cat((x[:, :n] + y, x[:, n:]), dim=1)
+        out = x.clone()
+        out[:, :n] += y
+        return out
+
+    @classmethod
+    def from_cnblock(cls, block: nn.Module, ratio: float, hidden_ratio: float | None) -> PartialCNBlock:
+        seq = list(block.block)
+        kinds = [type(m).__name__ for m in seq]
+        if kinds[:4] != ["Conv2d", "Permute", "LayerNorm", "Linear"] or kinds[5:] != ["Linear", "Permute"]:
+            raise OperatorError(f"partial_mlp: CNBlock layers {kinds} are not torchvision ConvNeXt's")
+        if not isinstance(seq[4], _PASSTHROUGH) or getattr(block, "layer_scale", None) is None:
+            raise OperatorError("partial_mlp: CNBlock with an unknown activation or no layer scale")
+        _require_all_consumed(block, [block.block])
+        dim, hidden = seq[3].in_features, seq[3].out_features
+        n = split_channels(dim, ratio)
+        h = split_channels(hidden, hidden_ratio if hidden_ratio is not None else ratio)
+        layers = [_slice_layer(seq[3], n, h, "CNBlock"), copy.deepcopy(seq[4]), _slice_layer(seq[5], h, n, "CNBlock")]
+        drop = getattr(block, "stochastic_depth", None)
+        return cls([copy.deepcopy(m) for m in seq[:3]], layers, dim, n, block.layer_scale[:n], copy.deepcopy(drop)).to(
+            seq[3].weight.device
+        )
 
 
 _MHA_ARGS = (

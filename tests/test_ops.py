@@ -633,3 +633,28 @@ def test_regnet_grouped_convs_convert_and_deploy_equal():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert rel_err(partialize.deploy(converted)(x), converted.eval()(x)) <= 1e-5
+
+
+def test_partial_mlp_keeps_scalar_activations_whole_and_refuses_ones_that_mix_units():
+    """MetaFormer's StarReLU (s * relu(x)^2 + b, two scalars) acts alike on every hidden unit, so the
+    sliced MLP keeps it; a softmax over the hidden units mixes them, so no slice reproduces it."""
+    import timm
+    from _helpers import nondegenerate_
+
+    from partialize.ops import get_operator
+
+    mlp_op = get_operator("partial_mlp")
+    torch.manual_seed(0)
+    mlp = nondegenerate_(timm.create_model("caformer_s18").eval()).stages[0].blocks[0].mlp
+    assert type(mlp.act).__name__ == "StarReLU" and mlp.act.scale.item() != 1.0
+    x = torch.randn(2, 64, 8, 8)
+    op = mlp_op.from_module(mlp, ratio=0.5).eval()
+    h = mlp.fc1.out_channels // 2
+    with torch.no_grad():  # oracle: the first 32 channels through the first h hidden units, by hand
+        a = F.conv2d(x[:, :32], mlp.fc1.weight[:h, :32])
+        a = mlp.act.scale * F.relu(a) ** 2 + mlp.act.bias
+        y = F.conv2d(a, mlp.fc2.weight[:32, :h])
+        want = torch.cat((y, torch.zeros_like(x[:, 32:])), dim=1)
+        assert rel_err(op(x), want) <= 1e-5
+    with pytest.raises(OperatorError):
+        mlp_op.from_module(nn.Sequential(nn.Linear(8, 16), nn.Softmax(dim=-1), nn.Linear(16, 8)))

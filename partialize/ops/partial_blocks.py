@@ -51,13 +51,25 @@ _SE_CLASSES = {
 }
 
 
+# in torch.nn.modules.activation but not element-wise: they mix (or halve) the units, so a slice would differ
+_ACROSS_UNITS = (nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d, nn.GLU, nn.MultiheadAttention)
+_METAFORMER_ACTS = ("timm.models.metaformer.StarReLU", "timm.models.metaformer.SquaredReLU")
+
+
 def _is_channelwise(m: nn.Module) -> bool:
-    """A weightless layer that acts on each element (or each channel) alone: activations, dropout."""
+    """A layer that acts on each element alone, the same way for every unit: activations and dropout,
+    weightless or with scalar weights only (StarReLU's s * relu(x)^2 + b, a one-parameter PReLU), which
+    a slice keeps whole."""
     if isinstance(m, _PASSTHROUGH):
         return True
+    if isinstance(m, _ACROSS_UNITS):
+        return False
     path = type(m).__module__
-    weightless = not any(True for _ in m.parameters()) and not any(True for _ in m.buffers())
-    return weightless and path.startswith(("timm.layers.activations", "torch.nn.modules.activation"))
+    scalar = all(p.numel() == 1 for p in m.parameters()) and not any(True for _ in m.buffers())
+    known = (
+        path.startswith(("timm.layers.activations", "torch.nn.modules.activation")) or _qualname(m) in _METAFORMER_ACTS
+    )
+    return scalar and known
 
 
 def _slice_se(se: nn.Module, n: int, where: str) -> nn.Module:

@@ -38,6 +38,9 @@ from _helpers import nondegenerate_, rel_err  # noqa: E402  (the tests' own init
 SMALL = re.compile(r"(atto|femto|pico|nano|tiny|small|mini|xxs|xs|_s\b|t0|b0|18|lite|mobile|_050|_075|_100)")
 MACS_TARGET = 0.8  # issue 15: something converted and MACs <= 0.8x
 DEPLOY_TOL = 1e-4
+# float64 rounding amplified as far as float32's was (1e-7 -> 0.2 is x 2e6) stays near 1e-9; a deployed
+# form that computes something else is off by O(1) in any precision
+DEPLOY_TOL_F64 = 1e-6
 # classes whose names say attention but which gate channels or branches, not tokens (no softmax over
 # tokens or channels of a q k product): not counted as "models with attention"
 NOT_SELF_ATTENTION = {"SplitAttn", "SelectiveKernelAttn", "GaussianChannelAttention"}
@@ -175,7 +178,9 @@ def summary(rows: list[dict]) -> dict:
     with_attn = [r for r in built if r["candidates"].get("attention")]
     attn_conv = [r for r in with_attn if r.get("converted_kinds", {}).get("attention")]
     checked = [r for r in ok if "deploy_err" in r]
-    f32_only = [r for r in checked if not r["deploy_err"] <= DEPLOY_TOL and r.get("deploy_err_f64", 1.0) <= 1e-9]
+    f32_only = [
+        r for r in checked if not r["deploy_err"] <= DEPLOY_TOL and r.get("deploy_err_f64", 1.0) <= DEPLOY_TOL_F64
+    ]
     deploy_bad = [r for r in checked if not r["deploy_err"] <= DEPLOY_TOL and r not in f32_only]
     times = [r["convert_s"] for r in built if "convert_s" in r]
     return {
@@ -242,10 +247,10 @@ def markdown(rows: list[dict], seconds: float, recipe: str = "auto", machine: st
     ]
     if s["deploy_float32_rounding"]:
         lines += [
-            "Deployed forms equal to the model in float64 (error <= 1e-9) whose float32 outputs differ by more "
-            f"than {DEPLOY_TOL:g}: the converted, untrained network's activations grow through its depth (largest "
-            "output below), so float32 rounding, different after BN folding, is amplified. Not a wrong export; "
-            "a trained model does not grow like this.",
+            f"Deployed forms equal to the model in float64 (error <= {DEPLOY_TOL_F64:g}) whose float32 outputs "
+            f"differ by more than {DEPLOY_TOL:g}: the converted, untrained network's activations grow through its "
+            "depth (largest output below), so float32 rounding, different after BN folding, is amplified. "
+            "Not a wrong deployed function: float64 agrees.",
             "",
         ]
         lines += [

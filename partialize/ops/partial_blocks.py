@@ -92,13 +92,15 @@ def _slice_layer(m: nn.Module, n_in: int | None, n_out: int | None, where: str) 
         return copy.deepcopy(m)
     if _qualname(m) in _SE_CLASSES:
         return _slice_se(m, n_out, where)
-    if type(m) is nn.Linear:
-        new = nn.Linear(n_in, n_out, bias=m.bias is not None)
+    if type(m) is nn.Linear:  # no random init: every weight is overwritten
+        new = torch.nn.utils.skip_init(
+            nn.Linear, n_in, n_out, bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype
+        )
         with torch.no_grad():
             new.weight.copy_(m.weight[:n_out, :n_in])
             if m.bias is not None:
                 new.bias.copy_(m.bias[:n_out])
-        return new.to(m.weight.device, m.weight.dtype)
+        return new
     if type(m) is nn.Conv2d:
         try:
             return slice_conv(m, (0, n_out if n_out is not None else n_in), (0, n_in) if n_in is not None else None)

@@ -175,6 +175,10 @@ def tiny_timm(name: str) -> nn.Module:
         ),
         "tnt": ("tnt_s_patch16_224", {"img_size": 32, "depth": 2}),
         "convit": ("convit_tiny", {"img_size": 32, "depth": 3, "local_up_to_layer": 2}),  # GPSA, then MHSA
+        "vit_relpos": ("vit_relpos_small_patch16_224", {"img_size": 32, "depth": 2}),  # bias MLP per layer
+        "vit_srelpos": ("vit_srelpos_small_patch16_224", {"img_size": 32, "depth": 2}),  # one shared bias
+        "maxvit_rw": ("maxvit_nano_rw_256", {"img_size": 64}),  # RelPosBias, q/k/v rows per head
+        "maxvit_tf": ("maxvit_tiny_tf_224", {"img_size": 64, "depths": (1, 1, 1, 1)}),  # RelPosBiasTf
         "swinv2_cr": (
             "swinv2_cr_tiny_224",
             {"img_size": 64, "depths": (2, 2), "num_heads": (2, 4), "embed_dim": 32, "window_size": 4},

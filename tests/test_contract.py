@@ -88,8 +88,8 @@ def _tiny_mixer(**kw):
     return MlpMixer(num_classes=10, img_size=32, patch_size=8, num_blocks=2, embed_dim=64, **kw)
 
 
-# small instances of real models: every attention / MLP / conv family the operators accept, and
-# families they must refuse (EVA-02 RoPE attention, ViT relpos attention)
+# small instances of real models: attention / MLP / conv families the operators accept (the classes of
+# ops/sliced_attention.py all have their own checks in tests/test_sliced_attention.py)
 MODELS = {
     "vit_tiny": (lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), 32),
     "vit_qknorm": (
@@ -295,9 +295,8 @@ def test_the_accepted_classes_are_the_ones_we_verified(sweep):
         "torchvision.models.swin_transformer.ShiftedWindowAttention",
         "torchvision.models.swin_transformer.ShiftedWindowAttentionV2",
         "timm.models.eva.EvaAttention",  # RoPE passed in by the block, the same rotation for every head
+        "timm.models.vision_transformer_relpos.RelPosAttention",  # its bias MLP narrowed to the kept heads
     }
-    refused = {"timm.models.vision_transformer_relpos.RelPosAttention"}
-    assert not refused & attn
     mlp = _classes(sweep, "partial_mlp")
     assert {
         "timm.layers.mlp.Mlp",
@@ -314,18 +313,6 @@ def test_the_accepted_classes_are_the_ones_we_verified(sweep):
     residual = _classes(sweep, "partial_residual")
     assert {"timm.models.resnet.BasicBlock", "timm.models.resnet.Bottleneck"} <= residual
     assert "torch.nn.modules.conv.Conv2d" in _classes(sweep, "pconv") & _classes(sweep, USER)
-
-
-def test_relpos_bias_is_refused_with_the_reason():
-    """ViT relpos's bias MLP keeps its head count inside (the silent loss of issue 11 §5): refused, named."""
-    model = timm.create_model("vit_relpos_small_patch16_224", depth=1, img_size=32)
-    plan = partialize.plan(
-        model, {"version": 1, "rules": [{"select": {"name": "blocks.0.attn"}, "variant": "partial_attention"}]}
-    )
-    (entry,) = plan.entries
-    assert entry.status == "skip"
-    assert "partial_attention does not convert" in entry.reason
-    assert "RelPosAttention" in entry.reason
 
 
 def test_every_operator_says_how_it_is_checked():

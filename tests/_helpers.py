@@ -117,6 +117,22 @@ def tiny_tv_swin(v2: bool = False) -> nn.Module:
     )
 
 
+def tiny_tv_maxvit() -> nn.Module:
+    """torchvision's MaxVit at 64 x 64: two one-block stages, 4 x 4 windows and grids, 16-wide heads."""
+    from torchvision.models import MaxVit
+
+    return MaxVit(
+        input_size=(64, 64),
+        stem_channels=16,
+        partition_size=4,
+        block_channels=[32, 64],
+        block_layers=[1, 1],
+        head_dim=16,
+        stochastic_depth_prob=0.0,
+        num_classes=10,
+    )
+
+
 def tiny_timm(name: str) -> nn.Module:
     """Small instances of timm's window and relative-position attention models (two blocks or stages)."""
     import timm

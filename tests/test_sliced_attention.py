@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from _helpers import function_macs, nondegenerate_, rel_err, tiny_timm, tiny_tv_swin
+from _helpers import function_macs, nondegenerate_, rel_err, tiny_timm, tiny_tv_maxvit, tiny_tv_swin
 from torch import nn
 
 import partialize
@@ -49,6 +49,7 @@ MODELS = {
     "vit_srelpos": (lambda: tiny_timm("vit_srelpos"), 32),
     "maxvit_rw": (lambda: tiny_timm("maxvit_rw"), 64),
     "maxvit_tf": (lambda: tiny_timm("maxvit_tf"), 64),
+    "tv_maxvit": (tiny_tv_maxvit, 64),
 }
 
 
@@ -75,26 +76,38 @@ def case(request):
     return request.param, model, size, x, names, capture_calls(model, x, names)
 
 
+def _layout(layer):
+    return LAYOUTS[f"{type(layer).__module__}.{type(layer).__qualname__}"]
+
+
+def _heads(layer) -> int:
+    return getattr(layer, _layout(layer).heads)
+
+
+def _proj(layer) -> nn.Linear:
+    return getattr(layer, _layout(layer).proj)
+
+
 def masked_original(layer: nn.Module, kept: int) -> nn.Module:
     """The original layer with what a partial layer keeping the last ``kept`` heads drops zeroed."""
     m = copy.deepcopy(layer)
-    dim, heads = m.proj.out_features, m.num_heads
+    proj, heads = _proj(m), _heads(m)
+    dim = proj.out_features
     lo = (heads - kept) * dim // heads  # cheap channels and dropped heads' channels: the first lo
-    layout = LAYOUTS[f"{type(layer).__module__}.{type(layer).__qualname__}"]
     with torch.no_grad():
-        for attr, _ in layout.projections:  # q/k/v (and a gate) see the attention channels only
+        for attr, _ in _layout(layer).projections:  # q/k/v (and a gate) see the attention channels only
             if getattr(m, attr, None) is not None:
                 getattr(m, attr).weight[:, :lo] = 0
-        m.proj.weight[:lo] = 0  # cheap channels get nothing from attention...
-        if m.proj.bias is not None:
-            m.proj.bias[:lo] = 0
-        m.proj.weight[:, :lo] = 0  # ...and the dropped heads reach no channel
+        proj.weight[:lo] = 0  # cheap channels get nothing from attention...
+        if proj.bias is not None:
+            proj.bias[:lo] = 0
+        proj.weight[:, :lo] = 0  # ...and the dropped heads reach no channel
     return m
 
 
 def _oracle(layer, kept, args, kwargs):
     x = args[0]
-    lo = (layer.num_heads - kept) * layer.proj.out_features // layer.num_heads
+    lo = (_heads(layer) - kept) * _proj(layer).out_features // _heads(layer)
     out = masked_original(layer, kept)(*args, **kwargs)
     return out + torch.cat((x[..., :lo], torch.zeros_like(x[..., lo:])), dim=-1)
 
@@ -115,17 +128,16 @@ def test_kept_heads_equal_the_masked_original(case):
     checked = 0
     for name in names:
         layer = modules[name]
-        for kept in sorted({1, layer.num_heads - 1} - {0}):
+        for kept in sorted({1, _heads(layer) - 1} - {0}):
             op = PA.from_module(layer, heads=kept).eval()
-            assert (
-                op.num_heads == kept
-                and op.dim_cheap == layer.proj.out_features * (layer.num_heads - kept) // layer.num_heads
-            )
+            assert op.num_heads == kept and op.dim_cheap == _proj(layer).out_features * (
+                _heads(layer) - kept
+            ) // _heads(layer)
             for args, kwargs in calls[name]:
                 with torch.no_grad():
                     got, want = op(*args, **kwargs), _oracle(layer, kept, args, kwargs)
                 assert got.shape == want.shape
-                assert rel_err(got, want) <= 1e-5, f"{key} {name} keeping {kept} of {layer.num_heads} heads"
+                assert rel_err(got, want) <= 1e-5, f"{key} {name} keeping {kept} of {_heads(layer)} heads"
                 checked += 1
     assert checked >= 2
 
@@ -137,11 +149,11 @@ def test_macs_equal_an_independent_count(case):
     modules = dict(model.named_modules())
     for name in names:
         layer = modules[name]
-        op = PA.from_module(layer, heads=max(1, layer.num_heads - 1)).eval()
+        op = PA.from_module(layer, heads=max(1, _heads(layer) - 1)).eval()
         args, kwargs = calls[name][0]
         macs, _ = op.macs(*args, **kwargs)
         assert macs == function_macs(op.deploy(), args, kwargs), name
-        if layer.num_heads > 1:
+        if _heads(layer) > 1:
             assert macs < function_macs(layer, args, kwargs), name
 
 
@@ -150,7 +162,7 @@ def test_dropped_heads_matter(case):
     the position bias change the output)."""
     _, model, _, _, names, calls = case
     modules = dict(model.named_modules())
-    name = next(n for n in names if modules[n].num_heads > 1)
+    name = next(n for n in names if _heads(modules[n]) > 1)
     layer = modules[name]
     args, kwargs = calls[name][0]
     with torch.no_grad():
@@ -198,7 +210,7 @@ def test_beit_shared_bias_is_cut_to_the_kept_heads():
 
 def test_a_parameter_the_layout_does_not_place_is_refused():
     layer = copy.deepcopy(tiny_tv_swin().features[1][0].attn)
-    layer.head_temperature = nn.Parameter(torch.ones(layer.num_heads))  # what a new release might add
+    layer.head_temperature = nn.Parameter(torch.ones(_heads(layer)))  # what a new release might add
     with pytest.raises(OperatorError, match="head_temperature"):
         PA.from_module(layer)
 

@@ -47,6 +47,8 @@ class HeadLayout:
     # (1, heads, N, N): kept whole and their bias narrowed to the kept heads (KeptHeadsBias)
     bias_modules: tuple[str, ...] = ()
     head_first_attr: str | None = None  # when this attribute is true, qkv rows are [q_h; k_h; v_h] per head
+    proj: str = "proj"  # the output projection (a Linear over the attention width)
+    heads: str = "num_heads"  # the attribute holding the head count
 
 
 _SWIN_V2_BIAS = {"head_rows": ("cpb_mlp.2",), "shared": ("cpb_mlp.0",)}
@@ -72,6 +74,13 @@ LAYOUTS: dict[str, HeadLayout] = {
     ),
     "timm.models.maxxvit.AttentionCl": HeadLayout(
         bias_modules=("rel_pos",), head_kwargs=(("shared_rel_pos", -3),), head_first_attr="head_first"
+    ),
+    "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": HeadLayout(
+        projections=(("to_qkv", 3),),
+        per_head=(("relative_position_bias_table", 1),),
+        proj="merge",
+        heads="n_heads",
+        head_attrs=("n_heads",),
     ),
     # rotary position embedding: the same rotation for every head, passed in by the block
     "timm.models.eva.EvaAttention": HeadLayout(
@@ -136,7 +145,7 @@ def _set(module: nn.Module, path: str, value: torch.Tensor) -> None:
 
 
 def _check_layout(original: nn.Module, layout: HeadLayout, kind: str) -> None:
-    known = [a + "." for a, _ in layout.projections] + ["proj."] + [p for p, _ in layout.per_head]
+    known = [a + "." for a, _ in layout.projections] + [layout.proj + "."] + [p for p, _ in layout.per_head]
     known += list(layout.per_channel)
     known += [r + "." for r in layout.head_rows] + list(layout.shared) + list(layout.bias_modules)
     for name, _ in original.named_parameters():
@@ -213,7 +222,7 @@ class HeadSlicedAttention(PartialAttention):
             for a, b in layout.projections
             if isinstance(getattr(original, a, None), nn.Linear)
         ]
-        proj, num_heads = original.proj, original.num_heads
+        proj, num_heads = getattr(original, layout.proj), getattr(original, layout.heads)
         dim = proj.out_features
         widths = {a: (p.in_features, p.out_features) for a, _, p in projs}
         if (
@@ -241,7 +250,7 @@ class HeadSlicedAttention(PartialAttention):
                 else:  # q | k | v, each head-major
                     rows = torch.cat([torch.arange(j * dim + lo, (j + 1) * dim) for j in range(blocks)])
                 setattr(inner, attr, _cut_linear(layer, rows.to(layer.weight.device), lo))
-            inner.proj = _cut_linear(proj, torch.arange(lo, dim, device=proj.weight.device), lo)
+            setattr(inner, layout.proj, _cut_linear(proj, torch.arange(lo, dim, device=proj.weight.device), lo))
             for path, axis in layout.per_head:
                 t = _get(original, path)
                 if t is not None:

@@ -41,9 +41,6 @@ DEPLOY_TOL = 1e-4
 # float64 rounding amplified as far as float32's was (1e-7 -> 0.2 is x 2e6) stays near 1e-9; a deployed
 # form that computes something else is off by O(1) in any precision
 DEPLOY_TOL_F64 = 1e-6
-# classes whose names say attention but which gate channels or branches, not tokens (no softmax over
-# tokens or channels of a q k product): not counted as "models with attention"
-NOT_SELF_ATTENTION = {"SplitAttn", "SelectiveKernelAttn", "GaussianChannelAttention"}
 
 
 def representative(names: list[str]) -> str:
@@ -69,29 +66,18 @@ def status_of(plan) -> str:
 
 
 def candidates(model: torch.nn.Module) -> tuple[dict, dict]:
-    """(kind -> number of candidate nodes, attention class names), from the module tree."""
+    """(kind -> number of candidate nodes, attention class names), from the module tree (``scan``'s
+    node kinds: its attention test reads class names, gating modules such as SplitAttn excluded)."""
     from partialize.engine.scan import node_kind
 
     counts, attn = collections.Counter(), set()
     for m in model.modules():
         kind = node_kind(m)
-        name = type(m).__name__
-        if kind == "attention" or is_attention_name(name):
-            if name in NOT_SELF_ATTENTION:
-                continue
-            kind = "attention"
         if kind:
             counts[kind] += 1
         if kind == "attention":
-            attn.add(f"{type(m).__module__.split('.')[-1]}.{name}")
+            attn.add(f"{type(m).__module__.split('.')[-1]}.{type(m).__name__}")
     return dict(counts), sorted(attn)
-
-
-def is_attention_name(name: str) -> bool:
-    """Wider than ``scan``'s suffix test, so that a model is not counted as attention-free because its
-    attention class is named otherwise (CoaT's FactorAttnConvRelPosEnc, ConViT's GPSA / MHSA)."""
-    low = name.lower()
-    return "attn" in low or "attention" in low or name in ("GPSA", "MHSA", "XCA")
 
 
 VARIANT_KIND = {"partial_attention": "attention", "partial_mlp": "mlp", "pat_sp": "mlp", "partial_residual": "mlp"}

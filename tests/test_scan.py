@@ -173,3 +173,15 @@ def test_auto_converts_vit_tiny_attention_and_mlp():
         ref, orig = converted.eval()(x), model(x)
         assert rel_err(partialize.deploy(converted)(x), ref) < 1e-4
         assert rel_err(ref, orig) > 0.05  # converted: not the original's function (the check can fail)
+
+
+def test_attention_nodes_are_found_by_name_whatever_the_suffix():
+    """ConViT's GPSA / MHSA and timm's AttentionRope are attention nodes (they used to be listed as
+    MLP-like, the kind scan gives any other block an operator accepts); channel gates named for
+    attention (ResNeSt's SplitAttn, SKNet's SelectiveKernelAttn) are not."""
+    from partialize.engine.scan import is_attention_name
+
+    for name in ("GPSA", "MHSA", "AttentionRope", "WindowAttention", "LocallyGroupedAttn", "XCA", "AttentionCl"):
+        assert is_attention_name(name), name
+    for name in ("SplitAttn", "SelectiveKernelAttn", "GaussianChannelAttention", "Mlp", "Bottleneck"):
+        assert not is_attention_name(name), name

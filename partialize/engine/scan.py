@@ -35,7 +35,17 @@ _MLP_LIKE = (
     "Bottleneck",
     "BasicBlock",
 )
-_ATTENTION_SUFFIXES = ("Attention", "Attn", "Attention2d", "AttentionCl")
+# attention named otherwise (ConViT's GPSA / MHSA, XCiT's XCA); and classes named for attention that
+# gate channels or branches, not tokens (no softmax over a q k product): not attention nodes
+_ATTENTION_NAMES = ("GPSA", "MHSA", "XCA")
+NOT_SELF_ATTENTION = ("SplitAttn", "SelectiveKernelAttn", "GaussianChannelAttention")
+
+
+def is_attention_name(name: str) -> bool:
+    """A class name that says attention: contains "attn" or "attention" (any case: ``AttentionRope``,
+    ``FactorAttnConvRelPosEnc``, ``WindowAttention``), or one of the few named otherwise."""
+    low = name.lower()
+    return name not in NOT_SELF_ATTENTION and ("attn" in low or "attention" in low or name in _ATTENTION_NAMES)
 
 
 def node_kind(module: nn.Module) -> str | None:
@@ -44,7 +54,7 @@ def node_kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.Conv2d):
         return "conv"
     name = type(module).__name__
-    if is_attention_block(module) or name.endswith(_ATTENTION_SUFFIXES) or name == "XCA":
+    if is_attention_block(module) or is_attention_name(name):
         return "attention"
     if is_mlp_block(module) or name in _MLP_LIKE:
         return "mlp"

@@ -179,7 +179,10 @@ class MacCounter(TorchDispatchMode):
         self._model = model
         self._stack: list[str] = []
         self._handles: list = []
-        self._owner: dict[int, str] = {}
+        # id -> (owning module, the tensor): the tensor is held so that its id cannot be reused while
+        # counting (a module that replaces a buffer in forward, as ConViT's GPSA does, frees the old one,
+        # and a temporary elsewhere could take its id and look like a read of this module's weights)
+        self._owner: dict[int, tuple[str, torch.Tensor]] = {}
 
     def _push(self, name: str):
         def pre(_m, _args):
@@ -202,7 +205,7 @@ class MacCounter(TorchDispatchMode):
                 self._handles.append(m.register_forward_pre_hook(self._push(name)))
                 self._handles.append(m.register_forward_hook(self._pop(name), always_call=True))
                 for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
-                    self._owner.setdefault(id(t), name)
+                    self._owner.setdefault(id(t), (name, t))
         return super().__enter__()
 
     def __exit__(self, *exc):
@@ -232,7 +235,8 @@ class MacCounter(TorchDispatchMode):
         running = set(self._stack)
         for a in args:
             if isinstance(a, torch.Tensor):
-                owner = self._owner.get(id(a))
+                entry = self._owner.get(id(a))
+                owner = entry[0] if entry is not None and entry[1] is a else None
                 if owner is not None and owner not in running and owner not in self.result.used_outside:
                     self.result.used_outside[owner] = (self._stack[-1] if self._stack else "", func.name())
 

@@ -570,3 +570,37 @@ def test_op_self_times_names_the_ops_that_ran():
     assert any("conv" in k for k in times) and any("relu" in k or "clamp" in k for k in times)
     assert not any(k.endswith(("::mm", "::addmm", "::bmm")) for k in times)
     assert all(v >= 0 for v in times.values())
+
+
+def test_a_buffer_replaced_in_forward_is_not_read_elsewhere():
+    """ConViT's GPSA replaces a buffer in its forward; the old tensor was freed, a temporary in the next
+    block could take its id(), and the counter said that block read GPSA's weights, so the planner
+    refused 4 of ConViT-Tiny's 12 attention layers. The counter holds what it owns while it counts."""
+    from partialize.macs import count_macs
+
+    class Replaces(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("cache", torch.zeros(1, 1, 1, 3))
+
+        def forward(self, x):
+            self.cache = torch.ones(1, 1, 1, 3)  # as GPSA's rel_indices: a new tensor each call
+            return x * 2
+
+    class Temporaries(nn.Module):
+        def forward(self, x):
+            return sum(torch.ones(1, 1, 1, 3).sum() * 0 for _ in range(50)) + x
+
+    model = nn.Sequential(*[m for _ in range(8) for m in (Replaces(), Temporaries())])
+    assert count_macs(model, torch.randn(2, 3), per_module=True).used_outside == {}
+
+    # and a real read from outside is still seen: a parent that uses its child's weight itself
+    class Reads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return F.linear(x, self.fc.weight)
+
+    assert "fc" in count_macs(Reads(), torch.randn(2, 3), per_module=True).used_outside

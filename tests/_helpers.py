@@ -162,8 +162,6 @@ def tiny_timm(name: str) -> nn.Module:
                 "use_shared_rel_pos_bias": True,
             },
         ),
-    }
-    small |= {
         "davit": ("davit_tiny", {"depths": (1, 1), "num_heads": (2, 4), "embed_dims": (32, 64)}),
         "xcit": ("xcit_nano_12_p16_224", {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 4}),
         "edgenext": ("edgenext_xx_small", {}),

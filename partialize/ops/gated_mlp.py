@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import OperatorError
-from ._utils import split_channels
+from ._utils import linear_from, split_channels
 
 GLU_MLP = "timm.layers.mlp.GluMlp"
 SWIGLU = "timm.layers.mlp.SwiGLU"
@@ -64,8 +64,8 @@ class GatedExpand(nn.Module):
 def _fc_rows(fc: nn.Module, rows: torch.Tensor, n_in: int, where: str) -> nn.Module:
     """Copy of a Linear / 1x1 conv keeping output rows ``rows`` (in that order) and inputs ``[:n_in]``."""
     if type(fc) is nn.Linear:
-        new = nn.Linear(n_in, rows.numel(), bias=fc.bias is not None)
-    elif type(fc) is nn.Conv2d and fc.kernel_size == (1, 1) and fc.groups == 1 and fc.stride == (1, 1):
+        return linear_from(fc.weight[rows][:, :n_in], fc.bias[rows] if fc.bias is not None else None)
+    if type(fc) is nn.Conv2d and fc.kernel_size == (1, 1) and fc.groups == 1 and fc.stride == (1, 1):
         if fc.padding not in ((0, 0), "valid"):
             raise OperatorError(f"{where}: a 1x1 conv with padding changes the size; cannot slice it")
         new = nn.Conv2d(n_in, rows.numel(), 1, bias=fc.bias is not None)

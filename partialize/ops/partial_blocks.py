@@ -23,7 +23,15 @@ from torch import nn
 
 from ..errors import OperatorError
 from ._export import exporting
-from ._utils import bn_remainder, fold_bn_into_conv, is_foldable_bn, slice_bn, slice_conv, split_channels
+from ._utils import (
+    bn_remainder,
+    fold_bn_into_conv,
+    is_foldable_bn,
+    linear_from,
+    slice_bn,
+    slice_conv,
+    split_channels,
+)
 from .base import PartialOperator
 from .gated_mlp import slice_gated
 from .registry import register_operator
@@ -92,15 +100,8 @@ def _slice_layer(m: nn.Module, n_in: int | None, n_out: int | None, where: str) 
         return copy.deepcopy(m)
     if _qualname(m) in _SE_CLASSES:
         return _slice_se(m, n_out, where)
-    if type(m) is nn.Linear:  # no random init: every weight is overwritten
-        new = torch.nn.utils.skip_init(
-            nn.Linear, n_in, n_out, bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype
-        )
-        with torch.no_grad():
-            new.weight.copy_(m.weight[:n_out, :n_in])
-            if m.bias is not None:
-                new.bias.copy_(m.bias[:n_out])
-        return new
+    if type(m) is nn.Linear:
+        return linear_from(m.weight[:n_out, :n_in], m.bias[:n_out] if m.bias is not None else None)
     if type(m) is nn.Conv2d:
         try:
             return slice_conv(m, (0, n_out if n_out is not None else n_in), (0, n_in) if n_in is not None else None)
@@ -230,6 +231,14 @@ _TV_INVERTED = {
 _DROP_PATH_ATTRS = ("stochastic_depth", "drop_path")
 
 
+def _drop_path_of(block: nn.Module) -> nn.Module | None:
+    """A copy of the block's stochastic depth / drop path module, or None; one with weights is refused."""
+    drop = next((getattr(block, a) for a in _DROP_PATH_ATTRS if isinstance(getattr(block, a, None), nn.Module)), None)
+    if drop is not None and any(True for _ in drop.parameters()):
+        raise OperatorError(f"partial_mlp: the drop path of {type(block).__name__} has weights")
+    return copy.deepcopy(drop)
+
+
 def _flatten(seq: nn.Module) -> list[nn.Module]:
     out = []
     for m in seq.children() if isinstance(seq, nn.Sequential) else [seq]:
@@ -325,12 +334,8 @@ class PartialMLP(PartialOperator):
             else:
                 width = h if seen == 1 else n
                 sliced.append(_slice_layer(m, width, width, type(original).__name__))
-        drop = next(
-            (getattr(original, a) for a in _DROP_PATH_ATTRS if isinstance(getattr(original, a, None), nn.Module)), None
-        )
-        if drop is not None and any(True for _ in drop.parameters()):
-            raise OperatorError(f"partial_mlp: the drop path of {type(original).__name__} has weights")
-        return cls(sliced, dim, n, residual, ch_dim, copy.deepcopy(drop) if residual and drop is not None else None)
+        drop = _drop_path_of(original)
+        return cls(sliced, dim, n, residual, ch_dim, drop if residual else None)
 
     def deploy(self) -> PartialMLP:
         """Inference form: eval mode, frozen, each (conv, BN) pair of the block folded."""
@@ -381,10 +386,8 @@ class PartialCNBlock(PartialMLP):
         n = split_channels(dim, ratio)
         h = split_channels(hidden, hidden_ratio if hidden_ratio is not None else ratio)
         layers = [_slice_layer(seq[3], n, h, "CNBlock"), copy.deepcopy(seq[4]), _slice_layer(seq[5], h, n, "CNBlock")]
-        drop = getattr(block, "stochastic_depth", None)
-        return cls([copy.deepcopy(m) for m in seq[:3]], layers, dim, n, block.layer_scale[:n], copy.deepcopy(drop)).to(
-            seq[3].weight.device
-        )
+        prefix = [copy.deepcopy(m) for m in seq[:3]]
+        return cls(prefix, layers, dim, n, block.layer_scale[:n], _drop_path_of(block)).to(seq[3].weight.device)
 
 
 _MHA_ARGS = (
@@ -535,10 +538,10 @@ class PartialAttention(PartialOperator):
 
         Accepted: timm's ``Attention`` (ViT, DeiT...; q/k norms and the output gate are carried),
         timm MetaFormer's ``Attention`` and ``nn.MultiheadAttention`` (self-attention, no masks), and
-        the window / relative-position classes listed in ``sliced_attention.LAYOUTS`` (Swin, Swin V2,
-        torchvision's, BEiT), which run their own forward cut to the kept heads. Any other attention
-        class is refused: it may add what this operator does not compute (RoPE, talking heads, pooled
-        or reduced keys). The last ``heads``
+        the window, relative-position and RoPE classes listed in ``sliced_attention.LAYOUTS`` (Swin,
+        BEiT, EVA, MaxViT...), which run their own forward cut to the kept heads. Any other attention
+        class is refused: it may add what this operator does not compute (talking heads, pooled or
+        reduced keys). The last ``heads``
         heads keep attention with their q/k/v/proj blocks (default ``round((1 - ratio) * heads)``;
         ``"all"`` keeps every head, the faithful setting).
         """

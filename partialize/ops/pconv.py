@@ -120,9 +120,10 @@ class PConv(PartialOperator):
         )
         ratio = resolve_ratio(original, src, dim, ratio)
         depthwise = isinstance(src, nn.Conv2d) and src.groups > 1 and src.groups == src.in_channels
-        group_width = original.group_width if isinstance(original, PConv) else 0
-        if not isinstance(original, PConv) and src.groups > 1 and not depthwise:
-            group_width = src.in_channels // src.groups
+        if isinstance(original, PConv):  # a grouped PConv keeps its group width over its whole width
+            groups = dim // original.group_width if original.group_width else 1
+        else:
+            groups = 1 if depthwise else src.groups
         op = cls(
             dim,
             ratio=ratio,
@@ -131,7 +132,7 @@ class PConv(PartialOperator):
             bias=src.bias is not None,
             stride=src.stride[0],
             depthwise=depthwise,
-            groups=dim // group_width if group_width else 1,
+            groups=groups,
             **kwargs,
         )
         if tuple(conv_padding(src)) != tuple(op.conv.padding):

@@ -1,6 +1,7 @@
 """Partial attention for attention classes that compute more than q/k/v/proj: window attention with a
 relative position bias (timm and torchvision Swin, Swin V2's cosine attention and continuous bias MLP,
-window masks and shifts) and BEiT's attention with separate q/v biases and a relative position table.
+window masks and shifts), BEiT's separate q/v biases and position tables, RoPE (EVA, RoPE ViTs),
+position-bias modules (relative-position ViTs, MaxViT) and the others listed in ``LAYOUTS``.
 
 Instead of re-implementing each class, the operator keeps a copy of the layer itself, cut down to its
 kept heads: the q/k/v rows and the proj block of those heads, and every tensor with a head axis (bias
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import OperatorError
+from ._utils import linear_from
 from .base import PartialOperator
 from .partial_blocks import PartialAttention, _kept_heads, _qualname
 
@@ -40,7 +42,7 @@ class HeadLayout:
     # input projections: (attribute, blocks), a Linear whose outputs are `blocks` stacked head-major
     # blocks of the attention width (q|k|v: 3); absent ones (None) are skipped, one must be there
     projections: tuple[tuple[str, int], ...] = (("qkv", 3),)
-    head_attrs: tuple[str, ...] = ("num_heads",)  # int attributes that count heads: set to the kept heads
+    head_attrs: tuple[str, ...] = ()  # int attributes besides `heads` that count heads: set to the kept heads
     width_attrs: tuple[str, ...] = ("dim",)  # int attributes that hold the attention width: set to the kept width
     broadcast_kwargs: tuple[str, ...] = ()  # call arguments allowed only when they broadcast over the heads
     # position-bias modules (timm's RelPosBias / RelPosMlp / RelPosBiasTf) whose get_bias() is
@@ -80,7 +82,6 @@ LAYOUTS: dict[str, HeadLayout] = {
         per_head=(("relative_position_bias_table", 1),),
         proj="merge",
         heads="n_heads",
-        head_attrs=("n_heads",),
     ),
     # rotary position embedding: the same rotation for every head, passed in by the block
     "timm.models.eva.EvaAttention": HeadLayout(
@@ -94,7 +95,7 @@ LAYOUTS: dict[str, HeadLayout] = {
     "timm.layers.attention.AttentionRope": HeadLayout(
         projections=(("qkv", 3), ("q_proj", 1), ("k_proj", 1), ("v_proj", 1), ("gate", 1)),
         shared=("q_norm", "k_norm"),
-        head_attrs=("num_heads", "num_kv_heads"),
+        head_attrs=("num_kv_heads",),
         width_attrs=("attn_dim", "kv_dim"),
         kwargs=("is_causal",),
         head_kwargs=(("rope", -3),),
@@ -249,8 +250,8 @@ class HeadSlicedAttention(PartialAttention):
                     rows = torch.arange(drop * blocks * hd, blocks * dim)
                 else:  # q | k | v, each head-major
                     rows = torch.cat([torch.arange(j * dim + lo, (j + 1) * dim) for j in range(blocks)])
-                setattr(inner, attr, _cut_linear(layer, rows.to(layer.weight.device), lo))
-            setattr(inner, layout.proj, _cut_linear(proj, torch.arange(lo, dim, device=proj.weight.device), lo))
+                setattr(inner, attr, _cut_linear(layer, rows, lo))
+            setattr(inner, layout.proj, _cut_linear(proj, torch.arange(lo, dim), lo))
             for path, axis in layout.per_head:
                 t = _get(original, path)
                 if t is not None:
@@ -263,7 +264,9 @@ class HeadSlicedAttention(PartialAttention):
                 layer = _get(original, path)
                 *parents, leaf = path.split(".")
                 setattr(
-                    _get(inner, ".".join(parents)) if parents else inner, leaf, _cut_linear(layer, None, None, drop)
+                    _get(inner, ".".join(parents)) if parents else inner,
+                    leaf,
+                    _cut_linear(layer, torch.arange(drop, layer.out_features)),
                 )
         for path in layout.bias_modules:
             bias = getattr(original, path, None)
@@ -274,7 +277,7 @@ class HeadSlicedAttention(PartialAttention):
                         f"partialize knows to cut by heads ({', '.join(c.rsplit('.', 1)[-1] for c in BIAS_CLASSES)})"
                     )
                 setattr(inner, path, KeptHeadsBias(copy.deepcopy(bias), drop, kept))
-        for attr in layout.head_attrs:
+        for attr in dict.fromkeys((layout.heads, *layout.head_attrs)):
             if isinstance(getattr(inner, attr, None), int):
                 setattr(inner, attr, kept)
         for attr in layout.width_attrs:
@@ -307,22 +310,7 @@ class KeptHeadsBias(nn.Module):
         return attn + self.get_bias()  # what each listed class's forward computes
 
 
-def _cut_linear(
-    layer: nn.Linear, rows: torch.Tensor | None, col_lo: int | None, row_lo: int | None = None
-) -> nn.Linear:
-    """A copy of ``layer`` keeping ``rows`` (or rows from ``row_lo``) and the input columns from ``col_lo``."""
-    w = layer.weight
-    w = w[rows] if rows is not None else (w[row_lo:] if row_lo else w)
-    if col_lo:
-        w = w[:, col_lo:]
-    b = layer.bias
-    if b is not None:
-        b = b[rows] if rows is not None else (b[row_lo:] if row_lo else b)
-    # no random init: every weight is overwritten (the init's RNG draws were a tenth of a plan's time)
-    out = torch.nn.utils.skip_init(
-        nn.Linear, w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype
-    )
-    out.weight.copy_(w)
-    if b is not None:
-        out.bias.copy_(b)
-    return out
+def _cut_linear(layer: nn.Linear, rows: torch.Tensor, col_lo: int = 0) -> nn.Linear:
+    """A copy of ``layer`` keeping output ``rows`` and the input columns from ``col_lo``."""
+    rows = rows.to(layer.weight.device)
+    return linear_from(layer.weight[rows][:, col_lo:], layer.bias[rows] if layer.bias is not None else None)

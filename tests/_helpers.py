@@ -193,6 +193,25 @@ def tiny_timm(name: str) -> nn.Module:
         "vit_srelpos": ("vit_srelpos_small_patch16_224", {"img_size": 32, "depth": 2}),  # one shared bias
         "maxvit_rw": ("maxvit_nano_rw_256", {"img_size": 64}),  # RelPosBias, q/k/v rows per head
         "maxvit_tf": ("maxvit_tiny_tf_224", {"img_size": 64, "depths": (1, 1, 1, 1)}),  # RelPosBiasTf
+        "cait": (  # talking heads
+            "cait_xxs24_224",
+            {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 4, "depth_token_only": 1},
+        ),
+        "pvt_v2": ("pvt_v2_b0", {"depths": (1, 1, 1, 1)}),  # spatial reduction (refused) but in the last stage
+        "twins_gsa": (  # global sub-sampled attention in every block, no reduction in the last stage
+            "twins_pcpvt_small",
+            {"depths": (1, 1, 1, 1), "embed_dims": (32, 64, 128, 256), "num_heads": (1, 2, 4, 8)},
+        ),
+        "nextvit": ("nextvit_small", {"depths": (1, 1, 5, 1)}),  # per-channel pooled keys + BatchNorm
+        "hiera": ("hiera_tiny_224", {"img_size": 64, "embed_dim": 32, "num_heads": 2, "stages": (1, 2, 1, 1)}),
+        "hieradet": (
+            "hieradet_small",
+            {"embed_dim": 32, "num_heads": 2, "stages": (1, 2, 1, 1), "global_att_blocks": (2,)},
+        ),
+        "visformer": (  # 1x1 convs on maps; stage 1 (on here) has an attention width of half its channels
+            "visformer_tiny",
+            {"img_size": 64, "attn_stage": "111", "depth": (1, 1, 1)},
+        ),
         "swinv2_cr": (
             "swinv2_cr_tiny_224",
             {"img_size": 64, "depths": (2, 2), "num_heads": (2, 4), "embed_dim": 32, "window_size": 4},

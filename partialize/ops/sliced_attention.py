@@ -34,6 +34,7 @@ class HeadLayout:
 
     per_head: tuple[tuple[str, int], ...] = ()  # parameters / buffers with a head axis: (path, axis)
     per_channel: tuple[str, ...] = ()  # 1-D tensors over the attention width (q_bias, k_bias, v_bias)
+    input_channel: tuple[str, ...] = ()  # 1-D tensors over the input channels (a BatchNorm on the keys' input)
     head_rows: tuple[str, ...] = ()  # nn.Linear layers whose outputs are the heads (a bias MLP's last layer)
     shared: tuple[str, ...] = ()  # parameter prefixes every head uses unchanged (the bias MLP's hidden layer)
     head_kwargs: tuple[tuple[str, int], ...] = ()  # call arguments with a head axis (name, axis), cut where present
@@ -49,10 +50,20 @@ class HeadLayout:
     # (1, heads, N, N): kept whole and their bias narrowed to the kept heads (KeptHeadsBias)
     bias_modules: tuple[str, ...] = ()
     head_first_attr: str | None = None  # when this attribute is true, qkv rows are [q_h; k_h; v_h] per head
-    proj: str = "proj"  # the output projection (a Linear over the attention width)
+    # Linear(heads, heads) layers that mix the heads (CaiT's talking heads): cut to kept x kept
+    head_mixers: tuple[str, ...] = ()
+    # (attribute, reason): the layer is refused when the attribute is set (a spatial-reduction conv
+    # that mixes every channel before the keys): what the layout cannot cut, named with why
+    refuse: tuple[tuple[str, str], ...] = ()
+    channel_axis: int = -1  # where the channels are: -1 for tokens / (B, H, W, C), 1 for (B, C, H, W) maps
+    proj: str = "proj"  # the output projection (a Linear, or a 1x1 conv, over the attention width)
     heads: str = "num_heads"  # the attribute holding the head count
 
 
+_SR_REASON = (
+    "its keys and values come from a strided conv and a LayerNorm over every channel (spatial reduction), "
+    "which a copy cut to the attention channels would not compute"
+)
 _SWIN_V2_BIAS = {"head_rows": ("cpb_mlp.2",), "shared": ("cpb_mlp.0",)}
 LAYOUTS: dict[str, HeadLayout] = {
     "timm.models.swin_transformer.WindowAttention": HeadLayout(
@@ -117,6 +128,27 @@ LAYOUTS: dict[str, HeadLayout] = {
     "timm.models.edgenext.CrossCovarianceAttn": HeadLayout(per_head=(("temperature", 0),)),
     # SAM's decomposed relative position: tables over head_dim, the same for every head
     "timm.models.vision_transformer_sam.Attention": HeadLayout(shared=("rel_pos_h", "rel_pos_w")),
+    # CaiT: the heads' logits are mixed before and after the softmax (talking heads)
+    "timm.models.cait.TalkingHeadAttn": HeadLayout(head_mixers=("proj_l", "proj_w")),
+    # q and k/v from separate Linears; keys and values from a strided conv + LayerNorm over every channel
+    # in the early stages (refused), from the tokens themselves where sr_ratio is 1
+    "timm.models.pvt_v2.Attention": HeadLayout(
+        projections=(("q", 1), ("kv", 2)), positional=1, refuse=(("sr", _SR_REASON),)
+    ),
+    "timm.models.twins.GlobalSubSampleAttn": HeadLayout(
+        projections=(("q", 1), ("kv", 2)), positional=1, refuse=(("sr", _SR_REASON),)
+    ),
+    # NextViT: keys and values average-pooled per channel, then a BatchNorm (per channel: cut with them)
+    "timm.models.nextvit.EfficientAttention": HeadLayout(
+        projections=(("q", 1), ("k", 1), ("v", 1)),
+        input_channel=("norm.weight", "norm.bias", "norm.running_mean", "norm.running_var"),
+        width_attrs=("dim", "out_dim"),
+    ),
+    # Hiera (mask-unit windows; q pooling only where the width changes, which is refused) and SAM2's HieraDet
+    "timm.models.hiera.MaskUnitAttention": HeadLayout(heads="heads", width_attrs=("dim", "dim_out")),
+    "timm.models.hieradet_sam2.MultiScaleAttention": HeadLayout(width_attrs=("dim", "dim_out")),
+    # Visformer: 1x1 convs on (B, C, H, W) maps; an attention width of half the channels in its factories
+    "timm.models.visformer.Attention": HeadLayout(channel_axis=1, width_attrs=()),
     "timm.models.beit.Attention": HeadLayout(
         per_head=(("relative_position_bias_table", 1),),
         per_channel=("q_bias", "k_bias", "v_bias"),
@@ -147,8 +179,12 @@ def _set(module: nn.Module, path: str, value: torch.Tensor) -> None:
 
 def _check_layout(original: nn.Module, layout: HeadLayout, kind: str) -> None:
     known = [a + "." for a, _ in layout.projections] + [layout.proj + "."] + [p for p, _ in layout.per_head]
-    known += list(layout.per_channel)
+    known += list(layout.per_channel) + list(layout.input_channel)
     known += [r + "." for r in layout.head_rows] + list(layout.shared) + list(layout.bias_modules)
+    known += [m + "." for m in layout.head_mixers]
+    for attr, reason in layout.refuse:
+        if getattr(original, attr, None) is not None:
+            raise OperatorError(f"partial_attention: {kind} is not converted: {reason}")
     for name, _ in original.named_parameters():
         if not any(name == k or name.startswith(k + "." if not k.endswith(".") else k) for k in known):
             raise OperatorError(
@@ -160,8 +196,9 @@ def _check_layout(original: nn.Module, layout: HeadLayout, kind: str) -> None:
 class HeadSlicedAttention(PartialAttention):
     """The layer's own class, cut to its last ``num_heads`` heads, on the last channels; identity on the first.
 
-    ``attn`` is the cut copy. Channels are on the last axis for every listed class (tokens (B, N, C),
-    windows (B*nW, N, C) or torchvision's (B, H, W, C) maps).
+    ``attn`` is the cut copy. Channels are on the layout's ``channel_axis``: the last for tokens (B, N, C),
+    windows (B*nW, N, C) and (B, H, W, C) maps, 1 for Visformer's (B, C, H, W). Each head reads and writes
+    dim / heads channels; its inner width (heads x head_dim, the proj's input) may differ from that.
     """
 
     def __init__(self, attn: nn.Module, layout: HeadLayout, dim: int, num_heads: int, kept: int, head_dim: int):
@@ -208,8 +245,9 @@ class HeadSlicedAttention(PartialAttention):
                 kwargs[name] = t.narrow(axis, drop, self.num_heads)
         if not self.dim_cheap:
             return self.attn(x, *args, **kwargs)
-        x1, x2 = torch.split(x, [self.dim_cheap, self.dim_attn], dim=-1)
-        return torch.cat((x1, self.attn(x2, *args, **kwargs)), dim=-1)
+        axis = layout.channel_axis
+        x1, x2 = torch.split(x, [self.dim_cheap, self.dim_attn], dim=axis)
+        return torch.cat((x1, self.attn(x2, *args, **kwargs)), dim=axis)
 
     @classmethod
     def from_original(cls, original: nn.Module, ratio: float, mixer: str, heads) -> HeadSlicedAttention:
@@ -219,39 +257,42 @@ class HeadSlicedAttention(PartialAttention):
             raise OperatorError(f"partial_attention on {kind} supports mixer 'identity' only (windows have no grid)")
         _check_layout(original, layout, kind)
         projs = [
-            (a, b, getattr(original, a))
-            for a, b in layout.projections
-            if isinstance(getattr(original, a, None), nn.Linear)
+            (a, b, getattr(original, a)) for a, b in layout.projections if _is_projection(getattr(original, a, None))
         ]
         proj, num_heads = getattr(original, layout.proj), getattr(original, layout.heads)
-        dim = proj.out_features
-        widths = {a: (p.in_features, p.out_features) for a, _, p in projs}
-        if (
-            not projs
-            or any(p.in_features != dim or p.out_features != b * dim for _, b, p in projs)
-            or proj.in_features != dim
-            or dim % num_heads
-        ):
+        if not _is_projection(proj):
+            raise OperatorError(f"partial_attention: {kind}.{layout.proj} is {type(proj).__name__}, not a Linear")
+        # model width D (the channels read and written) and attention width A (heads x head width); the
+        # kept heads read and write the last D / H channels each
+        dim, width = _width(proj)[::-1]
+        widths = {a: _width(p) for a, _, p in projs}
+        if not projs or any(_width(p) != (dim, b * width) for _, b, p in projs) or width % num_heads or dim % num_heads:
             raise OperatorError(
-                f"partial_attention needs attention width == model width in {kind} (projections {widths}, "
-                f"proj {proj.in_features} -> {proj.out_features}, {num_heads} heads)"
+                f"partial_attention needs every head to read and write its own share of the channels in {kind} "
+                f"(projections {widths}, proj {width} -> {dim}, {num_heads} heads)"
             )
         if getattr(original, "num_kv_heads", num_heads) != num_heads:
             raise OperatorError(f"partial_attention: {kind} shares keys and values between heads (grouped-query)")
-        hd = dim // num_heads
+        hd, step = width // num_heads, dim // num_heads
         kept = _kept_heads(num_heads, ratio, heads)
         drop = num_heads - kept
-        lo = drop * hd  # the kept heads are the last ones, on the last channels
+        lo, inner_lo = drop * step, drop * hd  # the kept heads are the last ones, on the last channels
         inner = copy.deepcopy(original)
         head_first = bool(layout.head_first_attr and getattr(original, layout.head_first_attr, False))
         with torch.no_grad():
             for attr, blocks, layer in projs:
                 if head_first:  # each head's q, k and v rows together: the kept heads' blocks
-                    rows = torch.arange(drop * blocks * hd, blocks * dim)
+                    rows = torch.arange(drop * blocks * hd, blocks * width)
                 else:  # q | k | v, each head-major
-                    rows = torch.cat([torch.arange(j * dim + lo, (j + 1) * dim) for j in range(blocks)])
+                    rows = torch.cat([torch.arange(j * width + inner_lo, (j + 1) * width) for j in range(blocks)])
                 setattr(inner, attr, _cut_linear(layer, rows, lo))
-            setattr(inner, layout.proj, _cut_linear(proj, torch.arange(lo, dim), lo))
+            setattr(inner, layout.proj, _cut_linear(proj, torch.arange(lo, dim), inner_lo))
+            for path in layout.head_mixers:  # kept heads mix with kept heads only
+                layer = _get(original, path)
+                if layer is not None:
+                    if not isinstance(layer, nn.Linear) or layer.in_features != num_heads:
+                        raise OperatorError(f"partial_attention: {kind}.{path} is not a Linear over the heads")
+                    _set_module(inner, path, _cut_linear(layer, torch.arange(drop, num_heads), drop))
             for path, axis in layout.per_head:
                 t = _get(original, path)
                 if t is not None:
@@ -259,15 +300,17 @@ class HeadSlicedAttention(PartialAttention):
             for path in layout.per_channel:
                 t = _get(original, path)
                 if t is not None:
+                    _set(inner, path, t[inner_lo:])
+            for path in layout.input_channel:
+                t = _get(original, path)
+                if t is not None:
                     _set(inner, path, t[lo:])
+                    owner = _get(inner, path.rpartition(".")[0]) if "." in path else None
+                    if isinstance(owner, nn.modules.batchnorm._BatchNorm):
+                        owner.num_features = dim - lo
             for path in layout.head_rows:
                 layer = _get(original, path)
-                *parents, leaf = path.split(".")
-                setattr(
-                    _get(inner, ".".join(parents)) if parents else inner,
-                    leaf,
-                    _cut_linear(layer, torch.arange(drop, layer.out_features)),
-                )
+                _set_module(inner, path, _cut_linear(layer, torch.arange(drop, layer.out_features)))
         for path in layout.bias_modules:
             bias = getattr(original, path, None)
             if bias is not None:
@@ -283,7 +326,7 @@ class HeadSlicedAttention(PartialAttention):
         for attr in layout.width_attrs:
             if isinstance(getattr(inner, attr, None), int):
                 setattr(inner, attr, kept * hd)
-        return cls(inner, layout, dim, num_heads, kept, hd)
+        return cls(inner, layout, dim, num_heads, kept, step)
 
 
 # position-bias modules whose forward is attn + get_bias() and get_bias() is (1, heads, N, N)
@@ -310,7 +353,43 @@ class KeptHeadsBias(nn.Module):
         return attn + self.get_bias()  # what each listed class's forward computes
 
 
-def _cut_linear(layer: nn.Linear, rows: torch.Tensor, col_lo: int = 0) -> nn.Linear:
-    """A copy of ``layer`` keeping output ``rows`` and the input columns from ``col_lo``."""
+def _is_projection(layer) -> bool:
+    """A Linear, or a 1x1 dense conv (Visformer's q/k/v on maps)."""
+    if isinstance(layer, nn.Linear):
+        return True
+    return (
+        isinstance(layer, nn.Conv2d)
+        and tuple(layer.kernel_size) == (1, 1)
+        and tuple(layer.stride) == (1, 1)
+        and tuple(layer.padding) == (0, 0)
+        and layer.groups == 1
+    )
+
+
+def _width(layer: nn.Module) -> tuple[int, int]:
+    """(in, out) channels of a projection."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    return layer.in_channels, layer.out_channels
+
+
+def _set_module(module: nn.Module, path: str, value: nn.Module) -> None:
+    *parents, leaf = path.split(".")
+    setattr(_get(module, ".".join(parents)) if parents else module, leaf, value)
+
+
+def _cut_linear(layer: nn.Module, rows: torch.Tensor, col_lo: int = 0) -> nn.Module:
+    """A copy of ``layer`` (a Linear or a 1x1 conv) keeping output ``rows`` and the input columns from ``col_lo``."""
     rows = rows.to(layer.weight.device)
-    return linear_from(layer.weight[rows][:, col_lo:], layer.bias[rows] if layer.bias is not None else None)
+    bias = layer.bias[rows] if layer.bias is not None else None
+    if isinstance(layer, nn.Linear):
+        return linear_from(layer.weight[rows][:, col_lo:], bias)
+    weight = layer.weight[rows][:, col_lo:]
+    conv = torch.nn.utils.skip_init(
+        nn.Conv2d, weight.shape[1], weight.shape[0], 1, bias=bias is not None, device=weight.device, dtype=weight.dtype
+    )
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        if bias is not None:
+            conv.bias.copy_(bias)
+    return conv

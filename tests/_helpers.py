@@ -101,7 +101,8 @@ def function_macs(module: nn.Module, args, kwargs) -> int:
             return out
 
     with torch.no_grad(), Count():
-        module.eval()(*args, **kwargs)
+        module.eval()  # not chained: some timm layers (EfficientFormer, LeViT) return None from train()
+        module(*args, **kwargs)
     return total[0]
 
 
@@ -212,11 +213,20 @@ def tiny_timm(name: str) -> nn.Module:
             "visformer_tiny",
             {"img_size": 64, "attn_stage": "111", "depth": (1, 1, 1)},
         ),
+        # LeViT-style: q/k/v rows per head with key width != value width, a per-head bias table with a cache
+        "efficientformer": ("efficientformer_l1", {"depths": (1, 1, 1, 2)}),  # 224 px: the table is 7 x 7
+        "tiny_vit": ("tiny_vit_5m_224", {"depths": (1, 1, 1, 1)}),  # a LayerNorm over every channel first
+        "levit": ("levit_128", {"img_size": 64, "depth": (1, 1, 1)}),  # Linear + BatchNorm projections
+        "levit_conv": ("levit_conv_128", {"img_size": 64, "depth": (1, 1, 1)}),  # 1x1 conv + BatchNorm, on maps
         "swinv2_cr": (
             "swinv2_cr_tiny_224",
             {"img_size": 64, "depths": (2, 2), "num_heads": (2, 4), "embed_dim": 32, "window_size": 4},
         ),
     }
+    if name == "gcvit":  # local and global (query from the block) window attention; the factories fix depths
+        from timm.models.gcvit import GlobalContextVit
+
+        return GlobalContextVit(img_size=64, depths=(1, 1, 2, 1), num_heads=(2, 4, 8, 16), embed_dim=32, num_classes=10)
     if name == "volo":  # its factories fix the widths: the class itself, one block per stage
         from timm.models.volo import VOLO
 

@@ -57,6 +57,11 @@ MODELS = {
     "hiera": (lambda: tiny_timm("hiera"), 64),
     "hieradet": (lambda: tiny_timm("hieradet"), 64),
     "visformer": (lambda: tiny_timm("visformer"), 64),
+    "efficientformer": (lambda: tiny_timm("efficientformer"), 224),
+    "levit": (lambda: tiny_timm("levit"), 64),
+    "levit_conv": (lambda: tiny_timm("levit_conv"), 64),
+    "tiny_vit": (lambda: tiny_timm("tiny_vit"), 224),
+    "gcvit": (lambda: tiny_timm("gcvit"), 64),
 }
 
 
@@ -105,13 +110,18 @@ def _heads(layer) -> int:
     return getattr(layer, _layout(layer).heads)
 
 
-def _proj(layer) -> nn.Linear:
-    return getattr(layer, _layout(layer).proj)
+def _proj(layer) -> nn.Module:
+    return layer.get_submodule(_layout(layer).proj)
+
+
+def _lin(p: nn.Module) -> nn.Module:
+    """The Linear / conv of a projection (LeViT's LinearNorm / ConvNorm: ``linear``, then ``bn``)."""
+    return p.linear if hasattr(p, "linear") and hasattr(p, "bn") else p
 
 
 def _dims(layer) -> tuple[int, int]:
     """(model width D, attention width A): the proj's output and input."""
-    proj = _proj(layer)
+    proj = _lin(_proj(layer))
     if isinstance(proj, nn.Linear):
         return proj.out_features, proj.in_features
     return proj.out_channels, proj.in_channels
@@ -120,7 +130,7 @@ def _dims(layer) -> tuple[int, int]:
 def masked_original(layer: nn.Module, kept: int) -> nn.Module:
     """The original layer with what a partial layer keeping the last ``kept`` heads drops zeroed."""
     m = copy.deepcopy(layer)
-    proj, heads = _proj(m), _heads(m)
+    proj, heads = _lin(_proj(m)), _heads(m)
     dim, width = _dims(m)
     drop = heads - kept
     lo = drop * dim // heads  # cheap channels: the first lo of the input and output
@@ -128,10 +138,14 @@ def masked_original(layer: nn.Module, kept: int) -> nn.Module:
     with torch.no_grad():
         for attr, _ in _layout(layer).projections:  # q/k/v (and a gate) see the attention channels only
             if getattr(m, attr, None) is not None:
-                getattr(m, attr).weight[:, :lo] = 0
+                _lin(getattr(m, attr)).weight[:, :lo] = 0
         proj.weight[:lo] = 0  # cheap channels get nothing from attention...
         if proj.bias is not None:
             proj.bias[:lo] = 0
+        bn = getattr(_proj(m), "bn", None)
+        if bn is not None:  # a BatchNorm after the proj maps 0 to its shift: nothing there either
+            bn.weight[:lo] = 0
+            bn.bias[:lo] = 0
         proj.weight[:, :inner_lo] = 0  # ...and the dropped heads reach no channel
         for attr in _layout(layer).head_mixers:  # talking heads: nothing from the dropped heads' logits
             getattr(m, attr).weight[:, :drop] = 0
@@ -151,7 +165,8 @@ def _double(obj):
 
 def _oracle(layer, kept, args, kwargs):
     x = args[0]
-    axis = _layout(layer).channel_axis
+    layout = _layout(layer)
+    axis = 1 if layout.conv_attr and getattr(layer, layout.conv_attr) else layout.channel_axis
     lo = (_heads(layer) - kept) * _dims(layer)[0] // _heads(layer)
     out = masked_original(layer, kept)(*args, **kwargs)
     cheap = torch.cat((x.narrow(axis, 0, lo), torch.zeros_like(x.narrow(axis, lo, x.shape[axis] - lo))), dim=axis)
@@ -336,3 +351,25 @@ def test_refused_layers_say_why():
                     PA.from_module(m)
                 seen += 1
     assert seen >= 5
+
+
+@pytest.mark.parametrize("key", ["efficientformer", "levit"])
+def test_a_bias_cached_by_the_original_is_not_carried_over(key):
+    """EfficientFormer and LeViT cache their gathered bias table in eval; a layer run before it is
+    converted holds every head's bias there. The cut copy starts with an empty cache (its train()
+    would clear it too, but a copy used as is must not hold the uncut table) and computes the bias of
+    its kept heads."""
+    torch.manual_seed(0)
+    model = nondegenerate_(MODELS[key][0]().eval())
+    name = _layers(model)[-1]
+    layer = model.get_submodule(name)
+    (args, kwargs), *_ = capture_calls(model, torch.randn(1, 3, MODELS[key][1], MODELS[key][1]), [name])[name]
+    with torch.no_grad():
+        layer(*args, **kwargs)  # fills the cache with all heads
+    assert layer.attention_bias_cache
+    kept = _heads(layer) - 1
+    op = PA.from_module(layer, heads=kept)
+    assert not op.attn.attention_bias_cache
+    op.attn.training = op.training = False  # eval without train(False), which would empty the cache anyway
+    with torch.no_grad():
+        assert rel_err(op(*args, **kwargs), _oracle(layer, kept, args, kwargs)) <= 1e-5

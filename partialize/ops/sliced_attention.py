@@ -41,10 +41,15 @@ class HeadLayout:
     kwargs: tuple[str, ...] = ()  # call arguments passed through unchanged (a window mask, same for all heads)
     positional: int = 0  # positional arguments after the input passed through unchanged (Twins' grid size)
     # input projections: (attribute, blocks), a Linear whose outputs are `blocks` stacked head-major
-    # blocks of the attention width (q|k|v: 3); absent ones (None) are skipped, one must be there
+    # blocks of the attention width (q|k|v: 3; -1: as many as the rows hold, GCViT's k|v beside its q|k|v);
+    # blocks 0: the rows are grouped per head, of any widths
+    # (LeViT's [q_h; k_h; v_h] with key and value widths that differ); absent ones (None) are skipped,
+    # one must be there
     projections: tuple[tuple[str, int], ...] = (("qkv", 3),)
     head_attrs: tuple[str, ...] = ()  # int attributes besides `heads` that count heads: set to the kept heads
-    width_attrs: tuple[str, ...] = ("dim",)  # int attributes that hold the attention width: set to the kept width
+    # int attributes that grow with the heads (the attention width, a key width): scaled to the kept heads
+    width_attrs: tuple[str, ...] = ("dim",)
+    caches: tuple[str, ...] = ()  # dict attributes caching tensors of the uncut layer: emptied in the copy
     broadcast_kwargs: tuple[str, ...] = ()  # call arguments allowed only when they broadcast over the heads
     # position-bias modules (timm's RelPosBias / RelPosMlp / RelPosBiasTf) whose get_bias() is
     # (1, heads, N, N): kept whole and their bias narrowed to the kept heads (KeptHeadsBias)
@@ -56,7 +61,14 @@ class HeadLayout:
     # that mixes every channel before the keys): what the layout cannot cut, named with why
     refuse: tuple[tuple[str, str], ...] = ()
     channel_axis: int = -1  # where the channels are: -1 for tokens / (B, H, W, C), 1 for (B, C, H, W) maps
-    proj: str = "proj"  # the output projection (a Linear, or a 1x1 conv, over the attention width)
+    conv_attr: str | None = None  # when this attribute is true, the layer works on (B, C, H, W) maps (axis 1)
+    # a norm over every input channel applied first inside the layer (TinyViT): run on the whole input,
+    # the copy then starts from the normalised attention channels
+    input_norm: str | None = None
+    # call arguments (positions after the input, or keyword names) over the attention width on their last
+    # axis (GCViT's global query): narrowed to the kept heads' channels
+    channel_args: tuple[int | str, ...] = ()
+    proj: str = "proj"  # path of the output projection (a Linear, or a 1x1 conv, over the attention width)
     heads: str = "num_heads"  # the attribute holding the head count
 
 
@@ -145,8 +157,35 @@ LAYOUTS: dict[str, HeadLayout] = {
         width_attrs=("dim", "out_dim"),
     ),
     # Hiera (mask-unit windows; q pooling only where the width changes, which is refused) and SAM2's HieraDet
+    # TinyViT: a LayerNorm over every channel first, then LeViT-style q/k/v and a per-head bias table
+    "timm.models.tiny_vit.Attention": HeadLayout(
+        input_norm="norm",
+        projections=(("qkv", 0),),
+        per_head=(("attention_biases", 0),),
+        width_attrs=("out_dim",),
+        caches=("attention_bias_cache",),
+    ),
+    # GCViT: local layers q|k|v; global layers k|v, their query (one per image) given by the block
+    "timm.models.gcvit.WindowAttentionGlobal": HeadLayout(
+        projections=(("qkv", -1),), bias_modules=("rel_pos",), positional=1, channel_args=(0,)
+    ),
     "timm.models.hiera.MaskUnitAttention": HeadLayout(heads="heads", width_attrs=("dim", "dim_out")),
     "timm.models.hieradet_sam2.MultiScaleAttention": HeadLayout(width_attrs=("dim", "dim_out")),
+    # LeViT-style attention: q/k/v rows grouped per head with key width != value width, a bias table per head
+    "timm.models.efficientformer.Attention": HeadLayout(
+        projections=(("qkv", 0),),
+        per_head=(("attention_biases", 0),),
+        width_attrs=("key_attn_dim", "val_attn_dim"),
+        caches=("attention_bias_cache",),
+    ),
+    "timm.models.levit.Attention": HeadLayout(  # q/k/v and proj are Linear (or 1x1 conv) + BatchNorm
+        projections=(("qkv", 0),),
+        per_head=(("attention_biases", 0),),
+        width_attrs=("key_attn_dim", "val_attn_dim"),
+        caches=("attention_bias_cache",),
+        proj="proj.ln",
+        conv_attr="use_conv",
+    ),
     # Visformer: 1x1 convs on (B, C, H, W) maps; an attention width of half the channels in its factories
     "timm.models.visformer.Attention": HeadLayout(channel_axis=1, width_attrs=()),
     "timm.models.beit.Attention": HeadLayout(
@@ -181,9 +220,9 @@ def _check_layout(original: nn.Module, layout: HeadLayout, kind: str) -> None:
     known = [a + "." for a, _ in layout.projections] + [layout.proj + "."] + [p for p, _ in layout.per_head]
     known += list(layout.per_channel) + list(layout.input_channel)
     known += [r + "." for r in layout.head_rows] + list(layout.shared) + list(layout.bias_modules)
-    known += [m + "." for m in layout.head_mixers]
+    known += [m + "." for m in layout.head_mixers] + ([layout.input_norm + "."] if layout.input_norm else [])
     for attr, reason in layout.refuse:
-        if getattr(original, attr, None) is not None:
+        if _present(getattr(original, attr, None)):
             raise OperatorError(f"partial_attention: {kind} is not converted: {reason}")
     for name, _ in original.named_parameters():
         if not any(name == k or name.startswith(k + "." if not k.endswith(".") else k) for k in known):
@@ -205,10 +244,13 @@ class HeadSlicedAttention(PartialAttention):
         PartialOperator.__init__(self)
         self.attn = attn
         self.layout = layout
+        self.channel_axis = 1 if layout.conv_attr and getattr(attn, layout.conv_attr, False) else layout.channel_axis
         self.dim = dim
         self.num_heads = kept
         self.num_heads_original = num_heads
         self.head_dim = head_dim
+        self.inner_lo = 0  # where the kept heads start in the attention width (set by from_original)
+        self.input_norm = None
         self.dim_attn = kept * head_dim
         self.dim_cheap = dim - self.dim_attn
         self.mixer_type = "identity"
@@ -243,10 +285,19 @@ class HeadSlicedAttention(PartialAttention):
             # the plain rotation, shared by every head, has none and passes unchanged)
             if isinstance(t, torch.Tensor) and drop and t.dim() >= -axis and t.shape[axis] == self.num_heads_original:
                 kwargs[name] = t.narrow(axis, drop, self.num_heads)
+        if self.inner_lo and layout.channel_args:  # the kept heads' channels of a query given from outside
+            args = list(args)
+            for key in layout.channel_args:
+                box = args if isinstance(key, int) else kwargs
+                t = (box[key] if key < len(box) else None) if isinstance(key, int) else kwargs.get(key)
+                if isinstance(t, torch.Tensor):
+                    box[key] = t[..., self.inner_lo :]
+        axis = self.channel_axis
         if not self.dim_cheap:
-            return self.attn(x, *args, **kwargs)
-        axis = layout.channel_axis
+            return self.attn(x if self.input_norm is None else self.input_norm(x), *args, **kwargs)
         x1, x2 = torch.split(x, [self.dim_cheap, self.dim_attn], dim=axis)
+        if self.input_norm is not None:  # the layer's own first norm, over every channel
+            x2 = self.input_norm(x).narrow(axis, self.dim_cheap, self.dim_attn)
         return torch.cat((x1, self.attn(x2, *args, **kwargs)), dim=axis)
 
     @classmethod
@@ -259,14 +310,19 @@ class HeadSlicedAttention(PartialAttention):
         projs = [
             (a, b, getattr(original, a)) for a, b in layout.projections if _is_projection(getattr(original, a, None))
         ]
-        proj, num_heads = getattr(original, layout.proj), getattr(original, layout.heads)
+        proj, num_heads = _get(original, layout.proj), getattr(original, layout.heads)
         if not _is_projection(proj):
             raise OperatorError(f"partial_attention: {kind}.{layout.proj} is {type(proj).__name__}, not a Linear")
         # model width D (the channels read and written) and attention width A (heads x head width); the
         # kept heads read and write the last D / H channels each
         dim, width = _width(proj)[::-1]
         widths = {a: _width(p) for a, _, p in projs}
-        if not projs or any(_width(p) != (dim, b * width) for _, b, p in projs) or width % num_heads or dim % num_heads:
+        if (
+            not projs
+            or any(not _rows_fit(p, b, dim, width, num_heads) for _, b, p in projs)
+            or width % num_heads
+            or dim % num_heads
+        ):
             raise OperatorError(
                 f"partial_attention needs every head to read and write its own share of the channels in {kind} "
                 f"(projections {widths}, proj {width} -> {dim}, {num_heads} heads)"
@@ -281,12 +337,16 @@ class HeadSlicedAttention(PartialAttention):
         head_first = bool(layout.head_first_attr and getattr(original, layout.head_first_attr, False))
         with torch.no_grad():
             for attr, blocks, layer in projs:
-                if head_first:  # each head's q, k and v rows together: the kept heads' blocks
+                if not blocks:  # rows grouped per head, of any widths: the kept heads' groups
+                    per = _width(layer)[1] // num_heads
+                    rows = torch.arange(drop * per, num_heads * per)
+                elif head_first:  # each head's q, k and v rows together: the kept heads' blocks
                     rows = torch.arange(drop * blocks * hd, blocks * width)
                 else:  # q | k | v, each head-major
+                    blocks = blocks if blocks > 0 else _width(layer)[1] // width
                     rows = torch.cat([torch.arange(j * width + inner_lo, (j + 1) * width) for j in range(blocks)])
                 setattr(inner, attr, _cut_linear(layer, rows, lo))
-            setattr(inner, layout.proj, _cut_linear(proj, torch.arange(lo, dim), inner_lo))
+            _set_module(inner, layout.proj, _cut_linear(proj, torch.arange(lo, dim), inner_lo))
             for path in layout.head_mixers:  # kept heads mix with kept heads only
                 layer = _get(original, path)
                 if layer is not None:
@@ -324,9 +384,21 @@ class HeadSlicedAttention(PartialAttention):
             if isinstance(getattr(inner, attr, None), int):
                 setattr(inner, attr, kept)
         for attr in layout.width_attrs:
-            if isinstance(getattr(inner, attr, None), int):
-                setattr(inner, attr, kept * hd)
-        return cls(inner, layout, dim, num_heads, kept, step)
+            value = getattr(inner, attr, None)
+            if isinstance(value, int):
+                if value % num_heads:
+                    raise OperatorError(f"partial_attention: {kind}.{attr} = {value} is not a multiple of the heads")
+                setattr(inner, attr, value // num_heads * kept)
+        for attr in layout.caches:  # computed from the uncut tensors: rebuilt by the copy on its first call
+            if isinstance(getattr(inner, attr, None), dict):
+                setattr(inner, attr, {})
+        norm = None
+        if layout.input_norm and _present(_get(original, layout.input_norm)):
+            norm = copy.deepcopy(_get(original, layout.input_norm))
+            _set_module(inner, layout.input_norm, nn.Identity())
+        op = cls(inner, layout, dim, num_heads, kept, step)
+        op.inner_lo, op.input_norm = inner_lo, norm
+        return op
 
 
 # position-bias modules whose forward is attn + get_bias() and get_bias() is (1, heads, N, N)
@@ -353,10 +425,21 @@ class KeptHeadsBias(nn.Module):
         return attn + self.get_bias()  # what each listed class's forward computes
 
 
+# a Linear / 1x1 conv (``linear``) followed by a BatchNorm over its outputs (``bn``): LeViT's
+NORMED_PROJECTIONS = ("timm.models.levit.LinearNorm", "timm.models.levit.ConvNorm")
+
+
+def _present(value) -> bool:
+    return value is not None and value is not False
+
+
 def _is_projection(layer) -> bool:
-    """A Linear, or a 1x1 dense conv (Visformer's q/k/v on maps)."""
+    """A Linear, a 1x1 dense conv (Visformer's q/k/v on maps), or one of those with a BatchNorm after it."""
     if isinstance(layer, nn.Linear):
         return True
+    if _qualname(layer) in NORMED_PROJECTIONS:
+        bn = getattr(layer, "bn", None)
+        return _is_projection(getattr(layer, "linear", None)) and isinstance(bn, nn.modules.batchnorm._BatchNorm)
     return (
         isinstance(layer, nn.Conv2d)
         and tuple(layer.kernel_size) == (1, 1)
@@ -366,8 +449,21 @@ def _is_projection(layer) -> bool:
     )
 
 
+def _rows_fit(layer: nn.Module, blocks: int, dim: int, width: int, heads: int) -> bool:
+    """The projection reads the model width and its rows are ``blocks`` blocks of the attention width
+    (-1: any whole number of them; 0: any rows, grouped per head)."""
+    n_in, n_out = _width(layer)
+    if n_in != dim:
+        return False
+    if blocks > 0:
+        return n_out == blocks * width
+    return n_out % (width if blocks < 0 else heads) == 0 and n_out > 0
+
+
 def _width(layer: nn.Module) -> tuple[int, int]:
     """(in, out) channels of a projection."""
+    if _qualname(layer) in NORMED_PROJECTIONS:
+        return _width(layer.linear)
     if isinstance(layer, nn.Linear):
         return layer.in_features, layer.out_features
     return layer.in_channels, layer.out_channels
@@ -380,6 +476,12 @@ def _set_module(module: nn.Module, path: str, value: nn.Module) -> None:
 
 def _cut_linear(layer: nn.Module, rows: torch.Tensor, col_lo: int = 0) -> nn.Module:
     """A copy of ``layer`` (a Linear or a 1x1 conv) keeping output ``rows`` and the input columns from ``col_lo``."""
+    if _qualname(layer) in NORMED_PROJECTIONS:  # the projection's rows and its BatchNorm's channels
+        out = copy.copy(layer)
+        out._modules = dict(layer._modules)
+        out.linear = _cut_linear(layer.linear, rows, col_lo)
+        out.bn = _cut_bn(layer.bn, rows)
+        return out
     rows = rows.to(layer.weight.device)
     bias = layer.bias[rows] if layer.bias is not None else None
     if isinstance(layer, nn.Linear):
@@ -393,3 +495,18 @@ def _cut_linear(layer: nn.Module, rows: torch.Tensor, col_lo: int = 0) -> nn.Mod
         if bias is not None:
             conv.bias.copy_(bias)
     return conv
+
+
+def _cut_bn(bn: nn.modules.batchnorm._BatchNorm, rows: torch.Tensor) -> nn.modules.batchnorm._BatchNorm:
+    """A copy of ``bn`` over the channels ``rows``."""
+    out = copy.deepcopy(bn)
+    rows = rows.to(bn.running_mean.device if bn.running_mean is not None else bn.weight.device)
+    out.num_features = len(rows)
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            if getattr(bn, name) is not None:
+                setattr(out, name, nn.Parameter(getattr(bn, name)[rows].clone()))
+        for name in ("running_mean", "running_var"):
+            if getattr(bn, name) is not None:
+                out._buffers[name] = getattr(bn, name)[rows].clone()
+    return out

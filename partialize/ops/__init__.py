@@ -47,5 +47,6 @@ __all__ = [
 
 from .partial_blocks import PartialAttention, PartialMLP  # noqa: E402
 from .partial_residual import PartialResidual  # noqa: E402
+from .single_head import SingleHeadAttention  # noqa: E402
 
-__all__ += ["PartialAttention", "PartialMLP", "PartialResidual"]
+__all__ += ["PartialAttention", "PartialMLP", "PartialResidual", "SingleHeadAttention"]

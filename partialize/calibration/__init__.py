@@ -5,8 +5,11 @@ are untouched). Steps, in order (each measured in docs/benchmarks.md):
 
 1. **channel choice** (``permute.py``): the original's coupled channel groups are reordered by
    importance so the converted convs compute the most important channels; the permutation leaves
-   the original's function unchanged (checked), and the plan is replayed on the permuted original.
-   Only for a model that still holds the weights ``apply`` gave it (fine-tuned weights are kept).
+   the original's function unchanged (checked), and the plan is replayed on the permuted original,
+   with what operators choose from the data merged in (``PartialOperator.data_params``: the heads
+   ``partial_attention`` keeps and the head ``single_head_attention`` starts from, by what each adds
+   to the output). Only for a model that still holds the weights ``apply`` gave it (fine-tuned
+   weights are kept).
 2. **BN statistics** re-estimated on the converted model (``steps.recalibrate_bn``).
 3. **closed-form refit** of each BN after a converted layer (``steps.refit_bn_affine``); not in the
    default steps: measured to lower accuracy after step 2 (docs/calibration.md).
@@ -19,6 +22,7 @@ before and after, on held-out calibration images, and kept on the result (``Cali
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -106,7 +110,7 @@ def calibrate_model(
         before = fidelity(model, original, check)
         refitted, blocks = _run_steps(cal, reference, layers, x, use, steps, lr, batch_size, seed, progress)
     after = fidelity(cal, reference, check)
-    cal._partialize_plan = plan
+    cal._partialize_plan = getattr(cal, "_partialize_plan", None) or plan  # with the choices made from data
     return CalibrationResult(
         cal, before, after, [s for s in STEPS if s in use], blocks, refitted, notes, int(x.shape[0]),
         time.perf_counter() - t0,
@@ -119,9 +123,42 @@ def _start(model, original, plan, layers, x, use, notes):
         if _fresh(model, original):
             reference, more = permute_by_importance(original, layers, x)
             notes += more
-            return reference, apply_plan(reference, plan, check=False).eval()
+            plan = _choose_from_data(reference, plan, x, notes)
+            cal = apply_plan(reference, plan, check=False).eval()
+            cal._partialize_plan = plan
+            return reference, cal
         notes.append("channel choice skipped: the model's weights are no longer what apply gave it (kept)")
     return copy.deepcopy(original).eval(), copy.deepcopy(model).eval()
+
+
+def _choose_from_data(reference: nn.Module, plan, x: torch.Tensor, notes: list[str], images: int = 256):
+    """The plan with each converted layer's data-chosen parameters (``PartialOperator.data_params``:
+    the heads an attention keeps...) merged in, from the layer's calls on the calibration images."""
+    from ..engine._calls import capture_calls
+    from ..ops import get_operator
+    from ..ops.base import PartialOperator
+
+    wanted = [
+        e for e in plan.converted_outermost
+        if get_operator(e.variant).data_params.__func__ is not PartialOperator.data_params.__func__
+    ]  # fmt: skip
+    if not wanted:
+        return plan
+    calls = capture_calls(reference, x[:images], [e.layer for e in wanted])
+    chosen = {}
+    for e in wanted:
+        more = get_operator(e.variant).data_params(reference.get_submodule(e.layer), calls[e.layer], dict(e.params))
+        if more:
+            chosen[e.layer] = more
+    if not chosen:
+        return plan
+    notes.append(
+        f"choice from data: {len(chosen)} layer(s) ({', '.join(sorted({k for c in chosen.values() for k in c}))})"
+    )
+    entries = [
+        dataclasses.replace(e, params={**e.params, **chosen[e.layer]}) if e.layer in chosen else e for e in plan.entries
+    ]
+    return dataclasses.replace(plan, entries=entries)
 
 
 def _run_steps(cal, reference, layers, x, use, steps, lr, batch_size, seed, progress):

@@ -195,6 +195,13 @@ class PartialOperator(RefuseScript, nn.Module):
         contract tests convert it and require equality."""
         return None
 
+    @classmethod
+    def data_params(cls, original: nn.Module, calls: list, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Parameters chosen from calibration data for converting ``original`` (``calls``: its
+        ``(args, kwargs)`` on the calibration images; ``params``: what the recipe gave). Calibration's
+        choice step merges them into the plan entry and converts again. Default: none."""
+        return {}
+
     def convertible_children(self) -> tuple[str, ...]:
         """Names of children this operator kept unchanged from the original: a recipe may convert them
         too (a 3x3 conv inside a partial residual block). Empty: the operator is converted whole."""

@@ -404,6 +404,31 @@ _MHA_ARGS = (
 _ATTENTION_CLASSES = ("timm.layers.attention.Attention", "timm.models.metaformer.Attention")
 
 
+def _chosen_heads(kept_heads, num_heads: int, heads) -> list[int] | None:
+    """``kept_heads`` checked: distinct head indices, in increasing order (their order on the channels)."""
+    if kept_heads is None:
+        return None
+    if (
+        not isinstance(kept_heads, (list, tuple))
+        or not kept_heads
+        or any(not isinstance(h, int) or isinstance(h, bool) or not 0 <= h < num_heads for h in kept_heads)
+        or len(set(kept_heads)) != len(kept_heads)
+    ):
+        raise OperatorError(
+            f"partial_attention kept_heads must be distinct head indices 0..{num_heads - 1}, got {kept_heads!r}"
+        )
+    if heads not in (None, len(kept_heads)):
+        raise OperatorError(f"partial_attention: heads={heads!r} and kept_heads={list(kept_heads)} disagree")
+    return sorted(kept_heads)
+
+
+def _head_rows(chosen, heads: int, hd: int, lo: int) -> torch.Tensor:
+    """Rows (or columns) over the attention width of the kept heads: the last ones, or ``chosen``."""
+    if chosen is None:
+        return torch.arange(lo, heads * hd)
+    return torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in chosen])
+
+
 def _kept_heads(num_heads: int, ratio: float, heads: int | str | None) -> int:
     """Heads that keep attention: ``heads`` if given ("all" = every head), else round((1 - ratio) * H),
     at least one and, for a real saving, at most H - 1."""
@@ -455,6 +480,7 @@ class PartialAttention(PartialOperator):
         self.prefix_tokens = prefix_tokens
         self.mha_api = mha_api
         self.batch_first = batch_first
+        self.kept_heads: list[int] | None = None  # the original heads kept, when not the last ones
         if mixer == "dwconv":
             self.mixer = nn.Conv2d(self.dim_cheap, self.dim_cheap, 3, 1, 1, groups=self.dim_cheap)
             nn.init.dirac_(self.mixer.weight, groups=self.dim_cheap)
@@ -533,6 +559,7 @@ class PartialAttention(PartialOperator):
         grid: tuple[int, int] | None = None,
         prefix_tokens: int | None = None,
         heads: int | str | None = None,
+        kept_heads: list[int] | None = None,
     ) -> PartialAttention:
         """Build from a self-attention whose whole function this operator carries, keeping whole heads.
 
@@ -543,8 +570,14 @@ class PartialAttention(PartialOperator):
         class is refused: it may add what this operator does not compute (talking heads, pooled or
         reduced keys). The last ``heads``
         heads keep attention with their q/k/v/proj blocks (default ``round((1 - ratio) * heads)``;
-        ``"all"`` keeps every head, the faithful setting).
+        ``"all"`` keeps every head, the faithful setting). ``kept_heads`` (timm ``Attention`` and
+        MetaFormer ``Attention``): which heads, by index, in place of the last ones (calibration
+        chooses them by what each adds to the output, ``data_params``).
         """
+        if kept_heads is not None and _qualname(original) not in _ATTENTION_CLASSES:
+            raise OperatorError(
+                "partial_attention kept_heads is supported for timm Attention and MetaFormer Attention only"
+            )
         if isinstance(original, nn.MultiheadAttention):
             return cls._from_mha(original, ratio, mixer, grid, prefix_tokens or 0, heads)
         kind = _qualname(original)
@@ -573,9 +606,10 @@ class PartialAttention(PartialOperator):
             )
         if grid is None and mixer == "dwconv":
             raise OperatorError("partial_attention mixer 'dwconv' on tokens needs grid: [H, W]")
+        chosen = _chosen_heads(kept_heads, num_heads, heads)
         op = cls(
             dim,
-            _kept_heads(num_heads, ratio, heads),
+            len(chosen) if chosen is not None else _kept_heads(num_heads, ratio, heads),
             hd,
             original.qkv.bias is not None,
             original.proj.bias is not None,
@@ -584,9 +618,28 @@ class PartialAttention(PartialOperator):
             prefix_tokens if prefix_tokens is not None else 0,
             scale=getattr(original, "scale", None),
         )
-        op._inherit(original.qkv.weight, original.qkv.bias, original.proj.weight, original.proj.bias, num_heads, hd)
-        op._inherit_norms_and_gate(original, num_heads, hd)
+        op._inherit(
+            original.qkv.weight, original.qkv.bias, original.proj.weight, original.proj.bias, num_heads, hd, chosen
+        )
+        op._inherit_norms_and_gate(original, num_heads, hd, chosen)
+        op.kept_heads = chosen
         return op.to(original.qkv.weight.device)
+
+    @classmethod
+    def data_params(cls, original: nn.Module, calls: list, params) -> dict:
+        """timm / MetaFormer ``Attention``: keep the heads that add most to the output on the calibration
+        images (as many as the recipe's ratio or ``heads`` keep), unless the recipe names them."""
+        if _qualname(original) not in _ATTENTION_CLASSES or params.get("kept_heads") is not None or not calls:
+            return {}
+        heads = params.get("heads")
+        if heads == "all":
+            return {}
+        from .single_head import head_output_scores
+
+        ratio = params.get("ratio")
+        n = _kept_heads(original.num_heads, 0.25 if ratio is None else ratio, heads)
+        scores = head_output_scores(original, calls)
+        return {"kept_heads": sorted(int(i) for i in scores.argsort(descending=True)[:n])}
 
     @classmethod
     def _from_mha(cls, mha: nn.MultiheadAttention, ratio, mixer, grid, prefix_tokens, heads) -> PartialAttention:
@@ -611,7 +664,7 @@ class PartialAttention(PartialOperator):
         op._inherit(mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias, num_heads, hd)
         return op.to(mha.in_proj_weight.device)
 
-    def _inherit_norms_and_gate(self, original: nn.Module, num_heads: int, hd: int) -> None:
+    def _inherit_norms_and_gate(self, original: nn.Module, num_heads: int, hd: int, chosen=None) -> None:
         """q/k norms act per head (over head_dim): copied whole. The output gate (timm ``gated``) is a
         linear map of the input: its rows for the kept heads, its columns for the attention channels."""
         for attr in ("q_norm", "k_norm"):
@@ -621,21 +674,23 @@ class PartialAttention(PartialOperator):
         gate = getattr(original, "gate", None)
         if gate is not None:
             lo = num_heads * hd - self.dim_attn
+            rows = _head_rows(chosen, num_heads, hd, lo).to(gate.weight.device)
             self.gate = nn.Linear(self.dim_attn, self.dim_attn, bias=gate.bias is not None)
             with torch.no_grad():
-                self.gate.weight.copy_(gate.weight[lo:, lo:])
+                self.gate.weight.copy_(gate.weight[rows][:, lo:])
                 if gate.bias is not None:
-                    self.gate.bias.copy_(gate.bias[lo:])
+                    self.gate.bias.copy_(gate.bias[rows])
 
-    def _inherit(self, w_qkv, b_qkv, w_proj, b_proj, heads: int, hd: int) -> None:
+    def _inherit(self, w_qkv, b_qkv, w_proj, b_proj, heads: int, hd: int, chosen=None) -> None:
         dim = heads * hd
-        lo = dim - self.dim_attn  # the kept heads are the last ones
-        rows = torch.cat([torch.arange(j * dim + lo, (j + 1) * dim) for j in range(3)])
+        lo = dim - self.dim_attn  # the attention channels are the last ones; the kept heads the last, or `chosen`
+        head = _head_rows(chosen, heads, hd, lo).to(w_qkv.device)
+        rows = torch.cat([j * dim + head for j in range(3)])
         with torch.no_grad():
             self.qkv.weight.copy_(w_qkv[rows][:, lo:])
             if b_qkv is not None:
                 self.qkv.bias.copy_(b_qkv[rows])
-            self.proj.weight.copy_(w_proj[lo:, lo:])
+            self.proj.weight.copy_(w_proj[lo:][:, head])
             if b_proj is not None:
                 self.proj.bias.copy_(b_proj[lo:])
 

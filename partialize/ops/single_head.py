@@ -46,6 +46,27 @@ def head_importance(original: nn.Module) -> torch.Tensor:
     return wv.flatten(1).norm(dim=1) * wp.transpose(0, 1).flatten(1).norm(dim=1)
 
 
+def head_output_scores(original: nn.Module, calls: list, chunk: int = 64) -> torch.Tensor:
+    """Per head, the mean squared norm of what it adds to the output, ``W_proj[:, h] o_h``, over the
+    tokens of ``calls`` (timm Attention / MetaFormer Attention: qkv, q/k norms, scale, proj)."""
+    h, d = original.num_heads, original.head_dim
+    wp = original.proj.weight.detach().reshape(-1, h, d)  # (C, heads, d)
+    total, count = torch.zeros(h, dtype=torch.float64), 0
+    with torch.no_grad():
+        for args, _ in calls:
+            x = args[0]
+            t = x.reshape(x.shape[0], -1, x.shape[-1])
+            for part in t.split(chunk):
+                b, n, _ = part.shape
+                q, k, v = original.qkv(part).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+                q, k = original.q_norm(q), original.k_norm(k)
+                o = F.scaled_dot_product_attention(q, k, v, scale=getattr(original, "scale", None))  # (b, h, n, d)
+                y = torch.einsum("bhnd,chd->bhnc", o, wp)
+                total += y.square().sum(dim=(0, 2, 3)).double().cpu()
+                count += b * n
+    return (total / max(count, 1)).float()
+
+
 @register_operator("single_head_attention")
 class SingleHeadAttention(PartialOperator):
     """One head on the last ``dim_attn`` channels, a projection over [head output; other channels]."""
@@ -146,6 +167,13 @@ class SingleHeadAttention(PartialOperator):
             cols[keep * d : (keep + 1) * d] = False
             m.proj.weight[:, cols] = 0
         return m
+
+    @classmethod
+    def data_params(cls, original: nn.Module, calls: list, params) -> dict:
+        """The head by what each adds to the output on the calibration images (unless the recipe names one)."""
+        if _qualname(original) not in _CLASSES or params.get("head", "auto") != "auto" or not calls:
+            return {}
+        return {"head_scores": [round(float(v), 6) for v in head_output_scores(original, calls)]}
 
     def deploy(self) -> SingleHeadAttention:
         """Inference form: eval mode, frozen."""

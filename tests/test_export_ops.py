@@ -61,6 +61,7 @@ CASES = {
         ("tv_swin_v2", 32, _rule({"type": "ShiftedWindowAttentionV2"}, "partial_attention", ratio=0.5)),
         ("beit", 32, _rule({"type": "Attention"}, "partial_attention", ratio=0.5)),
     ],
+    "single_head_attention": [("vit", 32, _rule({"type": "Attention"}, "single_head_attention", ratio=0.25))],
     "partial_residual": [
         ("resnet50", 32, _rule({"type": "Bottleneck"}, "partial_residual", ratio=0.5)),
         ("resnet18", 32, _rule({"type": "BasicBlock"}, "partial_residual", ratio=0.5)),

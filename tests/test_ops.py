@@ -658,3 +658,32 @@ def test_partial_mlp_keeps_scalar_activations_whole_and_refuses_ones_that_mix_un
         assert rel_err(op(x), want) <= 1e-5
     with pytest.raises(OperatorError):
         mlp_op.from_module(nn.Sequential(nn.Linear(8, 16), nn.Softmax(dim=-1), nn.Linear(16, 8)))
+
+
+def test_pat_sf_cached_position_bias_follows_the_table():
+    """Without gradients PAT_sf serves its gathered bias from a cache; a table changed in place (as
+    load_state_dict does) must not be served stale, with or without inference mode."""
+    import copy
+
+    torch.manual_seed(0)
+    op = PATConv(32, 0.25, "sf").eval()
+    with torch.no_grad():
+        op.attn.rel_bias.normal_()
+    dep = op.deploy()
+    x = torch.randn(1, 32, 7, 7)
+    with torch.inference_mode():
+        first = dep(x)
+    state = {k: v.clone() for k, v in dep.state_dict().items()}
+    key = next(k for k in state if k.endswith("rel_bias"))
+    state[key] = state[key] + torch.randn_like(state[key])
+    dep.load_state_dict(state)
+    with torch.no_grad():
+        second = dep(x)
+    fresh = copy.deepcopy(dep)
+    fresh.attn._bias_cache = None
+    with torch.no_grad():
+        assert rel_err(second, fresh(x)) <= 1e-6  # the new table
+        assert rel_err(second, first) > 1e-3  # ...which differs from the old one
+    y = dep(x.requires_grad_())  # a gradient through the cached bias works outside inference mode
+    y.sum().backward()
+    assert x.grad is not None

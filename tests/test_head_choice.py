@@ -104,12 +104,14 @@ def test_calibration_chooses_heads_records_them_and_reloads(tmp_path):
     recipe = {"version": 1, "rules": [{"select": {"type": "Attention"}, "variant": "partial_attention", "ratio": 0.5}]}
     converted = partialize.apply(model, recipe, input_size=32)
     x = torch.randn(96, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    res = calibrate_model(converted, model, x, images=80, steps=0, use=("channels",))
+    res = calibrate_model(converted, model, x, images=80, steps=0, use=("heads",))
     plan = res.model._partialize_plan
     params = {e.layer: e.params for e in plan.converted}
     assert params["blocks.1.attn"]["kept_heads"] == [0, 1]  # the boosted heads, not the last two
     assert res.model.blocks[1].attn.kept_heads == [0, 1]
     assert "kept_heads" not in converted._partialize_plan.converted[0].params  # the input model is untouched
+    default = calibrate_model(converted, model, x, images=80, steps=0)  # not a default step: the last heads
+    assert default.model.blocks[1].attn.kept_heads is None
     path = partialize.save(res.model, tmp_path / "cal.safetensors")
     loaded = partialize.load(path, model=model)
     with torch.no_grad():
@@ -122,5 +124,5 @@ def test_single_head_calibration_starts_from_the_head_that_adds_most():
     recipe = {"version": 1, "rules": [{"select": {"type": "Attention"}, "variant": "single_head_attention"}]}
     converted = partialize.apply(model, recipe, input_size=32)
     x = torch.randn(96, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    res = calibrate_model(converted, model, x, images=80, steps=0, use=("channels",))
+    res = calibrate_model(converted, model, x, images=80, steps=0, use=("heads",))
     assert res.model.blocks[0].attn.head == 2

@@ -5,11 +5,12 @@ are untouched). Steps, in order (each measured in docs/benchmarks.md):
 
 1. **channel choice** (``permute.py``): the original's coupled channel groups are reordered by
    importance so the converted convs compute the most important channels; the permutation leaves
-   the original's function unchanged (checked), and the plan is replayed on the permuted original,
-   with what operators choose from the data merged in (``PartialOperator.data_params``: the heads
-   ``partial_attention`` keeps and the head ``single_head_attention`` starts from, by what each adds
-   to the output). Only for a model that still holds the weights ``apply`` gave it (fine-tuned
-   weights are kept).
+   the original's function unchanged (checked), and the plan is replayed on the permuted original.
+   Only for a model that still holds the weights ``apply`` gave it (fine-tuned weights are kept).
+   **head choice** (``"heads"``, not a default step): what operators choose from the data
+   (``PartialOperator.data_params``: the heads ``partial_attention`` keeps and the head
+   ``single_head_attention`` starts from, by what each adds to the output) merged into the plan
+   before it is replayed; measured no better than the default heads on a ViT-Tiny (docs/calibration.md).
 2. **BN statistics** re-estimated on the converted model (``steps.recalibrate_bn``).
 3. **closed-form refit** of each BN after a converted layer (``steps.refit_bn_affine``); not in the
    default steps: measured to lower accuracy after step 2 (docs/calibration.md).
@@ -39,8 +40,9 @@ from .steps import distil_blocks, recalibrate_bn, refit_bn_affine
 
 __all__ = ["CalibrationError", "CalibrationResult", "Fidelity", "calibrate", "calibrate_model", "fidelity"]
 
-STEPS = ("channels", "bn", "refit", "distil")
-#: what runs by default: the closed-form BN refit is measured to hurt after BN recalibration (docs/calibration.md)
+STEPS = ("channels", "heads", "bn", "refit", "distil")
+#: what runs by default: the closed-form BN refit is measured to hurt after BN recalibration, and the
+#: head choice from data measured no better than the last heads on a ViT-Tiny (docs/calibration.md)
 DEFAULT_STEPS = ("channels", "bn", "distil")
 
 
@@ -119,15 +121,19 @@ def calibrate_model(
 
 def _start(model, original, plan, layers, x, use, notes):
     """(the reference the calibrated model is compared with, the model to calibrate)."""
-    if "channels" in use:
+    if "channels" in use or "heads" in use:
         if _fresh(model, original):
-            reference, more = permute_by_importance(original, layers, x)
-            notes += more
-            plan = _choose_from_data(reference, plan, x, notes)
+            if "channels" in use:
+                reference, more = permute_by_importance(original, layers, x)
+                notes += more
+            else:
+                reference = copy.deepcopy(original).eval()
+            if "heads" in use:
+                plan = _choose_from_data(reference, plan, x, notes)
             cal = apply_plan(reference, plan, check=False).eval()
             cal._partialize_plan = plan
             return reference, cal
-        notes.append("channel choice skipped: the model's weights are no longer what apply gave it (kept)")
+        notes.append("channel/head choice skipped: the model's weights are no longer what apply gave it (kept)")
     return copy.deepcopy(original).eval(), copy.deepcopy(model).eval()
 
 

@@ -373,3 +373,34 @@ def test_a_bias_cached_by_the_original_is_not_carried_over(key):
     op.attn.training = op.training = False  # eval without train(False), which would empty the cache anyway
     with torch.no_grad():
         assert rel_err(op(*args, **kwargs), _oracle(layer, kept, args, kwargs)) <= 1e-5
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_timm_attention_wider_than_the_model(gated):
+    """timm Attention with heads x head_dim != the model width (CSATv2: 256 on 168) is cut as a copy:
+    each head reads and writes its own dim / heads channels. Oracle: the original with the cheap
+    channels' q/k/v (and gate) columns, the dropped heads' proj columns and the cheap proj rows zeroed."""
+    from timm.layers.attention import Attention
+
+    torch.manual_seed(0)
+    layer = nondegenerate_(Attention(48, num_heads=4, attn_head_dim=16, qkv_bias=True, gated=gated).eval())
+    x = torch.randn(2, 10, 48, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert rel_err(PA.from_module(layer, heads="all").eval()(x), layer(x)) <= 1e-6
+        for kept in (1, 3):
+            op = PA.from_module(layer, heads=kept).eval()
+            lo, inner_lo = (4 - kept) * 12, (4 - kept) * 16
+            m = copy.deepcopy(layer)
+            m.qkv.weight[:, :lo] = 0
+            if gated:
+                m.gate.weight[:, :lo] = 0
+            m.proj.weight[:lo] = 0
+            m.proj.bias[:lo] = 0
+            m.proj.weight[:, :inner_lo] = 0
+            want = m(x) + torch.cat((x[..., :lo], torch.zeros_like(x[..., lo:])), -1)
+            assert op.dim_cheap == lo and rel_err(op(x), want) <= 1e-5
+            assert rel_err(want, layer(x)) > 1e-2
+            macs, _ = op.macs(x)
+            assert macs == function_macs(op.deploy(), (x,), {}) < function_macs(layer, (x,), {})
+    with pytest.raises(OperatorError, match="mixer 'identity' only"):
+        PA.from_module(layer, mixer="dwconv", grid=(2, 5))

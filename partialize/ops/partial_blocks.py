@@ -599,6 +599,16 @@ class PartialAttention(PartialOperator):
             )
         num_heads, hd = original.num_heads, original.head_dim
         dim = original.qkv.in_features
+        if kind == "timm.layers.attention.Attention" and num_heads * hd != dim and kept_heads is None:
+            from .sliced_attention import WIDE_TIMM_ATTENTION
+
+            if mixer != "identity":
+                raise OperatorError(
+                    f"partial_attention on an attention {num_heads * hd} wide in a {dim}-wide model supports "
+                    "mixer 'identity' only"
+                )
+            # each head reads and writes its own dim / heads channels: a copy cut to the kept heads
+            return HeadSlicedAttention.from_original(original, ratio, mixer, heads, layout=WIDE_TIMM_ATTENTION)
         if num_heads * hd != dim or original.proj.out_features != dim:
             raise OperatorError(
                 f"partial_attention needs attention width == model width (heads x head_dim = {num_heads * hd}, "

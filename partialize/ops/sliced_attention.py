@@ -196,6 +196,18 @@ LAYOUTS: dict[str, HeadLayout] = {
 }
 
 
+# timm's plain Attention whose attention width (heads x head_dim) differs from the model width
+# (CSATv2: 256 on 168): not in LAYOUTS (PartialAttention rebuilds the usual ones, with kept_heads and
+# the dwconv mixer), cut as a copy like the classes above when the widths differ
+WIDE_TIMM_ATTENTION = HeadLayout(
+    projections=(("qkv", 3), ("gate", 1)),
+    shared=("q_norm", "k_norm"),
+    width_attrs=("attn_dim",),
+    kwargs=("is_causal",),
+    broadcast_kwargs=("attn_mask",),
+)
+
+
 def _get(module: nn.Module, path: str):
     obj = module
     for part in path.split("."):
@@ -301,9 +313,11 @@ class HeadSlicedAttention(PartialAttention):
         return torch.cat((x1, self.attn(x2, *args, **kwargs)), dim=axis)
 
     @classmethod
-    def from_original(cls, original: nn.Module, ratio: float, mixer: str, heads) -> HeadSlicedAttention:
+    def from_original(
+        cls, original: nn.Module, ratio: float, mixer: str, heads, layout: HeadLayout | None = None
+    ) -> HeadSlicedAttention:
         kind = _qualname(original)
-        layout = LAYOUTS[kind]
+        layout = layout or LAYOUTS[kind]
         if mixer != "identity":
             raise OperatorError(f"partial_attention on {kind} supports mixer 'identity' only (windows have no grid)")
         _check_layout(original, layout, kind)

@@ -133,7 +133,7 @@ def _start(model, original, plan, layers, x, use, notes):
             cal = apply_plan(reference, plan, check=False).eval()
             cal._partialize_plan = plan
             return reference, cal
-        notes.append("channel/head choice skipped: the model's weights are no longer what apply gave it (kept)")
+        notes.append("channel choice skipped: the model's weights are no longer what apply gave it (kept)")
     return copy.deepcopy(original).eval(), copy.deepcopy(model).eval()
 
 

@@ -154,21 +154,7 @@ def report_cmd(
 
     # every output is checked before anything is loaded or timed
     _check_outputs({"--json": json_path, "--md": md_path}, force, inputs=[model_or_checkpoint, baseline, weights])
-    finetune_spec = None
-    if pruning_finetune:
-        if not pruning_baseline:
-            raise click.UsageError("--pruning-finetune fine-tunes the pruning baseline: add --pruning-baseline")
-        root = train_data or data
-        if root is None:
-            raise click.UsageError("--pruning-finetune needs --train-data DIR (or --data DIR) with a train/ folder")
-        from ..train.data import check_data_dir
-
-        check_data_dir(root)  # a clear error now, before anything is loaded
-        if ft_lr <= 0:
-            raise click.BadParameter(f"must be > 0, got {ft_lr}", param_hint="--ft-lr")
-        finetune_spec = {"data": root, "epochs": pruning_finetune, "lr": ft_lr, "batch_size": ft_batch}
-    elif train_data:
-        raise click.UsageError("--train-data is only used by --pruning-finetune")
+    finetune = _pruning_finetune(pruning_finetune, pruning_baseline, train_data, data, ft_lr, ft_batch, input_size)
     console = Console()
     with console.status("loading models") as status:
         model = load_model(model_or_checkpoint, weights, trust_factory=trust_factory)
@@ -192,7 +178,7 @@ def report_cmd(
             data=data,
             data_limit=data_limit,
             pruning_baseline=pruning_baseline,
-            pruning_finetune=finetune_spec,
+            pruning_finetune=finetune,
             source=model_or_checkpoint,
             baseline_source=baseline,
             progress=lambda msg: status.update(msg),
@@ -209,6 +195,41 @@ def report_cmd(
     if md_path:
         write_text(md_path, report_markdown(rep), force=force, option="--md")
         click.echo(f"wrote {md_path}")
+
+
+def _pruning_finetune(epochs, pruning_baseline, train_data, data, lr, batch, input_size):
+    """The fine-tune ``report --pruning-finetune`` gives the pruned baseline (KD from the baseline on
+    DIR/train with partialize.train.finetune's defaults), its options checked before anything is
+    loaded; None without the option."""
+    if not epochs:
+        if train_data:
+            raise click.UsageError("--train-data is only used by --pruning-finetune")
+        return None
+    if not pruning_baseline:
+        raise click.UsageError("--pruning-finetune fine-tunes the pruning baseline: add --pruning-baseline")
+    root = train_data or data
+    if root is None:
+        raise click.UsageError("--pruning-finetune needs --train-data DIR (or --data DIR) with a train/ folder")
+    from ..train import finetune
+    from ..train.data import check_data_dir, image_folder_loaders
+
+    check_data_dir(root)  # a clear error now, before anything is loaded
+    if lr <= 0:
+        raise click.BadParameter(f"must be > 0, got {lr}", param_hint="--ft-lr")
+
+    def run(pruned, baseline) -> dict:
+        loaders = image_folder_loaders(root, pruned, batch_size=batch, input_size=input_size, seed=0)
+        res = finetune(
+            pruned, loaders.train, None, teacher=baseline.eval(), epochs=epochs, lr=lr, seed=0, progress=False, log=None
+        )
+        last = res.history[-1] if res.history else {}
+        return {
+            "data": root, "epochs": epochs, "lr": lr, "batch_size": loaders.train.batch_size,
+            "teacher": "the baseline (KD)", "train_images": len(loaders.train.dataset),
+            "train_loss": last.get("train_loss"),
+        }  # fmt: skip
+
+    return run
 
 
 def _check_outputs(paths: dict[str, str | None], force: bool, inputs=()) -> dict[str, str]:

@@ -265,7 +265,7 @@ def build_report(
     data: str | None = None,
     data_limit: int | None = None,
     pruning_baseline: bool = False,
-    pruning_finetune: dict | None = None,
+    pruning_finetune: Callable[[nn.Module, nn.Module], dict] | None = None,
     calibration_images: int = 32,
     source: str | None = None,
     baseline_source: str | None = None,
@@ -274,10 +274,10 @@ def build_report(
     """Measure ``model`` (and ``baseline``, and a pruned copy of ``baseline`` at the model's MACs when
     ``pruning_baseline``) and return a :class:`Report`. Speed is measured side by side for all of them.
 
-    ``pruning_finetune`` (``{"data": DIR, "epochs": E, "lr": ..., "batch_size": ...}``): the pruned copy
-    is fine-tuned with KD from the baseline on DIR/train before its accuracy is measured (the budget
-    the converted model had, to compare like with like); the settings and the accuracy before the
-    fine-tune go into ``report.pruning["finetune"]``.
+    ``pruning_finetune(pruned, baseline) -> dict``: trains the pruned copy in place before its accuracy
+    is measured (the budget the converted model had, to compare like with like; the CLI passes a KD
+    fine-tune, ``partialize.train``); what it returns, with the accuracy before it, goes into
+    ``report.pruning["finetune"]``.
     """
     chw = _input_chw(input_size)
     kw = dict(data=data, data_limit=data_limit, calibration_images=calibration_images, progress=progress)
@@ -298,9 +298,15 @@ def build_report(
         pruned, info = prune_to_macs(baseline, m.macs, chw)
         pname = f"{report.baseline.name} pruned"
         if pruning_finetune:
-            info = dict(
-                info, finetune=_finetune_pruned(pruned, baseline, pruning_finetune, chw, data, data_limit, progress)
-            )
+            before = None
+            if data is not None:
+                if progress:
+                    progress("pruned baseline: accuracy before the fine-tune")
+                before = evaluate_accuracy(pruned, data, limit=data_limit, input_size=chw[1]).get("top1")
+            if progress:
+                progress("fine-tuning the pruned baseline")
+            info = dict(info, finetune={**pruning_finetune(pruned, baseline), "top1_before": before})
+            pruned.eval()
             pm = measure_model(pruned, pname, "pruned", chw, **kw)
             ft = info["finetune"]
             pm.notes.append(
@@ -339,40 +345,6 @@ def build_report(
             mm.notes.append("speed not measured (--no-speed)")
     report.ratios = ratios(report)
     return report
-
-
-def _finetune_pruned(pruned, baseline, spec: dict, chw, data, data_limit, progress) -> dict:
-    """Fine-tune ``pruned`` in place (KD from ``baseline``) as ``spec`` says; what was done, as a dict."""
-    from ..train import finetune
-    from ..train.data import image_folder_loaders
-
-    top1_before = None
-    if data is not None:
-        if progress:
-            progress("pruned baseline: accuracy before the fine-tune")
-        top1_before = evaluate_accuracy(pruned, data, limit=data_limit, input_size=chw[1]).get("top1")
-    loaders = image_folder_loaders(
-        spec["data"], pruned, batch_size=spec.get("batch_size", 64), input_size=chw[1], seed=spec.get("seed", 0)
-    )
-    if progress:
-        progress(f"fine-tuning the pruned baseline ({spec['epochs']} epoch(s), KD from the baseline)")
-    settings = {k: spec[k] for k in ("lr", "weight_decay", "warmup_epochs", "kd_weight", "kd_temperature") if k in spec}
-    res = finetune(
-        pruned, loaders.train, None, teacher=baseline.eval(), epochs=spec["epochs"], seed=spec.get("seed", 0),
-        progress=False, log=None, **settings,
-    )  # fmt: skip
-    pruned.eval()
-    last = res.history[-1] if res.history else {}
-    return {
-        "data": spec["data"],
-        "epochs": spec["epochs"],
-        "lr": spec["lr"],
-        "batch_size": loaders.train.batch_size,
-        "teacher": "the baseline (KD)",
-        "train_images": len(loaders.train.dataset),
-        "train_loss": last.get("train_loss"),
-        "top1_before": top1_before,
-    }
 
 
 def ratios(report: Report) -> dict:

@@ -108,11 +108,11 @@ def calibrate_model(
     notes: list[str] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        reference, cal = _start(model, original, plan, layers, x, use, notes)
+        reference, cal, plan = _start(model, original, plan, layers, x, use, notes)
         before = fidelity(model, original, check)
         refitted, blocks = _run_steps(cal, reference, layers, x, use, steps, lr, batch_size, seed, progress)
     after = fidelity(cal, reference, check)
-    cal._partialize_plan = getattr(cal, "_partialize_plan", None) or plan  # with the choices made from data
+    cal._partialize_plan = plan  # with the choices made from data, if any
     return CalibrationResult(
         cal, before, after, [s for s in STEPS if s in use], blocks, refitted, notes, int(x.shape[0]),
         time.perf_counter() - t0,
@@ -120,7 +120,7 @@ def calibrate_model(
 
 
 def _start(model, original, plan, layers, x, use, notes):
-    """(the reference the calibrated model is compared with, the model to calibrate)."""
+    """(the reference the calibrated model is compared with, the model to calibrate, its plan)."""
     if "channels" in use or "heads" in use:
         if _fresh(model, original):
             if "channels" in use:
@@ -130,11 +130,9 @@ def _start(model, original, plan, layers, x, use, notes):
                 reference = copy.deepcopy(original).eval()
             if "heads" in use:
                 plan = _choose_from_data(reference, plan, x, notes)
-            cal = apply_plan(reference, plan, check=False).eval()
-            cal._partialize_plan = plan
-            return reference, cal
+            return reference, apply_plan(reference, plan, check=False).eval(), plan
         notes.append("channel choice skipped: the model's weights are no longer what apply gave it (kept)")
-    return copy.deepcopy(original).eval(), copy.deepcopy(model).eval()
+    return copy.deepcopy(original).eval(), copy.deepcopy(model).eval(), plan
 
 
 def _choose_from_data(reference: nn.Module, plan, x: torch.Tensor, notes: list[str], images: int = 256):

@@ -316,12 +316,12 @@ def build_report(
             )
         else:
             pm = measure_model(pruned, pname, "pruned", chw, calibration_images=calibration_images, progress=progress)
-        if data is not None and not pruning_finetune:
-            pm.notes = [n for n in pm.notes if not n.startswith("accuracy")]
-            pm.notes.append(
-                "accuracy not measured: a pruned network must be fine-tuned like the converted one "
-                "before its accuracy means anything (--pruning-finetune EPOCHS --train-data DIR)"
-            )
+            if data is not None:
+                pm.notes = [n for n in pm.notes if not n.startswith("accuracy")]
+                pm.notes.append(
+                    "accuracy not measured: a pruned network must be fine-tuned like the converted one "
+                    "before its accuracy means anything (--pruning-finetune EPOCHS --train-data DIR)"
+                )
         report.pruned, report.pruning = pm, info
         timed[pname] = pruned
     if speed:

@@ -170,6 +170,18 @@ def linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return out
 
 
+def conv1x1_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d:
+    """A 1x1 ``nn.Conv2d`` holding copies of ``weight`` (out, in, 1, 1) and ``bias``, like :func:`linear_from`."""
+    out = torch.nn.utils.skip_init(
+        nn.Conv2d, weight.shape[1], weight.shape[0], 1, bias=bias is not None, device=weight.device, dtype=weight.dtype
+    )
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if bias is not None:
+            out.bias.copy_(bias)
+    return out
+
+
 def slice_conv(
     conv: nn.Conv2d, out_range: tuple[int, int] | None = None, in_range: tuple[int, int] | None = None
 ) -> nn.Conv2d:
@@ -200,15 +212,20 @@ def slice_conv(
 
 def slice_bn(bn: nn.modules.batchnorm._BatchNorm, a: int, b: int) -> nn.modules.batchnorm._BatchNorm:
     """Copy of a BN (or timm BatchNormAct2d) keeping channels [a, b): affine and running statistics."""
+    return select_bn(bn, slice(a, b), b - a)
+
+
+def select_bn(bn: nn.modules.batchnorm._BatchNorm, index, n: int) -> nn.modules.batchnorm._BatchNorm:
+    """Copy of a BN keeping the ``n`` channels ``index`` (a slice or an index tensor) selects."""
     new = copy.deepcopy(bn)
-    new.num_features = b - a
+    new.num_features = n
     with torch.no_grad():
         for name in ("weight", "bias"):
             p = getattr(bn, name)
             if p is not None:
-                setattr(new, name, nn.Parameter(p[a:b].clone()))
+                setattr(new, name, nn.Parameter(p[index].clone()))
         for name in ("running_mean", "running_var"):
             t = getattr(bn, name)
             if t is not None:
-                setattr(new, name, t[a:b].clone())
+                setattr(new, name, t[index].clone())
     return new

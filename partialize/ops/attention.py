@@ -324,9 +324,8 @@ class MergedSpatialAttention(InferenceForm):
         y = self.conv(h)
         keep, gate, rest = torch.split(y, [self.dim_keep, self.dim - self.dim_keep, 1], dim=1)
         s = torch.addcmul(self.gate_shift, F.hardsigmoid(rest), self.gate_scale)
-        if exporting():  # out of place for exporters (see ops/_export.py)
-            return torch.cat((keep, gate * s), dim=1)
-        if torch.is_grad_enabled() and y.requires_grad:  # autograd needs y as it was: out of place
+        # out of place for exporters (see ops/_export.py), and where autograd needs y as it was
+        if exporting() or (torch.is_grad_enabled() and y.requires_grad):
             return torch.cat((keep, gate * s), dim=1)
         gate.mul_(s)  # in place on the conv's own output: no copy of the kept channels
         return y[:, : self.dim]

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import OperatorError
-from ._utils import linear_from, split_channels
+from ._utils import conv1x1_from, linear_from, split_channels
 
 GLU_MLP = "timm.layers.mlp.GluMlp"
 SWIGLU = "timm.layers.mlp.SwiGLU"
@@ -68,14 +68,8 @@ def _fc_rows(fc: nn.Module, rows: torch.Tensor, n_in: int, where: str) -> nn.Mod
     if type(fc) is nn.Conv2d and fc.kernel_size == (1, 1) and fc.groups == 1 and fc.stride == (1, 1):
         if fc.padding not in ((0, 0), "valid"):
             raise OperatorError(f"{where}: a 1x1 conv with padding changes the size; cannot slice it")
-        new = nn.Conv2d(n_in, rows.numel(), 1, bias=fc.bias is not None)
-    else:
-        raise OperatorError(f"{where}: cannot slice a {type(fc).__name__} expansion (Linear or plain 1x1 conv)")
-    with torch.no_grad():
-        new.weight.copy_(fc.weight[rows][:, :n_in])
-        if fc.bias is not None:
-            new.bias.copy_(fc.bias[rows])
-    return new.to(fc.weight.device, fc.weight.dtype)
+        return conv1x1_from(fc.weight[rows][:, :n_in], fc.bias[rows] if fc.bias is not None else None)
+    raise OperatorError(f"{where}: cannot slice a {type(fc).__name__} expansion (Linear or plain 1x1 conv)")
 
 
 def _widths(fc: nn.Module) -> tuple[int, int]:

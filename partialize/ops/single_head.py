@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import OperatorError
 from ._utils import linear_from, split_channels
 from .base import PartialOperator
-from .partial_blocks import _qualname
+from .partial_blocks import _head_rows, _qualname
 from .registry import register_operator
 
 _CLASSES = ("timm.layers.attention.Attention", "timm.models.metaformer.Attention")
@@ -139,7 +139,7 @@ class SingleHeadAttention(PartialOperator):
         if not isinstance(head, int) or not 0 <= head < h:
             raise OperatorError(f"single_head_attention head must be 'auto' or 0..{h - 1}, got {head!r}")
         w, b = original.qkv.weight.detach(), original.qkv.bias
-        rows = torch.cat([torch.arange(j * dim + head * d, j * dim + (head + 1) * d) for j in range(3)]).to(w.device)
+        rows = torch.cat([j * dim + _head_rows([head], h, d, 0) for j in range(3)]).to(w.device)
         lo = dim - dim_attn
         op = cls(dim, dim_attn, d, b is not None, original.proj.bias is not None, getattr(original, "scale", d**-0.5))
         op.head = head

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import OperatorError
-from ._utils import linear_from
+from ._utils import conv1x1_from, linear_from, select_bn, slice_bn
 from .base import PartialOperator
 from .partial_blocks import PartialAttention, _kept_heads, _qualname
 
@@ -34,7 +34,7 @@ class HeadLayout:
 
     per_head: tuple[tuple[str, int], ...] = ()  # parameters / buffers with a head axis: (path, axis)
     per_channel: tuple[str, ...] = ()  # 1-D tensors over the attention width (q_bias, k_bias, v_bias)
-    input_channel: tuple[str, ...] = ()  # 1-D tensors over the input channels (a BatchNorm on the keys' input)
+    input_bns: tuple[str, ...] = ()  # BatchNorms over the input channels (on the keys' input): cut with them
     head_rows: tuple[str, ...] = ()  # nn.Linear layers whose outputs are the heads (a bias MLP's last layer)
     shared: tuple[str, ...] = ()  # parameter prefixes every head uses unchanged (the bias MLP's hidden layer)
     head_kwargs: tuple[tuple[str, int], ...] = ()  # call arguments with a head axis (name, axis), cut where present
@@ -153,10 +153,9 @@ LAYOUTS: dict[str, HeadLayout] = {
     # NextViT: keys and values average-pooled per channel, then a BatchNorm (per channel: cut with them)
     "timm.models.nextvit.EfficientAttention": HeadLayout(
         projections=(("q", 1), ("k", 1), ("v", 1)),
-        input_channel=("norm.weight", "norm.bias", "norm.running_mean", "norm.running_var"),
+        input_bns=("norm",),
         width_attrs=("dim", "out_dim"),
     ),
-    # Hiera (mask-unit windows; q pooling only where the width changes, which is refused) and SAM2's HieraDet
     # TinyViT: a LayerNorm over every channel first, then LeViT-style q/k/v and a per-head bias table
     "timm.models.tiny_vit.Attention": HeadLayout(
         input_norm="norm",
@@ -169,6 +168,7 @@ LAYOUTS: dict[str, HeadLayout] = {
     "timm.models.gcvit.WindowAttentionGlobal": HeadLayout(
         projections=(("qkv", -1),), bias_modules=("rel_pos",), positional=1, channel_args=(0,)
     ),
+    # Hiera (mask-unit windows; q pooling only where the width changes, which is refused) and SAM2's HieraDet
     "timm.models.hiera.MaskUnitAttention": HeadLayout(heads="heads", width_attrs=("dim", "dim_out")),
     "timm.models.hieradet_sam2.MultiScaleAttention": HeadLayout(width_attrs=("dim", "dim_out")),
     # LeViT-style attention: q/k/v rows grouped per head with key width != value width, a bias table per head
@@ -230,7 +230,7 @@ def _set(module: nn.Module, path: str, value: torch.Tensor) -> None:
 
 def _check_layout(original: nn.Module, layout: HeadLayout, kind: str) -> None:
     known = [a + "." for a, _ in layout.projections] + [layout.proj + "."] + [p for p, _ in layout.per_head]
-    known += list(layout.per_channel) + list(layout.input_channel)
+    known += list(layout.per_channel) + [b + "." for b in layout.input_bns]
     known += [r + "." for r in layout.head_rows] + list(layout.shared) + list(layout.bias_modules)
     known += [m + "." for m in layout.head_mixers] + ([layout.input_norm + "."] if layout.input_norm else [])
     for attr, reason in layout.refuse:
@@ -301,9 +301,9 @@ class HeadSlicedAttention(PartialAttention):
             args = list(args)
             for key in layout.channel_args:
                 box = args if isinstance(key, int) else kwargs
-                t = (box[key] if key < len(box) else None) if isinstance(key, int) else kwargs.get(key)
-                if isinstance(t, torch.Tensor):
-                    box[key] = t[..., self.inner_lo :]
+                given = key < len(box) if isinstance(key, int) else key in box
+                if given and isinstance(box[key], torch.Tensor):
+                    box[key] = box[key][..., self.inner_lo :]
         axis = self.channel_axis
         if not self.dim_cheap:
             return self.attn(x if self.input_norm is None else self.input_norm(x), *args, **kwargs)
@@ -375,13 +375,10 @@ class HeadSlicedAttention(PartialAttention):
                 t = _get(original, path)
                 if t is not None:
                     _set(inner, path, t[inner_lo:])
-            for path in layout.input_channel:
-                t = _get(original, path)
-                if t is not None:
-                    _set(inner, path, t[lo:])
-                    owner = _get(inner, path.rpartition(".")[0]) if "." in path else None
-                    if isinstance(owner, nn.modules.batchnorm._BatchNorm):
-                        owner.num_features = dim - lo
+            for path in layout.input_bns:
+                bn = _get(original, path)
+                if bn is not None:
+                    _set_module(inner, path, slice_bn(bn, lo, dim))
             for path in layout.head_rows:
                 layer = _get(original, path)
                 _set_module(inner, path, _cut_linear(layer, torch.arange(drop, layer.out_features)))
@@ -494,33 +491,9 @@ def _cut_linear(layer: nn.Module, rows: torch.Tensor, col_lo: int = 0) -> nn.Mod
         out = copy.copy(layer)
         out._modules = dict(layer._modules)
         out.linear = _cut_linear(layer.linear, rows, col_lo)
-        out.bn = _cut_bn(layer.bn, rows)
+        out.bn = select_bn(layer.bn, rows.to(layer.linear.weight.device), len(rows))
         return out
     rows = rows.to(layer.weight.device)
     bias = layer.bias[rows] if layer.bias is not None else None
-    if isinstance(layer, nn.Linear):
-        return linear_from(layer.weight[rows][:, col_lo:], bias)
-    weight = layer.weight[rows][:, col_lo:]
-    conv = torch.nn.utils.skip_init(
-        nn.Conv2d, weight.shape[1], weight.shape[0], 1, bias=bias is not None, device=weight.device, dtype=weight.dtype
-    )
-    with torch.no_grad():
-        conv.weight.copy_(weight)
-        if bias is not None:
-            conv.bias.copy_(bias)
-    return conv
-
-
-def _cut_bn(bn: nn.modules.batchnorm._BatchNorm, rows: torch.Tensor) -> nn.modules.batchnorm._BatchNorm:
-    """A copy of ``bn`` over the channels ``rows``."""
-    out = copy.deepcopy(bn)
-    rows = rows.to(bn.running_mean.device if bn.running_mean is not None else bn.weight.device)
-    out.num_features = len(rows)
-    with torch.no_grad():
-        for name in ("weight", "bias"):
-            if getattr(bn, name) is not None:
-                setattr(out, name, nn.Parameter(getattr(bn, name)[rows].clone()))
-        for name in ("running_mean", "running_var"):
-            if getattr(bn, name) is not None:
-                out._buffers[name] = getattr(bn, name)[rows].clone()
-    return out
+    make = linear_from if isinstance(layer, nn.Linear) else conv1x1_from
+    return make(layer.weight[rows][:, col_lo:], bias)

@@ -119,6 +119,9 @@ class Select(BaseModel):
     dilation: int | list[int] | None = None
     in_channels: int | IntRange | None = None
     out_channels: int | IntRange | None = None
+    keeps_shape: bool | None = Field(
+        None, description="true: the layer's output has its input's shape (in == out channels, stride 1); false: not"
+    )
     spatial: int | IntRange | None = Field(None, description="input height of the layer (feature maps)")
     stage: int | list[int] | None = Field(None, description="log2(input/feature size) - 1: 1..4 in a classifier")
     depth: FloatRange | None = Field(None, description="relative position in the forward pass, 0..1")
@@ -729,6 +732,8 @@ def select_matches(sel: Select, info, mro_names: tuple[str, ...]) -> bool:
         if isinstance(sel.groups, int) and g != sel.groups:
             return False
     if not _in(info.in_channels, sel.in_channels) or not _in(info.out_channels, sel.out_channels):
+        return False
+    if sel.keeps_shape is not None and (info.in_shape is None or (info.in_shape == info.out_shape) != sel.keeps_shape):
         return False
     if sel.spatial is not None and not _in(info.spatial[0] if info.spatial else None, sel.spatial):
         return False

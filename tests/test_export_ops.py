@@ -62,6 +62,14 @@ CASES = {
         ("beit", 32, _rule({"type": "Attention"}, "partial_attention", ratio=0.5)),
     ],
     "single_head_attention": [("vit", 32, _rule({"type": "Attention"}, "single_head_attention", ratio=0.25))],
+    "partial_kernel": [  # the strided 3x3s (with BN folded in) and DenseNet's 3x3s that change the width
+        ("resnet18", 32, _rule({"type": "Conv2d", "kernel": 3, "stride": 2}, "partial_kernel")),
+        (
+            "tv_densenet",
+            32,
+            _rule({"type": "Conv2d", "kernel": 3, "keeps_shape": False}, "partial_kernel", strict=False),
+        ),
+    ],
     "partial_residual": [
         ("resnet50", 32, _rule({"type": "Bottleneck"}, "partial_residual", ratio=0.5)),
         ("resnet18", 32, _rule({"type": "BasicBlock"}, "partial_residual", ratio=0.5)),
@@ -84,6 +92,8 @@ def _build(name: str):
         return torchvision.models.convnext_tiny()
     if name == "tv_efficientnet_b0":
         return torchvision.models.efficientnet_b0()
+    if name == "tv_densenet":
+        return torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16)
     if name == "tv_regnet":
         return torchvision.models.regnet_x_400mf()
     return timm.create_model(name)

@@ -76,7 +76,7 @@ def test_scan_lists_exactly_the_built_nodes_by_kind(scanned):
     assert scanned["operators"] == partialize.list_operators()
     assert all(set(n["operators"]) == set(scanned["operators"]) for n in scanned["nodes"])
     s = scanned["summary"]
-    assert (s["conv"]["nodes"], s["conv"]["convertible"]) == (2, 1)
+    assert (s["conv"]["nodes"], s["conv"]["convertible"]) == (2, 2)  # the strided 3 -> 16 stem: partial_kernel
     assert (s["attention"]["nodes"], s["attention"]["convertible"]) == (2, 1)
     assert (s["mlp"]["nodes"], s["mlp"]["convertible"]) == (1, 1)
     # the plain timm Attention is taken by both attention operators; the scale-norm one by neither
@@ -95,6 +95,8 @@ def test_scan_macs_match_a_count_by_hand(scanned):
     assert (pa["macs_before"], pa["macs_after"]) == (196_608, attention_macs(N, 3, 4, 12))
     pm = nodes["mlp"]["operators"]["partial_mlp"]  # 1/2: 8 channels, hidden 16
     assert (pm["macs_before"], pm["macs_after"], pm["ratio"]) == (65_536, mlp_macs(N, 8, 16), 0.5)
+    pk = nodes["stem"]["operators"]["partial_kernel"]  # 1 of 3 inputs keeps the 3x3, 2 a centre tap
+    assert (pk["macs_before"], pk["macs_after"]) == (27_648, conv_macs(3, 1, 16, HW) + conv_macs(1, 2, 16, HW))
     for op in ("patconv", "dpconv", "ada_pconv"):  # the other conv operators take the 3x3 conv too
         r = nodes["conv"]["operators"][op]
         assert r["converts"] and r["macs_before"] == 147_456 and r["macs_after"] < 147_456 / 2, (op, r)
@@ -110,7 +112,7 @@ def test_scan_gives_each_refusal_with_its_reason(scanned):
     assert "does not know how to slice a Attention" in nodes["attn"]["operators"]["partial_mlp"]["reason"]
     assert "converts nn.Conv2d layers, got Mlp" in nodes["mlp"]["operators"]["pconv"]["reason"]
     assert "PAT_sp wraps a dense 1x1" in nodes["conv"]["operators"]["pat_sp"]["reason"]
-    assert not any(r["converts"] for r in nodes["stem"]["operators"].values())
+    assert [op for op, r in nodes["stem"]["operators"].items() if r["converts"]] == ["partial_kernel"]
 
 
 def test_scan_kind_filter_and_errors():
@@ -150,7 +152,7 @@ def test_cli_scan_resnet18_writes_versioned_json(tmp_path):
 
 def test_auto_recipe_validates():
     r = CliRunner().invoke(main, ["recipe", "validate", os.path.join(ROOT, "recipes", "auto.yaml")])
-    assert r.exit_code == 0 and "valid recipe auto (3 rules)" in r.output, r.output
+    assert r.exit_code == 0 and "valid recipe auto (4 rules)" in r.output, r.output
     r = CliRunner().invoke(main, ["recipe", "list"])
     assert "auto " in r.output
 

@@ -50,3 +50,6 @@ from .partial_residual import PartialResidual  # noqa: E402
 from .single_head import SingleHeadAttention  # noqa: E402
 
 __all__ += ["PartialAttention", "PartialMLP", "PartialResidual", "SingleHeadAttention"]
+from .partial_kernel import PartialKernel  # noqa: E402
+
+__all__ += ["PartialKernel"]

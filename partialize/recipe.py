@@ -287,8 +287,21 @@ def _tuplify(v: Any) -> Any:
     return tuple(_tuplify(x) for x in v) if isinstance(v, list) else v
 
 
+def cycle_values(value: Any) -> list | None:
+    """The values of a ``{cycle: [a, b, ...]}`` parameter, given to the layers a rule converts in turn
+    (definition order: a, b, a, b...; the plan records each layer's own value), else None."""
+    if isinstance(value, dict) and set(value) == {"cycle"}:
+        return value["cycle"] if isinstance(value["cycle"], list) else []
+    return None
+
+
 def _value_problem(name: str, value: Any, hints: dict, choices: dict) -> str | None:
     """Why ``value`` is not a valid ``name`` (None when it is)."""
+    cycle = cycle_values(value)
+    if cycle is not None:
+        if not cycle:
+            return f"{value!r}: cycle takes a non-empty list of values"
+        return next((p for p in (_value_problem(name, v, hints, choices) for v in cycle) if p), None)
     if name in choices and value not in choices[name]:
         return f"{value!r} is not one of {', '.join(map(str, choices[name]))}"
     hint = hints.get(name)

@@ -146,3 +146,54 @@ def test_changed_children_of_a_converted_block_are_skipped_with_the_reason():
     assert "changes this layer's channels" in skipped["layer1.1.conv1"]
     assert "changes this layer's channels" in skipped["layer1.1.conv2"]
     assert [e.layer for e in plan.converted] == ["layer1.1"]
+
+
+def _regnet_block(kind: str):
+    """torchvision RegNet blocks: Y with squeeze-excitation on the hidden channels, X without."""
+    net = torchvision.models.regnet_y_400mf() if kind == "y" else torchvision.models.regnet_x_400mf()
+    return net.trunk_output.block2[1]
+
+
+@pytest.mark.parametrize("kind", ["x", "y"])
+@pytest.mark.parametrize("read,offset", [("all", 0.0), ("complement", 0.0), ("complement", 0.5)])
+def test_regnet_block_matches_the_original_with_the_dropped_parts_zeroed(kind, read, offset):
+    """RegNet's branch is nested (f.a.0 ... f.c.1): the cut block equals the original whose last conv
+    and BN output 0 outside the written group and whose first conv ignores the unread inputs; the
+    grouped 3x3 (and the SE) stay as they were, free for a conv rule."""
+    block = _regnet_block(kind).eval()
+    randomize_bn(block)
+    op = PartialResidual.from_module(block, ratio=0.5, offset=offset, read=read).eval()
+    c = block.f.a[0].in_channels
+    o, k = op.offset, op.dim_part
+    assert (op.dim, k, o) == (c, c // 2, int(offset * c))
+    ref = copy.deepcopy(block).eval()
+    rest = [i for i in range(c) if not o <= i < o + k]
+    a, b = op.read_range()
+    with torch.no_grad():
+        ref.f.c[0].weight[rest] = 0
+        bn = ref.f.c[1]
+        bn.weight[rest], bn.bias[rest], bn.running_mean[rest] = 0.0, 0.0, 0.0
+        ref.f.a[0].weight[:, [i for i in range(c) if not a <= i < b]] = 0
+        x = torch.randn(2, c, 10, 10)
+        got = op(x)
+        assert rel_err(got, ref(x)) < 1e-5
+        assert rel_err(op.deploy()(x), got) < 1e-5
+    assert "f.b" in op.kept and ("f.se" in op.kept) == (kind == "y")
+    assert op.f.c[0].out_channels == k and op.f.a[0].in_channels == b - a
+
+
+def test_regnet_projection_block_is_refused_and_auto_alternates_offsets():
+    """The first block of a stage has a projection (``proj``): refused with the reason. ``auto`` turns
+    the others into coupling pairs (offsets 0, 1/2, 0... through ``{cycle: [0, 0.5]}``, each recorded
+    in the plan) and still converts the grouped 3x3 inside each with PConv."""
+    net = torchvision.models.regnet_x_400mf().eval()
+    with pytest.raises(OperatorError, match=r"projection shortcut \(proj\)"):
+        PartialResidual.from_module(net.trunk_output.block2[0])
+    plan = partialize.plan(net, "auto", input_size=64)
+    blocks = [e for e in plan.converted if e.variant == "partial_residual"]
+    offsets = [e.params["offset"] for e in blocks]
+    assert len(blocks) >= 10 and offsets == [(0.0, 0.5)[i % 2] for i in range(len(blocks))]
+    inner = {e.layer for e in plan.converted if e.variant == "pconv"}
+    assert {f"{e.layer}.f.b.0" for e in blocks} <= inner
+    skipped = {e.layer: e.reason for e in plan.skipped}
+    assert "projection shortcut" in skipped["trunk_output.block2.block2-0"]

@@ -17,6 +17,7 @@ from ..recipe import (
     Recipe,
     apply_ratio_word,
     closest_names,
+    cycle_values,
     load_recipe,
     name_matches,
     param_problems,
@@ -147,6 +148,19 @@ class _PlanState:
         self.orig_macs: dict[str, int] = {}
         self.whole: list[str] = []  # converted blocks that claim all their children
         self.containers: dict[str, tuple[str, ...]] = {}  # converted blocks whose unchanged children stay convertible
+        self.cycles: dict[tuple, int] = {}  # (variant, param, values) -> layers converted with that cycle so far
+
+    def _take_cycles(self, decision: Decision) -> tuple[dict, list[tuple]]:
+        """The decision's params with each ``{cycle: [...]}`` value replaced by this layer's turn (the
+        layers converted with it so far, modulo its length), and the cycles' keys."""
+        params, keys = dict(decision.params), []
+        for k, v in decision.params.items():
+            values = cycle_values(v)
+            if values:
+                key = (decision.variant, k, repr(values))
+                params[k] = values[self.cycles.get(key, 0) % len(values)]
+                keys.append(key)
+        return params, keys
 
     def _skip_reason(self, name: str, decision: Decision) -> str | None:
         if any(name_matches(p, name) for p in self.rec.ignore):
@@ -155,7 +169,7 @@ class _PlanState:
         if parent is not None:
             return f"inside {parent}, which is converted as a whole"
         box = next((p for p in self.containers if name.startswith(p + ".")), None)
-        if box is not None and name[len(box) + 1 :].split(".")[0] not in self.containers[box]:
+        if box is not None and not any(_under(name[len(box) + 1 :], kept) for kept in self.containers[box]):
             return f"inside {box}, whose conversion changes this layer's channels"
         owner = _partial_ancestor(name, self.modules)
         if owner is not None:
@@ -176,7 +190,8 @@ class _PlanState:
         if base.reason is not None:
             self.entries.append(base)
             return
-        variant_name, params, ratio = decision.variant, decision.params, decision.ratio
+        variant_name, ratio = decision.variant, decision.ratio
+        params, turns = self._take_cycles(decision)
         op, cost, base.reason = try_operator(
             m, variant_name, ratio, params, self.calls[name], f"layer {name!r} ({rule_desc})"
         )
@@ -184,6 +199,8 @@ class _PlanState:
             self.entries.append(base)
             return
         before, after, basis = cost
+        for key in turns:  # this layer took its turn of each cycle
+            self.cycles[key] = self.cycles.get(key, 0) + 1
         self.orig_macs[name] = before
         kept = op.convertible_children()
         if kept:
@@ -207,6 +224,11 @@ class _PlanState:
                 rule=rule_desc,
             )
         )
+
+
+def _under(rel: str, path: str) -> bool:
+    """Whether the relative name ``rel`` is the kept child ``path`` (dotted for a nested one) or inside it."""
+    return rel == path or rel.startswith(path + ".")
 
 
 def _check_dead_rules(rec: Recipe, hits: list[int], names: list[str]) -> None:

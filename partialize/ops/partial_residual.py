@@ -10,9 +10,12 @@ every channel is still updated every second block. This is our generalisation of
 partial-channel idea from one conv (000 eq. 1: an expensive operator on part of the channels, a cheap
 one, here the identity, on the rest) to a whole residual branch; it is not in papers 000-004.
 
-Known blocks: timm and torchvision ``Bottleneck`` / ``BasicBlock`` with an identity shortcut
-(no ``downsample``, stride 1) and no squeeze-excitation. The block's children keep their names, so a
-recipe can convert an unchanged child too (e.g. the bottleneck's 3x3 ``conv2`` to PATConv).
+Known blocks: timm and torchvision ``Bottleneck`` / ``BasicBlock`` (ResNet, ResNeXt, Wide ResNet)
+and torchvision RegNet's ``ResBottleneckBlock`` (its squeeze-excitation sits inside the branch, on the
+hidden channels, which the cut leaves whole), each with an identity shortcut (no ``downsample`` /
+``proj``, stride 1); squeeze-excitation on the branch *output* is refused. The block's children keep
+their names, so a recipe can convert an unchanged child too (e.g. the bottleneck's 3x3 ``conv2`` to
+PATConv, RegNet's grouped 3x3 ``f.b.0`` to PConv).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from .registry import is_partial_op, register_operator
 
 READ_MODES = ("all", "group", "complement")
 
-# qualified type -> (branch children in forward order, first conv, last conv, last BN, output activation)
+# qualified type -> (branch children in forward order, first conv, last conv, last BN, output activation);
+# the convs and BN are paths (dotted inside a child: RegNet's f.a.0)
 KNOWN_BLOCKS: dict[str, tuple[tuple[str, ...], str, str, str, str]] = {
     "timm.models.resnet.Bottleneck": (
         ("conv1", "bn1", "act1", "conv2", "bn2", "drop_block", "act2", "aa", "conv3", "bn3", "drop_path"),
@@ -60,7 +64,10 @@ KNOWN_BLOCKS: dict[str, tuple[tuple[str, ...], str, str, str, str]] = {
         "bn2",
         "relu",
     ),
+    # x + f(x), then the activation; f = a (1x1), b (grouped 3x3), se (on the hidden channels), c (1x1)
+    "torchvision.models.regnet.ResBottleneckBlock": (("f",), "f.a.0", "f.c.0", "f.c.1", "activation"),
 }
+_SHORTCUTS = ("downsample", "proj")  # a projection shortcut under either name is refused
 
 
 def _qualname(m: nn.Module) -> str:
@@ -77,6 +84,43 @@ def _bn_range(bn: nn.Module, a: int, b: int) -> nn.Module:
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
         raise OperatorError(f"partial_residual expects a BatchNorm after the last conv, got {type(bn).__name__}")
     return slice_bn(bn, a, b)
+
+
+def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _kept_paths(root: nn.Module, names: tuple[str, ...], changed: set[str]) -> tuple[str, ...]:
+    """The children of ``root`` (or, for a child holding a changed path, its own children) that no cut
+    touched: what a recipe may still convert inside the block."""
+    out = []
+    for name in names:
+        inside = [c for c in changed if c == name or c.startswith(name + ".")]
+        if not inside:
+            out.append(name)
+        elif name not in inside:
+            subs = tuple(f"{name}.{n}" for n, _ in root.get_submodule(name).named_children())
+            out.extend(_kept_paths(root, subs, changed))
+    return tuple(out)
+
+
+def _fold_pairs(parent: nn.Module, names: list[str]) -> None:
+    """Fold each (conv, BN) pair adjacent in ``names`` (children of ``parent`` in forward order), where
+    neither is used twice: the conv (or partial operator) absorbs the BN, the BN leaves its remainder."""
+    for conv_name, bn_name in zip(names, names[1:]):
+        conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+        if not is_foldable_bn(bn) or names.count(conv_name) > 1 or names.count(bn_name) > 1:
+            continue
+        if type(conv) is nn.Conv2d and bn.num_features == conv.out_channels:
+            folded = fold_bn_into_conv(conv, bn)
+        elif isinstance(conv, (PartialOperator, InferenceForm)):
+            folded = conv.fold_bn(bn)
+        else:
+            folded = None
+        if folded is not None:
+            setattr(parent, conv_name, folded)
+            setattr(parent, bn_name, bn_remainder(bn))
 
 
 def _act(act: nn.Module, t: torch.Tensor) -> torch.Tensor:
@@ -145,7 +189,7 @@ class PartialResidual(PartialOperator):
             return None
         op = cls.from_module(module, ratio=0.5)
         block = copy.deepcopy(module)
-        last, last_bn = getattr(block, spec[2]), getattr(block, spec[3])
+        last, last_bn = block.get_submodule(spec[2]), block.get_submodule(spec[3])
         keep = torch.zeros(last_bn.num_features, dtype=torch.bool)
         keep[op.offset : op.offset + op.dim_part] = True
         with torch.no_grad():
@@ -207,18 +251,17 @@ class PartialResidual(PartialOperator):
         if read not in READ_MODES:
             raise OperatorError(f"partial_residual read must be one of {READ_MODES}, got {read!r}")
         order, first, last, last_bn, out_act = spec
-        if getattr(original, "downsample", None) is not None:
-            raise OperatorError(
-                "block has a projection shortcut (downsample): its untouched channels would need it too"
-            )
+        short = next((a for a in _SHORTCUTS if getattr(original, a, None) is not None), None)
+        if short is not None:
+            raise OperatorError(f"block has a projection shortcut ({short}): its untouched channels would need it too")
         if getattr(original, "se", None) is not None:
             raise OperatorError("block has squeeze-excitation on the branch output: not supported")
-        convs = [getattr(original, n) for n in order if isinstance(getattr(original, n, None), nn.Conv2d)]
-        if any(c.stride != (1, 1) for c in convs):
+        branch = [getattr(original, n) for n in order if isinstance(getattr(original, n, None), nn.Module)]
+        if any(c.stride != (1, 1) for b in branch for c in b.modules() if isinstance(c, nn.Conv2d)):
             raise OperatorError("strided block: the identity shortcut needs stride 1")
-        dim = getattr(original, last).out_channels
-        if getattr(original, first).in_channels != dim:
-            raise OperatorError(f"block input has {getattr(original, first).in_channels} channels, output {dim}")
+        dim = original.get_submodule(last).out_channels
+        if original.get_submodule(first).in_channels != dim:
+            raise OperatorError(f"block input has {original.get_submodule(first).in_channels} channels, output {dim}")
         if not 0.0 <= float(offset) < 1.0:
             raise OperatorError(f"offset must be a fraction in [0, 1), got {offset!r}")
         k = split_channels(dim, ratio)
@@ -237,36 +280,25 @@ class PartialResidual(PartialOperator):
         changed = {last, last_bn}
         if (a, b) != (0, dim):
             changed.add(first)
-        setattr(op, last, _conv_range(getattr(original, last), (o, o + k), None))
-        setattr(op, last_bn, _bn_range(getattr(original, last_bn), o, o + k))
+        _set(op, last, _conv_range(original.get_submodule(last), (o, o + k), None))
+        _set(op, last_bn, _bn_range(original.get_submodule(last_bn), o, o + k))
         if first in changed:
-            setattr(op, first, _conv_range(getattr(original, first), None, (a, b)))
-        op.kept = tuple(n for n in children if n not in changed)
-        ref = getattr(original, last).weight
+            _set(op, first, _conv_range(original.get_submodule(first), None, (a, b)))
+        op.kept = _kept_paths(op, tuple(children), changed)
+        ref = original.get_submodule(last).weight
         return op.to(ref.device)
 
     def deploy(self) -> PartialResidual:
         """Inference form: inner operators deployed, each (conv, BN) pair along the branch folded,
         one output written channel group by channel group; eval mode, frozen."""
         new = copy.deepcopy(self).eval()
-        for name in dict.fromkeys(new.order):
-            mod = getattr(new, name)
-            if is_partial_op(mod) and callable(getattr(mod, "deploy", None)):
-                setattr(new, name, mod.eval().deploy())
-        names = list(new.order)
-        for conv_name, bn_name in zip(names, names[1:]):
-            conv, bn = getattr(new, conv_name), getattr(new, bn_name)
-            if not is_foldable_bn(bn) or names.count(conv_name) > 1 or names.count(bn_name) > 1:
-                continue
-            if type(conv) is nn.Conv2d and bn.num_features == conv.out_channels:
-                folded = fold_bn_into_conv(conv, bn)
-            elif isinstance(conv, (PartialOperator, InferenceForm)):
-                folded = conv.fold_bn(bn)
-            else:
-                folded = None
-            if folded is None:
-                continue
-            setattr(new, conv_name, folded)
-            setattr(new, bn_name, bn_remainder(bn))
+        inner = [n for n, m in new.named_modules() if n and is_partial_op(m) and callable(getattr(m, "deploy", None))]
+        for name in [n for n in inner if not any(n.startswith(o + ".") for o in inner)]:  # outermost ones
+            _set(new, name, new.get_submodule(name).eval().deploy())
+        _fold_pairs(new, list(new.order))
+        for seq in [
+            m for n in dict.fromkeys(new.order) for m in getattr(new, n).modules() if isinstance(m, nn.Sequential)
+        ]:
+            _fold_pairs(seq, [n for n, _ in seq.named_children()])  # RegNet's f.a = (conv, BN, ReLU)
         new.forward_mode = "write"
         return new.requires_grad_(False)

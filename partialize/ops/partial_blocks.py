@@ -154,7 +154,9 @@ def mlp_layers(block: nn.Module) -> tuple[list[nn.Module], bool, int] | None:
     """Flatten a known MLP-like block into (layers, residual, channel_dim) or None if unknown.
 
     Known: timm ``Mlp``/``ConvMlp`` (fc1, act, drop1, norm, fc2, drop2), torchvision ``MLP`` /
-    ``MLPBlock`` and plain Sequentials of Linear/1x1 conv layers, timm ``InvertedResidual``
+    ``MLPBlock`` and plain Sequentials of Linear/1x1 conv layers, any class named ``*Mlp*`` / ``*FFN*``
+    whose forward is a chain of its children (``traced_chain``; FastViT, TinyViT, InceptionNeXt,
+    EfficientFormer (V2), EfficientViT, SHViT, SwiftFormer, RepViT), timm ``InvertedResidual``
     (conv_pw, bn1, conv_dw, bn2, aa, se, conv_pwl, bn3, skip) and torchvision ``InvertedResidual``,
     ``MBConv`` and ``FusedMBConv``.
     """
@@ -194,14 +196,75 @@ def mlp_layers(block: nn.Module) -> tuple[list[nn.Module], bool, int] | None:
                 "its untouched channels would have nowhere to go"
             )
         return _flatten(getattr(block, _TV_INVERTED[_qualname(block)])), True, 1
-    if isinstance(block, nn.Sequential):
-        flat = _flatten(block)
+    # a traced chain only for a class named an MLP / FFN: partial_mlp's zeros for the untouched channels
+    # assume the branch of a residual, which is what transformer / MetaFormer blocks call by that name
+    named_mlp = any(w in type(block).__name__.lower() for w in ("mlp", "ffn"))
+    flat = _flatten(block) if isinstance(block, nn.Sequential) else traced_chain(block) if named_mlp else None
+    if flat is not None:
         kinds = [m for m in flat if _width_change(m) is not None]
         if len(kinds) == 2 and _width_change(kinds[0])[1] == _width_change(kinds[1])[0]:
             ch_dim = _sequential_channel_dim(flat)
             if ch_dim is not None:
                 return flat, False, ch_dim
     return None
+
+
+# layers _slice_layer cuts itself (timm's BatchNormAct2d is a BatchNorm with children)
+_SLICEABLE = (nn.Linear, nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
+
+
+def traced_chain(block: nn.Module, depth: int = 0) -> list[nn.Module] | None:
+    """The layers of a module whose forward is exactly a chain of calls of its children (each output
+    the next one's only input; timm's model-specific ``ConvMlp`` / ``NormMlp`` / ``FFN`` classes), read
+    from an fx trace with every child a leaf, a child that is itself such a chain (or a Sequential)
+    flattened; None for anything else: an operation between the calls, a parameter or buffer read in
+    the forward, a second input, a child with weights called twice (a weightless dropout may be)."""
+    import torch.fx as fx
+
+    class _Children(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return True
+
+    if depth > 3 or not any(True for _ in block.children()):
+        return None
+    try:
+        graph = _Children().trace(block)
+    except Exception:  # untraceable forward: not a chain we can read
+        return None
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    calls = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+    out = next(n for n in graph.nodes if n.op == "output")
+    if len(inputs) != 1 or not calls or any(n.op != "call_module" for n in calls):
+        return None
+    prev = inputs[0]
+    for n in calls:
+        if n.args != (prev,) or n.kwargs:
+            return None
+        prev = n
+    if out.args[0] is not prev:
+        return None
+    layers: list[nn.Module] = []
+    for n in calls:
+        m = block.get_submodule(n.target)
+        weighted = any(True for _ in m.parameters())
+        if weighted and sum(c.target == n.target for c in calls) > 1:
+            return None
+        if isinstance(m, nn.Sequential):
+            layers.extend(_flatten(m))
+        elif weighted and not isinstance(m, _SLICEABLE) and _qualname(m) not in _SE_CLASSES:
+            inner = traced_chain(m, depth + 1)  # timm ConvNormAct: conv, bn (, aa)
+            if inner is None:
+                return None
+            layers.extend(inner)
+        else:
+            layers.append(m)
+    called = {n.target for n in calls}
+    unused = [name for name, c in block.named_children() if name not in called and any(True for _ in c.parameters())]
+    if unused:  # weights the forward does not use would be lost without a word if it ever did
+        raise OperatorError(
+            f"partial_mlp: {type(block).__name__} has weighted children its forward never calls: {unused}"
+        )
+    return layers
 
 
 def _sequential_channel_dim(flat: list[nn.Module]) -> int | None:

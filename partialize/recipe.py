@@ -119,6 +119,7 @@ class Select(BaseModel):
     dilation: int | list[int] | None = None
     in_channels: int | IntRange | None = None
     out_channels: int | IntRange | None = None
+    pointwise: bool | None = Field(None, description="true: a 1x1 conv; false: a conv with a spatial kernel")
     keeps_shape: bool | None = Field(
         None, description="true: the layer's output has its input's shape (in == out channels, stride 1); false: not"
     )
@@ -745,6 +746,8 @@ def select_matches(sel: Select, info, mro_names: tuple[str, ...]) -> bool:
         if isinstance(sel.groups, int) and g != sel.groups:
             return False
     if not _in(info.in_channels, sel.in_channels) or not _in(info.out_channels, sel.out_channels):
+        return False
+    if sel.pointwise is not None and (info.kernel is None or all(k == 1 for k in info.kernel) != sel.pointwise):
         return False
     if sel.keeps_shape is not None and (info.in_shape is None or (info.in_shape == info.out_shape) != sel.keeps_shape):
         return False

@@ -154,3 +154,133 @@ def test_auto_converts_them_and_exports():
     sess = ort.InferenceSession(f.getvalue(), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(sess.run(None, {"input": x.numpy().astype(np.float32)})[0])
     assert rel_err(got, want) < 1e-4
+
+
+# --- blocks that are x + a chain of their layers, and two torchvision blocks -----------------------
+
+
+def _maxvit_mbconv():
+    from torchvision.models.maxvit import MBConv
+
+    return MBConv(32, 32, 4.0, 0.25, 1, nn.GELU, nn.BatchNorm2d, 0.0)
+
+
+def _timm_block(model: str, layer: str):
+    def build():
+        torch.manual_seed(0)
+        return timm.create_model(model).get_submodule(layer)
+
+    return build
+
+
+# class -> (builder, first mixer, second mixer, other layers reading the hidden units)
+RESIDUAL = {
+    "swiftformer.ConvEncoder": (_timm_block("swiftformer_xs", "stages.0.blocks.0"), "pwconv1", "pwconv2"),
+    "iformer.Residual": (_timm_block("iformer_s", "stages.0.blocks.0.mixer"), "module.1.c", "module.3.c"),
+    # BN first; the SE's squeeze reads the kept hidden units only, so its input columns >= h are zeroed too
+    "maxvit.MBConv": (_maxvit_mbconv, "layers.conv_a.0", "layers.conv_c", "layers.squeeze_excitation.fc1"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESIDUAL))
+def test_residual_chain_equals_input_plus_the_masked_branch(name):
+    """Kept channels: x + the original branch with the dropped inputs and hidden units zeroed (read off
+    the original block as ref(x') - x'); the other channels: x itself. Faithful at ratio 1."""
+    build, fc1, fc2, *also = RESIDUAL[name]
+    module = nondegenerate_(build().eval())
+    c = module.get_submodule(fc1).in_channels
+    x = torch.randn(2, c, 14, 14, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = PartialMLP.from_module(module, ratio=1.0, hidden_ratio=1.0).eval()
+        assert rel_err(whole(x), module(x)) < 1e-5
+        op = PartialMLP.from_module(module).eval()
+        assert op.residual and op.channel_dim == 1
+        n, h = op.dim_part, module.get_submodule(fc1).out_channels // 2
+        ref = copy.deepcopy(module).eval()
+        ref.get_submodule(fc1).weight[:, n:] = 0
+        for layer in (fc2, *also):
+            ref.get_submodule(layer).weight[:, h:] = 0
+        xm = x.clone()
+        xm[:, n:] = 0
+        branch = (ref(xm) - xm)[:, :n]
+        got = op(x)
+        assert rel_err(got[:, :n], x[:, :n] + branch) < 1e-5
+        assert torch.equal(got[:, n:], x[:, n:])
+        assert rel_err(op.deploy()(x), got) < 1e-5
+        assert rel_err(got, module(x)) > 0.01
+
+
+def test_shufflenet_unit_runs_branch2_on_half_of_its_half():
+    """stride-1 ShuffleNetV2 unit: x1 and the untouched x2 channels pass through, branch2's first
+    layers see the kept x2 channels only; checked against the original branch with the dropped inputs
+    and hidden units zeroed, then torchvision's own channel shuffle."""
+    import torchvision
+    from torchvision.models.shufflenetv2 import channel_shuffle
+
+    unit = nondegenerate_(torchvision.models.shufflenet_v2_x0_5().stage2[1].eval())
+    x = torch.randn(2, 48, 14, 14, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel_err(PartialMLP.from_module(unit, ratio=1.0, hidden_ratio=1.0).eval()(x), unit(x)) < 1e-6
+        op = PartialMLP.from_module(unit).eval()
+        n, h = op.dim_part, 12  # 24 channels in x2: 12 kept, 12 of its 24 hidden units
+        assert n == 12
+        ref = copy.deepcopy(unit.branch2)
+        ref[0].weight[:, n:] = 0
+        ref[5].weight[:, h:] = 0
+        x1, x2 = x.chunk(2, dim=1)
+        x2m = x2.clone()
+        x2m[:, n:] = 0
+        want = channel_shuffle(torch.cat((x1, ref(x2m)[:, :n], x2[:, n:]), dim=1), 2)
+        assert rel_err(op(x), want) < 1e-5
+        assert rel_err(op.deploy()(x), op(x)) < 1e-5
+    strided = torchvision.models.shufflenet_v2_x0_5().stage2[0]
+    with pytest.raises(OperatorError, match="strided ShuffleNet unit"):
+        PartialMLP.from_module(strided)
+
+
+def test_a_residual_chain_with_anything_else_is_refused():
+    class Scaled(nn.Module):  # x + 0.5 * f(x): an operation after the chain
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Conv2d(8, 16, 1), nn.GELU(), nn.Conv2d(16, 8, 1)
+
+        def forward(self, x):
+            return x + 0.5 * self.fc2(self.act(self.fc1(x)))
+
+    class Twice(Scaled):  # the input read again inside the branch
+        def forward(self, x):
+            return x + self.fc2(self.act(self.fc1(x))) * x
+
+    class Plain(Scaled):
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x))) + x
+
+    for cls in (Scaled, Twice):
+        with pytest.raises(OperatorError, match="does not know how to slice"):
+            PartialMLP.from_module(cls())
+    op = PartialMLP.from_module(Plain())
+    x = torch.randn(1, 8, 4, 4)
+    assert op.residual and torch.equal(op(x)[:, 4:], x[:, 4:])
+
+
+def test_pointwise_selector_and_one_by_seven_kernels():
+    """``pointwise: false`` selects Inception's 1x7 / 7x1 convs and 3x3s but no 1x1; ``auto`` turns
+    the in != out ones into partial_kernel and the in == out ones into PConv."""
+    import torchvision
+
+    net = torchvision.models.inception_v3(aux_logits=False, init_weights=False).eval()
+    rec = {
+        "version": 1,
+        "strict": False,
+        "rules": [{"select": {"type": "Conv2d", "pointwise": False}, "variant": "skip"}],
+    }
+    plan = partialize.plan(net, rec, input_size=299)
+    picked = {e.layer for e in plan.entries}
+    convs = {n: m for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+    assert picked == {n for n, m in convs.items() if m.kernel_size != (1, 1)}
+    assert "Mixed_6b.branch7x7_2.conv" in picked  # a 1x7
+    auto = {e.layer: e.variant for e in partialize.plan(net, "auto", input_size=299).converted}
+    c17 = convs["Mixed_6b.branch7x7_2.conv"]  # 128 -> 128, 1x7
+    assert c17.kernel_size == (1, 7) and auto["Mixed_6b.branch7x7_2.conv"] == "pconv"
+    c71 = convs["Mixed_6b.branch7x7_3.conv"]  # 128 -> 192, 7x1
+    assert c71.in_channels != c71.out_channels and auto["Mixed_6b.branch7x7_3.conv"] == "partial_kernel"

@@ -34,6 +34,11 @@ _MLP_LIKE = (
     "GlobalResponseNormMlp",
     "Bottleneck",
     "BasicBlock",
+    "ResBottleneckBlock",
+    "UniversalInvertedResidual",
+    "ConvEncoder",
+    "NormMlp",
+    "FFN",
 )
 # attention named otherwise (ConViT's GPSA / MHSA, XCiT's XCA); and classes named for attention that
 # gate channels or branches, not tokens (no softmax over a q k product): not attention nodes

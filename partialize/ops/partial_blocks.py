@@ -94,10 +94,24 @@ def _slice_se(se: nn.Module, n: int, where: str) -> nn.Module:
     return new
 
 
+# per-channel scales x * gamma (gamma over the channels, first dim): cut to the kept channels
+_LAYER_SCALES = (
+    "timm.layers.layer_scale.LayerScale",
+    "timm.layers.layer_scale.LayerScale2d",
+    "timm.models.swiftformer.LayerScale2d",
+)
+# per-sample branch dropout (training only): the same on any width
+_DROP_PATHS = ("timm.layers.drop.DropPath", "torchvision.ops.stochastic_depth.StochasticDepth")
+
+
 def _slice_layer(m: nn.Module, n_in: int | None, n_out: int | None, where: str) -> nn.Module:
     """Copy of ``m`` restricted to its first ``n_in`` input and ``n_out`` output channels."""
-    if _is_channelwise(m):
+    if _is_channelwise(m) or _qualname(m) in _DROP_PATHS:
         return copy.deepcopy(m)
+    if _qualname(m) in _LAYER_SCALES and isinstance(getattr(m, "gamma", None), nn.Parameter):
+        new = copy.deepcopy(m)
+        new.gamma = nn.Parameter(m.gamma.detach()[:n_out].clone())
+        return new
     if _qualname(m) in _SE_CLASSES:
         return _slice_se(m, n_out, where)
     if type(m) is nn.Linear:
@@ -186,6 +200,13 @@ def mlp_layers(block: nn.Module) -> tuple[list[nn.Module], bool, int] | None:
         ]
         _require_all_consumed(block, seq)
         return seq, True, 1
+    if _qualname(block) == "torchvision.models.maxvit.MBConv":  # res = proj(x); res + drop(layers(x))
+        if not isinstance(block.proj, nn.Identity):
+            raise OperatorError(
+                "MaxViT MBConv with a projection shortcut (stride 2 or in != out): "
+                "its untouched channels would have nowhere to go"
+            )
+        return _flatten(block.layers), True, 1
     if _qualname(block) in _TV_INVERTED:
         skip = getattr(block, "use_res_connect", getattr(block, "apply_residual", None))
         if skip is None:  # a torchvision version that names its skip otherwise: not known, not guessed
@@ -200,12 +221,15 @@ def mlp_layers(block: nn.Module) -> tuple[list[nn.Module], bool, int] | None:
     # assume the branch of a residual, which is what transformer / MetaFormer blocks call by that name
     named_mlp = any(w in type(block).__name__.lower() for w in ("mlp", "ffn"))
     flat = _flatten(block) if isinstance(block, nn.Sequential) else traced_chain(block) if named_mlp else None
+    skip = False
+    if flat is None and not isinstance(block, nn.Sequential):  # x + chain(x): right under any name
+        flat, skip = traced_chain(block, residual=True), True
     if flat is not None:
         kinds = [m for m in flat if _width_change(m) is not None]
         if len(kinds) == 2 and _width_change(kinds[0])[1] == _width_change(kinds[1])[0]:
             ch_dim = _sequential_channel_dim(flat)
             if ch_dim is not None:
-                return flat, False, ch_dim
+                return flat, skip, ch_dim
     return None
 
 
@@ -213,12 +237,16 @@ def mlp_layers(block: nn.Module) -> tuple[list[nn.Module], bool, int] | None:
 _SLICEABLE = (nn.Linear, nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
 
 
-def traced_chain(block: nn.Module, depth: int = 0) -> list[nn.Module] | None:
+def traced_chain(block: nn.Module, depth: int = 0, residual: bool = False) -> list[nn.Module] | None:
     """The layers of a module whose forward is exactly a chain of calls of its children (each output
     the next one's only input; timm's model-specific ``ConvMlp`` / ``NormMlp`` / ``FFN`` classes), read
     from an fx trace with every child a leaf, a child that is itself such a chain (or a Sequential)
-    flattened; None for anything else: an operation between the calls, a parameter or buffer read in
-    the forward, a second input, a child with weights called twice (a weightless dropout may be)."""
+    flattened; with ``residual``, a chain whose result is added to the block's input (``x + f(x)``:
+    SwiftFormer's ``ConvEncoder``, MobileNetV5's ``EdgeResidual``, a ``Residual`` wrapper). None for
+    anything else: an operation between the calls, a parameter or buffer read in the forward, a second
+    input, a child with weights called twice (a weightless dropout may be)."""
+    import operator
+
     import torch.fx as fx
 
     class _Children(fx.Tracer):
@@ -233,7 +261,13 @@ def traced_chain(block: nn.Module, depth: int = 0) -> list[nn.Module] | None:
         return None
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     calls = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
-    out = next(n for n in graph.nodes if n.op == "output")
+    out = next(n for n in graph.nodes if n.op == "output").args[0]
+    if residual:  # the last operation must be input + chain (either order), nothing else reads the input
+        add = calls.pop() if calls else None
+        ok = add is out and add.op == "call_function" and add.target in (operator.add, torch.add) and not add.kwargs
+        if not ok or len(add.args) != 2 or inputs[0] not in add.args or len(inputs[0].users) != 2 or not calls:
+            return None
+        out = add.args[1] if add.args[0] is inputs[0] else add.args[0]
     if len(inputs) != 1 or not calls or any(n.op != "call_module" for n in calls):
         return None
     prev = inputs[0]
@@ -241,7 +275,7 @@ def traced_chain(block: nn.Module, depth: int = 0) -> list[nn.Module] | None:
         if n.args != (prev,) or n.kwargs:
             return None
         prev = n
-    if out.args[0] is not prev:
+    if out is not prev:
         return None
     layers: list[nn.Module] = []
     for n in calls:
@@ -251,7 +285,7 @@ def traced_chain(block: nn.Module, depth: int = 0) -> list[nn.Module] | None:
             return None
         if isinstance(m, nn.Sequential):
             layers.extend(_flatten(m))
-        elif weighted and not isinstance(m, _SLICEABLE) and _qualname(m) not in _SE_CLASSES:
+        elif weighted and not isinstance(m, _SLICEABLE) and _qualname(m) not in (*_SE_CLASSES, *_LAYER_SCALES):
             inner = traced_chain(m, depth + 1)  # timm ConvNormAct: conv, bn (, aa)
             if inner is None:
                 return None
@@ -277,7 +311,9 @@ def _sequential_channel_dim(flat: list[nn.Module]) -> int | None:
             dims.add(1)
         elif isinstance(m, nn.Linear) or isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
             dims.add(-1)
-        elif not _is_channelwise(m):
+        elif _qualname(m) in _LAYER_SCALES:  # gamma over the channels: (C,) on tokens, (C, 1, 1) or 2d on maps
+            dims.add(1 if type(m).__name__.endswith("2d") else -1)
+        elif not (_is_channelwise(m) or _qualname(m) in _DROP_PATHS):
             return None
     return dims.pop() if len(dims) == 1 else None
 
@@ -366,6 +402,8 @@ class PartialMLP(PartialOperator):
         first ``ratio`` of the channels and first ``hidden_ratio`` of its hidden units."""
         if _qualname(original) == "torchvision.models.convnext.CNBlock":
             return PartialCNBlock.from_cnblock(original, ratio, hidden_ratio)
+        if _qualname(original) == "torchvision.models.shufflenetv2.InvertedResidual":
+            return PartialShuffleUnit.from_unit(original, ratio, hidden_ratio)
         gated = slice_gated(original, ratio, hidden_ratio, _slice_layer)
         if gated is not None:
             layers, dim, n, ch_dim = gated
@@ -397,8 +435,10 @@ class PartialMLP(PartialOperator):
             else:
                 width = h if seen == 1 else n
                 sliced.append(_slice_layer(m, width, width, type(original).__name__))
-        drop = _drop_path_of(original)
-        return cls(sliced, dim, n, residual, ch_dim, drop if residual else None)
+        chained = {id(m) for m in layers}  # a traced residual chain already holds its drop path
+        own = any(id(getattr(original, a, None)) in chained for a in _DROP_PATH_ATTRS)
+        drop = None if own or not residual else _drop_path_of(original)
+        return cls(sliced, dim, n, residual, ch_dim, drop)
 
     def deploy(self) -> PartialMLP:
         """Inference form: eval mode, frozen, each (conv, BN) pair of the block folded."""
@@ -410,6 +450,28 @@ class PartialMLP(PartialOperator):
                 layers[i], layers[i + 1] = fold_bn_into_conv(conv, bn), bn_remainder(bn)
         new.layers = nn.Sequential(*layers)
         return new.requires_grad_(False)
+
+
+class PartialShuffleUnit(PartialMLP):
+    """torchvision ShuffleNetV2's stride-1 unit, ``shuffle(cat(x1, branch2(x2)))``: ``branch2`` (1x1,
+    depthwise 3x3, 1x1) runs on the first n of the x2 half and its first h hidden units; the other x2
+    channels pass through unchanged, as x1 does (ShuffleNet's own split, applied once more), then the
+    same channel shuffle. At ratio 1 it is the unit itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=1)
+        n = self.dim_part
+        out = torch.cat((x1, self.layers(x2[:, :n]), x2[:, n:]), dim=1)
+        b, c, h, w = out.shape
+        return out.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)  # channel shuffle, 2 groups
+
+    @classmethod
+    def from_unit(cls, unit: nn.Module, ratio: float, hidden_ratio: float | None) -> PartialShuffleUnit:
+        if unit.stride != 1:
+            raise OperatorError("strided ShuffleNet unit: both branches read every channel, none passes through")
+        _require_all_consumed(unit, [unit.branch1, unit.branch2])
+        inner = PartialMLP.from_module(unit.branch2, ratio, hidden_ratio)  # a Sequential of two 1x1 convs
+        return cls(list(inner.layers), inner.dim, inner.dim_part, False, 1)
 
 
 class PartialCNBlock(PartialMLP):

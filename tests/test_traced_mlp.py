@@ -176,6 +176,12 @@ def _timm_block(model: str, layer: str):
 # class -> (builder, first mixer, second mixer, other layers reading the hidden units)
 RESIDUAL = {
     "swiftformer.ConvEncoder": (_timm_block("swiftformer_xs", "stages.0.blocks.0"), "pwconv1", "pwconv2"),
+    # main(pre_norm(x)) + shortcut(x), pre_norm and shortcut nn.Identity
+    "efficientvit_mit.ResidualBlock": (
+        _timm_block("efficientvit_b0", "stages.1.blocks.1"),
+        "main.inverted_conv.conv",
+        "main.point_conv.conv",
+    ),
     "iformer.Residual": (_timm_block("iformer_s", "stages.0.blocks.0.mixer"), "module.1.c", "module.3.c"),
     # BN first; the SE's squeeze reads the kept hidden units only, so its input columns >= h are zeroed too
     "maxvit.MBConv": (_maxvit_mbconv, "layers.conv_a.0", "layers.conv_c", "layers.squeeze_excitation.fc1"),

@@ -259,6 +259,10 @@ def traced_chain(block: nn.Module, depth: int = 0, residual: bool = False) -> li
         graph = _Children().trace(block)
     except Exception:  # untraceable forward: not a chain we can read
         return None
+    for n in list(graph.nodes):  # an nn.Identity call is its input (EfficientViT's `shortcut(x)`)
+        if n.op == "call_module" and isinstance(block.get_submodule(n.target), nn.Identity) and len(n.args) == 1:
+            n.replace_all_uses_with(n.args[0])
+            graph.erase_node(n)
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     calls = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
     out = next(n for n in graph.nodes if n.op == "output").args[0]

@@ -289,8 +289,9 @@ def _tuplify(v: Any) -> Any:
 
 
 def cycle_values(value: Any) -> list | None:
-    """The values of a ``{cycle: [a, b, ...]}`` parameter, given to the layers a rule converts in turn
-    (definition order: a, b, a, b...; the plan records each layer's own value), else None."""
+    """The values of a ``{cycle: [a, b, ...]}`` parameter, given in turn to the layers the rule selects
+    (definition order: a, b, a, b..., a layer the operator then refuses included; the plan records each
+    converted layer's own value), else None."""
     if isinstance(value, dict) and set(value) == {"cycle"}:
         return value["cycle"] if isinstance(value["cycle"], list) else []
     return None
@@ -302,6 +303,8 @@ def _value_problem(name: str, value: Any, hints: dict, choices: dict) -> str | N
     if cycle is not None:
         if not cycle:
             return f"{value!r}: cycle takes a non-empty list of values"
+        if any(cycle_values(v) is not None for v in cycle):
+            return f"{value!r}: a cycle's values cannot be cycles"
         return next((p for p in (_value_problem(name, v, hints, choices) for v in cycle) if p), None)
     if name in choices and value not in choices[name]:
         return f"{value!r} is not one of {', '.join(map(str, choices[name]))}"

@@ -81,9 +81,9 @@ def test_a_ratio_word_the_chosen_variant_does_not_take_names_the_layer_and_rule(
 
 
 def test_a_cycle_param_gives_the_converted_layers_its_values_in_turn(model):
-    """``{cycle: [a, b]}``: the layers a rule converts take a, b, a... in definition order, counting only
-    layers really converted (the refused stride-2 blocks take no turn); each value is checked like a
-    plain one, and the plan records the concrete value."""
+    """``{cycle: [a, b]}``: the layers the rule selects take a, b, a... in definition order, the refused
+    stride-2 blocks too (so a value the operator always refuses cannot stall the cycle); each value is
+    checked like a plain one, and the plan records the concrete value."""
     recipe = {
         "version": 1,
         "rules": [
@@ -97,9 +97,15 @@ def test_a_cycle_param_gives_the_converted_layers_its_values_in_turn(model):
     }
     plan = partialize.plan(model, recipe, input_size=32)
     got = [(e.layer, e.params["offset"]) for e in plan.converted]
-    assert got == [("layer1.0", 0.0), ("layer1.1", 0.5), ("layer2.1", 0.0), ("layer3.1", 0.5), ("layer4.1", 0.0)]
+    # turns: layer1.0 0, layer1.1 0.5, layer2.0 0 (refused), layer2.1 0.5, layer3.0 0 (refused), ...
+    assert got == [("layer1.0", 0.0), ("layer1.1", 0.5), ("layer2.1", 0.5), ("layer3.1", 0.5), ("layer4.1", 0.5)]
     assert {e.layer for e in plan.skipped} == {"layer2.0", "layer3.0", "layer4.0"}  # projection shortcuts
-    for bad, match in (({"cycle": []}, "non-empty list"), ({"cycle": [0.0, "half"]}, "'half' is not a valid")):
+    bad_values = (
+        ({"cycle": []}, "non-empty list"),
+        ({"cycle": [0.0, "half"]}, "'half' is not a valid"),
+        ({"cycle": [0.0, {"cycle": [0.5]}]}, "cannot be cycles"),
+    )
+    for bad, match in bad_values:
         recipe["rules"][0]["params"]["offset"] = bad
         with pytest.raises(RecipeError, match=match):
             partialize.plan(model, recipe, input_size=32)

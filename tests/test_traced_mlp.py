@@ -290,3 +290,63 @@ def test_pointwise_selector_and_one_by_seven_kernels():
     assert c17.kernel_size == (1, 7) and auto["Mixed_6b.branch7x7_2.conv"] == "pconv"
     c71 = convs["Mixed_6b.branch7x7_3.conv"]  # 128 -> 192, 7x1
     assert c71.in_channels != c71.out_channels and auto["Mixed_6b.branch7x7_3.conv"] == "partial_kernel"
+
+
+def test_chains_that_only_look_like_chains_are_refused():
+    """What the review found: a Sequential subclass with its own forward, a LayerNorm subclass, a
+    forward that branches on self.training, a hooked child, a stateful weightless layer called twice:
+    each would be cut into a different function, so each is refused (or, for the subclass, not
+    flattened)."""
+
+    class Doubling(nn.Sequential):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class WithNoise(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.noise, self.fc2 = nn.Conv2d(8, 16, 1), nn.Dropout(0.5), nn.Conv2d(16, 8, 1)
+
+        def forward(self, x):
+            x = self.fc1(x)
+            if self.training:
+                x = self.noise(x)
+            return self.fc2(x)
+
+    class TwiceNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.bn, self.fc2 = nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16, affine=False), nn.Conv2d(16, 16, 1)
+            self.fc3 = nn.Conv2d(16, 8, 1)
+
+        def forward(self, x):
+            return self.fc3(self.bn(self.fc2(self.bn(self.fc1(x)))))
+
+    from timm.layers import LayerNormAct
+
+    cases = [
+        _named("DoublingMlp", [Doubling(nn.Linear(8, 16), nn.GELU()), nn.Linear(16, 8)]),
+        _named("NormActMlp", [nn.Linear(8, 16), LayerNormAct(16, act_layer=nn.ReLU), nn.Linear(16, 8)]),
+        type("NoiseMlp", (WithNoise,), {})(),
+        type("TwiceNormMlp", (TwiceNorm,), {})(),
+    ]
+    hooked = _named("HookedMlp", [nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)])
+    hooked.layer0.register_forward_hook(lambda m, i, o: o * 3)
+    cases.append(hooked)
+    for block in cases:
+        with pytest.raises(OperatorError):
+            PartialMLP.from_module(block, ratio=1.0, hidden_ratio=1.0)
+
+
+def _named(name: str, layers: list[nn.Module]) -> nn.Module:
+    """A module of class ``name`` whose forward calls ``layers`` in order (layer0, layer1, ...)."""
+
+    def forward(self, x):
+        for i in range(len(layers)):
+            x = getattr(self, f"layer{i}")(x)
+        return x
+
+    block = type(name, (nn.Module,), {"forward": forward})()
+    for i, m in enumerate(layers):
+        setattr(block, f"layer{i}", m)
+    return block

@@ -148,19 +148,22 @@ class _PlanState:
         self.orig_macs: dict[str, int] = {}
         self.whole: list[str] = []  # converted blocks that claim all their children
         self.containers: dict[str, tuple[str, ...]] = {}  # converted blocks whose unchanged children stay convertible
-        self.cycles: dict[tuple, int] = {}  # (variant, param, values) -> layers converted with that cycle so far
+        self.cycles: dict[tuple, int] = {}  # (matching rules, param, values) -> layers that took a turn
 
-    def _take_cycles(self, decision: Decision) -> tuple[dict, list[tuple]]:
-        """The decision's params with each ``{cycle: [...]}`` value replaced by this layer's turn (the
-        layers converted with it so far, modulo its length), and the cycles' keys."""
-        params, keys = dict(decision.params), []
+    def _take_cycles(self, decision: Decision) -> dict:
+        """The decision's params with each ``{cycle: [...]}`` value replaced by this layer's turn: the
+        layers selected by the same rules that reached their operator before it, modulo the cycle's
+        length (a refused layer takes its turn too, so one value the operator always refuses cannot
+        stall the cycle)."""
+        params = dict(decision.params)
         for k, v in decision.params.items():
             values = cycle_values(v)
             if values:
-                key = (decision.variant, k, repr(values))
-                params[k] = values[self.cycles.get(key, 0) % len(values)]
-                keys.append(key)
-        return params, keys
+                key = (decision.rules, k, repr(values))
+                turn = self.cycles.get(key, 0)
+                params[k] = values[turn % len(values)]
+                self.cycles[key] = turn + 1
+        return params
 
     def _skip_reason(self, name: str, decision: Decision) -> str | None:
         if any(name_matches(p, name) for p in self.rec.ignore):
@@ -191,7 +194,7 @@ class _PlanState:
             self.entries.append(base)
             return
         variant_name, ratio = decision.variant, decision.ratio
-        params, turns = self._take_cycles(decision)
+        params = self._take_cycles(decision)
         op, cost, base.reason = try_operator(
             m, variant_name, ratio, params, self.calls[name], f"layer {name!r} ({rule_desc})"
         )
@@ -199,8 +202,6 @@ class _PlanState:
             self.entries.append(base)
             return
         before, after, basis = cost
-        for key in turns:  # this layer took its turn of each cycle
-            self.cycles[key] = self.cycles.get(key, 0) + 1
         self.orig_macs[name] = before
         kept = op.convertible_children()
         if kept:

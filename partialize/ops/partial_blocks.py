@@ -64,11 +64,17 @@ _ACROSS_UNITS = (nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d, nn.GLU, nn
 _METAFORMER_ACTS = ("timm.models.metaformer.StarReLU", "timm.models.metaformer.SquaredReLU")
 
 
+def plain_sequential(m: nn.Module) -> bool:
+    """An nn.Sequential (or subclass) that runs its children in order and nothing else: a subclass with
+    its own forward may do anything between or after them."""
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
 def _is_channelwise(m: nn.Module) -> bool:
     """A layer that acts on each element alone, the same way for every unit: activations and dropout,
     weightless or with scalar weights only (StarReLU's s * relu(x)^2 + b, a one-parameter PReLU), which
     a slice keeps whole."""
-    if isinstance(m, _PASSTHROUGH):
+    if type(m) in _PASSTHROUGH:  # exact types: a subclass may override forward
         return True
     if isinstance(m, _ACROSS_UNITS):
         return False
@@ -123,7 +129,7 @@ def _slice_layer(m: nn.Module, n_in: int | None, n_out: int | None, where: str) 
             raise OperatorError(f"{where}: {e}") from None
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         return slice_bn(m, 0, n_out)
-    if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+    if type(m) is nn.LayerNorm and len(m.normalized_shape) == 1:  # a subclass may add to it (LayerNormAct)
         new = nn.LayerNorm(n_out, eps=m.eps, elementwise_affine=m.elementwise_affine, bias=m.bias is not None)
         if m.elementwise_affine:
             with torch.no_grad():
@@ -220,9 +226,9 @@ def mlp_layers(block: nn.Module) -> tuple[list[nn.Module], bool, int] | None:
     # a traced chain only for a class named an MLP / FFN: partial_mlp's zeros for the untouched channels
     # assume the branch of a residual, which is what transformer / MetaFormer blocks call by that name
     named_mlp = any(w in type(block).__name__.lower() for w in ("mlp", "ffn"))
-    flat = _flatten(block) if isinstance(block, nn.Sequential) else traced_chain(block) if named_mlp else None
+    flat = _flatten(block) if plain_sequential(block) else traced_chain(block) if named_mlp else None
     skip = False
-    if flat is None and not isinstance(block, nn.Sequential):  # x + chain(x): right under any name
+    if flat is None and not plain_sequential(block):  # x + chain(x): right under any name
         flat, skip = traced_chain(block, residual=True), True
     if flat is not None:
         kinds = [m for m in flat if _width_change(m) is not None]
@@ -235,6 +241,11 @@ def mlp_layers(block: nn.Module) -> tuple[list[nn.Module], bool, int] | None:
 
 # layers _slice_layer cuts itself (timm's BatchNormAct2d is a BatchNorm with children)
 _SLICEABLE = (nn.Linear, nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
+
+
+def _node_text(n) -> str:
+    """A graph node as text (its op, target and arguments by name): comparable across two traces."""
+    return f"{n.op} {n.target} {n.args} {n.kwargs}"
 
 
 def traced_chain(block: nn.Module, depth: int = 0, residual: bool = False) -> list[nn.Module] | None:
@@ -255,12 +266,20 @@ def traced_chain(block: nn.Module, depth: int = 0, residual: bool = False) -> li
 
     if depth > 3 or not any(True for _ in block.children()):
         return None
-    try:
-        graph = _Children().trace(block)
+    if any(m._forward_hooks or m._forward_pre_hooks for m in block.modules()):
+        return None  # fx does not run hooks, and a cut copy would lose them
+    was = block.training
+    try:  # the same graph in both modes, or the forward depends on self.training in a way we would fix
+        graphs = [_Children().trace(block.train(mode)) for mode in (False, True)]
     except Exception:  # untraceable forward: not a chain we can read
         return None
+    finally:
+        block.train(was)
+    if [_node_text(n) for n in graphs[0].nodes] != [_node_text(n) for n in graphs[1].nodes]:
+        return None
+    graph = graphs[0]
     for n in list(graph.nodes):  # an nn.Identity call is its input (EfficientViT's `shortcut(x)`)
-        if n.op == "call_module" and isinstance(block.get_submodule(n.target), nn.Identity) and len(n.args) == 1:
+        if n.op == "call_module" and type(block.get_submodule(n.target)) is nn.Identity and len(n.args) == 1:
             n.replace_all_uses_with(n.args[0])
             graph.erase_node(n)
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
@@ -285,9 +304,10 @@ def traced_chain(block: nn.Module, depth: int = 0, residual: bool = False) -> li
     for n in calls:
         m = block.get_submodule(n.target)
         weighted = any(True for _ in m.parameters())
-        if weighted and sum(c.target == n.target for c in calls) > 1:
+        stateful = weighted or any(True for _ in m.buffers())  # running statistics are state too
+        if stateful and sum(c.target == n.target for c in calls) > 1:
             return None
-        if isinstance(m, nn.Sequential):
+        if plain_sequential(m):
             layers.extend(_flatten(m))
         elif weighted and not isinstance(m, _SLICEABLE) and _qualname(m) not in (*_SE_CLASSES, *_LAYER_SCALES):
             inner = traced_chain(m, depth + 1)  # timm ConvNormAct: conv, bn (, aa)
@@ -330,6 +350,11 @@ _TV_INVERTED = {
     "torchvision.models.efficientnet.FusedMBConv": "block",  # EfficientNetV2: a 3x3 expansion, then 1x1
     "torchvision.models.mnasnet._InvertedResidual": "layers",  # its skip flag is `apply_residual`
 }
+_OWN_DROP_PATH = (
+    "timm.models._efficientnet_blocks.InvertedResidual",
+    *_TV_INVERTED,
+    "torchvision.models.maxvit.MBConv",
+)
 # a residual block's per-sample branch dropout (training only), applied to the partial branch as well
 _DROP_PATH_ATTRS = ("stochastic_depth", "drop_path")
 
@@ -344,8 +369,8 @@ def _drop_path_of(block: nn.Module) -> nn.Module | None:
 
 def _flatten(seq: nn.Module) -> list[nn.Module]:
     out = []
-    for m in seq.children() if isinstance(seq, nn.Sequential) else [seq]:
-        if isinstance(m, nn.Sequential):
+    for m in seq.children() if plain_sequential(seq) else [seq]:
+        if plain_sequential(m):
             out.extend(_flatten(m))
         else:
             out.append(m)
@@ -385,6 +410,8 @@ class PartialMLP(PartialOperator):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.dim_part
         y1 = self.layers(x.narrow(self.channel_dim, 0, n))
+        if y1.shape != x.narrow(self.channel_dim, 0, n).shape:  # never broadcast a wrong shape into place
+            raise OperatorError(f"partial_mlp: the cut block returned {tuple(y1.shape)} for {n} of {tuple(x.shape)}")
         if self.residual and "drop_path" in self._modules:
             y1 = self.drop_path(y1)
         if exporting():  # out of place for exporters (see ops/_export.py)
@@ -439,9 +466,8 @@ class PartialMLP(PartialOperator):
             else:
                 width = h if seen == 1 else n
                 sliced.append(_slice_layer(m, width, width, type(original).__name__))
-        chained = {id(m) for m in layers}  # a traced residual chain already holds its drop path
-        own = any(id(getattr(original, a, None)) in chained for a in _DROP_PATH_ATTRS)
-        drop = None if own or not residual else _drop_path_of(original)
+        # the blocks whose forward applies their drop path outside the layers; a traced chain holds its own
+        drop = _drop_path_of(original) if residual and _qualname(original) in _OWN_DROP_PATH else None
         return cls(sliced, dim, n, residual, ch_dim, drop)
 
     def deploy(self) -> PartialMLP:

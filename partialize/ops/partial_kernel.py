@@ -10,8 +10,8 @@ still reaches every output: the centre of their own kernel. It is not in papers 
 
 MACs per output position: r*C_in*k*k + (1 - r)*C_in instead of C_in*k*k (r = 1/4, 3x3: 0.33x).
 The centre tap of a conv with size-keeping padding reads the input position the window is centred
-on, so a 1x1 conv of the same stride and no padding reads exactly it: at ``ratio=1`` (or on a conv
-whose other channels already have only a centre tap) the layer is the original.
+on, so a 1x1 conv of the same stride and no padding reads exactly it: on a conv whose other channels
+already have only a centre tap the layer is the original (``ratio=1`` is refused: the same layer).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from ..errors import OperatorError
 from ._export import exporting
 from ._utils import bn_remainder, fold_bn_into_conv, is_foldable_bn, slice_bn, slice_conv, split_channels
 from .base import InferenceForm, PartialOperator
+from .partial_blocks import plain_sequential
 from .registry import is_partial_op, register_operator
 
 READ_MODES = ("all", "group", "complement")
@@ -296,9 +297,7 @@ class PartialResidual(PartialOperator):
         for name in [n for n in inner if not any(n.startswith(o + ".") for o in inner)]:  # outermost ones
             _set(new, name, new.get_submodule(name).eval().deploy())
         _fold_pairs(new, list(new.order))
-        for seq in [
-            m for n in dict.fromkeys(new.order) for m in getattr(new, n).modules() if isinstance(m, nn.Sequential)
-        ]:
+        for seq in [m for n in dict.fromkeys(new.order) for m in getattr(new, n).modules() if plain_sequential(m)]:
             _fold_pairs(seq, [n for n, _ in seq.named_children()])  # RegNet's f.a = (conv, BN, ReLU)
         new.forward_mode = "write"
         return new.requires_grad_(False)

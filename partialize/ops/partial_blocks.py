@@ -129,7 +129,8 @@ def _slice_layer(m: nn.Module, n_in: int | None, n_out: int | None, where: str) 
             raise OperatorError(f"{where}: {e}") from None
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         return slice_bn(m, 0, n_out)
-    if type(m) is nn.LayerNorm and len(m.normalized_shape) == 1:  # a subclass may add to it (LayerNormAct)
+    # exact types: a subclass may add to it (LayerNormAct); timm's LayerNorm only picks a kernel
+    if (type(m) is nn.LayerNorm or _qualname(m) == "timm.layers.norm.LayerNorm") and len(m.normalized_shape) == 1:
         new = nn.LayerNorm(n_out, eps=m.eps, elementwise_affine=m.elementwise_affine, bias=m.bias is not None)
         if m.elementwise_affine:
             with torch.no_grad():

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
-import json
 import os
 import platform
 import sys
@@ -29,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_accuracy as ba  # noqa: E402  (the benchmark's teacher cache and helpers)
-from vit_calibration import PlainDigits  # noqa: E402
+from vit_calibration import PlainDigits, write_result  # noqa: E402
 
 import partialize  # noqa: E402
 from partialize.calibration import calibrate_model  # noqa: E402
@@ -98,11 +97,7 @@ def main() -> None:
         "data": data.describe(),
         "rows": [run_model(m, args, bargs, data) for m in args.models.split(",") if m],
     }
-    out["wall_s"] = time.perf_counter() - t0
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=1)
-    ba.say(f"wrote {args.json} ({out['wall_s'] / 60:.1f} min)")
+    write_result(out, args.json, t0)
 
 
 if __name__ == "__main__":

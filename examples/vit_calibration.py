@@ -170,11 +170,16 @@ def main() -> None:
             row["kd"].append({"epochs": epochs, "lr": lr, "top1": res.final_top1})
             ba.say(f"{recipe}: after {epochs} epoch(s) of KD at lr {lr:g}: {res.final_top1:.2f}%")
         out["rows"].append(row)
+    write_result(out, args.json, t0)
+
+
+def write_result(out: dict, path: str, t0: float) -> None:
+    """``out`` with its wall time since ``t0`` as JSON at ``path`` (folders made), and a line saying so."""
     out["wall_s"] = time.perf_counter() - t0
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
         json.dump(out, f, indent=1)
-    ba.say(f"wrote {args.json} ({out['wall_s'] / 60:.1f} min)")
+    ba.say(f"wrote {path} ({out['wall_s'] / 60:.1f} min)")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from ._utils import (
     slice_conv,
     split_channels,
 )
-from .base import PartialOperator
+from .base import InferenceForm, PartialOperator
 from .gated_mlp import slice_gated
 from .registry import register_operator
 
@@ -68,6 +68,24 @@ def plain_sequential(m: nn.Module) -> bool:
     """An nn.Sequential (or subclass) that runs its children in order and nothing else: a subclass with
     its own forward may do anything between or after them."""
     return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
+def fold_pairs(parent: nn.Module, names: list[str]) -> None:
+    """Fold each (conv, BN) pair adjacent in ``names`` (children of ``parent`` in forward order), where
+    neither is used twice: the conv (or partial operator) absorbs the BN, the BN leaves its remainder."""
+    for conv_name, bn_name in zip(names, names[1:]):
+        conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+        if not is_foldable_bn(bn) or names.count(conv_name) > 1 or names.count(bn_name) > 1:
+            continue
+        if type(conv) is nn.Conv2d and bn.num_features == conv.out_channels:
+            folded = fold_bn_into_conv(conv, bn)
+        elif isinstance(conv, (PartialOperator, InferenceForm)):
+            folded = conv.fold_bn(bn)
+        else:
+            folded = None
+        if folded is not None:
+            setattr(parent, conv_name, folded)
+            setattr(parent, bn_name, bn_remainder(bn))
 
 
 def _is_channelwise(m: nn.Module) -> bool:
@@ -227,10 +245,9 @@ def mlp_layers(block: nn.Module) -> tuple[list[nn.Module], bool, int] | None:
     # a traced chain only for a class named an MLP / FFN: partial_mlp's zeros for the untouched channels
     # assume the branch of a residual, which is what transformer / MetaFormer blocks call by that name
     named_mlp = any(w in type(block).__name__.lower() for w in ("mlp", "ffn"))
-    flat = _flatten(block) if plain_sequential(block) else traced_chain(block) if named_mlp else None
-    skip = False
-    if flat is None and not plain_sequential(block):  # x + chain(x): right under any name
-        flat, skip = traced_chain(block, residual=True), True
+    flat, skip = (_flatten(block), False) if plain_sequential(block) else traced_chain(block) or (None, False)
+    if flat is not None and not skip and not named_mlp and not plain_sequential(block):
+        flat = None  # a bare chain under another name: not known to sit in a residual
     if flat is not None:
         kinds = [m for m in flat if _width_change(m) is not None]
         if len(kinds) == 2 and _width_change(kinds[0])[1] == _width_change(kinds[1])[0]:
@@ -249,14 +266,14 @@ def _node_text(n) -> str:
     return f"{n.op} {n.target} {n.args} {n.kwargs}"
 
 
-def traced_chain(block: nn.Module, depth: int = 0, residual: bool = False) -> list[nn.Module] | None:
-    """The layers of a module whose forward is exactly a chain of calls of its children (each output
-    the next one's only input; timm's model-specific ``ConvMlp`` / ``NormMlp`` / ``FFN`` classes), read
-    from an fx trace with every child a leaf, a child that is itself such a chain (or a Sequential)
-    flattened; with ``residual``, a chain whose result is added to the block's input (``x + f(x)``:
-    SwiftFormer's ``ConvEncoder``, MobileNetV5's ``EdgeResidual``, a ``Residual`` wrapper). None for
-    anything else: an operation between the calls, a parameter or buffer read in the forward, a second
-    input, a child with weights called twice (a weightless dropout may be)."""
+def traced_chain(block: nn.Module, depth: int = 0) -> tuple[list[nn.Module], bool] | None:
+    """(layers, residual) of a module whose forward is exactly a chain of calls of its children (each
+    output the next one's only input; timm's model-specific ``ConvMlp`` / ``NormMlp`` / ``FFN``
+    classes), read from an fx trace with every child a leaf, a child that is itself such a chain (or a
+    Sequential) flattened; ``residual`` when the chain's result is added to the block's input
+    (``x + f(x)``: SwiftFormer's ``ConvEncoder``, MobileNetV5's ``EdgeResidual``, a ``Residual``
+    wrapper). None for anything else: an operation between the calls, a parameter or buffer read in the
+    forward, a second input, a child with weights called twice (a weightless dropout may be)."""
     import operator
 
     import torch.fx as fx
@@ -286,11 +303,13 @@ def traced_chain(block: nn.Module, depth: int = 0, residual: bool = False) -> li
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     calls = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
     out = next(n for n in graph.nodes if n.op == "output").args[0]
-    if residual:  # the last operation must be input + chain (either order), nothing else reads the input
-        add = calls.pop() if calls else None
-        ok = add is out and add.op == "call_function" and add.target in (operator.add, torch.add) and not add.kwargs
-        if not ok or len(add.args) != 2 or inputs[0] not in add.args or len(inputs[0].users) != 2 or not calls:
-            return None
+    add = calls[-1] if calls else None  # a residual: input + chain (either order) last, nothing else reads x
+    residual = (
+        add is out and add.op == "call_function" and add.target in (operator.add, torch.add) and not add.kwargs
+        and len(add.args) == 2 and len(inputs) == 1 and inputs[0] in add.args and len(inputs[0].users) == 2
+    )  # fmt: skip
+    if residual:
+        calls.pop()
         out = add.args[1] if add.args[0] is inputs[0] else add.args[0]
     if len(inputs) != 1 or not calls or any(n.op != "call_module" for n in calls):
         return None
@@ -312,9 +331,9 @@ def traced_chain(block: nn.Module, depth: int = 0, residual: bool = False) -> li
             layers.extend(_flatten(m))
         elif weighted and not isinstance(m, _SLICEABLE) and _qualname(m) not in (*_SE_CLASSES, *_LAYER_SCALES):
             inner = traced_chain(m, depth + 1)  # timm ConvNormAct: conv, bn (, aa)
-            if inner is None:
+            if inner is None or inner[1]:  # a residual inside the chain is not a layer of it
                 return None
-            layers.extend(inner)
+            layers.extend(inner[0])
         else:
             layers.append(m)
     called = {n.target for n in calls}
@@ -323,7 +342,7 @@ def traced_chain(block: nn.Module, depth: int = 0, residual: bool = False) -> li
         raise OperatorError(
             f"partial_mlp: {type(block).__name__} has weighted children its forward never calls: {unused}"
         )
-    return layers
+    return layers, residual
 
 
 def _sequential_channel_dim(flat: list[nn.Module]) -> int | None:
@@ -410,14 +429,15 @@ class PartialMLP(PartialOperator):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.dim_part
-        y1 = self.layers(x.narrow(self.channel_dim, 0, n))
-        if y1.shape != x.narrow(self.channel_dim, 0, n).shape:  # never broadcast a wrong shape into place
+        x1 = x.narrow(self.channel_dim, 0, n)
+        y1 = self.layers(x1)
+        if y1.shape != x1.shape:  # never broadcast a wrong shape into place
             raise OperatorError(f"partial_mlp: the cut block returned {tuple(y1.shape)} for {n} of {tuple(x.shape)}")
         if self.residual and "drop_path" in self._modules:
             y1 = self.drop_path(y1)
         if exporting():  # out of place for exporters (see ops/_export.py)
             rest = x.narrow(self.channel_dim, n, self.dim - n)
-            head = x.narrow(self.channel_dim, 0, n) + y1 if self.residual else y1
+            head = x1 + y1 if self.residual else y1
             return torch.cat((head, rest if self.residual else torch.zeros_like(rest)), dim=self.channel_dim)
         # write into one output instead of concatenating temporaries (one pass fewer)
         out = x.clone() if self.residual else torch.zeros_like(x)
@@ -474,12 +494,7 @@ class PartialMLP(PartialOperator):
     def deploy(self) -> PartialMLP:
         """Inference form: eval mode, frozen, each (conv, BN) pair of the block folded."""
         new = copy.deepcopy(self).eval()
-        layers = list(new.layers)
-        for i in range(len(layers) - 1):
-            conv, bn = layers[i], layers[i + 1]
-            if type(conv) is nn.Conv2d and is_foldable_bn(bn) and bn.num_features == conv.out_channels:
-                layers[i], layers[i + 1] = fold_bn_into_conv(conv, bn), bn_remainder(bn)
-        new.layers = nn.Sequential(*layers)
+        fold_pairs(new.layers, [n for n, _ in new.layers.named_children()])
         return new.requires_grad_(False)
 
 

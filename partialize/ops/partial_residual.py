@@ -27,9 +27,9 @@ from torch import nn
 
 from ..errors import OperatorError
 from ._export import exporting
-from ._utils import bn_remainder, fold_bn_into_conv, is_foldable_bn, slice_bn, slice_conv, split_channels
-from .base import InferenceForm, PartialOperator
-from .partial_blocks import plain_sequential
+from ._utils import slice_bn, slice_conv, split_channels
+from .base import PartialOperator
+from .partial_blocks import fold_pairs, plain_sequential
 from .registry import is_partial_op, register_operator
 
 READ_MODES = ("all", "group", "complement")
@@ -104,24 +104,6 @@ def _kept_paths(root: nn.Module, names: tuple[str, ...], changed: set[str]) -> t
             subs = tuple(f"{name}.{n}" for n, _ in root.get_submodule(name).named_children())
             out.extend(_kept_paths(root, subs, changed))
     return tuple(out)
-
-
-def _fold_pairs(parent: nn.Module, names: list[str]) -> None:
-    """Fold each (conv, BN) pair adjacent in ``names`` (children of ``parent`` in forward order), where
-    neither is used twice: the conv (or partial operator) absorbs the BN, the BN leaves its remainder."""
-    for conv_name, bn_name in zip(names, names[1:]):
-        conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
-        if not is_foldable_bn(bn) or names.count(conv_name) > 1 or names.count(bn_name) > 1:
-            continue
-        if type(conv) is nn.Conv2d and bn.num_features == conv.out_channels:
-            folded = fold_bn_into_conv(conv, bn)
-        elif isinstance(conv, (PartialOperator, InferenceForm)):
-            folded = conv.fold_bn(bn)
-        else:
-            folded = None
-        if folded is not None:
-            setattr(parent, conv_name, folded)
-            setattr(parent, bn_name, bn_remainder(bn))
 
 
 def _act(act: nn.Module, t: torch.Tensor) -> torch.Tensor:
@@ -296,8 +278,8 @@ class PartialResidual(PartialOperator):
         inner = [n for n, m in new.named_modules() if n and is_partial_op(m) and callable(getattr(m, "deploy", None))]
         for name in [n for n in inner if not any(n.startswith(o + ".") for o in inner)]:  # outermost ones
             _set(new, name, new.get_submodule(name).eval().deploy())
-        _fold_pairs(new, list(new.order))
+        fold_pairs(new, list(new.order))
         for seq in [m for n in dict.fromkeys(new.order) for m in getattr(new, n).modules() if plain_sequential(m)]:
-            _fold_pairs(seq, [n for n, _ in seq.named_children()])  # RegNet's f.a = (conv, BN, ReLU)
+            fold_pairs(seq, [n for n, _ in seq.named_children()])  # RegNet's f.a = (conv, BN, ReLU)
         new.forward_mode = "write"
         return new.requires_grad_(False)

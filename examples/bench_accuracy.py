@@ -98,10 +98,10 @@ class Data:
     """The benchmark's tensors: teacher training set, fine-tune set (its first renders), held-out val,
     and the 512 (+64 held out by calibrate for its fidelity check) unlabelled calibration images."""
 
+    DATASET = "partialize.datasets.hard_digits (scikit-learn digits made harder), 32x32, seed 0"
+
     def __init__(self, args) -> None:
-        self.x_teacher, self.y_teacher = hard_digits("train", renders=args.teacher_renders, seed=0, size=SIZE)
-        self.x_ft, self.y_ft = hard_digits("train", renders=args.ft_renders, seed=0, size=SIZE)
-        self.x_val, self.y_val = hard_digits("val", renders=args.val_renders, seed=0, size=SIZE)
+        (self.x_teacher, self.y_teacher), (self.x_ft, self.y_ft), (self.x_val, self.y_val) = self.tensors(args)
         g = torch.Generator().manual_seed(args.seed)
         pick = torch.randperm(self.x_ft.shape[0], generator=g)[: args.calib_images + max(16, args.calib_images // 8)]
         self.calib = self.x_ft[pick].contiguous()  # calibrate_model holds the last 64 out for fidelity
@@ -109,13 +109,21 @@ class Data:
         self.val = DataLoader(TensorDataset(self.x_val, self.y_val), batch_size=256, shuffle=False)
         self.seed = args.seed
 
+    def tensors(self, args) -> tuple:
+        """((x, y) of the teacher set, of the fine-tune set, of val)."""
+        return (
+            hard_digits("train", renders=args.teacher_renders, seed=0, size=SIZE),
+            hard_digits("train", renders=args.ft_renders, seed=0, size=SIZE),
+            hard_digits("val", renders=args.val_renders, seed=0, size=SIZE),
+        )
+
     def loader(self, which: str, batch: int) -> DataLoader:
         x, y = (self.x_teacher, self.y_teacher) if which == "teacher" else (self.x_ft, self.y_ft)
         return make_train_loader(TensorDataset(x, y), batch, self.seed)
 
     def describe(self) -> dict:
         return {
-            "dataset": "partialize.datasets.hard_digits (scikit-learn digits made harder), 32x32, seed 0",
+            "dataset": self.DATASET,
             "teacher_train_images": int(self.x_teacher.shape[0]),
             "finetune_train_images": int(self.x_ft.shape[0]),
             "val_images": int(self.x_val.shape[0]),

@@ -52,41 +52,18 @@ RECIPES = {
 }
 
 
-class PlainDigits:
-    """scikit-learn's digits at 32 px (partialize.train.data.digits_tensors, seed 0): the benchmark's
-    ``Data`` interface (teacher and fine-tune sets: the train split; 512 + 64 unlabelled calibration
-    images drawn from it; the held-out split as val)."""
+class PlainDigits(ba.Data):
+    """scikit-learn's digits at 32 px (partialize.train.data.digits_tensors, seed 0) in the benchmark's
+    ``Data``: teacher and fine-tune sets are the train split (512 + 64 unlabelled calibration images
+    drawn from it), the held-out split is val."""
 
-    def __init__(self, args) -> None:
-        from torch.utils.data import DataLoader, TensorDataset
+    DATASET = "scikit-learn digits (partialize.train.data.digits_tensors), 32x32, seed 0"
 
+    def tensors(self, args) -> tuple:
         from partialize.train.data import digits_tensors
 
         xt, yt, xv, yv = digits_tensors(size=32)
-        self.x_teacher, self.y_teacher = self.x_ft, self.y_ft = xt, yt
-        self.x_val, self.y_val = xv, yv
-        g = torch.Generator().manual_seed(args.seed)
-        pick = torch.randperm(xt.shape[0], generator=g)[: args.calib_images + max(16, args.calib_images // 8)]
-        self.calib = xt[pick].contiguous()
-        self.calib_used = self.calib[: args.calib_images]
-        self.val = DataLoader(TensorDataset(xv, yv), batch_size=256, shuffle=False)
-        self.seed = args.seed
-
-    def loader(self, which: str, batch: int):
-        from torch.utils.data import TensorDataset
-
-        from partialize.train.data import make_train_loader
-
-        return make_train_loader(TensorDataset(self.x_teacher, self.y_teacher), batch, self.seed)
-
-    def describe(self) -> dict:
-        return {
-            "dataset": "scikit-learn digits (partialize.train.data.digits_tensors), 32x32, seed 0",
-            "teacher_train_images": int(self.x_teacher.shape[0]),
-            "finetune_train_images": int(self.x_ft.shape[0]),
-            "val_images": int(self.x_val.shape[0]),
-            "calibration_images": int(self.calib_used.shape[0]),
-        }
+        return (xt, yt), (xt, yt), (xv, yv)
 
 
 def main() -> None:

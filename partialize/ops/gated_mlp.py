@@ -1,4 +1,6 @@
-"""Gated MLPs for ``partial_mlp``: timm ``GluMlp`` (``SwiGLUPacked`` too), ``SwiGLU`` and ``GatedMlp``.
+"""Gated MLPs for ``partial_mlp``: timm ``GluMlp`` (``SwiGLUPacked`` too), ``SwiGLU`` and ``GatedMlp``, and
+two residual blocks whose expansion is gated: StarNet's ``Block`` (the star operation) and MambaOut's
+``GatedConvBlock``.
 
 A gated MLP multiplies two halves of its expansion, ``act(a) * b`` (or ``a * act(b)``), hidden unit by
 hidden unit. Sliced like a plain ``Mlp`` (first r*C input and output channels, first h hidden units),
@@ -9,6 +11,14 @@ SwiGLU keeps rows ``[:h]`` of ``fc1_g`` and of ``fc1_x``, GatedMlp (gMLP) keeps 
 mixes positions, not channels) is copied whole. Everything else (biases, the activation, drop layers,
 the norm, chunk order, which half is the gate) is carried; anything else is refused with the reason.
 
+StarNet's ``Block`` is ``x + dwconv2(g(act(f1(dwconv(x))) * f2(dwconv(x))))``: its depthwise convs, g's BN
+and the output take the first n channels, f1 and f2 the same first h hidden rows. MambaOut's
+``GatedConvBlock`` is ``x + ls(fc2(act(g) * cat(i, conv(c))))`` with ``g, i, c`` split from
+``fc1(norm(x))`` (c: the hidden units its depthwise conv reads): the first h of its hidden units are
+taken as the first of the i part and the first of the c part, in the same proportion, so the gate rows
+follow both, and the depthwise conv keeps its first channels. Its LayerNorm normalises the n kept
+channels (our choice, as for TinyViT's NormMlp: the partial block reads only them).
+
 The caller (``partial_blocks.PartialMLP``) passes its own slicer for the ordinary layers, so a norm or
 an activation is handled here exactly as in a plain ``Mlp``.
 """
@@ -17,27 +27,45 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ..errors import OperatorError
-from ._utils import conv1x1_from, linear_from, split_channels
+from ._utils import conv1x1_from, linear_from, slice_conv, split_channels
 
 GLU_MLP = "timm.layers.mlp.GluMlp"
 SWIGLU = "timm.layers.mlp.SwiGLU"
 GATED_MLP = "timm.layers.mlp.GatedMlp"
 SPATIAL_GATING_UNIT = "timm.models.mlp_mixer.SpatialGatingUnit"
-GATED_CLASSES = (GLU_MLP, SWIGLU, GATED_MLP)
+STARNET_BLOCK = "timm.models.starnet.Block"
+STARNET_CONV_BN = "timm.models.starnet.ConvBN"
+MAMBAOUT_BLOCK = "timm.models.mambaout.GatedConvBlock"
+GATED_CLASSES = (GLU_MLP, SWIGLU, GATED_MLP, STARNET_BLOCK, MAMBAOUT_BLOCK)
 
 # every child each class has, in forward order (read from timm's source; checked by tests/test_gated_mlp.py)
 _CHILDREN = {
     GLU_MLP: ("fc1", "act", "drop1", "norm", "fc2", "drop2"),
     SWIGLU: ("fc1_g", "fc1_x", "act", "drop1", "norm", "fc2", "drop2"),
     GATED_MLP: ("fc1", "act", "drop1", "gate", "norm", "fc2", "drop2"),
+    STARNET_BLOCK: ("dwconv", "f1", "f2", "g", "dwconv2", "act", "drop_path"),
+    MAMBAOUT_BLOCK: ("norm", "fc1", "act", "conv", "fc2", "ls", "drop_path"),
 }
 
 Slicer = Callable[[nn.Module, "int | None", "int | None", str], nn.Module]
+
+
+class Gated(NamedTuple):
+    """What ``slice_gated`` returns: the sliced layers in forward order, the block's width C, the kept n,
+    the channel dim, whether the block adds its input (a residual block) and its drop path if so."""
+
+    layers: list[nn.Module]
+    dim: int
+    n: int
+    channel_dim: int
+    residual: bool = False
+    drop_path: nn.Module | None = None
 
 
 class GatedExpand(nn.Module):
@@ -112,7 +140,7 @@ def _tail(block: nn.Module, h: int, n: int, where: str, slicer: Slicer) -> list[
     ]
 
 
-def _glu(block: nn.Module, ratio, hidden_ratio, slicer: Slicer) -> tuple[list[nn.Module], int, int, int]:
+def _glu(block: nn.Module, ratio, hidden_ratio, slicer: Slicer) -> Gated:
     """GluMlp: ``x1, x2 = fc1(x).chunk(2)``, then ``x1 * act(x2)`` (gate_last) or ``act(x1) * x2``."""
     where = type(block).__name__
     dim, width = _widths(block.fc1)
@@ -126,10 +154,10 @@ def _glu(block: nn.Module, ratio, hidden_ratio, slicer: Slicer) -> tuple[list[nn
     n, h = _split(dim, units, ratio, hidden_ratio)
     fc = _fc_rows(block.fc1, _halves(units, h), n, where)
     expand = GatedExpand(fc, _act(block, h, where, slicer), act_first=not block.gate_last, channel_dim=ch_dim)
-    return [expand, *_tail(block, h, n, where, slicer)], dim, n, ch_dim
+    return Gated([expand, *_tail(block, h, n, where, slicer)], dim, n, ch_dim)
 
 
-def _swiglu(block: nn.Module, ratio, hidden_ratio, slicer: Slicer) -> tuple[list[nn.Module], int, int, int]:
+def _swiglu(block: nn.Module, ratio, hidden_ratio, slicer: Slicer) -> Gated:
     """SwiGLU: ``act(fc1_g(x)) * fc1_x(x)``: the same rows of both."""
     where = type(block).__name__
     dim, units = _widths(block.fc1_g)
@@ -139,7 +167,7 @@ def _swiglu(block: nn.Module, ratio, hidden_ratio, slicer: Slicer) -> tuple[list
     rows = torch.arange(h)
     fc_g, fc_x = (_fc_rows(fc, rows, n, where) for fc in (block.fc1_g, block.fc1_x))
     expand = GatedExpand(fc_g, _act(block, h, where, slicer), act_first=True, channel_dim=-1, fc_b=fc_x)
-    return [expand, *_tail(block, h, n, where, slicer)], dim, n, -1
+    return Gated([expand, *_tail(block, h, n, where, slicer)], dim, n, -1)
 
 
 def _spatial_gate(gate: nn.Module, h: int, where: str, slicer: Slicer) -> nn.Module:
@@ -161,7 +189,7 @@ def _spatial_gate(gate: nn.Module, h: int, where: str, slicer: Slicer) -> nn.Mod
     return new
 
 
-def _gated(block: nn.Module, ratio, hidden_ratio, slicer: Slicer) -> tuple[list[nn.Module], int, int, int]:
+def _gated(block: nn.Module, ratio, hidden_ratio, slicer: Slicer) -> Gated:
     """GatedMlp: fc1, act, drop1, gate (identity or a SpatialGatingUnit that halves the width), norm, fc2."""
     where = type(block).__name__
     if type(block.fc1) is not nn.Linear:
@@ -181,20 +209,98 @@ def _gated(block: nn.Module, ratio, hidden_ratio, slicer: Slicer) -> tuple[list[
         _spatial_gate(block.gate, h, where, slicer),
     ]
     tail = [slicer(block.norm, h, h, where), slicer(block.fc2, h, n, where), slicer(block.drop2, n, n, where)]
-    return head + tail, dim, n, -1
+    return Gated(head + tail, dim, n, -1)
 
 
-_SLICERS = {GLU_MLP: _glu, SWIGLU: _swiglu, GATED_MLP: _gated}
+def _conv_bn(seq: nn.Module, where: str) -> list[nn.Module]:
+    """StarNet's ConvBN (a Sequential: conv, then an optional BN) as its layers."""
+    names = [n for n, _ in seq.named_children()]
+    if _qualname(seq) != STARNET_CONV_BN or names not in (["conv"], ["conv", "bn"]):
+        raise OperatorError(f"partial_mlp: {where} has a {type(seq).__name__} ({names}) where a ConvBN was expected")
+    return [seq.conv] + ([seq.bn] if names == ["conv", "bn"] else [])
 
 
-def slice_gated(
-    block: nn.Module, ratio: float, hidden_ratio: float | None, slicer: Slicer
-) -> tuple[list[nn.Module], int, int, int] | None:
-    """(sliced layers in forward order, C, n, channel dim) for a timm gated MLP, None for any other class.
+def _starnet(block: nn.Module, ratio, hidden_ratio, slicer: Slicer) -> Gated:
+    """StarNet Block: ``x + dwconv2(g(act(f1(y)) * f2(y)))``, ``y = dwconv(x)`` (the star operation)."""
+    where = "StarNet Block"
+    dw, f1, f2, g, dw2 = (_conv_bn(getattr(block, a), where) for a in ("dwconv", "f1", "f2", "g", "dwconv2"))
+    if len(f1) != 1 or len(f2) != 1:
+        raise OperatorError(f"partial_mlp: {where} has a BN after f1 / f2; only their plain 1x1 convs are known")
+    dim, units = _widths(f1[0])
+    if _widths(f2[0]) != (dim, units) or _widths(g[0]) != (units, dim):
+        raise OperatorError(f"partial_mlp: {where} needs f1, f2: C -> H and g: H -> C")
+    for conv in (dw[0], dw2[0]):
+        if not conv.groups == conv.in_channels == conv.out_channels == dim:
+            raise OperatorError(f"partial_mlp: {where}'s {conv} is not a depthwise conv over its {dim} channels")
+    n, h = _split(dim, units, ratio, hidden_ratio)
+    rows = torch.arange(h)
+    fc_a, fc_b = (_fc_rows(f[0], rows, n, where) for f in (f1, f2))
+    expand = GatedExpand(fc_a, _act(block, h, where, slicer), act_first=True, channel_dim=1, fc_b=fc_b)
+    head = [slicer(m, n, n, where) for m in dw]
+    tail = [slicer(g[0], h, n, where), *(slicer(m, n, n, where) for m in g[1:]), slicer(dw2[0], n, n, where)]
+    return Gated([*head, expand, *tail], dim, n, 1, residual=True, drop_path=block.drop_path)
+
+
+class GatedConvMix(nn.Module):
+    """MambaOut's gated expansion on its kept units: ``g, i, c = split(fc1(x))`` (channels last),
+    ``c`` through the depthwise ``conv`` (channels first), then ``act(g) * cat(i, c)``."""
+
+    def __init__(self, fc1: nn.Linear, conv: nn.Conv2d, act: nn.Module, splits: tuple[int, int, int]):
+        super().__init__()
+        self.fc1, self.conv, self.act = fc1, conv, act
+        self.splits = tuple(int(s) for s in splits)
+
+    def extra_repr(self) -> str:
+        return f"splits={self.splits}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, i, c = torch.split(self.fc1(x), self.splits, dim=-1)
+        c = self.conv(c.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.act(g) * torch.cat((i, c), dim=-1)
+
+
+def _part(units: int, ratio: float) -> int:
+    return split_channels(units, ratio) if units else 0
+
+
+def _mambaout(block: nn.Module, ratio, hidden_ratio, slicer: Slicer) -> Gated:
+    """MambaOut GatedConvBlock: ``x + ls(fc2(act(g) * cat(i, conv(c))))``, ``g, i, c = split(fc1(norm(x)))``."""
+    where = "MambaOut GatedConvBlock"
+    hidden, plain, conv_units = (int(s) for s in block.split_indices)
+    fc1, fc2, conv = block.fc1, block.fc2, block.conv
+    if type(fc1) is not nn.Linear or type(fc2) is not nn.Linear or type(conv) is not nn.Conv2d:
+        raise OperatorError(f"partial_mlp: {where} needs Linear fc1 / fc2 and a Conv2d conv")
+    dim = fc1.in_features
+    shapes_ok = fc1.out_features == 2 * hidden and (fc2.in_features, fc2.out_features) == (hidden, dim)
+    if not shapes_ok or plain + conv_units != hidden or plain < 0:
+        raise OperatorError(f"partial_mlp: {where}'s split {block.split_indices} does not match fc1 / fc2")
+    if conv_units and not conv.groups == conv.in_channels == conv.out_channels == conv_units:
+        raise OperatorError(f"partial_mlp: {where}'s conv is not depthwise over its {conv_units} channels")
+    r = hidden_ratio if hidden_ratio is not None else ratio
+    n, hp, hc = split_channels(dim, ratio), _part(plain, r), _part(conv_units, r)
+    kept = torch.cat((torch.arange(hp), plain + torch.arange(hc)))  # kept hidden units, in cat(i, c) order
+    rows = torch.cat((kept, hidden + torch.arange(hp), hidden + plain + torch.arange(hc)))  # g, i, c rows
+    new_fc1 = linear_from(fc1.weight[rows][:, :n], fc1.bias[rows] if fc1.bias is not None else None)
+    new_conv = slice_conv(conv, (0, hc)) if hc else copy.deepcopy(conv)
+    mix = GatedConvMix(new_fc1, new_conv, _act(block, hp + hc, where, slicer), (hp + hc, hp, hc))
+    new_fc2 = linear_from(fc2.weight[:n][:, kept], fc2.bias[:n] if fc2.bias is not None else None)
+    layers = [slicer(block.norm, n, n, where), mix, new_fc2, slicer(block.ls, n, n, where)]
+    return Gated(layers, dim, n, -1, residual=True, drop_path=block.drop_path)
+
+
+def _qualname(m: nn.Module) -> str:
+    return f"{type(m).__module__}.{type(m).__qualname__}"
+
+
+_SLICERS = {GLU_MLP: _glu, SWIGLU: _swiglu, GATED_MLP: _gated, STARNET_BLOCK: _starnet, MAMBAOUT_BLOCK: _mambaout}
+
+
+def slice_gated(block: nn.Module, ratio: float, hidden_ratio: float | None, slicer: Slicer) -> Gated | None:
+    """The sliced layers (``Gated``) of a timm gated MLP or gated residual block, None for any other class.
 
     ``n = round(ratio * C)`` input/output channels; ``h = round(hidden_ratio * H)`` gated hidden units
     (H: the width fc2 reads; ``hidden_ratio`` defaults to ``ratio``), the first h of each half."""
-    kind = f"{type(block).__module__}.{type(block).__qualname__}"
+    kind = _qualname(block)
     if kind not in _SLICERS:
         return None
     _check_children(block, kind)

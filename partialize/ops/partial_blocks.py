@@ -458,8 +458,7 @@ class PartialMLP(PartialOperator):
             return PartialShuffleUnit.from_unit(original, ratio, hidden_ratio)
         gated = slice_gated(original, ratio, hidden_ratio, _slice_layer)
         if gated is not None:
-            layers, dim, n, ch_dim = gated
-            return cls(layers, dim, n, False, ch_dim)
+            return cls(gated.layers, gated.dim, gated.n, gated.residual, gated.channel_dim, gated.drop_path)
         found = mlp_layers(original)
         if found is None:
             raise OperatorError(

@@ -350,3 +350,53 @@ def _named(name: str, layers: list[nn.Module]) -> nn.Module:
     for i, m in enumerate(layers):
         setattr(block, f"layer{i}", m)
     return block
+
+
+def _pvt_mlp():
+    from timm.models.pvt_v2 import MlpWithDepthwiseConv
+
+    torch.manual_seed(0)
+    return nondegenerate_(MlpWithDepthwiseConv(16, 64, extra_relu=True), scale=0.2).eval()
+
+
+def test_pvt_v2_mlp_takes_its_feat_size_and_equals_the_zeroed_original():
+    """PVT v2's MlpWithDepthwiseConv(x, feat_size): cut as a copy of its class. Oracle: the original with
+    fc1's input columns >= 8 and fc2's columns >= 32 zeroed (the dwconv's bias makes the dropped hidden
+    units non-zero, so fc2's columns, not fc1's rows, remove them), on the first 8 outputs; 0 on the rest."""
+    block, x = _pvt_mlp(), torch.randn(2, 12, 16, generator=torch.Generator().manual_seed(1))
+    whole = PartialMLP.from_module(block, **PartialMLP.faithful_params).eval()
+    half = PartialMLP.from_module(block, ratio=0.5).eval()
+    oracle = copy.deepcopy(block)
+    with torch.no_grad():
+        oracle.fc1.weight[:, 8:] = 0
+        oracle.fc2.weight[:, 32:] = 0
+        full = oracle(x, (3, 4))
+        want = torch.cat((full[..., :8], torch.zeros_like(full[..., 8:])), dim=-1)
+        assert rel_err(whole(x, (3, 4)), block(x, (3, 4))) <= 1e-6
+        assert rel_err(half(x, (3, 4)), want) <= 1e-6
+        assert rel_err(half.deploy()(x, (3, 4)), want) <= 1e-6
+    macs, _ = half.macs(x, (3, 4))
+    assert macs == 2 * 12 * (8 * 32 + 32 * 9 + 32 * 8)  # fc1 8 -> 32, 3x3 depthwise on 32, fc2 32 -> 8
+
+
+def test_pvt_v2_converts_with_auto_and_exports():
+    import io
+    import warnings
+
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = nondegenerate_(timm.create_model("pvt_v2_b0", num_classes=10, depths=(1, 1, 1, 1)).eval())
+    net = partialize.apply(model, "auto", input_size=64)
+    plan = net._partialize_plan
+    assert sum(e.variant == "partial_mlp" for e in plan.converted) == 4
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    dep = partialize.deploy(net)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        assert rel_err(dep(x), net.eval()(x)) <= 1e-4
+        f = io.BytesIO()
+        torch.onnx.export(dep, (x,), f, dynamo=False, input_names=["input"], output_names=["output"])
+        want = dep(x)
+    sess = ort.InferenceSession(f.getvalue(), providers=["CPUExecutionProvider"])
+    assert rel_err(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), want) <= 1e-4

@@ -428,9 +428,12 @@ class PartialMLP(PartialOperator):
         return self.dim_part / self.dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = x.narrow(self.channel_dim, 0, self.dim_part)
+        return self._assemble(x, x1, self.layers(x1))
+
+    def _assemble(self, x: torch.Tensor, x1: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
+        """The output: y1 (plus x1 in a residual block) on the first n channels, x (or 0) on the rest."""
         n = self.dim_part
-        x1 = x.narrow(self.channel_dim, 0, n)
-        y1 = self.layers(x1)
         if y1.shape != x1.shape:  # never broadcast a wrong shape into place
             raise OperatorError(f"partial_mlp: the cut block returned {tuple(y1.shape)} for {n} of {tuple(x.shape)}")
         if self.residual and "drop_path" in self._modules:
@@ -456,6 +459,8 @@ class PartialMLP(PartialOperator):
             return PartialCNBlock.from_cnblock(original, ratio, hidden_ratio)
         if _qualname(original) == "torchvision.models.shufflenetv2.InvertedResidual":
             return PartialShuffleUnit.from_unit(original, ratio, hidden_ratio)
+        if _qualname(original) in _CUT_COPIES:
+            return PartialMLPCopy.from_copy(original, ratio, hidden_ratio)
         gated = slice_gated(original, ratio, hidden_ratio, _slice_layer)
         if gated is not None:
             return cls(gated.layers, gated.dim, gated.n, gated.residual, gated.channel_dim, gated.drop_path)
@@ -495,6 +500,39 @@ class PartialMLP(PartialOperator):
         new = copy.deepcopy(self).eval()
         fold_pairs(new.layers, [n for n, _ in new.layers.named_children()])
         return new.requires_grad_(False)
+
+
+# MLPs whose forward takes more than the features (PVT v2's feat_size) and reads every width from its
+# input: cut as a copy of the same class, its children in forward order (read from timm's source)
+_CUT_COPIES = {"timm.models.pvt_v2.MlpWithDepthwiseConv": ("fc1", "relu", "dwconv", "act", "fc2", "drop")}
+
+
+class PartialMLPCopy(PartialMLP):
+    """A partial MLP held as a cut copy of the original class, called with the block's other
+    arguments (PVT v2's ``MlpWithDepthwiseConv(x, feat_size)``); a branch: the other channels get 0."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        x1 = x.narrow(self.channel_dim, 0, self.dim_part)
+        return self._assemble(x, x1, self.layers[0](x1, *args, **kwargs))
+
+    @classmethod
+    def from_copy(cls, block: nn.Module, ratio: float, hidden_ratio: float | None) -> PartialMLPCopy:
+        where = type(block).__name__
+        order = _CUT_COPIES[_qualname(block)]
+        if [n for n, _ in block.named_children()] != list(order):
+            names = [n for n, _ in block.named_children()]
+            raise OperatorError(f"partial_mlp: {where} has children {names}, expected {list(order)}")
+        fc1, fc2 = block.fc1, block.fc2
+        if type(fc1) is not nn.Linear or type(fc2) is not nn.Linear or fc2.out_features != fc1.in_features:
+            raise OperatorError(f"partial_mlp: {where} needs Linear fc1: C -> H and fc2: H -> C")
+        dim, hidden = fc1.in_features, fc1.out_features
+        n = split_channels(dim, ratio)
+        h = split_channels(hidden, hidden_ratio if hidden_ratio is not None else ratio)
+        new = copy.deepcopy(block)  # the same class and attributes; every child replaced below
+        widths = {"fc1": (n, h), "fc2": (h, n), "drop": (n, n)}
+        for name in order:
+            setattr(new, name, _slice_layer(getattr(block, name), *widths.get(name, (h, h)), where))
+        return cls([new], dim, n, False, -1)
 
 
 class PartialShuffleUnit(PartialMLP):

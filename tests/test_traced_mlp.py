@@ -400,3 +400,68 @@ def test_pvt_v2_converts_with_auto_and_exports():
         want = dep(x)
     sess = ort.InferenceSession(f.getvalue(), providers=["CPUExecutionProvider"])
     assert rel_err(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), want) <= 1e-4
+
+
+def test_grouped_conv_is_cut_to_whole_groups_only():
+    """Output group j of a grouped conv reads only input group j, so its first k groups are exact."""
+    from partialize.ops._utils import slice_conv
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 24, 3, padding=1, groups=3)  # 4 inputs and 8 outputs per group
+    x = torch.randn(2, 12, 5, 5)
+    cut = slice_conv(conv, (0, 16), (0, 8))
+    assert cut.groups == 2 and cut.weight.shape == (16, 4, 3, 3)
+    with torch.no_grad():
+        assert rel_err(cut(x[:, :8]), conv(x)[:, :16]) <= 1e-6
+    for out_range, in_range in (((0, 12), (0, 8)), ((0, 16), (0, 4)), ((0, 8), (0, 6))):
+        with pytest.raises(OperatorError, match="whole groups"):
+            slice_conv(conv, out_range, in_range)
+
+
+def test_group_norms_are_cut_to_whole_groups_or_normalise_the_kept_channels():
+    from timm.layers import GroupNorm1
+
+    from partialize.ops.partial_blocks import _slice_layer
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 4, 4)
+    gn = nondegenerate_(nn.GroupNorm(3, 12), scale=0.3)
+    with torch.no_grad():
+        assert rel_err(_slice_layer(gn, 8, 8, "t")(x[:, :8]), gn(x)[:, :8]) <= 1e-6  # 2 of 3 groups
+        with pytest.raises(OperatorError, match="cannot be cut to 6 channels"):
+            _slice_layer(gn, 6, 6, "t")
+        one = nondegenerate_(GroupNorm1(12), scale=0.3)
+        kept = x[:, :6]
+        mean = kept.mean(dim=(1, 2, 3), keepdim=True)
+        var = kept.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
+        want = (kept - mean) / torch.sqrt(var + one.eps) * one.weight[:6, None, None] + one.bias[:6, None, None]
+        assert rel_err(_slice_layer(one, 6, 6, "t")(kept), want) <= 1e-5
+
+
+def test_cpubone_residual_blocks_with_group_norm_pad_and_grouped_convs_convert():
+    """CPUBone's ResidualBlocks: an MLP after a one-group norm, and FusedMBConv (zero pad, a grouped
+    2x2 expansion, a 1x1 projection) with an identity shortcut. The FusedMBConv cut equals the original
+    with its projection's columns of the second expansion group zeroed (the first group reads only the
+    kept inputs); the MLP's norm reads the kept channels (checked above), so it is checked at ratio 1."""
+    torch.manual_seed(0)
+    model = nondegenerate_(timm.create_model("cpubone_t0", num_classes=10).eval())
+    blocks = {n: b for n, b in model.named_modules() if type(b).__name__ == "ResidualBlock" and b.shortcut is not None}
+    fused = next(b for b in blocks.values() if type(b.main).__name__ == "FusedMBConv")
+    mlp = next(b for b in blocks.values() if isinstance(b.main, nn.Sequential) and len(b.main) == 5)
+    for block, x in ((fused, torch.randn(2, 96, 8, 8)), (mlp, torch.randn(2, 96, 8, 8))):
+        op = PartialMLP.from_module(block, ratio=0.5).eval()
+        whole = PartialMLP.from_module(block, **PartialMLP.faithful_params).eval()
+        with torch.no_grad():
+            assert rel_err(whole(x), block(x)) <= 1e-5
+            y = op(x)
+            assert torch.equal(y[:, 48:], x[:, 48:])  # the residual carries the other half
+            if block is fused:
+                oracle = copy.deepcopy(block)
+                oracle.main.point_conv.conv.weight[:, 192:] = 0
+                assert rel_err(y[:, :48], oracle(x)[:, :48]) <= 1e-5
+            assert rel_err(op.deploy()(x), y) <= 1e-5
+    net = partialize.apply(model, "auto", input_size=128)
+    assert net._partialize_plan.macs_after < 0.7 * net._partialize_plan.macs_before
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        assert rel_err(partialize.deploy(net)(x), net.eval()(x)) <= 1e-4

@@ -186,10 +186,11 @@ def slice_conv(
     conv: nn.Conv2d, out_range: tuple[int, int] | None = None, in_range: tuple[int, int] | None = None
 ) -> nn.Conv2d:
     """Copy of a dense or depthwise ``nn.Conv2d`` keeping output channels ``out_range`` and input
-    channels ``in_range`` (``None``: all). A depthwise conv keeps ``out_range`` for both."""
+    channels ``in_range`` (``None``: all). A depthwise conv keeps ``out_range`` for both; a grouped
+    conv is cut to whole groups, the same ones in and out (each output group reads only its own)."""
     dw = conv.groups == conv.in_channels == conv.out_channels and conv.groups > 1
     if conv.groups != 1 and not dw:
-        raise OperatorError(f"grouped conv (groups={conv.groups}) cannot be sliced")
+        return _slice_groups(conv, out_range, in_range)
     o0, o1 = out_range or (0, conv.out_channels)
     i0, i1 = (o0, o1) if dw else in_range or (0, conv.in_channels)
     new = nn.Conv2d(
@@ -205,6 +206,29 @@ def slice_conv(
     )
     with torch.no_grad():
         new.weight.copy_(conv.weight[o0:o1] if dw else conv.weight[o0:o1, i0:i1])
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias[o0:o1])
+    return new.to(conv.weight.device, conv.weight.dtype)
+
+
+def _slice_groups(conv: nn.Conv2d, out_range: tuple[int, int] | None, in_range: tuple[int, int] | None) -> nn.Conv2d:
+    """A grouped conv cut to the groups [g0, g1): outputs [g0 * og, g1 * og), inputs [g0 * ig, g1 * ig)."""
+    groups = conv.groups
+    og, ig = conv.out_channels // groups, conv.in_channels // groups
+    o0, o1 = out_range or (0, conv.out_channels)
+    i0, i1 = in_range or (0, conv.in_channels)
+    if o0 % og or o1 % og or i0 % ig or i1 % ig or (o0 // og, o1 // og) != (i0 // ig, i1 // ig):
+        raise OperatorError(
+            f"grouped conv (groups={groups}) can only be cut to whole groups, the same ones in and out: "
+            f"outputs [{o0}, {o1}) and inputs [{i0}, {i1}) with {og} outputs and {ig} inputs per group"
+        )
+    k = o1 // og - o0 // og
+    new = nn.Conv2d(
+        i1 - i0, o1 - o0, conv.kernel_size, conv.stride, conv.padding, conv.dilation, groups=k,
+        bias=conv.bias is not None, padding_mode=conv.padding_mode,
+    )  # fmt: skip
+    with torch.no_grad():
+        new.weight.copy_(conv.weight[o0:o1])  # (out, in per group, kh, kw): the input dim is per group
         if conv.bias is not None:
             new.bias.copy_(conv.bias[o0:o1])
     return new.to(conv.weight.device, conv.weight.dtype)

@@ -128,9 +128,28 @@ _LAYER_SCALES = (
 _DROP_PATHS = ("timm.layers.drop.DropPath", "torchvision.ops.stochastic_depth.StochasticDepth")
 
 
+# timm's GroupNorm classes only pick a kernel (fast_norm or F.group_norm): the same function as nn.GroupNorm
+_TIMM_GROUP_NORMS = ("timm.layers.norm.GroupNorm", "timm.layers.norm.GroupNorm1")
+
+
+def _slice_group_norm(m: nn.GroupNorm, n: int, where: str) -> nn.GroupNorm:
+    """A GroupNorm on the first n channels: whole groups where n is a multiple of the group size (the
+    same statistics); a one-group norm (GroupNorm1) normalises the n kept channels (as a cut LayerNorm)."""
+    size = m.num_channels // m.num_groups
+    if n % size and m.num_groups != 1:
+        raise OperatorError(f"{where}: a GroupNorm of {m.num_groups} groups of {size} cannot be cut to {n} channels")
+    groups = 1 if m.num_groups == 1 else n // size
+    new = nn.GroupNorm(groups, n, eps=m.eps, affine=m.affine)
+    if m.affine:
+        with torch.no_grad():
+            new.weight.copy_(m.weight[:n])
+            new.bias.copy_(m.bias[:n])
+    return new.to(m.weight.device if m.weight is not None else "cpu")
+
+
 def _slice_layer(m: nn.Module, n_in: int | None, n_out: int | None, where: str) -> nn.Module:
     """Copy of ``m`` restricted to its first ``n_in`` input and ``n_out`` output channels."""
-    if _is_channelwise(m) or _qualname(m) in _DROP_PATHS:
+    if _is_channelwise(m) or _qualname(m) in _DROP_PATHS or type(m) is nn.ZeroPad2d:
         return copy.deepcopy(m)
     if _qualname(m) in _LAYER_SCALES and isinstance(getattr(m, "gamma", None), nn.Parameter):
         new = copy.deepcopy(m)
@@ -156,6 +175,8 @@ def _slice_layer(m: nn.Module, n_in: int | None, n_out: int | None, where: str) 
                 if m.bias is not None:
                     new.bias.copy_(m.bias[:n_out])
         return new.to(m.weight.device if m.weight is not None else "cpu")
+    if type(m) is nn.GroupNorm or _qualname(m) in _TIMM_GROUP_NORMS:
+        return _slice_group_norm(m, n_out, where)
     if isinstance(m, nn.Sequential):
         raise OperatorError(f"{where}: nested Sequential must be flattened first")
     raise OperatorError(f"{where}: cannot slice a {type(m).__name__} to part of its channels")
@@ -351,7 +372,9 @@ def _sequential_channel_dim(flat: list[nn.Module]) -> int | None:
     spatial pooling) or the two layouts mix, which a channel slice could not follow."""
     dims = set()
     for m in flat:
-        if isinstance(m, (nn.Conv2d, nn.modules.batchnorm._BatchNorm)) or _qualname(m) in _SE_CLASSES:
+        if isinstance(m, (nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) or _qualname(m) in _SE_CLASSES:
+            dims.add(1)
+        elif type(m) is nn.ZeroPad2d:  # pads the last two dims of a (B, C, H, W) map, every channel alike
             dims.add(1)
         elif isinstance(m, nn.Linear) or isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
             dims.add(-1)

@@ -69,6 +69,8 @@ CASES = {
             32,
             _rule({"type": "Conv2d", "kernel": 3, "keeps_shape": False}, "partial_kernel", strict=False),
         ),
+        # grouped: ResNeSt's radix-2 split-attention 3x3s (64 -> 128 in 2 groups)
+        ("resnest14d", 32, _rule({"type": "Conv2d", "kernel": 3, "groups": "grouped"}, "partial_kernel")),
     ],
     "partial_residual": [
         ("resnet50", 32, _rule({"type": "Bottleneck"}, "partial_residual", ratio=0.5)),

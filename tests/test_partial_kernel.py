@@ -67,10 +67,32 @@ def test_macs_equal_the_arithmetic_count():
     assert sum(p.numel() for p in op.parameters()) == 9 * 16 * 32 + 48 * 32
 
 
+@pytest.mark.parametrize("cin,cout,groups,stride", [(64, 128, 2, 1), (32, 32, 4, 2), (48, 24, 3, 1)])
+def test_grouped_conv_keeps_the_kernel_on_the_first_inputs_of_every_group(cin, cout, groups, stride):
+    """A grouped conv (ResNeSt's radix 2, ResNeXt's strided 3x3): the same split inside each group;
+    oracle: the grouped conv with every off-centre tap of each group's inputs n.. zeroed."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, 3, stride, 1, groups=groups, bias=True)
+    op = PartialKernel.from_module(conv, ratio=0.25)
+    per_group = cin // groups
+    n = int(0.25 * per_group + 0.5)
+    assert op.conv.groups == op.point.groups == groups and op.dim_conv == n * groups
+    x = torch.randn(2, cin, 9, 10)
+    with torch.no_grad():
+        want = F.conv2d(x, _centre_only(conv.weight, n), conv.bias, stride, 1, 1, groups)
+        assert rel_err(op(x), want) < 1e-5
+        assert rel_err(op(x), conv(x)) > 0.05
+        assert rel_err(op.deploy()(x), want) < 1e-5
+        faithful = PartialKernel.faithful_original(conv)
+        assert rel_err(faithful(x), want) < 1e-5  # the contract's oracle at the default 1/4
+    out_pixels = op(x).shape[-1] * op(x).shape[-2]
+    macs, _ = op.macs(x[:1])
+    assert macs == out_pixels * cout * (9 * n + (per_group - n))  # each output reads its own group
+
+
 @pytest.mark.parametrize(
     "conv,reason",
     [
-        (nn.Conv2d(32, 32, 3, padding=1, groups=4), "groups=4"),
         (nn.Conv2d(32, 32, 3, padding=1, groups=32), "groups=32"),
         (nn.Conv2d(32, 16, 1), "1x1 conv has no spatial kernel"),
         (nn.Conv2d(32, 16, 2, padding=1), "no centre tap"),

@@ -1,6 +1,7 @@
 """Partial kernel (``partial_kernel``): a k x k conv keeps its full kernel on the first r*C_in input
 channels only; the other input channels keep the kernel's centre tap, a 1x1 conv (same stride);
-the two are summed into every output channel.
+the two are summed into every output channel. A grouped conv is split the same way inside every
+group (the first r of each group's inputs keep the kernel), so both parts stay grouped convs.
 
 This is our generalisation of 000 eq. 1 (the expensive operator on part of the channels, something
 cheap on the rest) to the convs PConv cannot represent: when the output width differs from the
@@ -37,8 +38,8 @@ def _check(conv: nn.Module) -> None:
             + (" (a subclass may transform its weight in forward)" if isinstance(conv, nn.Conv2d) else "")
         )
     reasons = []
-    if conv.groups != 1:
-        reasons.append(f"groups={conv.groups}: a grouped or depthwise conv is PConv's (it keeps whole groups)")
+    if conv.groups != 1 and conv.in_channels // conv.groups < 2:
+        reasons.append(f"groups={conv.groups}: a depthwise conv has one input per group, nothing to split")
     if all(k == 1 for k in conv.kernel_size):
         reasons.append("a 1x1 conv has no spatial kernel to cut")
     if any(k % 2 == 0 for k in conv.kernel_size) or not keeps_spatial_size(conv):
@@ -48,18 +49,22 @@ def _check(conv: nn.Module) -> None:
         )
     if conv.in_channels < 2:
         reasons.append(f"{conv.in_channels} input channel: nothing to split")
+    if conv.groups != 1 and conv.padding_mode != "zeros":
+        reasons.append(f"a grouped conv with padding_mode={conv.padding_mode!r}")
     if reasons:
         raise OperatorError(f"partial_kernel cannot represent this {name}: " + "; ".join(reasons))
 
 
 @register_operator("partial_kernel")
 class PartialKernel(PartialOperator):
-    """``conv(x[:, :n]) + point(x[:, n:])``: the full kernel on n input channels, its centre on the rest."""
+    """``conv(x[:, :n]) + point(x[:, n:])``: the full kernel on n input channels, its centre on the rest
+    (in a grouped conv: on the first n / groups inputs of every group, and the rest of every group)."""
 
     def __init__(self, conv: nn.Conv2d, point: nn.Conv2d) -> None:
         super().__init__()
         self.conv, self.point = conv, point  # k x k on the first dim_conv inputs; 1x1 on the rest
         self.dim, self.dim_conv = conv.in_channels + point.in_channels, conv.in_channels
+        self.groups = conv.groups
 
     @property
     def ratio(self) -> float:
@@ -73,9 +78,16 @@ class PartialKernel(PartialOperator):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.dim_conv
-        y = self.conv(x[:, :n])
-        rest = self.point(x[:, n:])
+        if self.groups == 1:
+            n = self.dim_conv
+            y = self.conv(x[:, :n])
+            rest = self.point(x[:, n:])
+        else:  # (B, groups, inputs per group, H, W): the first inputs of every group, then the others
+            b, _, h, w = x.shape
+            g = x.reshape(b, self.groups, self.dim // self.groups, h, w)
+            n = self.dim_conv // self.groups
+            y = self.conv(g[:, :, :n].reshape(b, self.dim_conv, h, w))
+            rest = self.point(g[:, :, n:].reshape(b, self.dim - self.dim_conv, h, w))
         if exporting():  # out of place for exporters (see ops/_export.py)
             return y + rest
         return y.add_(rest)  # the conv's fresh output: its backward does not read it
@@ -91,18 +103,23 @@ class PartialKernel(PartialOperator):
             if ratio is not None:
                 raise OperatorError(f"partial_kernel takes a number in (0, 1] as its ratio, got {ratio!r}")
             ratio = 0.25
-        c_in = original.in_channels
+        groups = original.groups
+        c_in = original.in_channels // groups  # inputs per group (all of them in a dense conv)
         n = split_channels(c_in, float(ratio))
         if n == c_in:
             raise OperatorError(f"ratio {ratio:g} keeps all {c_in} input channels in the kernel: the same layer")
-        w = original.weight.detach()
+        w = original.weight.detach()  # (out, inputs per group, kh, kw)
         kh, kw = original.kernel_size
         dev, dt = w.device, w.dtype
         conv = nn.Conv2d(
-            n, original.out_channels, original.kernel_size, original.stride, original.padding, original.dilation,
-            bias=original.bias is not None, padding_mode=original.padding_mode, device=dev, dtype=dt,
+            n * groups, original.out_channels, original.kernel_size, original.stride, original.padding,
+            original.dilation, groups=groups, bias=original.bias is not None, padding_mode=original.padding_mode,
+            device=dev, dtype=dt,
         )  # fmt: skip
-        point = nn.Conv2d(c_in - n, original.out_channels, 1, original.stride, 0, bias=False, device=dev, dtype=dt)
+        point = nn.Conv2d(
+            (c_in - n) * groups, original.out_channels, 1, original.stride, 0, groups=groups, bias=False,
+            device=dev, dtype=dt,
+        )  # fmt: skip
         with torch.no_grad():
             conv.weight.copy_(w[:, :n])
             if original.bias is not None:
@@ -114,9 +131,9 @@ class PartialKernel(PartialOperator):
     def faithful_original(cls, module: nn.Module) -> nn.Module | None:
         """The conv with every off-centre tap of its input channels n.. zeroed (n at the default 1/4):
         what the centre-tap 1x1 computes for them."""
-        if type(module) is not nn.Conv2d or module.in_channels < 2:
+        if type(module) is not nn.Conv2d or module.in_channels // module.groups < 2:
             return None
-        n = split_channels(module.in_channels, 0.25)
+        n = split_channels(module.in_channels // module.groups, 0.25)  # of each group's inputs
         c = copy.deepcopy(module)
         kh, kw = c.kernel_size
         with torch.no_grad():

@@ -5,7 +5,8 @@ only (hidden width r*H, weights = the top-left blocks of the original layers); t
 pass through the block unchanged: for a residual block (inverted residual) they keep x, for a
 branch that sits inside a residual (a transformer/ConvNeXt MLP) the branch outputs 0 for them.
 MACs of the block scale by about r^2. timm's gated MLPs (GluMlp, SwiGLU, GatedMlp) keep the same
-hidden units in their gate and value halves (``gated_mlp.py``).
+hidden units in their gate and value halves (``gated_mlp.py``); ghost bottlenecks are cut in
+``ghost_blocks.py``.
 
 ``PartialAttention`` (``partial_attention``): multi-head self-attention on the last (1 - r)*C
 channels (whole heads, q/k/v/proj inherited as sub-blocks), a cheap mixer on the first r*C
@@ -34,6 +35,7 @@ from ._utils import (
 )
 from .base import InferenceForm, PartialOperator
 from .gated_mlp import slice_gated
+from .ghost_blocks import slice_ghost
 from .registry import register_operator
 
 _PASSTHROUGH = (
@@ -484,6 +486,10 @@ class PartialMLP(PartialOperator):
             return PartialShuffleUnit.from_unit(original, ratio, hidden_ratio)
         if _qualname(original) in _CUT_COPIES:
             return PartialMLPCopy.from_copy(original, ratio, hidden_ratio)
+        ghost = slice_ghost(original, ratio, hidden_ratio, _slice_layer)
+        if ghost is not None:
+            layers, dim, n = ghost
+            return cls(layers, dim, n, True, 1)
         gated = slice_gated(original, ratio, hidden_ratio, _slice_layer)
         if gated is not None:
             return cls(gated.layers, gated.dim, gated.n, gated.residual, gated.channel_dim, gated.drop_path)

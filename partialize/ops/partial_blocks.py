@@ -149,6 +149,38 @@ def _slice_group_norm(m: nn.GroupNorm, n: int, where: str) -> nn.GroupNorm:
     return new.to(m.weight.device if m.weight is not None else "cpu")
 
 
+_MIXED_CONV = "timm.layers.mixed_conv2d.MixedConv2d"
+
+
+def _mixed_is_depthwise(m: nn.Module) -> bool:
+    return all(c.groups == c.in_channels == c.out_channels for c in m.values())
+
+
+def _slice_mixed(m: nn.Module, n_in: int | None, n_out: int | None, where: str) -> nn.Module:
+    """MixNet's MixedConv2d (a conv per split of the channels, outputs concatenated) on its first n_in
+    inputs and n_out outputs: every split cut to the part of it inside both (each output reads only its
+    own split's inputs, so this is the original with the dropped inputs zeroed); splits past the end go."""
+    if _mixed_is_depthwise(m):
+        n_in = n_out = n_out if n_out is not None else n_in
+    n_in = m.in_channels if n_in is None else n_in
+    n_out = m.out_channels if n_out is None else n_out
+    new = copy.deepcopy(m)
+    splits, start_in, start_out = [], 0, 0
+    for key, conv in list(m.items()):
+        a = min(max(n_in - start_in, 0), conv.in_channels)
+        b = min(max(n_out - start_out, 0), conv.out_channels)
+        start_in, start_out = start_in + conv.in_channels, start_out + conv.out_channels
+        if a == 0 and b == 0:
+            del new[key]
+            continue
+        if a == 0 or b == 0:
+            raise OperatorError(f"{where}: a MixedConv2d cut to {n_in} inputs and {n_out} outputs splits a group")
+        new[key] = _slice_layer(conv, a, b, where)
+        splits.append(a)
+    new.splits, new.in_channels, new.out_channels = splits, n_in, n_out
+    return new
+
+
 def _slice_layer(m: nn.Module, n_in: int | None, n_out: int | None, where: str) -> nn.Module:
     """Copy of ``m`` restricted to its first ``n_in`` input and ``n_out`` output channels."""
     if _is_channelwise(m) or _qualname(m) in _DROP_PATHS or type(m) is nn.ZeroPad2d:
@@ -177,6 +209,8 @@ def _slice_layer(m: nn.Module, n_in: int | None, n_out: int | None, where: str) 
                 if m.bias is not None:
                     new.bias.copy_(m.bias[:n_out])
         return new.to(m.weight.device if m.weight is not None else "cpu")
+    if _qualname(m) == _MIXED_CONV:
+        return _slice_mixed(m, n_in, n_out, where)
     if type(m) is nn.GroupNorm or _qualname(m) in _TIMM_GROUP_NORMS:
         return _slice_group_norm(m, n_out, where)
     if isinstance(m, nn.Sequential):
@@ -189,6 +223,8 @@ def _width_change(m: nn.Module) -> tuple[int, int] | None:
     if isinstance(m, nn.Linear):
         return m.in_features, m.out_features
     if isinstance(m, nn.Conv2d) and not (m.groups == m.in_channels == m.out_channels and m.groups > 1):
+        return m.in_channels, m.out_channels
+    if _qualname(m) == _MIXED_CONV and not _mixed_is_depthwise(m):
         return m.in_channels, m.out_channels
     return None
 
@@ -376,7 +412,7 @@ def _sequential_channel_dim(flat: list[nn.Module]) -> int | None:
     for m in flat:
         if isinstance(m, (nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) or _qualname(m) in _SE_CLASSES:
             dims.add(1)
-        elif type(m) is nn.ZeroPad2d:  # pads the last two dims of a (B, C, H, W) map, every channel alike
+        elif type(m) is nn.ZeroPad2d or _qualname(m) == _MIXED_CONV:  # pads the last two dims of a (B, C, H, W) map, every channel alike
             dims.add(1)
         elif isinstance(m, nn.Linear) or isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
             dims.add(-1)

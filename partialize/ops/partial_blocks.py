@@ -412,7 +412,7 @@ def _sequential_channel_dim(flat: list[nn.Module]) -> int | None:
     for m in flat:
         if isinstance(m, (nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) or _qualname(m) in _SE_CLASSES:
             dims.add(1)
-        elif type(m) is nn.ZeroPad2d or _qualname(m) == _MIXED_CONV:  # pads the last two dims of a (B, C, H, W) map, every channel alike
+        elif type(m) is nn.ZeroPad2d or _qualname(m) == _MIXED_CONV:  # on (B, C, H, W) maps; a pad: every channel alike
             dims.add(1)
         elif isinstance(m, nn.Linear) or isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
             dims.add(-1)

@@ -152,7 +152,7 @@ def test_cli_scan_resnet18_writes_versioned_json(tmp_path):
 
 def test_auto_recipe_validates():
     r = CliRunner().invoke(main, ["recipe", "validate", os.path.join(ROOT, "recipes", "auto.yaml")])
-    assert r.exit_code == 0 and "valid recipe auto (5 rules)" in r.output, r.output
+    assert r.exit_code == 0 and "valid recipe auto (6 rules)" in r.output, r.output
     r = CliRunner().invoke(main, ["recipe", "list"])
     assert "auto " in r.output
 

@@ -9,6 +9,7 @@ from torch import nn
 from ..errors import OperatorError
 from ..macs import MacCounter
 from ..ops.base import PartialOperator
+from ._shape_only import fake_mode_of, is_fake, running
 from .discover import Discovery
 
 Call = tuple[tuple, dict]
@@ -36,7 +37,16 @@ def _clone_call(args: tuple, kwargs: dict) -> Call:
 
 
 def capture_calls(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, list[Call]]:
-    """The arguments of every call of each module in ``names`` during one eval forward on ``x``."""
+    """The arguments of every call of each module in ``names`` during one eval forward on ``x`` (on
+    shapes only when ``x`` is a fake tensor: the arguments are then fake too)."""
+    mode = fake_mode_of(x)
+    if mode is None:
+        return _capture(model, x, names)
+    with running(mode, model):
+        return _capture(model, x, names)
+
+
+def _capture(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, list[Call]]:
     calls: dict[str, list[Call]] = {n: [] for n in names}
     handles = []
     for n in names:
@@ -57,8 +67,25 @@ def capture_calls(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[s
     return calls
 
 
+def real_like(v):
+    """A call's arguments with every fake tensor replaced by a real one of its shape and dtype (standard
+    normal values; zeros for integers and booleans)."""
+    if is_fake(v):
+        if v.dtype.is_floating_point or v.dtype.is_complex:
+            return torch.randn(v.shape, dtype=v.dtype, generator=torch.Generator().manual_seed(0))
+        return torch.zeros(v.shape, dtype=v.dtype)
+    if isinstance(v, (list, tuple)):
+        items = [real_like(a) for a in v]
+        return type(v)(*items) if hasattr(v, "_fields") else type(v)(items)
+    if isinstance(v, dict):
+        return {k: real_like(a) for k, a in v.items()}
+    return v
+
+
 def _shapes(v):
     if isinstance(v, torch.Tensor):
+        if is_fake(v) and v.shape == (0,):
+            return None  # fake kernels return an empty tensor where the real one returns None (MHA's weights)
         return tuple(v.shape)
     if isinstance(v, (list, tuple)):
         return tuple(_shapes(a) for a in v)
@@ -71,6 +98,19 @@ def layer_cost(module: nn.Module, op: PartialOperator, calls: list[Call]) -> tup
     arguments, so any call signature works (an output of another shape raises OperatorError); the
     MACs after are the operator's own count (``op.macs``, the contract)."""
     form = op.deploy()
+    mode = fake_mode_of(calls)
+    if mode is not None:  # the calls were captured on shapes only: run on shapes, or on random values
+        try:
+            with running(mode, module, op, form):
+                return _cost(module, op, form, calls)
+        except OperatorError:
+            raise
+        except Exception:  # an operator whose forward needs values (data-dependent routing)
+            calls = [real_like(call) for call in calls]
+    return _cost(module, op, form, calls)
+
+
+def _cost(module: nn.Module, op: PartialOperator, form: nn.Module, calls: list[Call]) -> tuple[int, int, str]:
     # the default macs() is partialize.macs on deploy(): the count taken on the shape-check run of this
     # very form is that number, without deploying and running a second time (plans were half this)
     default_macs = type(op).macs is PartialOperator.macs

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import PartializeError
+from ._shape_only import fake_input, new_mode, running
 from .plan import Plan
 from .planner import build_op
 
@@ -17,6 +18,19 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def _check_forward(model: nn.Module, x: torch.Tensor, shape_only: bool):
+    """The converted model's output on ``x``: on shapes only for a plan made that way (the real forward
+    is slow), for real if the model cannot run on shapes."""
+    if shape_only:
+        mode = new_mode()
+        try:
+            with running(mode, model):
+                return model(fake_input(mode, x))
+        except Exception:  # values needed somewhere: check for real
+            pass
+    return model(x)
 
 
 def apply_plan(
@@ -49,7 +63,7 @@ def apply_plan(
         target.eval()
         try:
             with torch.no_grad():
-                out = target(x)
+                out = _check_forward(target, x, plan.shape_only)
         finally:
             target.train(was)
         shape = tuple((out[0] if isinstance(out, (tuple, list)) else out).shape)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..macs import MacCounter
+from ._shape_only import REAL_BUDGET_S, fake_input, new_mode, restored, running, shapes_pay
 from .tracer import example_input_for, trace
 
 
@@ -65,6 +66,9 @@ class Discovery:
     seconds: dict[str, float] = field(default_factory=dict)
     uncounted: dict[str, int] = field(default_factory=dict)  # contraction ops with no MAC formula
     used_outside: dict[str, tuple[str, str]] = field(default_factory=dict)  # module -> (user, op)
+    # the example input as a fake tensor when the forward ran on shapes only (engine/_shape_only.py):
+    # the planner's later passes then run on shapes too
+    fake_input: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
 
 def _shape(t) -> tuple[int, ...] | None:
@@ -94,45 +98,26 @@ def discover(
     model: nn.Module,
     example_input: torch.Tensor | None = None,
     input_size: int | tuple[int, ...] | None = None,
+    shape_only: bool | None = None,
 ) -> Discovery:
     """Trace ``model`` (to learn which modules fx sees as leaves) and run it once eagerly (eval mode,
     no grad) with hooks: shapes, call order and counts, and MACs per module by the one counter
-    (``partialize.macs``), every call included."""
+    (``partialize.macs``), every call included. ``shape_only`` (None: when the real forward is slow)
+    runs that forward on fake tensors (``engine/_shape_only.py``); ``fake_input`` is then set."""
     x = example_input if example_input is not None else example_input_for(model, input_size)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     try:
-        gm = trace(model)
+        with restored(model):  # a forward that writes into the model would leave fx proxies in it
+            gm = trace(model)
         traced, err = True, None
         graph_modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     except Exception as e:  # any fx failure: the eager hooks still see every module
         traced, err, graph_modules = False, f"{type(e).__name__}: {e}".splitlines()[0][:300], set()
     times["trace"] = time.perf_counter() - t0
 
-    records: dict[str, dict] = {}
-    names = {id(m): n for n, m in model.named_modules() if n}
-    counter = [0]
-
-    def hook(mod, args, kwargs, out):
-        name = names.get(id(mod))
-        if name is None or name in records:
-            return
-        first = args[0] if args else next(iter(kwargs.values()), None)
-        records[name] = {"in": _shape(first), "out": _shape(out), "order": counter[0]}
-        counter[0] += 1
-
-    handles = [m.register_forward_hook(hook, with_kwargs=True) for n, m in model.named_modules() if n]
-    was_training = model.training
-    model.eval()
     t0 = time.perf_counter()
-    try:
-        with torch.no_grad(), MacCounter(model) as fc:
-            out = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    counted = fc.result
+    records, counted, out, fake_x = _forward(model, x, shape_only)
     times["forward"] = time.perf_counter() - t0
 
     in_hw = x.shape[-2:] if x.dim() == 4 else None
@@ -184,4 +169,63 @@ def discover(
         times,
         uncounted=dict(counted.uncounted),
         used_outside=dict(counted.used_outside),
+        fake_input=fake_x,
     )
+
+
+class _OverBudget(Exception):
+    def __init__(self, done: int, seconds: float):
+        super().__init__(f"{done} module calls in {seconds:.2f} s")
+        self.done, self.seconds = done, seconds
+
+
+def _observed(model: nn.Module, x: torch.Tensor, budget: float | None):
+    """(first-call records per module, MacCount, output) of one eval, no-grad forward with hooks;
+    raises _OverBudget once the forward has run ``budget`` seconds."""
+    records: dict[str, dict] = {}
+    names = {id(m): n for n, m in model.named_modules() if n}
+    counter = [0]
+    t0 = time.perf_counter()
+
+    calls = [0]
+
+    def hook(mod, args, kwargs, out):
+        calls[0] += 1
+        if budget is not None and time.perf_counter() - t0 > budget:
+            raise _OverBudget(calls[0], time.perf_counter() - t0)
+        name = names.get(id(mod))
+        if name is None or name in records:
+            return
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        records[name] = {"in": _shape(first), "out": _shape(out), "order": counter[0]}
+        counter[0] += 1
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for n, m in model.named_modules() if n]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), MacCounter(model) as fc:
+            out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return records, fc.result, out
+
+
+def _forward(model: nn.Module, x: torch.Tensor, shape_only: bool | None):
+    """The observed forward, real or on shapes only (``shape_only``: None = real unless it runs past
+    ``REAL_BUDGET_S``); a model that cannot run on shapes runs for real. Also returns the fake input."""
+    if shape_only is not True:
+        try:
+            return (*_observed(model, x, REAL_BUDGET_S if shape_only is None else None), None)
+        except _OverBudget as over:
+            if not shapes_pay(model, over.done, over.seconds):
+                return (*_observed(model, x, None), None)
+    mode = new_mode()
+    fake_x = fake_input(mode, x)
+    try:
+        with running(mode, model):
+            return (*_observed(model, fake_x, None), fake_x)
+    except Exception:  # values needed (.item(), data-dependent shapes, an op without a fake kernel)
+        return (*_observed(model, x, None), None)

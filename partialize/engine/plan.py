@@ -51,6 +51,7 @@ class Plan:
     seconds: dict[str, float] = field(default_factory=dict)
     uncounted_ops: dict[str, int] = field(default_factory=dict)  # contraction ops with no MAC formula
     original_macs: dict[str, int] = field(default_factory=dict)  # MACs of each converted layer before
+    shape_only: bool = False  # planned on fake tensors (shapes only), the real forward being slow
 
     @property
     def converted(self) -> list[PlanEntry]:
@@ -96,6 +97,7 @@ class Plan:
             "seconds": self.seconds,
             "uncounted_ops": self.uncounted_ops,
             "original_macs": self.original_macs,
+            "shape_only": self.shape_only,
             "entries": [e.to_dict() for e in self.entries],
         }
 
@@ -120,6 +122,7 @@ class Plan:
             seconds=d.get("seconds", {}),
             uncounted_ops=d.get("uncounted_ops", {}),
             original_macs=d.get("original_macs", {}),
+            shape_only=d.get("shape_only", False),
         )
         return p
 

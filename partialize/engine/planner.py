@@ -115,7 +115,9 @@ def make_plan(
     hits = [0] * len(rec.rules)
     cands = _candidates(rec, discovery, modules, names, hits)
     wanted = [n for n, d in cands if d.variant not in SKIP_VARIANTS]
-    calls = capture_calls(model, x, wanted)
+    # on shapes only when discovery's real forward was slow (engine/_shape_only.py)
+    shapes_x = discovery.fake_input if discovery.fake_input is not None else x
+    calls = capture_calls(model, shapes_x, wanted)
     state = _PlanState(rec, discovery, modules, calls, tensor_owners(model))
     for name, decision in cands:
         state.decide(name, decision)
@@ -135,6 +137,7 @@ def make_plan(
         | {"plan": time.perf_counter() - t_plan, "total": time.perf_counter() - t_start},
         uncounted_ops=dict(discovery.uncounted),
         original_macs=state.orig_macs,
+        shape_only=discovery.fake_input is not None,
     )
     return plan
 

@@ -1,0 +1,113 @@
+"""Planning on shapes only (engine/_shape_only.py): on a model whose real forward is slow the planner
+runs its passes on fake tensors. Oracle: the plan made for real on the same model (every entry's
+decision, reason and MAC change identical), the original's output before and after, and the state a
+forward writes into the model (caches, buffers) put back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+import torchvision
+from _helpers import nondegenerate_, rel_err
+from torch import nn
+
+from partialize.engine._shape_only import restored, shapes_pay
+from partialize.engine.apply import apply_plan
+from partialize.engine.discover import discover
+from partialize.engine.plan import Plan
+from partialize.engine.planner import make_plan
+
+MODELS = {  # small instances; LeViT caches its attention biases in eval, ConViT rebuilds a buffer
+    "vit": (lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), 32),
+    "levit": (lambda: timm.create_model("levit_128s"), 224),
+    "convit": (lambda: timm.create_model("convit_tiny", img_size=64, depth=2), 64),
+    "swin": (lambda: timm.create_model("swin_tiny_patch4_window7_224", depths=(2, 2), num_heads=(2, 4)), 224),
+    "tv_vit": (lambda: torchvision.models.VisionTransformer(32, 8, 2, 2, 32, 64, num_classes=10), 32),
+    "resnet": (lambda: timm.create_model("resnet18", num_classes=10), 64),
+}
+
+
+def _entries(plan: Plan) -> list[tuple]:
+    return [(e.layer, e.status, e.variant, e.params.get("ratio"), e.delta_macs, e.reason) for e in plan.entries]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_plan_on_shapes_is_the_plan_made_for_real(name):
+    build, size = MODELS[name]
+    torch.manual_seed(0)
+    model = nondegenerate_(build().eval())
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(x)
+    fake = make_plan(model, "auto", discovery=discover(model, x, shape_only=True), example_input=x)
+    real = make_plan(model, "auto", discovery=discover(model, x, shape_only=False), example_input=x)
+    assert fake.shape_only and not real.shape_only
+    assert _entries(fake) == _entries(real) and fake.macs_before == real.macs_before
+    assert fake.converted  # something to compare
+    a, b = apply_plan(model, fake, example_input=x), apply_plan(model, real, example_input=x)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)  # the original, caches included, as before
+        assert rel_err(a.eval()(x), b.eval()(x)) == 0.0
+
+
+def test_plan_records_shape_only_and_round_trips():
+    build, size = MODELS["vit"]
+    model = build().eval()
+    plan = make_plan(model, "auto", discovery=discover(model, input_size=size, shape_only=True), input_size=size)
+    again = Plan.from_dict(json.loads(plan.to_json()))
+    assert again.shape_only is True and again.to_dict() == plan.to_dict()
+
+
+class _Stateful(nn.Module):
+    """Writes into itself in forward: a cache dict, an attribute, a replaced buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.register_buffer("table", torch.zeros(1))
+        self.cache: dict = {}
+
+    def forward(self, x):
+        self.cache[x.shape[-1]] = x.sum(0)
+        self.last = x.shape
+        self.table = torch.ones(x.shape[-1])
+        return self.fc(x) + self.table
+
+
+def test_state_a_forward_writes_is_put_back():
+    m = _Stateful()
+    table, cache = m.table, m.cache
+    with restored(m):
+        m(torch.randn(2, 8))
+    assert m.table is table and m.cache is cache and m.cache == {} and not hasattr(m, "last")
+    disc = discover(m, torch.randn(2, 8), shape_only=True)
+    assert disc.fake_input is not None
+    assert m.table is table and m.cache == {} and not hasattr(m, "last")
+
+
+class _NeedsValues(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        k = int(x.abs().max().item() > 0) + 1  # a value decides the shape
+        return self.conv(x)[:, : 4 * k]
+
+
+def test_a_model_that_needs_values_is_planned_for_real():
+    m = _NeedsValues().eval()
+    disc = discover(m, torch.randn(1, 3, 8, 8), shape_only=True)
+    assert disc.fake_input is None and disc.output_shape == (1, 8, 8, 8)
+
+
+def test_shapes_pay_compares_the_two_estimates():
+    """Real: seconds * modules / calls done. Shapes: 5 ms per conv or norm leaf, 1.5 ms per other leaf."""
+    convs = nn.Sequential(*[nn.Conv2d(8, 8, 3) for _ in range(100)])  # 100 modules, 0.5 s on shapes
+    assert not shapes_pay(convs, calls_done=100, seconds=0.5)  # 0.5 s real: 0.5 is not below 0.8 * 0.5
+    assert shapes_pay(convs, calls_done=50, seconds=0.5)  # 1.0 s real: 0.5 < 0.8
+    linears = nn.Sequential(*[nn.Linear(8, 8) for _ in range(100)])  # 0.15 s on shapes
+    assert shapes_pay(linears, calls_done=100, seconds=0.5)  # 0.15 < 0.4

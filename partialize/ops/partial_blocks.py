@@ -743,11 +743,12 @@ class PartialAttention(PartialOperator):
         self.dim_attn = num_heads_attn * head_dim
         self.dim_cheap = dim - self.dim_attn
         self.scale = scale
-        self.qkv = nn.Linear(self.dim_attn, 3 * self.dim_attn, bias=qkv_bias)
+        # no random init: every construction inherits these weights (``_inherit``) right after
+        self.qkv = torch.nn.utils.skip_init(nn.Linear, self.dim_attn, 3 * self.dim_attn, bias=qkv_bias)
         self.q_norm: nn.Module = nn.Identity()
         self.k_norm: nn.Module = nn.Identity()
         self.gate: nn.Linear | None = None
-        self.proj = nn.Linear(self.dim_attn, self.dim_attn, bias=proj_bias)
+        self.proj = torch.nn.utils.skip_init(nn.Linear, self.dim_attn, self.dim_attn, bias=proj_bias)
         self.mixer_type = mixer
         self.grid = tuple(grid) if grid is not None else None
         self.prefix_tokens = prefix_tokens

@@ -255,14 +255,17 @@ class PartialResidual(PartialOperator):
             raise OperatorError(f"offset {offset:g} + ratio {ratio:g} runs past the {dim} channels")
         if read == "complement" and 0 < o and o + k < dim:
             raise OperatorError("read='complement' needs the written group at either end (offset 0 or 1 - ratio)")
-        children = {n: copy.deepcopy(getattr(original, n)) for n in dict.fromkeys(order + (out_act,))}
+        a, b = {"all": (0, dim), "group": (o, o + k)}.get(read, (o + k, dim) if o == 0 else (0, o))
+        changed = {last, last_bn} | ({first} if (a, b) != (0, dim) else set())
+        # the layers about to be replaced by their slices are not copied first (a copy of a large
+        # block's 1x1 convs was most of the planning time of a wide network)
+        memo = {id(original.get_submodule(p)): nn.Identity() for p in changed}
+        children = {n: copy.deepcopy(getattr(original, n), memo) for n in dict.fromkeys(order + (out_act,))}
         children = {n: m for n, m in children.items() if m is not None}
         order = tuple(n for n in order if n in children)  # timm keeps drop_path=None when unused
         op = cls(children, order, out_act, dim, k, o, read)
-        a, b = op.read_range()
-        changed = {last, last_bn}
-        if (a, b) != (0, dim):
-            changed.add(first)
+        if op.read_range() != (a, b):
+            raise AssertionError("partial_residual: read range computed twice differs")
         _set(op, last, _conv_range(original.get_submodule(last), (o, o + k), None))
         _set(op, last_bn, _bn_range(original.get_submodule(last_bn), o, o + k))
         if first in changed:

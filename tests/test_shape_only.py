@@ -14,7 +14,7 @@ import torchvision
 from _helpers import nondegenerate_, rel_err
 from torch import nn
 
-from partialize.engine._shape_only import restored, shapes_pay
+from partialize.engine._shape_only import OpTally, restored, shapes_pay
 from partialize.engine.apply import apply_plan
 from partialize.engine.discover import discover
 from partialize.engine.plan import Plan
@@ -104,10 +104,16 @@ def test_a_model_that_needs_values_is_planned_for_real():
     assert disc.fake_input is None and disc.output_shape == (1, 8, 8, 8)
 
 
-def test_shapes_pay_compares_the_two_estimates():
-    """Real: seconds * modules / calls done. Shapes: 5 ms per conv or norm leaf, 1.5 ms per other leaf."""
-    convs = nn.Sequential(*[nn.Conv2d(8, 8, 3) for _ in range(100)])  # 100 modules, 0.5 s on shapes
-    assert not shapes_pay(convs, calls_done=100, seconds=0.5)  # 0.5 s real: 0.5 is not below 0.8 * 0.5
-    assert shapes_pay(convs, calls_done=50, seconds=0.5)  # 1.0 s real: 0.5 < 0.8
-    linears = nn.Sequential(*[nn.Linear(8, 8) for _ in range(100)])  # 0.15 s on shapes
-    assert shapes_pay(linears, calls_done=100, seconds=0.5)  # 0.15 < 0.4
+def test_shapes_pay_compares_the_ops_so_far_real_and_on_shapes():
+    """On shapes: 4 ms per conv or norm op, 1.3 ms per other op; it pays below 0.8x the real seconds."""
+    assert not shapes_pay(heavy=100, light=0, seconds=0.5)  # 0.4 s on shapes, not below 0.4
+    assert shapes_pay(heavy=100, light=0, seconds=0.6)  # 0.4 < 0.48
+    assert shapes_pay(heavy=0, light=300, seconds=0.5)  # 0.39 < 0.4
+    assert not shapes_pay(heavy=50, light=200, seconds=0.5)  # 0.2 + 0.26 = 0.46
+
+
+def test_op_tally_counts_convs_and_norms_apart():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LayerNorm(4 * 36)).eval()
+    with torch.no_grad(), OpTally() as tally:
+        m(torch.randn(1, 3, 8, 8))
+    assert tally.heavy == 3 and tally.light >= 2  # conv, batch norm, layer norm; relu, flatten's view

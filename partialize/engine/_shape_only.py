@@ -8,10 +8,11 @@ device: MAC counts are identical (they come from shapes), the time is that of di
 
 It is not always faster: torch decomposes a fake conv or norm into many fake ops (about 5 ms each on
 the 2-core VM; ResNet-152 takes 1.5 s on shapes, 0.42 s for real), so a small or convolution-heavy
-model is quicker for real. Discovery therefore runs the real forward and, when it has run longer than
-``REAL_BUDGET_S``, estimates both: the real forward from the share of module calls done so far, the
-shape-only one from the model's leaf modules (``shapes_pay``). A model whose forward needs values
-(``.item()``, data-dependent shapes) cannot run on shapes; it stays real.
+model is quicker for real. Discovery therefore runs the real forward, and when it has run longer than
+``REAL_BUDGET_S`` compares what the ops dispatched so far cost for real with what they would cost on
+shapes (``shapes_pay``): if shapes are cheaper it starts again on shapes, else it carries on for real.
+A model whose forward needs values (``.item()``, data-dependent shapes) cannot run on shapes; it
+stays real.
 
 A forward may write state into the model (a cached bias table, a buffer rebuilt for a new input size).
 Under fake mode that state would be fake tensors, so every module's buffers and plain attributes are
@@ -26,23 +27,40 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REAL_BUDGET_S = 0.5  # a real discovery forward running longer than this switches the plan to shapes only
 
-# seconds a leaf module costs on shapes (measured on the 2-core VM, torch 2.14): convs and norms are
-# decomposed into many fake ops, the others are about one
-_FAKE_S_HEAVY, _FAKE_S_LIGHT = 0.005, 0.0015
-_HEAVY = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+# seconds one dispatched op costs on shapes (measured on the 2-core VM, torch 2.14: ResNet-152 and
+# ViT-L/16 fitted): convs and norms are decomposed into many fake ops, the others cost about one
+FAKE_S_HEAVY, FAKE_S_LIGHT = 0.004, 0.0013
+_HEAVY_OPS = ("convolution", "batch_norm", "layer_norm", "group_norm")
 
 
-def shapes_pay(model: nn.Module, calls_done: int, seconds: float) -> bool:
-    """Whether the planner's passes are cheaper on shapes: the real forward, estimated from the module
-    calls done in ``seconds`` out of one per module, against the leaf modules' cost on shapes."""
-    modules = [m for m in model.modules()][1:]
-    real = seconds * max(1, len(modules)) / max(1, calls_done)
-    leaves = [m for m in modules if next(m.children(), None) is None]
-    fake = sum(_FAKE_S_HEAVY if isinstance(m, _HEAVY) else _FAKE_S_LIGHT for m in leaves)
-    return fake < 0.8 * real
+def is_heavy(op_name: str) -> bool:
+    return any(k in op_name for k in _HEAVY_OPS)
+
+
+def shapes_pay(heavy: int, light: int, seconds: float) -> bool:
+    """Whether the rest of planning is cheaper on shapes: the ops dispatched so far cost ``seconds``
+    for real; on shapes they would cost ``FAKE_S_HEAVY`` each for convs and norms, ``FAKE_S_LIGHT`` for
+    the others. The model's remaining ops are taken to be of the same mix."""
+    return heavy * FAKE_S_HEAVY + light * FAKE_S_LIGHT < 0.8 * seconds
+
+
+class OpTally(TorchDispatchMode):
+    """Counts the ops dispatched inside it, convs and norms apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heavy = self.light = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if is_heavy(func.name()):
+            self.heavy += 1
+        else:
+            self.light += 1
+        return func(*args, **(kwargs or {}))
 
 
 # torch's own bookkeeping in a module's __dict__ (hooks are added and removed around the passes)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..macs import MacCounter
-from ._shape_only import REAL_BUDGET_S, fake_input, new_mode, restored, running, shapes_pay
+from ._shape_only import REAL_BUDGET_S, OpTally, fake_input, new_mode, restored, running, shapes_pay
 from .tracer import example_input_for, trace
 
 
@@ -173,26 +173,26 @@ def discover(
     )
 
 
-class _OverBudget(Exception):
-    def __init__(self, done: int, seconds: float):
-        super().__init__(f"{done} module calls in {seconds:.2f} s")
-        self.done, self.seconds = done, seconds
+class _ShapesPay(Exception):
+    """Raised out of the real forward once it has shown that shapes only would be cheaper."""
 
 
 def _observed(model: nn.Module, x: torch.Tensor, budget: float | None):
-    """(first-call records per module, MacCount, output) of one eval, no-grad forward with hooks;
-    raises _OverBudget once the forward has run ``budget`` seconds."""
+    """(first-call records per module, MacCount, output) of one eval, no-grad forward with hooks; with
+    a ``budget``, once the forward has run that long it raises _ShapesPay if the ops so far would have
+    been cheaper on shapes (``shapes_pay``), else it carries on."""
     records: dict[str, dict] = {}
     names = {id(m): n for n, m in model.named_modules() if n}
     counter = [0]
+    tally = OpTally()
+    watch = [budget is not None]
     t0 = time.perf_counter()
 
-    calls = [0]
-
     def hook(mod, args, kwargs, out):
-        calls[0] += 1
-        if budget is not None and time.perf_counter() - t0 > budget:
-            raise _OverBudget(calls[0], time.perf_counter() - t0)
+        if watch[0] and time.perf_counter() - t0 > budget:
+            watch[0] = False  # decided once
+            if shapes_pay(tally.heavy, tally.light, time.perf_counter() - t0):
+                raise _ShapesPay
         name = names.get(id(mod))
         if name is None or name in records:
             return
@@ -204,7 +204,7 @@ def _observed(model: nn.Module, x: torch.Tensor, budget: float | None):
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), MacCounter(model) as fc:
+        with torch.no_grad(), MacCounter(model) as fc, tally:
             out = model(x)
     finally:
         for h in handles:
@@ -219,9 +219,8 @@ def _forward(model: nn.Module, x: torch.Tensor, shape_only: bool | None):
     if shape_only is not True:
         try:
             return (*_observed(model, x, REAL_BUDGET_S if shape_only is None else None), None)
-        except _OverBudget as over:
-            if not shapes_pay(model, over.done, over.seconds):
-                return (*_observed(model, x, None), None)
+        except _ShapesPay:
+            pass
     mode = new_mode()
     fake_x = fake_input(mode, x)
     try:

@@ -60,8 +60,8 @@ def test_half_is_the_original_reading_only_the_kept_units(case):
         assert rel_err(got, block(x.clone())) > 1e-3  # the dropped units really are gone
 
 
-@pytest.mark.parametrize("case", ["repghost", "repghost_se"])
-def test_repghost_keep_everything_is_the_original(case):
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_keep_everything_is_the_original(case):
     block = _make(case)
     x = torch.randn(2, 16, 7, 7, generator=torch.Generator().manual_seed(2))
     op = PartialMLP.from_module(block, **PartialMLP.faithful_params).eval()
@@ -69,9 +69,20 @@ def test_repghost_keep_everything_is_the_original(case):
         assert rel_err(op(x), block(x.clone())) <= 1e-5
 
 
-def test_ghostnet_refuses_a_cut_into_the_cheap_half_and_a_projection_shortcut():
-    with pytest.raises(OperatorError, match="reaches its cheap half"):
-        PartialMLP.from_module(_make("ghost"), ratio=1.0)
+def test_ghostnet_past_the_primary_half_keeps_the_cheap_outputs_of_the_first_channels():
+    """At 3/4 of 48 hidden units (36): ghost1's 24 primary channels and the cheap outputs of the first
+    12; oracle: the original with ghost2 reading only hidden units [:36] (its columns beyond zeroed)."""
+    block = _make("ghost_se")
+    x = torch.randn(2, 16, 7, 7, generator=torch.Generator().manual_seed(2))
+    op = PartialMLP.from_module(block, ratio=0.5, hidden_ratio=0.75).eval()
+    oracle = _masked(copy.deepcopy(block), 8, 36)
+    with torch.no_grad():
+        want = torch.cat((oracle(x.clone())[:, :8], x[:, 8:]), dim=1)
+        assert rel_err(op(x), want) <= 1e-5
+        assert rel_err(op.deploy()(x), want) <= 1e-5
+
+
+def test_a_projection_shortcut_is_refused():
     with pytest.raises(OperatorError, match="without an identity shortcut"):
         PartialMLP.from_module(GhostBottleneck(16, 48, 24))
     with pytest.raises(OperatorError, match="without an identity shortcut"):

@@ -465,3 +465,38 @@ def test_cpubone_residual_blocks_with_group_norm_pad_and_grouped_convs_convert()
     x = torch.randn(1, 3, 128, 128)
     with torch.no_grad():
         assert rel_err(partialize.deploy(net)(x), net.eval()(x)) <= 1e-4
+
+
+def test_xception_block_with_three_pointwise_convs_equals_the_masked_original():
+    """legacy Xception's identity-skip Block: x + rep(x), rep = 3 x (ReLU, depthwise 3x3 + pointwise
+    1x1, BN). Every pointwise conv is cut (32 -> 16 -> 16 -> 16 at 1/2); oracle: the original with the
+    first pointwise conv's columns >= 16 and the others' columns >= 16 zeroed, on the first 16 outputs."""
+    from timm.models.xception import Block
+
+    torch.manual_seed(0)
+    block = nondegenerate_(Block(32, 32, reps=3), scale=0.2).eval()
+    x = torch.randn(2, 32, 6, 6, generator=torch.Generator().manual_seed(1))
+    op = PartialMLP.from_module(block, ratio=0.5).eval()
+    whole = PartialMLP.from_module(block, **PartialMLP.faithful_params).eval()
+    oracle = copy.deepcopy(block)
+    with torch.no_grad():
+        for i in (1, 4, 7):
+            oracle.rep[i].pointwise.weight[:, 16:] = 0
+        want = torch.cat((oracle(x.clone())[:, :16], x[:, 16:]), dim=1)
+        assert rel_err(op(x), want) <= 1e-5
+        assert rel_err(op.deploy()(x), want) <= 1e-5
+        assert rel_err(whole(x), block(x.clone())) <= 1e-5
+    macs, _ = op.macs(x[:1])
+    assert macs == 36 * 3 * (16 * 9 + 16 * 16)  # per pixel: three depthwise 3x3 on 16, three 16 -> 16
+
+
+def test_xception_models_convert_with_auto():
+    torch.manual_seed(0)
+    for name in ("legacy_xception", "xception41"):
+        model = nondegenerate_(timm.create_model(name, num_classes=10).eval())
+        net = partialize.apply(model, "auto", input_size=96)
+        plan = net._partialize_plan
+        assert sum(e.variant == "partial_mlp" for e in plan.converted) == 8  # the middle flow
+        x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            assert rel_err(partialize.deploy(net)(x), net.eval()(x)) <= 1e-4

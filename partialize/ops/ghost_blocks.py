@@ -13,8 +13,8 @@ first h hidden units.
   conv's first h rows and the first h channels of the rest. It is held as a cut copy of its class.
 - The SE on the hidden units is cut with them, as in an inverted residual.
 
-At the keep-everything setting a RepGhost bottleneck is the original. A GhostNet bottleneck cannot be
-cut wider than the primary half of its hidden units, so with ratio 1 it is refused, with the reason.
+Past the primary half (a ratio above 1/2) a GhostNet module also keeps the cheap outputs of its first
+primary channels (``GhostCut``). At the keep-everything setting both bottlenecks are the original.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from ..errors import OperatorError
@@ -48,17 +49,33 @@ def _cut_seq(seq: nn.Module, n_in: int, n_out: int, where: str, slicer: Slicer) 
     return [slicer(seq[0], n_in, n_out, where), *(slicer(m, n_out, n_out, where) for m in seq[1:])]
 
 
+class GhostCut(nn.Module):
+    """The first p + q outputs of a GhostModule: the first p of its primary conv (conv, BN, act), then
+    its cheap operation (depthwise, one output per primary channel) on the first q of them."""
+
+    def __init__(self, primary: list[nn.Module], cheap: list[nn.Module]):
+        super().__init__()
+        self.primary, self.cheap = nn.Sequential(*primary), nn.Sequential(*cheap)
+        self.cheap_in = cheap[0].in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = self.primary(x)
+        return torch.cat((x1, self.cheap(x1[:, : self.cheap_in])), dim=1)
+
+
 def _ghost(module: nn.Module, n_in: int, n_out: int, where: str, slicer: Slicer) -> list[nn.Module]:
-    """The first n_out outputs of a GhostModule: its primary conv's first rows (n_out <= their width)."""
+    """The first n_out outputs of a GhostModule, ``cat(x1, cheap(x1))[:out]``: x1's first rows and, past
+    x1's width, the cheap outputs of x1's first channels."""
     if _qualname(module) != GHOST_MODULE:
         raise OperatorError(f"partial_mlp: {where} has a {type(module).__name__}; only GhostModule is known")
     width = module.primary_conv[0].out_channels
-    if n_out > width:
-        raise OperatorError(
-            f"partial_mlp: {where} cut to {n_out} channels reaches its cheap half (the primary conv writes "
-            f"{width}); use a ratio of at most 1/2"
-        )
-    return _cut_seq(module.primary_conv, n_in, n_out, where, slicer)
+    if n_out <= width:  # the primary conv alone: a plain chain (BN folds at deploy)
+        return _cut_seq(module.primary_conv, n_in, n_out, where, slicer)
+    cheap, q = module.cheap_operation, n_out - width
+    if not (isinstance(cheap[0], nn.Conv2d) and cheap[0].groups == cheap[0].in_channels == cheap[0].out_channels):
+        raise OperatorError(f"partial_mlp: {where}'s cheap operation is not one depthwise output per channel")
+    primary = _cut_seq(module.primary_conv, n_in, width, where, slicer)
+    return [GhostCut(primary, _cut_seq(cheap, q, q, where, slicer))]
 
 
 def _repghost(module: nn.Module, n_in: int, n_out: int, where: str, slicer: Slicer) -> nn.Module:

@@ -309,11 +309,27 @@ def mlp_layers(block: nn.Module) -> tuple[list[nn.Module], bool, int] | None:
         flat = None  # a bare chain under another name: not known to sit in a residual
     if flat is not None:
         kinds = [m for m in flat if _width_change(m) is not None]
-        if len(kinds) == 2 and _width_change(kinds[0])[1] == _width_change(kinds[1])[0]:
+        if len(kinds) >= 2 and all(_width_change(a)[1] == _width_change(b)[0] for a, b in zip(kinds, kinds[1:])):
             ch_dim = _sequential_channel_dim(flat)
             if ch_dim is not None:
                 return flat, skip, ch_dim
     return None
+
+
+def _chain_widths(layers: list[nn.Module]) -> list[int]:
+    """[C, H_1, ..., H_{k-1}, C] of a chain of k >= 2 channel-mixing layers (an MLP: two; Xception's
+    separable convs: three pointwise convs), each reading the width the one before wrote."""
+    mixers = [_width_change(m) for m in layers if _width_change(m) is not None]
+    if len(mixers) < 2:
+        raise OperatorError(f"partial_mlp expects at least two channel-mixing layers, found {len(mixers)}")
+    widths = [mixers[0][0]]
+    for a, b in mixers:
+        if a != widths[-1]:
+            raise OperatorError(f"partial_mlp: a layer reads {a} channels after one that wrote {widths[-1]}")
+        widths.append(b)
+    if widths[-1] != widths[0]:
+        raise OperatorError("partial_mlp needs an MLP whose output width equals its input width")
+    return widths
 
 
 # layers _slice_layer cuts itself (timm's BatchNormAct2d is a BatchNorm with children)
@@ -364,7 +380,8 @@ def traced_chain(block: nn.Module, depth: int = 0) -> tuple[list[nn.Module], boo
     out = next(n for n in graph.nodes if n.op == "output").args[0]
     add = calls[-1] if calls else None  # a residual: input + chain (either order) last, nothing else reads x
     residual = (
-        add is out and add.op == "call_function" and add.target in (operator.add, torch.add) and not add.kwargs
+        add is out and add.op == "call_function" and add.target in (operator.add, operator.iadd, torch.add)
+        and not add.kwargs
         and len(add.args) == 2 and len(inputs) == 1 and inputs[0] in add.args and len(inputs[0].users) == 2
     )  # fmt: skip
     if residual:
@@ -386,15 +403,10 @@ def traced_chain(block: nn.Module, depth: int = 0) -> tuple[list[nn.Module], boo
         stateful = weighted or any(True for _ in m.buffers())  # running statistics are state too
         if stateful and sum(c.target == n.target for c in calls) > 1:
             return None
-        if plain_sequential(m):
-            layers.extend(_flatten(m))
-        elif weighted and not isinstance(m, _SLICEABLE) and _qualname(m) not in (*_SE_CLASSES, *_LAYER_SCALES):
-            inner = traced_chain(m, depth + 1)  # timm ConvNormAct: conv, bn (, aa)
-            if inner is None or inner[1]:  # a residual inside the chain is not a layer of it
-                return None
-            layers.extend(inner[0])
-        else:
-            layers.append(m)
+        inner = _expand(m, depth)
+        if inner is None:
+            return None
+        layers.extend(inner)
     called = {n.target for n in calls}
     unused = [name for name, c in block.named_children() if name not in called and any(True for _ in c.parameters())]
     if unused:  # weights the forward does not use would be lost without a word if it ever did
@@ -402,6 +414,28 @@ def traced_chain(block: nn.Module, depth: int = 0) -> tuple[list[nn.Module], boo
             f"partial_mlp: {type(block).__name__} has weighted children its forward never calls: {unused}"
         )
     return layers, residual
+
+
+def _expand(m: nn.Module, depth: int) -> list[nn.Module] | None:
+    """A chain element as layers: a Sequential's children, a weighted module with children whose forward
+    is itself a chain (timm ConvNormAct: conv, bn (, aa); Xception's SeparableConv2d: depthwise,
+    pointwise) as its layers, anything else itself (a leaf is for the slicer to cut or refuse); None
+    when a weighted module with children is not a chain."""
+    if plain_sequential(m):
+        out = []
+        for c in m.children():
+            inner = _expand(c, depth)
+            if inner is None:
+                return None
+            out.extend(inner)
+        return out
+    composite = any(True for _ in m.children()) and any(True for _ in m.parameters())  # a leaf is the slicer's
+    if composite and not isinstance(m, _SLICEABLE) and _qualname(m) not in (*_SE_CLASSES, *_LAYER_SCALES, _MIXED_CONV):
+        inner = traced_chain(m, depth + 1)
+        if inner is None or inner[1]:  # a residual inside the chain is not a layer of it
+            return None
+        return inner[0]
+    return [m]
 
 
 def _sequential_channel_dim(flat: list[nn.Module]) -> int | None:
@@ -537,25 +571,18 @@ class PartialMLP(PartialOperator):
                 "Sequential of two Linear/1x1 conv layers)"
             )
         layers, residual, ch_dim = found
-        mixers = [m for m in layers if _width_change(m) is not None]
-        if len(mixers) != 2:
-            raise OperatorError(f"partial_mlp expects exactly two channel-mixing layers, found {len(mixers)}")
-        dim, hidden = _width_change(mixers[0])
-        if _width_change(mixers[1]) != (hidden, dim):
-            raise OperatorError("partial_mlp needs an MLP whose output width equals its input width")
-        n = split_channels(dim, ratio)
-        h = split_channels(hidden, hidden_ratio if hidden_ratio is not None else ratio)
+        widths = _chain_widths(layers)  # C, H_1, ..., C: the width after each channel-mixing layer
+        n = split_channels(widths[0], ratio)
+        hr = hidden_ratio if hidden_ratio is not None else ratio
+        cut = [n, *(split_channels(w, hr) for w in widths[1:-1]), n]  # the first n in and out, h_i between
+        dim = widths[0]
         sliced, seen = [], 0
         for m in layers:
-            if m is mixers[0]:
-                sliced.append(_slice_layer(m, n, h, type(original).__name__))
-                seen = 1
-            elif m is mixers[1]:
-                sliced.append(_slice_layer(m, h, n, type(original).__name__))
-                seen = 2
+            if _width_change(m) is not None:
+                sliced.append(_slice_layer(m, cut[seen], cut[seen + 1], type(original).__name__))
+                seen += 1
             else:
-                width = h if seen == 1 else n
-                sliced.append(_slice_layer(m, width, width, type(original).__name__))
+                sliced.append(_slice_layer(m, cut[seen], cut[seen], type(original).__name__))
         # the blocks whose forward applies their drop path outside the layers; a traced chain holds its own
         drop = _drop_path_of(original) if residual and _qualname(original) in _OWN_DROP_PATH else None
         return cls(sliced, dim, n, residual, ch_dim, drop)

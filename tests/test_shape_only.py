@@ -1,7 +1,10 @@
-"""Planning on shapes only (engine/_shape_only.py): on a model whose real forward is slow the planner
-runs its passes on fake tensors. Oracle: the plan made for real on the same model (every entry's
-decision, reason and MAC change identical), the original's output before and after, and the state a
-forward writes into the model (caches, buffers) put back."""
+"""Planning on shapes only (engine/_shape_only.py), and apply reusing the planner's operators.
+
+On a model whose real forward is slow the planner runs its passes on fake tensors. Oracle: the plan
+made for real on the same model (every entry's decision, reason and MAC change identical), the
+original's output before and after, and the state a forward writes into the model (caches, buffers)
+put back. Apply takes the operators the planner built only while the model is unchanged; oracle: a
+model rebuilt from the plan's data alone."""
 
 from __future__ import annotations
 
@@ -117,3 +120,32 @@ def test_op_tally_counts_convs_and_norms_apart():
     with torch.no_grad(), OpTally() as tally:
         m(torch.randn(1, 3, 8, 8))
     assert tally.heavy == 3 and tally.light >= 2  # conv, batch norm, layer norm; relu, flatten's view
+
+
+def _conv_net():
+    torch.manual_seed(0)
+    return nondegenerate_(timm.create_model("resnet18", num_classes=10).eval())
+
+
+def test_apply_takes_the_planners_operators_only_while_they_are_still_right():
+    """apply reuses the operators the planner built from this model, unless the model changed since:
+    a weight changed in place (its version counter), a layer replaced, or another model."""
+    from partialize.engine.apply import _built_by_planner
+
+    model, x = _conv_net(), torch.randn(1, 3, 64, 64)
+    plan = make_plan(model, "auto", example_input=x)
+    assert set(_built_by_planner(model, plan)) == {e.layer for e in plan.converted}
+    assert _built_by_planner(model, plan) == {}  # handed out once
+    plan = make_plan(model, "auto", example_input=x)
+    assert _built_by_planner(_conv_net(), plan) == {}  # another model (an equal copy)
+    plan = make_plan(model, "auto", example_input=x)
+    with torch.no_grad():
+        model.layer1[0].conv1.weight.mul_(2.0)  # fine-tuned in between
+    assert "layer1.0.conv1" not in _built_by_planner(model, plan)
+    net = apply_plan(model, make_plan(model, "auto", example_input=x), example_input=x)
+    rebuilt = apply_plan(model, Plan.from_dict(json.loads(net._partialize_plan.to_json())), example_input=x)
+    with torch.no_grad():
+        assert rel_err(net.eval()(x), rebuilt.eval()(x)) == 0.0  # reused == built from the plan's data
+    mine = {t.untyped_storage().data_ptr() for t in net.parameters()}
+    assert not mine & {t.untyped_storage().data_ptr() for t in model.parameters()}
+    assert not mine & {t.untyped_storage().data_ptr() for t in rebuilt.parameters()}

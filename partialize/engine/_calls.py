@@ -36,17 +36,20 @@ def _clone_call(args: tuple, kwargs: dict) -> Call:
     return _clone(args, memo), _clone(kwargs, memo)
 
 
-def capture_calls(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, list[Call]]:
+def capture_calls(
+    model: nn.Module, x: torch.Tensor, names: list[str], outputs: dict[str, list] | None = None
+) -> dict[str, list[Call]]:
     """The arguments of every call of each module in ``names`` during one eval forward on ``x`` (on
-    shapes only when ``x`` is a fake tensor: the arguments are then fake too)."""
+    shapes only when ``x`` is a fake tensor: the arguments are then fake too); ``outputs``, when given,
+    receives each call's output shapes (what ``layer_cost`` checks a converted layer against)."""
     mode = fake_mode_of(x)
     if mode is None:
-        return _capture(model, x, names)
+        return _capture(model, x, names, outputs)
     with running(mode, model):
-        return _capture(model, x, names)
+        return _capture(model, x, names, outputs)
 
 
-def _capture(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, list[Call]]:
+def _capture(model: nn.Module, x: torch.Tensor, names: list[str], outputs: dict | None) -> dict[str, list[Call]]:
     calls: dict[str, list[Call]] = {n: [] for n in names}
     handles = []
     for n in names:
@@ -54,7 +57,12 @@ def _capture(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, l
         def pre(_m, args, kwargs, n=n):
             calls[n].append(_clone_call(args, kwargs))
 
+        def post(_m, _args, out, n=n):
+            outputs.setdefault(n, []).append(_shapes(out))
+
         handles.append(model.get_submodule(n).register_forward_pre_hook(pre, with_kwargs=True))
+        if outputs is not None:
+            handles.append(model.get_submodule(n).register_forward_hook(post))
     was = model.training
     model.eval()
     try:
@@ -92,49 +100,62 @@ def _shapes(v):
     return None
 
 
-def layer_cost(module: nn.Module, op: PartialOperator, calls: list[Call]) -> tuple[int, int, str]:
+def layer_cost(
+    module: nn.Module, op: PartialOperator, calls: list[Call], original: tuple[int, list] | None = None
+) -> tuple[int, int, str]:
     """(MACs before, MACs after, basis) of swapping ``module`` for ``op``, summed over the layer's calls
-    in the example forward. Runs the original and the operator's inference form on each call's own
-    arguments, so any call signature works (an output of another shape raises OperatorError); the
-    MACs after are the operator's own count (``op.macs``, the contract)."""
+    in the example forward. Runs the operator's inference form on each call's own arguments, so any
+    call signature works (an output of another shape raises OperatorError); the MACs after are the
+    operator's own count (``op.macs``, the contract). ``original``: the module's MACs over those calls
+    and each call's output shapes, as discovery and the capture saw them; without it the original is
+    run on the calls too."""
     form = op.deploy()
     mode = fake_mode_of(calls)
     if mode is not None:  # the calls were captured on shapes only: run on shapes, or on random values
         try:
             with running(mode, module, op, form):
-                return _cost(module, op, form, calls)
+                return _cost(module, op, form, calls, original)
         except OperatorError:
             raise
         except Exception:  # an operator whose forward needs values (data-dependent routing)
             calls = [real_like(call) for call in calls]
-    return _cost(module, op, form, calls)
+    return _cost(module, op, form, calls, original)
 
 
-def _cost(module: nn.Module, op: PartialOperator, form: nn.Module, calls: list[Call]) -> tuple[int, int, str]:
+def _reference(module: nn.Module, calls: list[Call]) -> tuple[int, list]:
+    """The original's MACs over the calls and each call's output shapes, by running it on them."""
+    macs, shapes = 0, []
+    for call in calls:
+        args, kwargs = _clone_call(*call)
+        with torch.no_grad(), MacCounter() as c0:
+            shapes.append(_shapes(module(*args, **kwargs)))
+        macs += c0.result.total
+    return macs, shapes
+
+
+def _cost(module, op: PartialOperator, form: nn.Module, calls: list[Call], original) -> tuple[int, int, str]:
     # the default macs() is partialize.macs on deploy(): the count taken on the shape-check run of this
     # very form is that number, without deploying and running a second time (plans were half this)
     default_macs = type(op).macs is PartialOperator.macs
     was = module.training
     module.eval()
-    before = after = 0
-    basis = "inference form"
+    after, basis = 0, "inference form"
     try:
-        for call in calls:
-            args, kwargs = _clone_call(*call)
-            with torch.no_grad(), MacCounter() as c0:
-                ref = module(*args, **kwargs)
+        known = original is not None and len(original[1]) == len(calls)
+        before, shapes = original if known else _reference(module, calls)
+        for call, want in zip(calls, shapes):
             args, kwargs = _clone_call(*call)
             with torch.no_grad(), MacCounter() as c1:
                 got = form(*args, **kwargs)
-            if _shapes(got) != _shapes(ref):
-                raise OperatorError(f"the converted layer returns shape {_shapes(got)}, the original {_shapes(ref)}")
+            if _shapes(got) != want:
+                raise OperatorError(f"the converted layer returns shape {_shapes(got)}, the original {want}")
             if default_macs:
                 macs = c1.result.total
             else:
                 args, kwargs = _clone_call(*call)
                 with torch.no_grad():
                     macs, basis = op.macs(*args, **kwargs)
-            before, after = before + c0.result.total, after + macs
+            after += macs
     finally:
         module.train(was)
     return before, after, basis

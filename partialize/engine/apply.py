@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from ..errors import PartializeError
-from ._shape_only import fake_input, new_mode, running
+from ._shape_only import fake_input, is_fake, new_mode, running
 from .plan import Plan
-from .planner import build_op
+from .planner import build_op, fingerprint
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -18,6 +18,31 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()  # a view's too: shared storage, whatever the offset
+
+
+def _built_by_planner(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
+    """The operators the planner built for this plan from this very model, each only if its layer is
+    still the module it came from, unchanged since (``fingerprint``), and the operator shares no
+    tensor with the model; handed out once (a plan applied twice builds anew the second time)."""
+    source, built = getattr(plan, "_built", (None, {}))
+    if source is None or source() is not model:
+        return {}
+    held = {_storage(t) for t in list(model.parameters()) + list(model.buffers()) if not is_fake(t)}
+    out = {}
+    for name in list(built):
+        op, module, print_ = built.pop(name)
+        try:
+            same = model.get_submodule(name) is module and fingerprint(module) == print_
+        except AttributeError:
+            same = False
+        tensors = list(op.parameters()) + list(op.buffers())
+        if same and not any(_storage(t) in held for t in tensors if not is_fake(t)):
+            out[name] = op
+    return out
 
 
 def _check_forward(model: nn.Module, x: torch.Tensor, shape_only: bool):
@@ -45,11 +70,14 @@ def apply_plan(
 
     With ``check`` a forward pass on the example input verifies the output shape is unchanged.
     """
+    built = _built_by_planner(model, plan)
     target = model if inplace else copy.deepcopy(model)
     for e in plan.converted:  # parents before children: a nested layer is built inside its new parent
-        params = dict(e.params)
-        ratio = params.pop("ratio", None)
-        op = build_op(target.get_submodule(e.layer), e.variant, ratio, params, where=f"layer {e.layer!r}")
+        op = built.pop(e.layer, None)
+        if op is None:
+            params = dict(e.params)
+            ratio = params.pop("ratio", None)
+            op = build_op(target.get_submodule(e.layer), e.variant, ratio, params, where=f"layer {e.layer!r}")
         set_module(target, e.layer, op)
     target._partialize_plan = plan
     if check and plan.output_shape is not None:

@@ -4,6 +4,7 @@ layer's own call arguments; one layer never aborts the plan."""
 from __future__ import annotations
 
 import time
+import weakref
 
 import torch
 from torch import nn
@@ -53,13 +54,19 @@ def build_op(module: nn.Module, variant: str, ratio, params: dict, where: str = 
     return op
 
 
-def try_operator(module: nn.Module, variant: str, ratio, params: dict, calls, where: str = ""):
+def fingerprint(module: nn.Module) -> tuple:
+    """Which tensors ``module`` holds and how often each was changed in place (torch's version
+    counter): equal fingerprints mean an operator built from it then is what building it now gives."""
+    return tuple((id(t), t._version) for t in list(module.parameters()) + list(module.buffers()))
+
+
+def try_operator(module: nn.Module, variant: str, ratio, params: dict, calls, where: str = "", original=None):
     """(operator, (MACs before, after, basis), None) for ``variant`` built on ``module`` and run on its
     captured ``calls``, or (None, None, reason) when the operator refuses the layer or fails on it.
     Only a RecipeError (bad params) propagates: one layer never aborts a plan or a scan."""
     try:
         op = build_op(module, variant, ratio, params, where=where)
-        return op, layer_cost(module, op, calls), None
+        return op, layer_cost(module, op, calls, original), None
     except RecipeError:
         raise
     except OperatorError as e:
@@ -117,8 +124,10 @@ def make_plan(
     wanted = [n for n, d in cands if d.variant not in SKIP_VARIANTS]
     # on shapes only when discovery's real forward was slow (engine/_shape_only.py)
     shapes_x = discovery.fake_input if discovery.fake_input is not None else x
-    calls = capture_calls(model, shapes_x, wanted)
+    outputs: dict[str, list] = {}
+    calls = capture_calls(model, shapes_x, wanted, outputs)
     state = _PlanState(rec, discovery, modules, calls, tensor_owners(model))
+    state.outputs = outputs
     for name, decision in cands:
         state.decide(name, decision)
     if rec.strict:
@@ -139,6 +148,7 @@ def make_plan(
         original_macs=state.orig_macs,
         shape_only=discovery.fake_input is not None,
     )
+    plan._built = (weakref.ref(model), state.built)  # not part of the plan's data (engine/apply.py)
     return plan
 
 
@@ -152,6 +162,8 @@ class _PlanState:
         self.whole: list[str] = []  # converted blocks that claim all their children
         self.containers: dict[str, tuple[str, ...]] = {}  # converted blocks whose unchanged children stay convertible
         self.cycles: dict[tuple, int] = {}  # (matching rules, param, values) -> layers that took a turn
+        self.outputs: dict[str, list] = {}  # each captured call's output shapes, per layer
+        self.built: dict[str, tuple] = {}  # layer -> (operator, the module it came from, its fingerprint)
 
     def _take_cycles(self, decision: Decision) -> dict:
         """The decision's params with each ``{cycle: [...]}`` value replaced by this layer's turn: the
@@ -198,14 +210,17 @@ class _PlanState:
             return
         variant_name, ratio = decision.variant, decision.ratio
         params = self._take_cycles(decision)
+        # the original's MACs (discovery) and output shapes (the capture): it is not run again
+        original = (info.macs, self.outputs[name]) if name in self.outputs else None
         op, cost, base.reason = try_operator(
-            m, variant_name, ratio, params, self.calls[name], f"layer {name!r} ({rule_desc})"
+            m, variant_name, ratio, params, self.calls[name], f"layer {name!r} ({rule_desc})", original
         )
         if base.reason is not None:
             self.entries.append(base)
             return
         before, after, basis = cost
         self.orig_macs[name] = before
+        self.built[name] = (op, m, fingerprint(m))  # apply may take it instead of building it again
         kept = op.convertible_children()
         if kept:
             self.containers[name] = tuple(kept)

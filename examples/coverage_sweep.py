@@ -66,18 +66,27 @@ def status_of(plan) -> str:
 
 
 def candidates(model: torch.nn.Module) -> tuple[dict, dict]:
-    """(kind -> number of candidate nodes, attention class names), from the module tree (``scan``'s
+    """(kind -> names of the candidate nodes, attention class names), from the module tree (``scan``'s
     node kinds: its attention test reads class names, gating modules such as SplitAttn excluded)."""
     from partialize.engine.scan import node_kind
 
-    counts, attn = collections.Counter(), set()
-    for m in model.modules():
+    names, attn = collections.defaultdict(set), set()
+    for n, m in model.named_modules():
         kind = node_kind(m)
         if kind:
-            counts[kind] += 1
+            names[kind].add(n)
         if kind == "attention":
             attn.add(f"{type(m).__module__.split('.')[-1]}.{type(m).__name__}")
-    return dict(counts), sorted(attn)
+    return names, sorted(attn)
+
+
+def candidate_counts(names: dict, plan) -> dict:
+    """kind -> candidate nodes, every converted node among them (a converted node is a candidate even
+    when no name test knows its class)."""
+    names = {k: set(v) for k, v in names.items()}
+    for e in plan.converted_outermost:
+        names.setdefault(VARIANT_KIND.get(e.variant, "conv"), set()).add(e.layer)
+    return {k: len(v) for k, v in names.items() if v}
 
 
 VARIANT_KIND = {"partial_attention": "attention", "partial_mlp": "mlp", "pat_sp": "mlp", "partial_residual": "mlp"}
@@ -100,9 +109,10 @@ def check(spec: str, family: str, recipe: str = "auto", timeout_s: int = 300) ->
     try:
         torch.manual_seed(0)
         model = nondegenerate_(build_model(spec, weights="random").eval())
-        row["candidates"], row["attention_classes"] = candidates(model)
+        names, row["attention_classes"] = candidates(model)
         t1 = time.perf_counter()
         plan = partialize.plan(model, recipe)
+        row["candidates"] = candidate_counts(names, plan)
         row.update(
             macs_g=plan.macs_before / 1e9,
             macs_ratio=plan.macs_after / plan.macs_before,

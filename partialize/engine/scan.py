@@ -39,7 +39,15 @@ _MLP_LIKE = (
     "ConvEncoder",
     "NormMlp",
     "FFN",
+    "GhostBottleneck",
+    "RepGhostBottleneck",
+    "GatedConvBlock",
+    "XceptionModule",
+    "LinearBottleneck",
+    "DualPathBlock",
 )
+# MLP-like blocks whose class name is too common to go by (``Block``): by module path
+_MLP_LIKE_PATHS = ("timm.models.starnet.Block", "timm.models.xception.Block")
 # attention named otherwise (ConViT's GPSA / MHSA, XCiT's XCA); and classes named for attention that
 # gate channels or branches, not tokens (no softmax over a q k product): not attention nodes
 _ATTENTION_NAMES = ("GPSA", "MHSA", "XCA")
@@ -61,7 +69,7 @@ def node_kind(module: nn.Module) -> str | None:
     name = type(module).__name__
     if is_attention_block(module) or is_attention_name(name):
         return "attention"
-    if is_mlp_block(module) or name in _MLP_LIKE:
+    if is_mlp_block(module) or name in _MLP_LIKE or f"{type(module).__module__}.{name}" in _MLP_LIKE_PATHS:
         return "mlp"
     return None
 

@@ -235,3 +235,30 @@ def tiny_timm(name: str) -> nn.Module:
         )
     spec, kw = small[name]
     return timm.create_model(spec, num_classes=10, **kw)
+
+
+def auto_deploys_and_exports(model: nn.Module, size: int = 64, mlp_at_least: int = 8, macs_below: float = 0.8):
+    """Convert ``model`` with ``auto``; check that partial_mlp took at least ``mlp_at_least`` blocks, the
+    MACs fell below ``macs_below`` of the original's, deploy == eval and the deployed model's ONNX
+    export (onnxruntime) == the deployed model, within 1e-4."""
+    import io
+    import warnings
+
+    import onnxruntime as ort
+
+    import partialize
+
+    net = partialize.apply(model, "auto", input_size=size)
+    plan = net._partialize_plan
+    assert sum(e.variant == "partial_mlp" for e in plan.converted) >= mlp_at_least
+    assert plan.macs_after < macs_below * plan.macs_before
+    dep = partialize.deploy(net)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        want = dep(x)
+        assert rel_err(want, net.eval()(x)) <= 1e-4
+        f = io.BytesIO()
+        torch.onnx.export(dep, (x,), f, dynamo=False, input_names=["input"], output_names=["output"])
+    sess = ort.InferenceSession(f.getvalue(), providers=["CPUExecutionProvider"])
+    assert rel_err(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), want) <= 1e-4

@@ -8,17 +8,14 @@ on the first n output channels; the other channels keep x. MACs against counts w
 from __future__ import annotations
 
 import copy
-import io
-import warnings
 
 import pytest
 import timm
 import torch
-from _helpers import nondegenerate_, rel_err
+from _helpers import auto_deploys_and_exports, nondegenerate_, rel_err
 from timm.models.ghostnet import GhostBottleneck
 from timm.models.repghost import RepGhostBottleneck
 
-import partialize
 from partialize.errors import OperatorError
 from partialize.ops import PartialMLP
 
@@ -101,21 +98,5 @@ def test_macs_at_half_match_arithmetic():
 
 @pytest.mark.parametrize("name", ["ghostnet_050", "repghostnet_050"])
 def test_auto_converts_real_models_deploys_and_exports(name):
-    import onnxruntime as ort
-
     torch.manual_seed(0)
-    model = nondegenerate_(timm.create_model(name, num_classes=10).eval())
-    net = partialize.apply(model, "auto", input_size=64)
-    plan = net._partialize_plan
-    assert sum(e.variant == "partial_mlp" for e in plan.converted) >= 8
-    assert plan.macs_after < 0.8 * plan.macs_before
-    dep = partialize.deploy(net)
-    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        want = dep(x)
-        assert rel_err(want, net.eval()(x)) <= 1e-4
-        f = io.BytesIO()
-        torch.onnx.export(dep, (x,), f, dynamo=False, input_names=["input"], output_names=["output"])
-    sess = ort.InferenceSession(f.getvalue(), providers=["CPUExecutionProvider"])
-    assert rel_err(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), want) <= 1e-4
+    auto_deploys_and_exports(nondegenerate_(timm.create_model(name, num_classes=10).eval()))

@@ -149,3 +149,42 @@ def test_apply_takes_the_planners_operators_only_while_they_are_still_right():
     mine = {t.untyped_storage().data_ptr() for t in net.parameters()}
     assert not mine & {t.untyped_storage().data_ptr() for t in model.parameters()}
     assert not mine & {t.untyped_storage().data_ptr() for t in rebuilt.parameters()}
+
+
+def test_apply_does_not_copy_the_layers_it_replaces_and_leaves_no_placeholder():
+    """The copy apply swaps into skips the converted blocks whose operators are built; the converted
+    model still equals one rebuilt from the plan's data, and holds no nn.Identity placeholder."""
+    model, x = _conv_net(), torch.randn(1, 3, 64, 64)
+    net = apply_plan(model, make_plan(model, "auto", example_input=x), example_input=x)
+    rebuilt = apply_plan(model, Plan.from_dict(json.loads(net._partialize_plan.to_json())), example_input=x)
+    assert sum(type(m) is nn.Identity for m in net.modules()) == sum(type(m) is nn.Identity for m in rebuilt.modules())
+    with torch.no_grad():
+        assert rel_err(net.eval()(x), rebuilt.eval()(x)) == 0.0
+
+
+class _Listed(nn.Module):
+    """Keeps its blocks in a plain list as well: a placeholder there would stay behind."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(*[nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)) for _ in range(2)])
+        self.listed = [self.body[0], self.body[1]]
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_apply_copies_whole_when_a_converted_block_is_also_held_elsewhere():
+    from partialize.engine.apply import _built_by_planner, _copy_for
+
+    model, x = _Listed().eval(), torch.randn(2, 16)
+    rule = {"select": {"name": "body.?"}, "variant": "partial_mlp", "ratio": 0.5}
+    plan = make_plan(model, {"version": 1, "rules": [rule]}, example_input=x)
+    assert [e.layer for e in plan.converted_outermost] == ["body.0", "body.1"]
+    target = _copy_for(model, plan, _built_by_planner(model, plan))
+    assert all(type(m) is nn.Sequential for m in target.listed)  # a full copy, not placeholders
+    assert target.listed[0] is target.body[0]
+    plain = _conv_net()  # nothing held twice: the converted blocks are not copied
+    plan = make_plan(plain, "auto", example_input=torch.randn(1, 3, 64, 64))
+    copied = _copy_for(plain, plan, _built_by_planner(plain, plan))
+    assert type(copied.get_submodule(plan.converted_outermost[0].layer)) is nn.Identity

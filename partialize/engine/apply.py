@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 
 import torch
@@ -45,6 +46,37 @@ def _built_by_planner(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
     return out
 
 
+def _copy_for(model: nn.Module, plan: Plan, built: dict[str, nn.Module]) -> nn.Module:
+    """A deep copy of ``model`` to swap the operators into, without copying the outermost converted
+    layers whose operators are already built (most of a large model's weights): an ``nn.Identity``
+    holds their place until the swap. A full copy when a placeholder would stay reachable in the copy
+    (a module shared under two names, or kept in a plain list or dict)."""
+    names = [e.layer for e in plan.converted_outermost if e.layer in built]
+    if not names:
+        return copy.deepcopy(model)
+    uses = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    originals = [model.get_submodule(n) for n in names]
+    if any(uses[id(m)] != 1 for m in originals):
+        return copy.deepcopy(model)
+    holders = {id(m): nn.Identity() for m in originals}
+    target = copy.deepcopy(model, dict(holders))
+    if _reachable_outside_modules(target, {id(h) for h in holders.values()}):
+        return copy.deepcopy(model)
+    return target
+
+
+def _reachable_outside_modules(model: nn.Module, ids: set[int]) -> bool:
+    """Whether a module's plain attributes (or the lists, tuples and dicts in them) hold any of ``ids``."""
+    for m in model.modules():
+        for k, v in vars(m).items():
+            if k == "_modules":
+                continue
+            values = list(v.values()) if isinstance(v, dict) else list(v) if isinstance(v, (list, tuple)) else [v]
+            if any(id(x) in ids for x in values):
+                return True
+    return False
+
+
 def _check_forward(model: nn.Module, x: torch.Tensor, shape_only: bool):
     """The converted model's output on ``x``: on shapes only for a plan made that way (the real forward
     is slow), for real if the model cannot run on shapes."""
@@ -71,7 +103,7 @@ def apply_plan(
     With ``check`` a forward pass on the example input verifies the output shape is unchanged.
     """
     built = _built_by_planner(model, plan)
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else _copy_for(model, plan, built)
     for e in plan.converted:  # parents before children: a nested layer is built inside its new parent
         op = built.pop(e.layer, None)
         if op is None:

@@ -15,25 +15,27 @@ from .discover import Discovery
 Call = tuple[tuple, dict]
 
 
-def _clone(v, memo: dict | None = None):
-    """Deep copy of the tensors in a call's arguments (later in-place ops must not change them); a
-    tensor passed twice stays one tensor (``nn.MultiheadAttention`` checks ``query is key``)."""
-    memo = {} if memo is None else memo
+def _map_tensors(v, fn, memo: dict):
+    """A call's arguments (nested lists, tuples, named tuples, dicts) with every tensor replaced by
+    ``fn(tensor)``; a tensor passed twice stays one tensor (``nn.MultiheadAttention`` checks
+    ``query is key``)."""
     if isinstance(v, torch.Tensor):
         if id(v) not in memo:
-            memo[id(v)] = v.detach().clone()
+            memo[id(v)] = fn(v)
         return memo[id(v)]
     if isinstance(v, (list, tuple)):
-        items = [_clone(a, memo) for a in v]
+        items = [_map_tensors(a, fn, memo) for a in v]
         return type(v)(*items) if hasattr(v, "_fields") else type(v)(items)
     if isinstance(v, dict):
-        return {k: _clone(a, memo) for k, a in v.items()}
+        return {k: _map_tensors(a, fn, memo) for k, a in v.items()}
     return v
 
 
 def _clone_call(args: tuple, kwargs: dict) -> Call:
+    """Deep copy of the tensors in a call's arguments (later in-place ops must not change them)."""
     memo: dict = {}
-    return _clone(args, memo), _clone(kwargs, memo)
+    clone = lambda t: t.detach().clone()  # noqa: E731
+    return _map_tensors(args, clone, memo), _map_tensors(kwargs, clone, memo)
 
 
 def capture_calls(
@@ -75,19 +77,18 @@ def _capture(model: nn.Module, x: torch.Tensor, names: list[str], outputs: dict 
     return calls
 
 
-def real_like(v):
+def _real_tensor(t: torch.Tensor) -> torch.Tensor:
+    if not is_fake(t):
+        return t
+    if t.dtype.is_floating_point or t.dtype.is_complex:
+        return torch.randn(t.shape, dtype=t.dtype, generator=torch.Generator().manual_seed(0))
+    return torch.zeros(t.shape, dtype=t.dtype)
+
+
+def real_like(call: Call) -> Call:
     """A call's arguments with every fake tensor replaced by a real one of its shape and dtype (standard
     normal values; zeros for integers and booleans)."""
-    if is_fake(v):
-        if v.dtype.is_floating_point or v.dtype.is_complex:
-            return torch.randn(v.shape, dtype=v.dtype, generator=torch.Generator().manual_seed(0))
-        return torch.zeros(v.shape, dtype=v.dtype)
-    if isinstance(v, (list, tuple)):
-        items = [real_like(a) for a in v]
-        return type(v)(*items) if hasattr(v, "_fields") else type(v)(items)
-    if isinstance(v, dict):
-        return {k: real_like(a) for k, a in v.items()}
-    return v
+    return _map_tensors(call, _real_tensor, {})
 
 
 def _shapes(v):

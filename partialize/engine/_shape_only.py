@@ -89,10 +89,14 @@ def fake_mode_of(values) -> FakeTensorMode | None:
     return None
 
 
+def _bookkeeping(k: str) -> bool:
+    return k in _TORCH_ATTRS or k.endswith("_hooks") or k.startswith("_backward")
+
+
 def _snapshot(m: nn.Module) -> dict:
     saved = {}
     for k, v in vars(m).items():
-        if k in _TORCH_ATTRS or k.endswith("_hooks") or k.startswith("_backward"):
+        if _bookkeeping(k):
             continue
         if isinstance(v, dict):
             saved[k] = (v, dict(v))
@@ -109,9 +113,8 @@ def _restore(m: nn.Module, snap: dict) -> None:
     m._parameters.clear()
     m._parameters.update(snap["params"])
     attrs = snap["attrs"]
-    for k in [k for k in vars(m) if k not in attrs and k not in _TORCH_ATTRS and not k.endswith("_hooks")]:
-        if not k.startswith("_backward"):
-            delattr(m, k)  # set during the pass (a cache created on first use)
+    for k in [k for k in vars(m) if k not in attrs and not _bookkeeping(k)]:
+        delattr(m, k)  # set during the pass (a cache created on first use)
     for k, (obj, contents) in attrs.items():
         object.__setattr__(m, k, obj)
         if isinstance(contents, dict):

@@ -126,8 +126,7 @@ def make_plan(
     shapes_x = discovery.fake_input if discovery.fake_input is not None else x
     outputs: dict[str, list] = {}
     calls = capture_calls(model, shapes_x, wanted, outputs)
-    state = _PlanState(rec, discovery, modules, calls, tensor_owners(model))
-    state.outputs = outputs
+    state = _PlanState(rec, discovery, modules, calls, outputs, tensor_owners(model))
     for name, decision in cands:
         state.decide(name, decision)
     if rec.strict:
@@ -155,14 +154,14 @@ def make_plan(
 class _PlanState:
     """The decisions taken so far while walking the candidates in definition order."""
 
-    def __init__(self, rec, discovery, modules, calls, owners) -> None:
+    def __init__(self, rec, discovery, modules, calls, outputs, owners) -> None:
         self.rec, self.discovery, self.modules, self.calls, self.owners = rec, discovery, modules, calls, owners
+        self.outputs: dict[str, list] = outputs  # each captured call's output shapes, per layer
         self.entries: list[PlanEntry] = []
         self.orig_macs: dict[str, int] = {}
         self.whole: list[str] = []  # converted blocks that claim all their children
         self.containers: dict[str, tuple[str, ...]] = {}  # converted blocks whose unchanged children stay convertible
         self.cycles: dict[tuple, int] = {}  # (matching rules, param, values) -> layers that took a turn
-        self.outputs: dict[str, list] = {}  # each captured call's output shapes, per layer
         self.built: dict[str, tuple] = {}  # layer -> (operator, the module it came from, its fingerprint)
 
     def _take_cycles(self, decision: Decision) -> dict:

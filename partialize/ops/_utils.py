@@ -10,6 +10,11 @@ from torch import nn
 from ..errors import OperatorError
 
 
+def qualname(m: nn.Module) -> str:
+    """``module.Class`` of ``m``'s class: what the block slicers match known classes by."""
+    return f"{type(m).__module__}.{type(m).__qualname__}"
+
+
 def split_channels(channels: int, ratio: float) -> int:
     """Number of channels the expensive branch gets: round(ratio * C), clamped to [1, C].
 

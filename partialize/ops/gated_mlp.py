@@ -34,6 +34,7 @@ from torch import nn
 
 from ..errors import OperatorError
 from ._utils import conv1x1_from, linear_from, slice_conv, split_channels
+from ._utils import qualname as _qualname
 
 GLU_MLP = "timm.layers.mlp.GluMlp"
 SWIGLU = "timm.layers.mlp.SwiGLU"
@@ -286,10 +287,6 @@ def _mambaout(block: nn.Module, ratio, hidden_ratio, slicer: Slicer) -> Gated:
     new_fc2 = linear_from(fc2.weight[:n][:, kept], fc2.bias[:n] if fc2.bias is not None else None)
     layers = [slicer(block.norm, n, n, where), mix, new_fc2, slicer(block.ls, n, n, where)]
     return Gated(layers, dim, n, -1, residual=True, drop_path=block.drop_path)
-
-
-def _qualname(m: nn.Module) -> str:
-    return f"{type(m).__module__}.{type(m).__qualname__}"
 
 
 _SLICERS = {GLU_MLP: _glu, SWIGLU: _swiglu, GATED_MLP: _gated, STARNET_BLOCK: _starnet, MAMBAOUT_BLOCK: _mambaout}

@@ -26,7 +26,9 @@ import torch
 from torch import nn
 
 from ..errors import OperatorError
+from ._utils import qualname as _qualname
 from ._utils import split_channels
+from .gated_mlp import Gated
 
 GHOST_BOTTLENECK = "timm.models.ghostnet.GhostBottleneck"
 GHOST_MODULE = "timm.models.ghostnet.GhostModule"
@@ -36,10 +38,6 @@ _BOTTLENECK_CHILDREN = {"ghost1", "conv_dw", "bn_dw", "se", "ghost2", "shortcut"
 _REPGHOST_CHILDREN = ["primary_conv", "fusion_conv", "fusion_bn", "cheap_operation", "relu"]
 
 Slicer = Callable[[nn.Module, "int | None", "int | None", str], nn.Module]
-
-
-def _qualname(m: nn.Module) -> str:
-    return f"{type(m).__module__}.{type(m).__qualname__}"
 
 
 def _cut_seq(seq: nn.Module, n_in: int, n_out: int, where: str, slicer: Slicer) -> list[nn.Module]:
@@ -93,11 +91,9 @@ def _repghost(module: nn.Module, n_in: int, n_out: int, where: str, slicer: Slic
     return new
 
 
-def slice_ghost(
-    block: nn.Module, ratio: float, hidden_ratio: float | None, slicer: Slicer
-) -> tuple[list[nn.Module], int, int] | None:
-    """(cut layers in forward order, C, n) of a ghost bottleneck with an identity shortcut, None for
-    any other class; the caller adds the input back (a residual block, channels first)."""
+def slice_ghost(block: nn.Module, ratio: float, hidden_ratio: float | None, slicer: Slicer) -> Gated | None:
+    """The cut layers (``Gated``: a residual block, channels first) of a ghost bottleneck with an
+    identity shortcut, None for any other class."""
     kind = _qualname(block)
     if kind not in (GHOST_BOTTLENECK, REPGHOST_BOTTLENECK):
         return None
@@ -121,4 +117,4 @@ def slice_ghost(
     else:
         head, tail = [_repghost(block.ghost1, n, h, w1, slicer)], [_repghost(block.ghost2, h, n, w2, slicer)]
     se = [slicer(block.se, h, h, where)] if block.se is not None else []
-    return [*head, *se, *tail], dim, n
+    return Gated([*head, *se, *tail], dim, n, 1, residual=True)

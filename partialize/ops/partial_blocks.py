@@ -33,6 +33,7 @@ from ._utils import (
     slice_conv,
     split_channels,
 )
+from ._utils import qualname as _qualname
 from .base import InferenceForm, PartialOperator
 from .gated_mlp import slice_gated
 from .ghost_blocks import slice_ghost
@@ -234,10 +235,6 @@ _TIMM_MLP_ORDER = {
     "timm.layers.mlp.Mlp": ("fc1", "act", "drop1", "norm", "fc2", "drop2"),
     "timm.layers.mlp.ConvMlp": ("fc1", "norm", "act", "drop", "fc2"),
 }
-
-
-def _qualname(m: nn.Module) -> str:
-    return f"{type(m).__module__}.{type(m).__qualname__}"
 
 
 def _require_all_consumed(block: nn.Module, seq: list[nn.Module]) -> None:
@@ -556,13 +553,10 @@ class PartialMLP(PartialOperator):
             return PartialShuffleUnit.from_unit(original, ratio, hidden_ratio)
         if _qualname(original) in _CUT_COPIES:
             return PartialMLPCopy.from_copy(original, ratio, hidden_ratio)
-        ghost = slice_ghost(original, ratio, hidden_ratio, _slice_layer)
-        if ghost is not None:
-            layers, dim, n = ghost
-            return cls(layers, dim, n, True, 1)
-        gated = slice_gated(original, ratio, hidden_ratio, _slice_layer)
-        if gated is not None:
-            return cls(gated.layers, gated.dim, gated.n, gated.residual, gated.channel_dim, gated.drop_path)
+        for cut_block in (slice_ghost, slice_gated):
+            cut = cut_block(original, ratio, hidden_ratio, _slice_layer)
+            if cut is not None:
+                return cls(cut.layers, cut.dim, cut.n, cut.residual, cut.channel_dim, cut.drop_path)
         found = mlp_layers(original)
         if found is None:
             raise OperatorError(

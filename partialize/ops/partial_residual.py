@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import OperatorError
 from ._export import exporting
+from ._utils import qualname as _qualname
 from ._utils import slice_bn, slice_conv, split_channels
 from .base import PartialOperator
 from .partial_blocks import fold_pairs, plain_sequential
@@ -71,10 +72,6 @@ KNOWN_BLOCKS: dict[str, tuple[tuple[str, ...], str, str, str, str]] = {
 _SHORTCUTS = ("downsample", "proj")  # a projection shortcut under either name is refused
 
 
-def _qualname(m: nn.Module) -> str:
-    return f"{type(m).__module__}.{type(m).__qualname__}"
-
-
 def _conv_range(conv: nn.Module, out_range: tuple[int, int] | None, in_range: tuple[int, int] | None) -> nn.Conv2d:
     if type(conv) is not nn.Conv2d or conv.groups != 1:
         raise OperatorError(f"partial_residual can only slice a dense nn.Conv2d, got {type(conv).__name__}")
@@ -104,6 +101,15 @@ def _kept_paths(root: nn.Module, names: tuple[str, ...], changed: set[str]) -> t
             subs = tuple(f"{name}.{n}" for n, _ in root.get_submodule(name).named_children())
             out.extend(_kept_paths(root, subs, changed))
     return tuple(out)
+
+
+def _read_range(read: str, o: int, k: int, dim: int) -> tuple[int, int]:
+    """The input channels a branch writing channels [o, o + k) of ``dim`` reads in mode ``read``."""
+    if read == "all":
+        return 0, dim
+    if read == "group":
+        return o, o + k
+    return (o + k, dim) if o == 0 else (0, o)
 
 
 def _act(act: nn.Module, t: torch.Tensor) -> torch.Tensor:
@@ -154,12 +160,7 @@ class PartialResidual(PartialOperator):
 
     def read_range(self) -> tuple[int, int]:
         """Input channels the branch reads."""
-        o, k = self.offset, self.dim_part
-        if self.read == "all":
-            return 0, self.dim
-        if self.read == "group":
-            return o, o + k
-        return (o + k, self.dim) if o == 0 else (0, o)
+        return _read_range(self.read, self.offset, self.dim_part, self.dim)
 
     def convertible_children(self) -> tuple[str, ...]:
         return self.kept
@@ -255,7 +256,7 @@ class PartialResidual(PartialOperator):
             raise OperatorError(f"offset {offset:g} + ratio {ratio:g} runs past the {dim} channels")
         if read == "complement" and 0 < o and o + k < dim:
             raise OperatorError("read='complement' needs the written group at either end (offset 0 or 1 - ratio)")
-        a, b = {"all": (0, dim), "group": (o, o + k)}.get(read, (o + k, dim) if o == 0 else (0, o))
+        a, b = _read_range(read, o, k, dim)
         changed = {last, last_bn} | ({first} if (a, b) != (0, dim) else set())
         # the layers about to be replaced by their slices are not copied first (a copy of a large
         # block's 1x1 convs was most of the planning time of a wide network)
@@ -264,8 +265,6 @@ class PartialResidual(PartialOperator):
         children = {n: m for n, m in children.items() if m is not None}
         order = tuple(n for n in order if n in children)  # timm keeps drop_path=None when unused
         op = cls(children, order, out_act, dim, k, o, read)
-        if op.read_range() != (a, b):
-            raise AssertionError("partial_residual: read range computed twice differs")
         _set(op, last, _conv_range(original.get_submodule(last), (o, o + k), None))
         _set(op, last_bn, _bn_range(original.get_submodule(last_bn), o, o + k))
         if first in changed:

@@ -1,9 +1,9 @@
 """Planning on shapes only (engine/_shape_only.py), and apply reusing the planner's operators.
 
-On a model whose real forward is slow the planner runs its passes on fake tensors. Oracle: the plan
-made for real on the same model (every entry's decision, reason and MAC change identical), the
-original's output before and after, and the state a forward writes into the model (caches, buffers)
-put back. Apply takes the operators the planner built only while the model is unchanged; oracle: a
+The planner runs its passes on a meta copy of the model. Oracle: the plan made for real on the same
+model (every entry's decision, reason and MAC change identical), the original's output before and
+after, the state a forward writes into the model (caches, buffers) left alone, and torch's own meta
+kernels for the cache that answers repeated meta ops. Apply takes the operators the planner built only while the model is unchanged; oracle: a
 model rebuilt from the plan's data alone."""
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import json
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 import torchvision
 from _helpers import nondegenerate_, rel_err
 from torch import nn
 
-from partialize.engine._shape_only import OpTally, restored, shapes_pay
+from partialize.engine._shape_only import FastMeta, restored
 from partialize.engine.apply import apply_plan
 from partialize.engine.discover import discover
 from partialize.engine.plan import Plan
@@ -87,7 +88,7 @@ def test_state_a_forward_writes_is_put_back():
         m(torch.randn(2, 8))
     assert m.table is table and m.cache is cache and m.cache == {} and not hasattr(m, "last")
     disc = discover(m, torch.randn(2, 8), shape_only=True)
-    assert disc.fake_input is not None
+    assert disc.shadow is not None
     assert m.table is table and m.cache == {} and not hasattr(m, "last")
 
 
@@ -104,22 +105,60 @@ class _NeedsValues(nn.Module):
 def test_a_model_that_needs_values_is_planned_for_real():
     m = _NeedsValues().eval()
     disc = discover(m, torch.randn(1, 3, 8, 8), shape_only=True)
-    assert disc.fake_input is None and disc.output_shape == (1, 8, 8, 8)
+    assert disc.shadow is None and disc.output_shape == (1, 8, 8, 8)
 
 
-def test_shapes_pay_compares_the_ops_so_far_real_and_on_shapes():
-    """On shapes: 4 ms per conv or norm op, 1.3 ms per other op; it pays below 0.8x the real seconds."""
-    assert not shapes_pay(heavy=100, light=0, seconds=0.5)  # 0.4 s on shapes, not below 0.4
-    assert shapes_pay(heavy=100, light=0, seconds=0.6)  # 0.4 < 0.48
-    assert shapes_pay(heavy=0, light=300, seconds=0.5)  # 0.39 < 0.4
-    assert not shapes_pay(heavy=50, light=200, seconds=0.5)  # 0.2 + 0.26 = 0.46
+def _meta_calls():
+    """(name, thunk) pairs of ops on meta tensors whose kernels are Python decompositions or C++."""
+    m = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
+    x, w, c = m(2, 16, 9, 9), m(32, 16, 3, 3), m(16)
+    last = m(2, 16, 9, 9).to(memory_format=torch.channels_last)
+    return [
+        ("conv", lambda: F.conv2d(x, w, None, 2, 1)),
+        ("batch_norm", lambda: F.batch_norm(x, c, c, c, c, False)),
+        ("layer_norm", lambda: F.layer_norm(x, (9,))),
+        ("gelu", lambda: F.gelu(x)),
+        ("broadcast add", lambda: x + c.view(16, 1, 1)),
+        ("channels_last relu", lambda: F.relu(last)),
+        ("channels_last add", lambda: last + last),
+        ("cat", lambda: torch.cat([x, x], 1)),
+        ("softmax", lambda: x.softmax(-1)),
+        ("matmul", lambda: x @ m(9, 5)),
+        ("half mul", lambda: x.half() * 2),
+        ("split", lambda: x.split(4, 1)),
+    ]
 
 
-def test_op_tally_counts_convs_and_norms_apart():
-    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LayerNorm(4 * 36)).eval()
-    with torch.no_grad(), OpTally() as tally:
-        m(torch.randn(1, 3, 8, 8))
-    assert tally.heavy == 3 and tally.light >= 2  # conv, batch norm, layer norm; relu, flatten's view
+def _metadata(out):
+    if isinstance(out, (list, tuple)):
+        return [_metadata(o) for o in out]
+    return (tuple(out.shape), out.stride(), out.dtype, out.device.type)
+
+
+def test_fast_meta_answers_what_the_meta_kernels_answer():
+    FastMeta.cache.clear()
+    for name, call in _meta_calls():
+        want = _metadata(call())
+        with FastMeta():
+            first, second = _metadata(call()), _metadata(call())  # the second from the cache
+        assert first == want and second == want, name
+    assert len(FastMeta.cache) >= 8  # the calls were cached (split is a view: it is not)
+
+
+def test_fast_meta_in_place_returns_its_argument_and_bad_shapes_still_raise():
+    x = torch.empty(2, 3, device="meta")
+    with FastMeta():
+        for _ in range(2):  # the second time from the cache
+            assert x.relu_() is x and x.add_(x) is x
+            with pytest.raises(RuntimeError):
+                x + torch.empty(4, device="meta")
+
+
+def test_fast_meta_leaves_real_tensors_alone():
+    a, b = torch.randn(3, 4), torch.randn(4)
+    with FastMeta():
+        got = (a + b).relu()
+    assert torch.equal(got, (a + b).relu())
 
 
 def _conv_net():

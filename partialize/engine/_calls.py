@@ -3,13 +3,15 @@ and whether other code holds on to its tensors."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from ..errors import OperatorError
 from ..macs import MacCounter
 from ..ops.base import PartialOperator
-from ._shape_only import fake_mode_of, is_fake, running
+from ._shape_only import FastMeta, any_meta, is_meta, meta_copy
 from .discover import Discovery
 
 Call = tuple[tuple, dict]
@@ -42,16 +44,9 @@ def capture_calls(
     model: nn.Module, x: torch.Tensor, names: list[str], outputs: dict[str, list] | None = None
 ) -> dict[str, list[Call]]:
     """The arguments of every call of each module in ``names`` during one eval forward on ``x`` (on
-    shapes only when ``x`` is a fake tensor: the arguments are then fake too); ``outputs``, when given,
-    receives each call's output shapes (what ``layer_cost`` checks a converted layer against)."""
-    mode = fake_mode_of(x)
-    if mode is None:
-        return _capture(model, x, names, outputs)
-    with running(mode, model):
-        return _capture(model, x, names, outputs)
-
-
-def _capture(model: nn.Module, x: torch.Tensor, names: list[str], outputs: dict | None) -> dict[str, list[Call]]:
+    shapes only when ``model`` and ``x`` are a meta shadow: the arguments are then meta too);
+    ``outputs``, when given, receives each call's output shapes (what ``layer_cost`` checks a converted
+    layer against)."""
     calls: dict[str, list[Call]] = {n: [] for n in names}
     handles = []
     for n in names:
@@ -68,7 +63,7 @@ def _capture(model: nn.Module, x: torch.Tensor, names: list[str], outputs: dict 
     was = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), FastMeta() if x.is_meta else contextlib.nullcontext():
             model(x)
     finally:
         for h in handles:
@@ -78,7 +73,7 @@ def _capture(model: nn.Module, x: torch.Tensor, names: list[str], outputs: dict 
 
 
 def _real_tensor(t: torch.Tensor) -> torch.Tensor:
-    if not is_fake(t):
+    if not is_meta(t):
         return t
     if t.dtype.is_floating_point or t.dtype.is_complex:
         return torch.randn(t.shape, dtype=t.dtype, generator=torch.Generator().manual_seed(0))
@@ -86,15 +81,15 @@ def _real_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def real_like(call: Call) -> Call:
-    """A call's arguments with every fake tensor replaced by a real one of its shape and dtype (standard
+    """A call's arguments with every meta tensor replaced by a real one of its shape and dtype (standard
     normal values; zeros for integers and booleans)."""
     return _map_tensors(call, _real_tensor, {})
 
 
 def _shapes(v):
     if isinstance(v, torch.Tensor):
-        if is_fake(v) and v.shape == (0,):
-            return None  # fake kernels return an empty tensor where the real one returns None (MHA's weights)
+        if is_meta(v) and v.shape == (0,):
+            return None  # meta kernels return an empty tensor where the real one returns None (MHA's weights)
         return tuple(v.shape)
     if isinstance(v, (list, tuple)):
         return tuple(_shapes(a) for a in v)
@@ -110,17 +105,19 @@ def layer_cost(
     operator's own count (``op.macs``, the contract). ``original``: the module's MACs over those calls
     and each call's output shapes, as discovery and the capture saw them; without it the original is
     run on the calls too."""
-    form = op.deploy()
-    mode = fake_mode_of(calls)
-    if mode is not None:  # the calls were captured on shapes only: run on shapes, or on random values
+    if any_meta(calls):  # captured on shapes only: run a meta copy of both, or on random values
         try:
-            with running(mode, module, op, form):
-                return _cost(module, op, form, calls, original)
+            # deployed on meta too: folding a wide block's BNs into its convs for real cost more
+            # than the rest of its planning (engine/_shape_only.py)
+            shadow = meta_copy(op)
+            known = original is not None and len(original[1]) == len(calls)
+            with FastMeta():
+                return _cost(module if known else meta_copy(module), shadow, shadow.deploy(), calls, original)
         except OperatorError:
             raise
         except Exception:  # an operator whose forward needs values (data-dependent routing)
             calls = [real_like(call) for call in calls]
-    return _cost(module, op, form, calls, original)
+    return _cost(module, op, op.deploy(), calls, original)
 
 
 def _reference(module: nn.Module, calls: list[Call]) -> tuple[int, list]:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import PartializeError
-from ._shape_only import fake_input, is_fake, new_mode, running
+from ._shape_only import FastMeta, is_meta, shadow_of
 from .plan import Plan
 from .planner import build_op, fingerprint
 
@@ -32,7 +32,7 @@ def _built_by_planner(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
     source, built = getattr(plan, "_built", (None, {}))
     if source is None or source() is not model:
         return {}
-    held = {_storage(t) for t in list(model.parameters()) + list(model.buffers()) if not is_fake(t)}
+    held = {_storage(t) for t in list(model.parameters()) + list(model.buffers()) if not is_meta(t)}
     out = {}
     for name in list(built):
         op, module, print_ = built.pop(name)
@@ -41,7 +41,7 @@ def _built_by_planner(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
         except AttributeError:
             same = False
         tensors = list(op.parameters()) + list(op.buffers())
-        if same and not any(_storage(t) in held for t in tensors if not is_fake(t)):
+        if same and not any(_storage(t) in held for t in tensors if not is_meta(t)):
             out[name] = op
     return out
 
@@ -79,12 +79,12 @@ def _reachable_outside_modules(model: nn.Module, ids: set[int]) -> bool:
 
 def _check_forward(model: nn.Module, x: torch.Tensor, shape_only: bool):
     """The converted model's output on ``x``: on shapes only for a plan made that way (the real forward
-    is slow), for real if the model cannot run on shapes."""
+    is slow; on a meta copy of the model), for real if the model cannot run on shapes."""
     if shape_only:
-        mode = new_mode()
         try:
-            with running(mode, model):
-                return model(fake_input(mode, x))
+            shadow = shadow_of(model, x)
+            with FastMeta():
+                return shadow.model(shadow.x)
         except Exception:  # values needed somewhere: check for real
             pass
     return model(x)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..macs import MacCounter
-from ._shape_only import REAL_BUDGET_S, OpTally, fake_input, new_mode, restored, running, shapes_pay
+from ._shape_only import FastMeta, Shadow, restored, shadow_of
 from .tracer import example_input_for, trace
 
 
@@ -66,9 +66,9 @@ class Discovery:
     seconds: dict[str, float] = field(default_factory=dict)
     uncounted: dict[str, int] = field(default_factory=dict)  # contraction ops with no MAC formula
     used_outside: dict[str, tuple[str, str]] = field(default_factory=dict)  # module -> (user, op)
-    # the example input as a fake tensor when the forward ran on shapes only (engine/_shape_only.py):
-    # the planner's later passes then run on shapes too
-    fake_input: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # the meta copy of the model and input the forward ran on when it ran on shapes only
+    # (engine/_shape_only.py): the planner's later passes then run on shapes too
+    shadow: Shadow | None = field(default=None, repr=False, compare=False)
 
 
 def _shape(t) -> tuple[int, ...] | None:
@@ -98,12 +98,13 @@ def discover(
     model: nn.Module,
     example_input: torch.Tensor | None = None,
     input_size: int | tuple[int, ...] | None = None,
-    shape_only: bool | None = None,
+    shape_only: bool = True,
 ) -> Discovery:
     """Trace ``model`` (to learn which modules fx sees as leaves) and run it once eagerly (eval mode,
     no grad) with hooks: shapes, call order and counts, and MACs per module by the one counter
-    (``partialize.macs``), every call included. ``shape_only`` (None: when the real forward is slow)
-    runs that forward on fake tensors (``engine/_shape_only.py``); ``fake_input`` is then set."""
+    (``partialize.macs``), every call included. With ``shape_only`` (the default) that forward runs on
+    a meta copy of the model (``engine/_shape_only.py``) and ``shadow`` is set; a model that cannot run
+    there, or ``shape_only=False``, runs for real."""
     x = example_input if example_input is not None else example_input_for(model, input_size)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -117,7 +118,7 @@ def discover(
     times["trace"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    records, counted, out, fake_x = _forward(model, x, shape_only)
+    records, counted, out, shadow = _forward(model, x, shape_only)
     times["forward"] = time.perf_counter() - t0
 
     in_hw = x.shape[-2:] if x.dim() == 4 else None
@@ -126,7 +127,7 @@ def discover(
     modules = dict(model.named_modules())
     for name, rec in sorted(records.items(), key=lambda kv: kv[1]["order"]):
         m = modules[name]
-        leaf_above = next((g for g in graph_modules if name.startswith(g + ".")), None)
+        leaf_above = _leaf_above(name, graph_modules)
         if not traced:
             found = "hook (tracing failed)"
         elif name in graph_modules:
@@ -169,30 +170,23 @@ def discover(
         times,
         uncounted=dict(counted.uncounted),
         used_outside=dict(counted.used_outside),
-        fake_input=fake_x,
+        shadow=shadow,
     )
 
 
-class _ShapesPay(Exception):
-    """Raised out of the real forward once it has shown that shapes only would be cheaper."""
+def _leaf_above(name: str, graph_modules: set[str]) -> str | None:
+    """The fx leaf ``name`` lies inside (fx never goes into a leaf, so there is at most one), or None."""
+    parts = name.split(".")
+    return next((p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in graph_modules), None)
 
 
-def _observed(model: nn.Module, x: torch.Tensor, budget: float | None):
-    """(first-call records per module, MacCount, output) of one eval, no-grad forward with hooks; with
-    a ``budget``, once the forward has run that long it raises _ShapesPay if the ops so far would have
-    been cheaper on shapes (``shapes_pay``), else it carries on."""
+def _observed(model: nn.Module, x: torch.Tensor):
+    """(first-call records per module, MacCount, output) of one eval, no-grad forward with hooks."""
     records: dict[str, dict] = {}
     names = {id(m): n for n, m in model.named_modules() if n}
     counter = [0]
-    tally = OpTally()
-    watch = [budget is not None]
-    t0 = time.perf_counter()
 
     def hook(mod, args, kwargs, out):
-        if watch[0] and time.perf_counter() - t0 > budget:
-            watch[0] = False  # decided once
-            if shapes_pay(tally.heavy, tally.light, time.perf_counter() - t0):
-                raise _ShapesPay
         name = names.get(id(mod))
         if name is None or name in records:
             return
@@ -204,7 +198,7 @@ def _observed(model: nn.Module, x: torch.Tensor, budget: float | None):
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), MacCounter(model) as fc, tally:
+        with torch.no_grad(), MacCounter(model) as fc:
             out = model(x)
     finally:
         for h in handles:
@@ -213,18 +207,14 @@ def _observed(model: nn.Module, x: torch.Tensor, budget: float | None):
     return records, fc.result, out
 
 
-def _forward(model: nn.Module, x: torch.Tensor, shape_only: bool | None):
-    """The observed forward, real or on shapes only (``shape_only``: None = real unless it runs past
-    ``REAL_BUDGET_S``); a model that cannot run on shapes runs for real. Also returns the fake input."""
-    if shape_only is not True:
+def _forward(model: nn.Module, x: torch.Tensor, shape_only: bool):
+    """The observed forward, on the model's meta shadow (``shape_only``) or for real; a model that
+    cannot run on shapes runs for real. Also returns the shadow it ran on, if any."""
+    if shape_only:
+        shadow = shadow_of(model, x)
         try:
-            return (*_observed(model, x, REAL_BUDGET_S if shape_only is None else None), None)
-        except _ShapesPay:
+            with FastMeta():
+                return (*_observed(shadow.model, shadow.x), shadow)
+        except Exception:  # values needed (.item(), data-dependent shapes), or CPU tensors made in forward
             pass
-    mode = new_mode()
-    fake_x = fake_input(mode, x)
-    try:
-        with running(mode, model):
-            return (*_observed(model, fake_x, None), fake_x)
-    except Exception:  # values needed (.item(), data-dependent shapes, an op without a fake kernel)
-        return (*_observed(model, x, None), None)
+    return (*_observed(model, x), None)

@@ -51,7 +51,7 @@ class Plan:
     seconds: dict[str, float] = field(default_factory=dict)
     uncounted_ops: dict[str, int] = field(default_factory=dict)  # contraction ops with no MAC formula
     original_macs: dict[str, int] = field(default_factory=dict)  # MACs of each converted layer before
-    shape_only: bool = False  # planned on fake tensors (shapes only), the real forward being slow
+    shape_only: bool = False  # planned on a meta copy (shapes only), the real forward being slow
 
     @property
     def converted(self) -> list[PlanEntry]:

@@ -45,7 +45,9 @@ def build_op(module: nn.Module, variant: str, ratio, params: dict, where: str = 
     if ratio is not None:
         kwargs["ratio"] = ratio
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        # the CPU generator only (where operators draw): torch.manual_seed also reseeds every
+        # accelerator's, which fork_rng(devices=[]) would not put back, and costs a millisecond
+        torch.default_generator.manual_seed(0)
         op = cls.from_module(module, **kwargs)
     ref = next((t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()), None)
     if ref is not None:
@@ -123,9 +125,9 @@ def make_plan(
     cands = _candidates(rec, discovery, modules, names, hits)
     wanted = [n for n, d in cands if d.variant not in SKIP_VARIANTS]
     # on shapes only when discovery's real forward was slow (engine/_shape_only.py)
-    shapes_x = discovery.fake_input if discovery.fake_input is not None else x
+    runs_on = discovery.shadow or (model, x)  # the meta copy when shapes only (engine/_shape_only.py)
     outputs: dict[str, list] = {}
-    calls = capture_calls(model, shapes_x, wanted, outputs)
+    calls = capture_calls(*runs_on, wanted, outputs)
     state = _PlanState(rec, discovery, modules, calls, outputs, tensor_owners(model))
     for name, decision in cands:
         state.decide(name, decision)
@@ -145,7 +147,7 @@ def make_plan(
         | {"plan": time.perf_counter() - t_plan, "total": time.perf_counter() - t_start},
         uncounted_ops=dict(discovery.uncounted),
         original_macs=state.orig_macs,
-        shape_only=discovery.fake_input is not None,
+        shape_only=discovery.shadow is not None,
     )
     plan._built = (weakref.ref(model), state.built)  # not part of the plan's data (engine/apply.py)
     return plan

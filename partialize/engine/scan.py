@@ -171,8 +171,8 @@ def scan_model(
     operators = list_operators()
     found = [(n, _kind(modules[n], operators)) for n in modules if n in discovery.layers]
     found = [(n, k) for n, k in found if k in kinds]
-    shapes_x = discovery.fake_input if discovery.fake_input is not None else x
-    calls = capture_calls(model, shapes_x, [n for n, _ in found])
+    runs_on = discovery.shadow or (model, x)  # the meta copy when shapes only (engine/_shape_only.py)
+    calls = capture_calls(*runs_on, [n for n, _ in found])
     owners = tensor_owners(model)
     nodes = []
     for n, kind in found:

@@ -198,22 +198,17 @@ def slice_conv(
         return _slice_groups(conv, out_range, in_range)
     o0, o1 = out_range or (0, conv.out_channels)
     i0, i1 = (o0, o1) if dw else in_range or (0, conv.in_channels)
-    new = nn.Conv2d(
-        i1 - i0,
-        o1 - o0,
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
-        groups=o1 - o0 if dw else 1,
-        bias=conv.bias is not None,
-        padding_mode=conv.padding_mode,
-    )
+    # no random init: the weights are overwritten (a wide model's init was seconds of its planning)
+    new = torch.nn.utils.skip_init(
+        nn.Conv2d, i1 - i0, o1 - o0, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+        groups=o1 - o0 if dw else 1, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+        device=conv.weight.device, dtype=conv.weight.dtype,
+    )  # fmt: skip
     with torch.no_grad():
         new.weight.copy_(conv.weight[o0:o1] if dw else conv.weight[o0:o1, i0:i1])
         if conv.bias is not None:
             new.bias.copy_(conv.bias[o0:o1])
-    return new.to(conv.weight.device, conv.weight.dtype)
+    return new
 
 
 def _slice_groups(conv: nn.Conv2d, out_range: tuple[int, int] | None, in_range: tuple[int, int] | None) -> nn.Conv2d:
@@ -228,15 +223,16 @@ def _slice_groups(conv: nn.Conv2d, out_range: tuple[int, int] | None, in_range: 
             f"outputs [{o0}, {o1}) and inputs [{i0}, {i1}) with {og} outputs and {ig} inputs per group"
         )
     k = o1 // og - o0 // og
-    new = nn.Conv2d(
-        i1 - i0, o1 - o0, conv.kernel_size, conv.stride, conv.padding, conv.dilation, groups=k,
-        bias=conv.bias is not None, padding_mode=conv.padding_mode,
+    new = torch.nn.utils.skip_init(
+        nn.Conv2d, i1 - i0, o1 - o0, conv.kernel_size, conv.stride, conv.padding, conv.dilation, groups=k,
+        bias=conv.bias is not None, padding_mode=conv.padding_mode, device=conv.weight.device,
+        dtype=conv.weight.dtype,
     )  # fmt: skip
     with torch.no_grad():
         new.weight.copy_(conv.weight[o0:o1])  # (out, in per group, kh, kw): the input dim is per group
         if conv.bias is not None:
             new.bias.copy_(conv.bias[o0:o1])
-    return new.to(conv.weight.device, conv.weight.dtype)
+    return new
 
 
 def slice_bn(bn: nn.modules.batchnorm._BatchNorm, a: int, b: int) -> nn.modules.batchnorm._BatchNorm:

@@ -111,13 +111,13 @@ class PartialKernel(PartialOperator):
         w = original.weight.detach()  # (out, inputs per group, kh, kw)
         kh, kw = original.kernel_size
         dev, dt = w.device, w.dtype
-        conv = nn.Conv2d(
-            n * groups, original.out_channels, original.kernel_size, original.stride, original.padding,
+        conv = nn.utils.skip_init(  # no random init: overwritten below
+            nn.Conv2d, n * groups, original.out_channels, original.kernel_size, original.stride, original.padding,
             original.dilation, groups=groups, bias=original.bias is not None, padding_mode=original.padding_mode,
             device=dev, dtype=dt,
         )  # fmt: skip
-        point = nn.Conv2d(
-            (c_in - n) * groups, original.out_channels, 1, original.stride, 0, groups=groups, bias=False,
+        point = nn.utils.skip_init(
+            nn.Conv2d, (c_in - n) * groups, original.out_channels, 1, original.stride, 0, groups=groups, bias=False,
             device=dev, dtype=dt,
         )  # fmt: skip
         with torch.no_grad():

@@ -3,8 +3,8 @@
 The planner runs its passes on a meta copy of the model. Oracle: the plan made for real on the same
 model (every entry's decision, reason and MAC change identical), the original's output before and
 after, the state a forward writes into the model (caches, buffers) left alone, and torch's own meta
-kernels for the cache that answers repeated meta ops. Apply takes the operators the planner built only while the model is unchanged; oracle: a
-model rebuilt from the plan's data alone."""
+kernels for the cache that answers repeated meta ops. Apply takes the operators the planner built
+only while the model is unchanged; oracle: a model rebuilt from the plan's data alone."""
 
 from __future__ import annotations
 

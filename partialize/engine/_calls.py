@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import OperatorError
 from ..macs import MacCounter
 from ..ops.base import PartialOperator
-from ._shape_only import FastMeta, any_meta, is_meta, meta_copy
+from ._shape_only import FastMeta, any_meta, is_meta, meta_copy, params_on_meta
 from .discover import Discovery
 
 Call = tuple[tuple, dict]
@@ -105,14 +105,18 @@ def layer_cost(
     operator's own count (``op.macs``, the contract). ``original``: the module's MACs over those calls
     and each call's output shapes, as discovery and the capture saw them; without it the original is
     run on the calls too."""
-    if any_meta(calls):  # captured on shapes only: run a meta copy of both, or on random values
+    if any_meta(calls):  # captured on shapes only: run on meta (engine/_shape_only.py), or on random values
         try:
             # deployed on meta too: folding a wide block's BNs into its convs for real cost more
-            # than the rest of its planning (engine/_shape_only.py)
-            shadow = meta_copy(op)
+            # than the rest of its planning; the real tensors the forms still hold meet meta inputs
+            # in FastMeta as their metadata
             known = original is not None and len(original[1]) == len(calls)
+            custom = type(op).macs is not PartialOperator.macs  # it runs the operator: on a copy
+            shadow = meta_copy(op) if custom else op
             with FastMeta():
-                return _cost(module if known else meta_copy(module), shadow, shadow.deploy(), calls, original)
+                with params_on_meta(shadow):
+                    form = shadow.deploy()
+                return _cost(module if known else meta_copy(module), shadow, form, calls, original)
         except OperatorError:
             raise
         except Exception:  # an operator whose forward needs values (data-dependent routing)

@@ -26,7 +26,6 @@ tracing writes (proxies left in a stateful module).
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -34,6 +33,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
+
+from ..ops._utils import clone_module
 
 
 class _Uncacheable(Exception):
@@ -167,7 +168,27 @@ def meta_copy(module: nn.Module) -> nn.Module:
             for t in values:
                 if isinstance(t, torch.Tensor) and id(t) not in memo:
                     memo[id(t)] = on_meta(t)
-    return copy.deepcopy(module, memo)
+    return clone_module(module, memo)
+
+
+@contextlib.contextmanager
+def params_on_meta(module: nn.Module) -> Iterator[None]:
+    """Inside the block every parameter and buffer of ``module`` is a meta tensor of its metadata (one
+    tensor held twice stays one); they are put back after. For ``deploy()``, which builds a new module
+    from its operator without changing it: deployed on meta, nothing is copied or folded for real, and
+    without the deep copy of the operator that ``meta_copy`` would make first."""
+    saved, memo = [], {}
+    for m in module.modules():
+        for slots in (m._parameters, m._buffers):
+            for k, t in slots.items():
+                if t is not None and not t.is_meta:
+                    saved.append((slots, k, t))
+                    slots[k] = memo.setdefault(id(t), on_meta(t))
+    try:
+        yield
+    finally:
+        for slots, k, t in saved:
+            slots[k] = t
 
 
 def shadow_of(model: nn.Module, x: torch.Tensor) -> Shadow:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import collections
-import copy
 
 import torch
 from torch import nn
 
 from ..errors import PartializeError
+from ..ops._utils import clone_module
 from ._shape_only import FastMeta, is_meta, shadow_of
 from .plan import Plan
 from .planner import build_op, fingerprint
@@ -53,15 +53,15 @@ def _copy_for(model: nn.Module, plan: Plan, built: dict[str, nn.Module]) -> nn.M
     (a module shared under two names, or kept in a plain list or dict)."""
     names = [e.layer for e in plan.converted_outermost if e.layer in built]
     if not names:
-        return copy.deepcopy(model)
+        return clone_module(model)
     uses = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     originals = [model.get_submodule(n) for n in names]
     if any(uses[id(m)] != 1 for m in originals):
-        return copy.deepcopy(model)
+        return clone_module(model)
     holders = {id(m): nn.Identity() for m in originals}
-    target = copy.deepcopy(model, dict(holders))
+    target = clone_module(model, dict(holders))
     if _reachable_outside_modules(target, {id(h) for h in holders.values()}):
-        return copy.deepcopy(model)
+        return clone_module(model)
     return target
 
 

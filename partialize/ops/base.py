@@ -23,7 +23,6 @@ And the training side of the contract (``partialize.train`` calls only these):
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -34,6 +33,7 @@ from torch import nn
 from ..errors import OperatorError, PartializeError, TrainingError  # noqa: F401  (TrainingError: re-exported)
 from ..macs import count_macs
 from ._export import RefuseScript
+from ._utils import clone_module
 
 
 @dataclass(frozen=True)
@@ -210,13 +210,13 @@ class PartialOperator(RefuseScript, nn.Module):
     # --- inference ----------------------------------------------------------------------------
     def deploy(self) -> nn.Module:
         """The inference form: eval mode, frozen; default an eval copy of this module."""
-        return copy.deepcopy(self).eval().requires_grad_(False)
+        return clone_module(self).eval().requires_grad_(False)
 
     def reference(self) -> nn.Module:
         """What ``deploy()`` must equal (tests and ``partialize export`` check it): default the eval
         copy; an operator whose training function is a relaxation of the deployed one (Ada-PConv's
         soft routing) returns the deployed function's reference instead."""
-        return copy.deepcopy(self).eval()
+        return clone_module(self).eval()
 
     def macs(self, *args, **kwargs) -> tuple[int, str]:
         """(MACs of the inference form for this call, basis). Default: ``partialize.macs`` on

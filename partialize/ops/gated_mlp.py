@@ -25,7 +25,6 @@ an activation is handled here exactly as in a plain ``Mlp``.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import OperatorError
-from ._utils import conv1x1_from, linear_from, slice_conv, split_channels
+from ._utils import clone_module, conv1x1_from, linear_from, slice_conv, split_channels
 from ._utils import qualname as _qualname
 
 GLU_MLP = "timm.layers.mlp.GluMlp"
@@ -185,7 +184,7 @@ def _spatial_gate(gate: nn.Module, h: int, where: str, slicer: Slicer) -> nn.Mod
     if type(gate.proj) is not nn.Linear:
         proj = type(gate.proj).__name__
         raise OperatorError(f"partial_mlp: {where}'s SpatialGatingUnit projects tokens with a {proj}, not a Linear")
-    new = copy.deepcopy(gate)
+    new = clone_module(gate)
     new.norm = slicer(gate.norm, h, h, f"{where}.gate")
     return new
 
@@ -282,7 +281,7 @@ def _mambaout(block: nn.Module, ratio, hidden_ratio, slicer: Slicer) -> Gated:
     kept = torch.cat((torch.arange(hp), plain + torch.arange(hc)))  # kept hidden units, in cat(i, c) order
     rows = torch.cat((kept, hidden + torch.arange(hp), hidden + plain + torch.arange(hc)))  # g, i, c rows
     new_fc1 = linear_from(fc1.weight[rows][:, :n], fc1.bias[rows] if fc1.bias is not None else None)
-    new_conv = slice_conv(conv, (0, hc)) if hc else copy.deepcopy(conv)
+    new_conv = slice_conv(conv, (0, hc)) if hc else clone_module(conv)
     mix = GatedConvMix(new_fc1, new_conv, _act(block, hp + hc, where, slicer), (hp + hc, hp, hc))
     new_fc2 = linear_from(fc2.weight[:n][:, kept], fc2.bias[:n] if fc2.bias is not None else None)
     layers = [slicer(block.norm, n, n, where), mix, new_fc2, slicer(block.ls, n, n, where)]

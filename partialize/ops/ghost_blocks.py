@@ -19,15 +19,14 @@ primary channels (``GhostCut``). At the keep-everything setting both bottlenecks
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..errors import OperatorError
+from ._utils import clone_module, split_channels
 from ._utils import qualname as _qualname
-from ._utils import split_channels
 from .gated_mlp import Gated
 
 GHOST_BOTTLENECK = "timm.models.ghostnet.GhostBottleneck"
@@ -83,7 +82,7 @@ def _repghost(module: nn.Module, n_in: int, n_out: int, where: str, slicer: Slic
         raise OperatorError(f"partial_mlp: {where} has a {type(module).__name__} with children {names}")
     if not all(type(m) is nn.Identity for m in module.fusion_conv):
         raise OperatorError(f"partial_mlp: {where}'s fusion_conv holds more than identities")
-    new = copy.deepcopy(module)
+    new = clone_module(module)
     new.primary_conv = nn.Sequential(*_cut_seq(module.primary_conv, n_in, n_out, where, slicer))
     new.fusion_bn = nn.Sequential(*(slicer(m, n_out, n_out, where) for m in module.fusion_bn))
     new.cheap_operation = nn.Sequential(*_cut_seq(module.cheap_operation, n_out, n_out, where, slicer))

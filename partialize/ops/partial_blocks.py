@@ -16,16 +16,18 @@ maps, or token sequences given ``grid=(H, W)`` with ``prefix_tokens`` leading to
 
 from __future__ import annotations
 
-import copy
+import operator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import OperatorError
+from ._chain_probe import Ref, record_forward
 from ._export import exporting
 from ._utils import (
     bn_remainder,
+    clone_module,
     fold_bn_into_conv,
     is_foldable_bn,
     linear_from,
@@ -111,7 +113,7 @@ def _slice_se(se: nn.Module, n: int, where: str) -> nn.Module:
     """Squeeze-excitation on the first ``n`` channels: the squeeze conv reads them, the excite conv
     writes their gates; the squeeze width stays (at n = all channels it is the original SE)."""
     squeeze, excite = _SE_CLASSES[_qualname(se)]
-    new = copy.deepcopy(se)
+    new = clone_module(se)
     sq, ex = getattr(se, squeeze), getattr(se, excite)
     try:
         setattr(new, squeeze, slice_conv(sq, None, (0, n)))
@@ -165,7 +167,7 @@ def _slice_mixed(m: nn.Module, n_in: int | None, n_out: int | None, where: str) 
         n_in = n_out = n_out if n_out is not None else n_in
     n_in = m.in_channels if n_in is None else n_in
     n_out = m.out_channels if n_out is None else n_out
-    new = copy.deepcopy(m)
+    new = clone_module(m)
     splits, start_in, start_out = [], 0, 0
     for key, conv in list(m.items()):
         a = min(max(n_in - start_in, 0), conv.in_channels)
@@ -185,9 +187,9 @@ def _slice_mixed(m: nn.Module, n_in: int | None, n_out: int | None, where: str) 
 def _slice_layer(m: nn.Module, n_in: int | None, n_out: int | None, where: str) -> nn.Module:
     """Copy of ``m`` restricted to its first ``n_in`` input and ``n_out`` output channels."""
     if _is_channelwise(m) or _qualname(m) in _DROP_PATHS or type(m) is nn.ZeroPad2d:
-        return copy.deepcopy(m)
+        return clone_module(m)
     if _qualname(m) in _LAYER_SCALES and isinstance(getattr(m, "gamma", None), nn.Parameter):
-        new = copy.deepcopy(m)
+        new = clone_module(m)
         new.gamma = nn.Parameter(m.gamma.detach()[:n_out].clone())
         return new
     if _qualname(m) in _SE_CLASSES:
@@ -333,78 +335,56 @@ def _chain_widths(layers: list[nn.Module]) -> list[int]:
 _SLICEABLE = (nn.Linear, nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
 
 
-def _node_text(n) -> str:
-    """A graph node as text (its op, target and arguments by name): comparable across two traces."""
-    return f"{n.op} {n.target} {n.args} {n.kwargs}"
-
-
 def traced_chain(block: nn.Module, depth: int = 0) -> tuple[list[nn.Module], bool] | None:
     """(layers, residual) of a module whose forward is exactly a chain of calls of its children (each
     output the next one's only input; timm's model-specific ``ConvMlp`` / ``NormMlp`` / ``FFN``
-    classes), read from an fx trace with every child a leaf, a child that is itself such a chain (or a
+    classes), read by running the forward on a token with every child a recorder (``_chain_probe``)
+    in eval and in train mode (the same calls in both), a child that is itself such a chain (or a
     Sequential) flattened; ``residual`` when the chain's result is added to the block's input
     (``x + f(x)``: SwiftFormer's ``ConvEncoder``, MobileNetV5's ``EdgeResidual``, a ``Residual``
     wrapper). None for anything else: an operation between the calls, a parameter or buffer read in the
     forward, a second input, a child with weights called twice (a weightless dropout may be)."""
-    import operator
-
-    import torch.fx as fx
-
-    class _Children(fx.Tracer):
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return True
-
     if depth > 3 or not any(True for _ in block.children()):
         return None
     if any(m._forward_hooks or m._forward_pre_hooks for m in block.modules()):
-        return None  # fx does not run hooks, and a cut copy would lose them
-    was = block.training
-    try:  # the same graph in both modes, or the forward depends on self.training in a way we would fix
-        graphs = [_Children().trace(block.train(mode)) for mode in (False, True)]
-    except Exception:  # untraceable forward: not a chain we can read
+        return None  # the probe does not run hooks, and a cut copy would lose them
+    runs = [record_forward(block, training) for training in (False, True)]
+    if runs[0] is None or runs[0] != runs[1]:
         return None
-    finally:
-        block.train(was)
-    if [_node_text(n) for n in graphs[0].nodes] != [_node_text(n) for n in graphs[1].nodes]:
+    records, out = runs[0]
+    if out is None or not records:
         return None
-    graph = graphs[0]
-    for n in list(graph.nodes):  # an nn.Identity call is its input (EfficientViT's `shortcut(x)`)
-        if n.op == "call_module" and type(block.get_submodule(n.target)) is nn.Identity and len(n.args) == 1:
-            n.replace_all_uses_with(n.args[0])
-            graph.erase_node(n)
-    inputs = [n for n in graph.nodes if n.op == "placeholder"]
-    calls = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
-    out = next(n for n in graph.nodes if n.op == "output").args[0]
-    add = calls[-1] if calls else None  # a residual: input + chain (either order) last, nothing else reads x
+    last = records[-1]
     residual = (
-        add is out and add.op == "call_function" and add.target in (operator.add, operator.iadd, torch.add)
-        and not add.kwargs
-        and len(add.args) == 2 and len(inputs) == 1 and inputs[0] in add.args and len(inputs[0].users) == 2
+        out == Ref(len(records)) and last[0] == "call_function"
+        and last[1] in (operator.add, operator.iadd, torch.add) and not last[3] and len(last[2]) == 2
+        and Ref(0) in last[2] and sum(Ref(0) in r[2] for r in records) == 2
     )  # fmt: skip
+    calls = records[:-1] if residual else records
     if residual:
-        calls.pop()
-        out = add.args[1] if add.args[0] is inputs[0] else add.args[0]
-    if len(inputs) != 1 or not calls or any(n.op != "call_module" for n in calls):
+        out = last[2][1] if last[2][0] == Ref(0) else last[2][0]
+    if not calls or any(r[0] != "call_module" for r in calls):
         return None
-    prev = inputs[0]
-    for n in calls:
-        if n.args != (prev,) or n.kwargs:
+    prev = Ref(0)
+    for i, (_, _, args, kwargs) in enumerate(calls):
+        if args != (prev,) or kwargs:
             return None
-        prev = n
-    if out is not prev:
+        prev = Ref(i + 1)
+    if out != prev:
         return None
+    targets = [r[1] for r in calls]
     layers: list[nn.Module] = []
-    for n in calls:
-        m = block.get_submodule(n.target)
+    for target in targets:
+        m = block.get_submodule(target)
         weighted = any(True for _ in m.parameters())
         stateful = weighted or any(True for _ in m.buffers())  # running statistics are state too
-        if stateful and sum(c.target == n.target for c in calls) > 1:
+        if stateful and targets.count(target) > 1:
             return None
         inner = _expand(m, depth)
         if inner is None:
             return None
         layers.extend(inner)
-    called = {n.target for n in calls}
+    called = set(targets)
     unused = [name for name, c in block.named_children() if name not in called and any(True for _ in c.parameters())]
     if unused:  # weights the forward does not use would be lost without a word if it ever did
         raise OperatorError(
@@ -476,7 +456,7 @@ def _drop_path_of(block: nn.Module) -> nn.Module | None:
     drop = next((getattr(block, a) for a in _DROP_PATH_ATTRS if isinstance(getattr(block, a, None), nn.Module)), None)
     if drop is not None and any(True for _ in drop.parameters()):
         raise OperatorError(f"partial_mlp: the drop path of {type(block).__name__} has weights")
-    return copy.deepcopy(drop)
+    return clone_module(drop)
 
 
 def _flatten(seq: nn.Module) -> list[nn.Module]:
@@ -583,7 +563,7 @@ class PartialMLP(PartialOperator):
 
     def deploy(self) -> PartialMLP:
         """Inference form: eval mode, frozen, each (conv, BN) pair of the block folded."""
-        new = copy.deepcopy(self).eval()
+        new = clone_module(self).eval()
         fold_pairs(new.layers, [n for n, _ in new.layers.named_children()])
         return new.requires_grad_(False)
 
@@ -614,7 +594,7 @@ class PartialMLPCopy(PartialMLP):
         dim, hidden = fc1.in_features, fc1.out_features
         n = split_channels(dim, ratio)
         h = split_channels(hidden, hidden_ratio if hidden_ratio is not None else ratio)
-        new = copy.deepcopy(block)  # the same class and attributes; every child replaced below
+        new = clone_module(block)  # the same class and attributes; every child replaced below
         widths = {"fc1": (n, h), "fc2": (h, n), "drop": (n, n)}
         for name in order:
             setattr(new, name, _slice_layer(getattr(block, name), *widths.get(name, (h, h)), where))
@@ -679,8 +659,8 @@ class PartialCNBlock(PartialMLP):
         dim, hidden = seq[3].in_features, seq[3].out_features
         n = split_channels(dim, ratio)
         h = split_channels(hidden, hidden_ratio if hidden_ratio is not None else ratio)
-        layers = [_slice_layer(seq[3], n, h, "CNBlock"), copy.deepcopy(seq[4]), _slice_layer(seq[5], h, n, "CNBlock")]
-        prefix = [copy.deepcopy(m) for m in seq[:3]]
+        layers = [_slice_layer(seq[3], n, h, "CNBlock"), clone_module(seq[4]), _slice_layer(seq[5], h, n, "CNBlock")]
+        prefix = [clone_module(m) for m in seq[:3]]
         return cls(prefix, layers, dim, n, block.layer_scale[:n], _drop_path_of(block)).to(seq[3].weight.device)
 
 
@@ -975,7 +955,7 @@ class PartialAttention(PartialOperator):
         for attr in ("q_norm", "k_norm"):
             norm = getattr(original, attr, None)
             if isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity):
-                setattr(self, attr, copy.deepcopy(norm))
+                setattr(self, attr, clone_module(norm))
         gate = getattr(original, "gate", None)
         if gate is not None:
             lo = num_heads * hd - self.dim_attn
@@ -1001,4 +981,4 @@ class PartialAttention(PartialOperator):
 
     def deploy(self) -> PartialAttention:
         """Inference form: eval mode, frozen."""
-        return copy.deepcopy(self).eval().requires_grad_(False)
+        return clone_module(self).eval().requires_grad_(False)

@@ -17,14 +17,12 @@ already have only a centre tap the layer is the original (``ratio=1`` is refused
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 from ..errors import OperatorError
 from ._export import exporting
-from ._utils import bn_affine, keeps_spatial_size, split_channels
+from ._utils import bn_affine, clone_module, keeps_spatial_size, split_channels
 from .base import PartialOperator
 from .registry import register_operator
 
@@ -134,7 +132,7 @@ class PartialKernel(PartialOperator):
         if type(module) is not nn.Conv2d or module.in_channels // module.groups < 2:
             return None
         n = split_channels(module.in_channels // module.groups, 0.25)  # of each group's inputs
-        c = copy.deepcopy(module)
+        c = clone_module(module)
         kh, kw = c.kernel_size
         with torch.no_grad():
             centre = c.weight[:, n:, kh // 2, kw // 2].clone()
@@ -147,7 +145,7 @@ class PartialKernel(PartialOperator):
         if bn.num_features != self.conv.out_channels:
             return None
         scale, shift = bn_affine(bn)
-        new = copy.deepcopy(self)
+        new = clone_module(self)
         with torch.no_grad():
             new.conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
             new.point.weight.mul_(scale.reshape(-1, 1, 1, 1))

@@ -20,15 +20,13 @@ PATConv, RegNet's grouped 3x3 ``f.b.0`` to PConv).
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 from ..errors import OperatorError
 from ._export import exporting
+from ._utils import clone_module, slice_bn, slice_conv, split_channels
 from ._utils import qualname as _qualname
-from ._utils import slice_bn, slice_conv, split_channels
 from .base import PartialOperator
 from .partial_blocks import fold_pairs, plain_sequential
 from .registry import is_partial_op, register_operator
@@ -172,7 +170,7 @@ class PartialResidual(PartialOperator):
         if spec is None:
             return None
         op = cls.from_module(module, ratio=0.5)
-        block = copy.deepcopy(module)
+        block = clone_module(module)
         last, last_bn = block.get_submodule(spec[2]), block.get_submodule(spec[3])
         keep = torch.zeros(last_bn.num_features, dtype=torch.bool)
         keep[op.offset : op.offset + op.dim_part] = True
@@ -261,7 +259,7 @@ class PartialResidual(PartialOperator):
         # the layers about to be replaced by their slices are not copied first (a copy of a large
         # block's 1x1 convs was most of the planning time of a wide network)
         memo = {id(original.get_submodule(p)): nn.Identity() for p in changed}
-        children = {n: copy.deepcopy(getattr(original, n), memo) for n in dict.fromkeys(order + (out_act,))}
+        children = {n: clone_module(getattr(original, n), memo) for n in dict.fromkeys(order + (out_act,))}
         children = {n: m for n, m in children.items() if m is not None}
         order = tuple(n for n in order if n in children)  # timm keeps drop_path=None when unused
         op = cls(children, order, out_act, dim, k, o, read)
@@ -276,7 +274,7 @@ class PartialResidual(PartialOperator):
     def deploy(self) -> PartialResidual:
         """Inference form: inner operators deployed, each (conv, BN) pair along the branch folded,
         one output written channel group by channel group; eval mode, frozen."""
-        new = copy.deepcopy(self).eval()
+        new = clone_module(self).eval()
         inner = [n for n, m in new.named_modules() if n and is_partial_op(m) and callable(getattr(m, "deploy", None))]
         for name in [n for n in inner if not any(n.startswith(o + ".") for o in inner)]:  # outermost ones
             _set(new, name, new.get_submodule(name).eval().deploy())

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 from ..errors import OperatorError
 from ._export import exporting
-from ._utils import bn_affine, copy_top_left, split_channels
+from ._utils import bn_affine, clone_module, copy_top_left, split_channels
 from .attention import GATES, FusedChannelGate, GaussianChannelAttention, PartialSelfAttention
 from .base import InferenceForm, PartialOperator
 from .pconv import PConv, conv_source, dirac_outside, is_partial_source, resolve_ratio
@@ -105,11 +103,11 @@ class PATConvDeploy(InferenceForm):
     def __init__(self, op: PATConv):
         super().__init__()
         self.dim, self.dim_conv, self.dim_attn = op.dim, op.dim_conv, op.dim_attn
-        self.conv = copy.deepcopy(op.conv)
+        self.conv = clone_module(op.conv)
         if isinstance(op.attn, GaussianChannelAttention):
             self.attn = FusedChannelGate(op.attn)
         else:
-            self.attn = copy.deepcopy(op.attn)
+            self.attn = clone_module(op.attn)
         self.eval()
         for p in self.parameters():
             p.requires_grad_(False)
@@ -131,7 +129,7 @@ class PATConvDeploy(InferenceForm):
         if bn.num_features != self.dim:
             return None
         n = self.dim_conv
-        new = copy.deepcopy(self)
+        new = clone_module(self)
         scale, shift = bn_affine(bn)
         w = self.conv.weight.detach() * scale[:n].reshape(-1, 1, 1, 1)
         b = shift[:n] if self.conv.bias is None else self.conv.bias.detach() * scale[:n] + shift[:n]

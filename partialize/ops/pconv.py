@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,6 +11,7 @@ from ._export import exporting
 from ._utils import (
     bn_affine,
     check_same_size_conv,
+    clone_module,
     conv_padding,
     copy_top_left,
     fold_bn_into_conv,
@@ -161,7 +160,7 @@ class PConv(PartialOperator):
 
     def deploy(self) -> PConv:
         """Inference form: the same weights with the in-place slicing forward, in eval mode."""
-        op = copy.deepcopy(self).eval()
+        op = clone_module(self).eval()
         op.forward_mode = "slicing"
         for p in op.parameters():
             p.requires_grad_(False)
@@ -215,7 +214,7 @@ class PConvBN(InferenceForm):
 def dirac_outside(conv: nn.Conv2d, n: int) -> nn.Conv2d:
     """A copy of ``conv`` whose channels n.. compute the identity (their rows and the other rows'
     columns n.. zeroed, a centre tap of 1): exactly what a partial conv of width n represents."""
-    c = copy.deepcopy(conv)
+    c = clone_module(conv)
     group_in = c.in_channels // c.groups  # C (dense), 1 (depthwise), C / groups (grouped; n whole groups)
     kh, kw = c.kernel_size
     with torch.no_grad():

@@ -22,14 +22,12 @@ zero (``faithful_original``): the contract's check.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import OperatorError
-from ._utils import linear_from, split_channels
+from ._utils import clone_module, linear_from, split_channels
 from .base import PartialOperator
 from .partial_blocks import _head_rows, _qualname
 from .registry import register_operator
@@ -151,7 +149,7 @@ class SingleHeadAttention(PartialOperator):
         for attr in ("q_norm", "k_norm"):  # per head over head_dim: the same module serves the one head
             norm = getattr(original, attr, None)
             if isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity):
-                setattr(op, attr, copy.deepcopy(norm))
+                setattr(op, attr, clone_module(norm))
         return op.to(w.device)
 
     @classmethod
@@ -159,7 +157,7 @@ class SingleHeadAttention(PartialOperator):
         """The original with every head but the most important one silenced (its proj columns zero)."""
         if _qualname(module) not in _CLASSES:
             return None
-        m = copy.deepcopy(module)
+        m = clone_module(module)
         keep = int(head_importance(module).argmax())
         d = module.head_dim
         with torch.no_grad():
@@ -177,4 +175,4 @@ class SingleHeadAttention(PartialOperator):
 
     def deploy(self) -> SingleHeadAttention:
         """Inference form: eval mode, frozen."""
-        return copy.deepcopy(self).eval().requires_grad_(False)
+        return clone_module(self).eval().requires_grad_(False)

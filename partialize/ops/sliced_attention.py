@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import OperatorError
-from ._utils import conv1x1_from, linear_from, select_bn, slice_bn
+from ._utils import clone_module, conv1x1_from, linear_from, select_bn, slice_bn
 from .base import PartialOperator
 from .partial_blocks import PartialAttention, _kept_heads, _qualname
 
@@ -347,7 +347,7 @@ class HeadSlicedAttention(PartialAttention):
         kept = _kept_heads(num_heads, ratio, heads)
         drop = num_heads - kept
         lo, inner_lo = drop * step, drop * hd  # the kept heads are the last ones, on the last channels
-        inner = copy.deepcopy(original)
+        inner = clone_module(original)
         head_first = bool(layout.head_first_attr and getattr(original, layout.head_first_attr, False))
         with torch.no_grad():
             for attr, blocks, layer in projs:
@@ -390,7 +390,7 @@ class HeadSlicedAttention(PartialAttention):
                         f"partial_attention: {kind}'s position bias {_qualname(bias)} is not one whose bias "
                         f"partialize knows to cut by heads ({', '.join(c.rsplit('.', 1)[-1] for c in BIAS_CLASSES)})"
                     )
-                setattr(inner, path, KeptHeadsBias(copy.deepcopy(bias), drop, kept))
+                setattr(inner, path, KeptHeadsBias(clone_module(bias), drop, kept))
         for attr in dict.fromkeys((layout.heads, *layout.head_attrs)):
             if isinstance(getattr(inner, attr, None), int):
                 setattr(inner, attr, kept)
@@ -405,7 +405,7 @@ class HeadSlicedAttention(PartialAttention):
                 setattr(inner, attr, {})
         norm = None
         if layout.input_norm and _present(_get(original, layout.input_norm)):
-            norm = copy.deepcopy(_get(original, layout.input_norm))
+            norm = clone_module(_get(original, layout.input_norm))
             _set_module(inner, layout.input_norm, nn.Identity())
         op = cls(inner, layout, dim, num_heads, kept, step)
         op.inner_lo, op.input_norm = inner_lo, norm

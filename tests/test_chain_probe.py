@@ -1,8 +1,10 @@
-"""``ops._chain_probe.record_forward``: which children a block's forward calls, in order, recorded
-without torch.fx. Oracle: torch.fx's own trace of the same block with every child a leaf, on every
-module with children of real timm and torchvision models: wherever fx sees a plain chain (calls of
-children, optionally added to the input), the probe records the same calls; wherever fx sees any
-other operation, the probe records nothing."""
+"""``ops._chain_probe.record_forward``, and the LeafTracer's parameter lookup.
+
+The probe: which children a block's forward calls, in order, recorded without torch.fx. Oracle:
+torch.fx's own trace of the same block with every child a leaf, on every module with children of
+real timm and torchvision models: wherever fx sees a plain chain (calls of children, optionally
+added to the input), the probe records the same calls; wherever fx sees any other operation, the
+probe records nothing. The lookup: fx's own ``Tracer.getattr`` gives the same graph."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import torch.fx as fx
 import torchvision
 from torch import nn
 
+from partialize.engine._shape_only import restored
+from partialize.engine.tracer import LeafTracer
 from partialize.ops._chain_probe import record_forward
 
 
@@ -86,3 +90,19 @@ def test_the_probe_puts_the_children_back_and_keeps_the_mode():
     assert record_forward(block, training=False) is not None
     assert dict(block._modules) == children and all(a is b for a, b in zip(block._modules.values(), children.values()))
     assert block.training
+
+
+class _FxDefaultGetattr(LeafTracer):
+    getattr = fx.Tracer.getattr  # fx's own parameter lookup: the oracle
+
+
+@pytest.mark.parametrize("name", ["mobilenetv5_300m", "convit_tiny", "levit_128s"])
+def test_the_leaf_tracers_parameter_lookup_gives_fxs_graph(name):
+    """LeafTracer finds a read parameter's name from a table instead of fx's search of all of them."""
+    model = timm.create_model(name).eval()
+    graphs = []
+    for tracer in (LeafTracer(), _FxDefaultGetattr()):
+        with restored(model):  # LeViT caches its biases in a forward: each trace from a clean model
+            graphs.append(tracer.trace(model))
+    assert fx.GraphModule(model, graphs[0]).code == fx.GraphModule(model, graphs[1]).code
+    assert any(n.op == "get_attr" for n in graphs[0].nodes)  # parameters are read in the traced code

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..macs import MacCounter
 from ._shape_only import FastMeta, Shadow, restored, shadow_of
-from .tracer import example_input_for, trace
+from .tracer import LeafTracer, example_input_for
 
 
 @dataclass
@@ -110,9 +110,9 @@ def discover(
     t0 = time.perf_counter()
     try:
         with restored(model):  # a forward that writes into the model would leave fx proxies in it
-            gm = trace(model)
+            graph = LeafTracer().trace(model)  # the graph only: no GraphModule (its code) is needed
         traced, err = True, None
-        graph_modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+        graph_modules = {n.target for n in graph.nodes if n.op == "call_module"}
     except Exception as e:  # any fx failure: the eager hooks still see every module
         traced, err, graph_modules = False, f"{type(e).__name__}: {e}".splitlines()[0][:300], set()
     times["trace"] = time.perf_counter() - t0

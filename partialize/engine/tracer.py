@@ -42,6 +42,30 @@ class LeafTracer(fx.Tracer):
         super().__init__(autowrap_functions=tuple(fns))
         self._timm_notrace = is_notrace
 
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
+        """fx's own answer (a ``get_attr`` proxy for a parameter of the root, or for a buffer when
+        buffers are proxied), found by a name table made once per trace: fx searches all of the root's
+        parameters at every read of one (MobileNetV5: 69,000 comparisons, most of its trace time)."""
+        if not isinstance(attr_val, torch.Tensor):
+            return attr_val
+        if getattr(self, "_names_of", (None, None))[0] is not self.root:
+            names: dict[int, str] = {}
+            for n, p in self.root.named_parameters():
+                names.setdefault(id(p), n)
+            buffers: dict[int, str] = {}
+            for n, b in self.root.named_buffers():
+                buffers.setdefault(id(b), n)
+            self._names_of = (self.root, names, buffers)
+        _, names, buffers = self._names_of
+        name = names.get(id(attr_val)) if isinstance(attr_val, nn.Parameter) else None
+        if name is None and self.proxy_buffer_attributes:
+            name = buffers.get(id(attr_val))
+        if name is None:
+            return attr_val
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if is_partial_op(m) or isinstance(m, nn.Conv2d) or is_attention_block(m) or is_mlp_block(m):
             return True

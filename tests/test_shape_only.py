@@ -227,3 +227,22 @@ def test_apply_copies_whole_when_a_converted_block_is_also_held_elsewhere():
     plan = make_plan(plain, "auto", example_input=torch.randn(1, 3, 64, 64))
     copied = _copy_for(plain, plan, _built_by_planner(plain, plan))
     assert type(copied.get_submodule(plan.converted_outermost[0].layer)) is nn.Identity
+
+
+class _Rows(nn.Module):
+    """A bidirectional LSTM over the rows of a feature map (Sequencer's shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(12, 12, batch_first=True, bidirectional=True)
+
+    def forward(self, x):
+        return self.rnn(x)[0]
+
+
+def test_lstm_macs_on_shapes_follow_the_formula():
+    """On meta torch runs an LSTM as matmuls, so each is counted; oracle: 4 gates x H x (I + H) per
+    step, per batch row, per direction (the CPU's fused kernel has no formula: counted 0, uncounted)."""
+    disc = discover(_Rows().eval(), torch.randn(5, 7, 12))
+    assert disc.shadow is not None
+    assert disc.macs == 2 * 7 * 5 * 4 * 12 * (12 + 12)

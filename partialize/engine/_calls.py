@@ -105,23 +105,28 @@ def layer_cost(
     operator's own count (``op.macs``, the contract). ``original``: the module's MACs over those calls
     and each call's output shapes, as discovery and the capture saw them; without it the original is
     run on the calls too."""
+    if original is not None and len(original[1]) != len(calls):
+        original = None  # not the calls discovery saw: run the original on them
     if any_meta(calls):  # captured on shapes only: run on meta (engine/_shape_only.py), or on random values
         try:
             # deployed on meta too: folding a wide block's BNs into its convs for real cost more
             # than the rest of its planning; the real tensors the forms still hold meet meta inputs
             # in FastMeta as their metadata
-            known = original is not None and len(original[1]) == len(calls)
-            custom = type(op).macs is not PartialOperator.macs  # it runs the operator: on a copy
-            shadow = meta_copy(op) if custom else op
+            shadow = op if _default_macs(op) else meta_copy(op)  # a custom macs() runs it: on a copy
             with FastMeta():
                 with params_on_meta(shadow):
                     form = shadow.deploy()
-                return _cost(module if known else meta_copy(module), shadow, form, calls, original)
+                return _cost(module if original is not None else meta_copy(module), shadow, form, calls, original)
         except OperatorError:
             raise
         except Exception:  # an operator whose forward needs values (data-dependent routing)
             calls = [real_like(call) for call in calls]
     return _cost(module, op, op.deploy(), calls, original)
+
+
+def _default_macs(op: PartialOperator) -> bool:
+    """Whether ``op`` counts its MACs the contract's default way: ``partialize.macs`` on ``deploy()``."""
+    return type(op).macs is PartialOperator.macs
 
 
 def _reference(module: nn.Module, calls: list[Call]) -> tuple[int, list]:
@@ -138,13 +143,12 @@ def _reference(module: nn.Module, calls: list[Call]) -> tuple[int, list]:
 def _cost(module, op: PartialOperator, form: nn.Module, calls: list[Call], original) -> tuple[int, int, str]:
     # the default macs() is partialize.macs on deploy(): the count taken on the shape-check run of this
     # very form is that number, without deploying and running a second time (plans were half this)
-    default_macs = type(op).macs is PartialOperator.macs
+    default_macs = _default_macs(op)
     was = module.training
     module.eval()
     after, basis = 0, "inference form"
     try:
-        known = original is not None and len(original[1]) == len(calls)
-        before, shapes = original if known else _reference(module, calls)
+        before, shapes = original if original is not None else _reference(module, calls)
         for call, want in zip(calls, shapes):
             args, kwargs = _clone_call(*call)
             with torch.no_grad(), MacCounter() as c1:

@@ -5,9 +5,9 @@ operator's shape check and MAC count and apply's output-shape check. On a large 
 1024 px: 490 GMACs, 15 s a forward on 2 cores) real forwards were nearly all of the conversion time.
 They run instead on a *shadow*: a copy of the model whose tensors are on torch's ``meta`` device
 (shape, dtype and strides, no data; making one moves no weights). MAC counts are identical (they come
-from shapes); the time is that of dispatching the ops. Each operator is costed on a meta copy of
-itself, deployed there: folding a wide block's BNs into its convs for real took longer than the rest
-of its planning.
+from shapes); the time is that of dispatching the ops. Each operator is deployed on meta too, its
+tensors swapped for meta ones while ``deploy()`` builds the form (``params_on_meta``): folding a wide
+block's BNs into its convs for real took longer than the rest of its planning.
 
 Many meta kernels are Python decompositions (an elementwise op about 0.3 ms, a batch norm 0.9 ms on
 the 2-core VM), so ``FastMeta`` answers an op it has seen on the same argument metadata from a cache.
@@ -154,20 +154,25 @@ def is_meta(t) -> bool:
     return isinstance(t, torch.Tensor) and t.is_meta
 
 
+def attribute_values(module: nn.Module) -> Iterator:
+    """Every value in the plain attributes of ``module`` and its submodules (torch's registries of
+    parameters, buffers and children left out), a list's, tuple's or dict's items one level down."""
+    for m in module.modules():
+        for k, v in vars(m).items():
+            if k in ("_parameters", "_buffers", "_modules"):
+                continue
+            yield from v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else (v,)
+
+
 def meta_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module`` with every tensor it holds on the meta device: parameters, buffers and the
     tensors in its modules' plain attributes (a cached table, directly or in a list, tuple or dict)."""
     memo: dict = {}
     for t in list(module.parameters()) + list(module.buffers()):
         memo.setdefault(id(t), on_meta(t))
-    for m in module.modules():
-        for k, v in vars(m).items():
-            if k in ("_parameters", "_buffers", "_modules"):
-                continue
-            values = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else (v,)
-            for t in values:
-                if isinstance(t, torch.Tensor) and id(t) not in memo:
-                    memo[id(t)] = on_meta(t)
+    for t in attribute_values(module):
+        if isinstance(t, torch.Tensor) and id(t) not in memo:
+            memo[id(t)] = on_meta(t)
     return clone_module(module, memo)
 
 
@@ -197,11 +202,7 @@ def shadow_of(model: nn.Module, x: torch.Tensor) -> Shadow:
 
 def any_meta(values) -> bool:
     """Whether a (nested) call's arguments hold a meta tensor."""
-    if isinstance(values, torch.Tensor):
-        return values.is_meta
-    if isinstance(values, dict):
-        values = list(values.values())
-    return isinstance(values, (list, tuple)) and any(any_meta(v) for v in values)
+    return any(is_meta(v) for v in tree_leaves(values))
 
 
 # torch's own bookkeeping in a module's __dict__ (hooks are added and removed around the passes)

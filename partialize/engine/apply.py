@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import PartializeError
 from ..ops._utils import clone_module
-from ._shape_only import FastMeta, is_meta, shadow_of
+from ._shape_only import FastMeta, attribute_values, is_meta, shadow_of
 from .plan import Plan
 from .planner import build_op, fingerprint
 
@@ -67,14 +67,7 @@ def _copy_for(model: nn.Module, plan: Plan, built: dict[str, nn.Module]) -> nn.M
 
 def _reachable_outside_modules(model: nn.Module, ids: set[int]) -> bool:
     """Whether a module's plain attributes (or the lists, tuples and dicts in them) hold any of ``ids``."""
-    for m in model.modules():
-        for k, v in vars(m).items():
-            if k == "_modules":
-                continue
-            values = list(v.values()) if isinstance(v, dict) else list(v) if isinstance(v, (list, tuple)) else [v]
-            if any(id(x) in ids for x in values):
-                return True
-    return False
+    return any(id(v) in ids for v in attribute_values(model))
 
 
 def _check_forward(model: nn.Module, x: torch.Tensor, shape_only: bool):

@@ -211,8 +211,8 @@ def _forward(model: nn.Module, x: torch.Tensor, shape_only: bool):
     """The observed forward, on the model's meta shadow (``shape_only``) or for real; a model that
     cannot run on shapes runs for real. Also returns the shadow it ran on, if any."""
     if shape_only:
-        shadow = shadow_of(model, x)
         try:
+            shadow = shadow_of(model, x)
             with FastMeta():
                 return (*_observed(shadow.model, shadow.x), shadow)
         except Exception:  # values needed (.item(), data-dependent shapes), or CPU tensors made in forward

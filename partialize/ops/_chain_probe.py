@@ -29,10 +29,6 @@ class Ref(tuple):
     def __new__(cls, i: int):
         return super().__new__(cls, ("ref", i))
 
-    @property
-    def index(self) -> int:
-        return self[1]
-
 
 class _Token:
     """A value flowing through the probed forward."""

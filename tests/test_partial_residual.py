@@ -200,3 +200,97 @@ def test_regnet_projection_block_is_refused_and_auto_alternates_offsets():
     assert {f"{e.layer}.f.b.0" for e in blocks} <= inner
     skipped = {e.layer: e.reason for e in plan.skipped}
     assert "projection shortcut" in skipped["trunk_output.block2.block2-0"]
+
+
+PROJECTION_BLOCKS = {
+    "timm-bottleneck": lambda: timm.create_model("resnet50", pretrained=False).layer2[0],
+    "timm-basic": lambda: timm.create_model("resnet18", pretrained=False).layer3[0],
+    "tv-bottleneck": lambda: torchvision.models.resnet50().layer1[0],  # width changes, no stride
+    "regnet": lambda: torchvision.models.regnet_y_400mf().trunk_output.block2[0],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PROJECTION_BLOCKS))
+@pytest.mark.parametrize("ratio,read,offset", [(0.5, "all", 0.0), (0.25, "group", 0.0), (0.25, "group", 0.75)])
+def test_a_projection_block_equals_the_original_with_its_branch_zeroed_outside_the_group(kind, ratio, read, offset):
+    """projection=True: the branch writes [o, o + k) of the output and reads the same fractions of the
+    input; the other channels are the projection's alone. Reference: the original block with its last
+    conv / BN zeroed outside the written group and its first conv's unread input columns zeroed."""
+    block = PROJECTION_BLOCKS[kind]().eval()
+    randomize_bn(block)
+    names = (
+        ("f.a.0", "f.c.0", "f.c.1")
+        if kind == "regnet"
+        else ("conv1",) + (("conv3", "bn3") if hasattr(block, "conv3") else ("conv2", "bn2"))
+    )
+    first, last, last_bn = (block.get_submodule(n) for n in names)
+    c_in, c_out = first.in_channels, last.out_channels
+    op = PartialResidual.from_module(block, ratio=ratio, offset=offset, read=read, projection=True).eval()
+    k = round(ratio * c_out)
+    o = c_out - k if offset else 0
+    assert (op.dim, op.in_dim, op.dim_part, op.offset) == (c_out, c_in, k, o)
+    a, b = op.read_range()
+    if read == "all":
+        assert (a, b) == (0, c_in)
+    else:  # the same fraction of the inputs, at the same end
+        assert b - a == round(ratio * c_in) and (a == 0) == (offset == 0) and (b == c_in) == (offset != 0)
+    ref = copy.deepcopy(block).eval()
+    rest = [i for i in range(c_out) if not o <= i < o + k]
+    unread = [i for i in range(c_in) if not a <= i < b]
+    r_first, r_last, r_bn = (ref.get_submodule(n) for n in names)
+    with torch.no_grad():
+        r_last.weight[rest] = 0
+        r_bn.weight[rest], r_bn.bias[rest], r_bn.running_mean[rest] = 0.0, 0.0, 0.0
+        r_first.weight[:, unread] = 0
+    x = torch.randn(2, c_in, 16, 16)
+    x_before = x.clone()
+    with torch.no_grad():
+        want, got, deployed = ref(x), op(x), op.deploy()(x)
+    assert torch.equal(x, x_before)
+    assert got.shape == want.shape and rel_err(got, want) < 1e-5
+    assert rel_err(deployed, got) < 1e-5
+
+
+def test_a_projection_block_is_refused_without_the_flag_and_saves_the_counted_macs():
+    model = timm.create_model("resnet50", pretrained=False)
+    with pytest.raises(OperatorError, match=r"projection shortcut \(downsample\).*projection: true"):
+        PartialResidual.from_module(model.layer2[0])
+    # independent count for layer2.0 (input 256 x 56 x 56; conv1 256 -> 128 at 56x56, conv3 128 -> 512
+    # at 28x28 after the strided 3x3): at 1/4 with read="group" conv1 reads 64 of its 256 inputs and conv3
+    # writes 128 of its 512 outputs; bn3 keeps 128 of its 512 affine pairs
+    rule = {
+        "select": {"name": "layer2.0"},
+        "variant": "partial_residual",
+        "ratio": 0.25,
+        "params": {"read": "group", "projection": True},
+    }
+    (entry,) = partialize.plan(model, {"version": 1, "rules": [rule]}).converted
+    assert entry.delta_macs == -(56 * 56 * 128 * 192 + 28 * 28 * 128 * 384)
+    assert entry.delta_params == -(128 * 192 + 128 * 384) - 2 * 384
+
+
+def test_the_projection_form_trains_and_exports():
+    import io
+    import warnings
+
+    import onnxruntime as ort
+
+    block = timm.create_model("resnet18", pretrained=False).layer2[0]
+    randomize_bn(block)
+    op = PartialResidual.from_module(block, ratio=0.5, read="group", projection=True).train()
+    x = torch.randn(4, 64, 8, 8, requires_grad=True)
+    op(x).square().mean().backward()
+    assert op.downsample[0].weight.grad.abs().sum() > 0 and op.conv1.weight.grad.abs().sum() > 0
+    assert x.grad[:, 32:].abs().sum() > 0  # inputs the branch does not read still reach the projection
+    op.eval()
+    dep = op.deploy()
+    assert isinstance(dep.downsample[1], torch.nn.Identity)  # the projection's BN folded into its conv
+    x = torch.randn(1, 64, 8, 8)
+    f = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        want = dep(x)
+        assert rel_err(want, op(x)) < 1e-5
+        torch.onnx.export(dep, (x,), f, dynamo=False, input_names=["input"], output_names=["output"])
+    sess = ort.InferenceSession(f.getvalue(), providers=["CPUExecutionProvider"])
+    assert rel_err(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), want) < 1e-5

@@ -1,5 +1,5 @@
 """Partial residual block (``partial_residual``): a ResNet block whose residual branch updates only a
-contiguous group of r*C channels; the other channels take the identity shortcut (then the block's
+contiguous group of r*C channels; the other channels take the shortcut alone (then the block's
 output activation, exactly as if the branch had output 0 there).
 
 The branch reads all channels (``read="all"``), only its own group (``"group"``), or only the
@@ -12,8 +12,12 @@ one, here the identity, on the rest) to a whole residual branch; it is not in pa
 
 Known blocks: timm and torchvision ``Bottleneck`` / ``BasicBlock`` (ResNet, ResNeXt, Wide ResNet)
 and torchvision RegNet's ``ResBottleneckBlock`` (its squeeze-excitation sits inside the branch, on the
-hidden channels, which the cut leaves whole), each with an identity shortcut (no ``downsample`` /
-``proj``, stride 1); squeeze-excitation on the branch *output* is refused. The block's children keep
+hidden channels, which the cut leaves whole); squeeze-excitation on the branch *output* is refused.
+A block with a projection shortcut (``downsample`` / ``proj``: a stage's first block, strided or
+changing the width) converts only with ``projection=True``: the branch writes its group, the
+projection alone gives the other channels (the cheap operator is the projection the block already
+has, as partial_kernel keeps a conv's centre tap), and the branch reads the same fractions of the
+block's input channels as of its output channels. The block's children keep
 their names, so a recipe can convert an unchanged child too (e.g. the bottleneck's 3x3 ``conv2`` to
 PATConv, RegNet's grouped 3x3 ``f.b.0`` to PConv).
 """
@@ -67,7 +71,12 @@ KNOWN_BLOCKS: dict[str, tuple[tuple[str, ...], str, str, str, str]] = {
     # x + f(x), then the activation; f = a (1x1), b (grouped 3x3), se (on the hidden channels), c (1x1)
     "torchvision.models.regnet.ResBottleneckBlock": (("f",), "f.a.0", "f.c.0", "f.c.1", "activation"),
 }
-_SHORTCUTS = ("downsample", "proj")  # a projection shortcut under either name is refused
+_SHORTCUTS = ("downsample", "proj")  # a projection shortcut under either name (converted with projection=True)
+
+
+def projection_of(block: nn.Module) -> str | None:
+    """The name of ``block``'s projection shortcut, None when its shortcut is the identity."""
+    return next((a for a in _SHORTCUTS if getattr(block, a, None) is not None), None)
 
 
 def _conv_range(conv: nn.Module, out_range: tuple[int, int] | None, in_range: tuple[int, int] | None) -> nn.Conv2d:
@@ -110,6 +119,16 @@ def _read_range(read: str, o: int, k: int, dim: int) -> tuple[int, int]:
     return (o + k, dim) if o == 0 else (0, o)
 
 
+def _input_read(read: str, o: int, k: int, dim: int, in_dim: int) -> tuple[int, int]:
+    """The input channels read by a branch writing [o, o + k) of ``dim`` output channels: the same
+    fractions of the ``in_dim`` inputs (the same channels when the block keeps its width)."""
+    if in_dim == dim:
+        return _read_range(read, o, k, dim)
+    k_in = split_channels(in_dim, k / dim)
+    o_in = 0 if o == 0 else in_dim - k_in if o + k == dim else min(int(round(o / dim * in_dim)), in_dim - k_in)
+    return _read_range(read, o_in, k_in, in_dim)
+
+
 def _act(act: nn.Module, t: torch.Tensor) -> torch.Tensor:
     """``act(t)`` without touching ``t`` (an in-place activation gets a copy)."""
     if isinstance(act, nn.ReLU):
@@ -134,6 +153,8 @@ class PartialResidual(PartialOperator):
         dim_part: int,
         offset: int,
         read: str,
+        shortcut: str | None = None,
+        in_dim: int | None = None,
     ) -> None:
         super().__init__()
         if read not in READ_MODES:
@@ -143,6 +164,8 @@ class PartialResidual(PartialOperator):
         self.order = tuple(order)
         self.out_act = out_act
         self.dim, self.dim_part, self.offset, self.read = dim, dim_part, offset, read
+        self.shortcut = shortcut  # the projection child's name, None for an identity shortcut
+        self.in_dim = dim if in_dim is None else in_dim
         self.kept: tuple[str, ...] = ()  # children identical to the original's (a recipe may convert them)
         self.forward_mode = "cat"  # "write" in the deploy form
 
@@ -153,12 +176,13 @@ class PartialResidual(PartialOperator):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, writes=[{self.offset}:{self.offset + self.dim_part}], read={self.read!r}, "
-            f"forward_mode={self.forward_mode!r}"
+            + (f"in_dim={self.in_dim}, shortcut={self.shortcut!r}, " if self.shortcut else "")
+            + f"forward_mode={self.forward_mode!r}"
         )
 
     def read_range(self) -> tuple[int, int]:
         """Input channels the branch reads."""
-        return _read_range(self.read, self.offset, self.dim_part, self.dim)
+        return _input_read(self.read, self.offset, self.dim_part, self.dim, self.in_dim)
 
     def convertible_children(self) -> tuple[str, ...]:
         return self.kept
@@ -169,7 +193,7 @@ class PartialResidual(PartialOperator):
         spec = KNOWN_BLOCKS.get(_qualname(module))
         if spec is None:
             return None
-        op = cls.from_module(module, ratio=0.5)
+        op = cls.from_module(module, ratio=0.5, projection=projection_of(module) is not None)
         block = clone_module(module)
         last, last_bn = block.get_submodule(spec[2]), block.get_submodule(spec[3])
         keep = torch.zeros(last_bn.num_features, dtype=torch.bool)
@@ -191,15 +215,28 @@ class PartialResidual(PartialOperator):
         o, k = self.offset, self.dim_part
         y = self._branch(x)
         act = getattr(self, self.out_act)
+        s = x if self.shortcut is None else getattr(self, self.shortcut)(x)
         if self.forward_mode == "write" and not exporting():  # exporters get the out-of-place form
+            if self.shortcut is not None:
+                return self._forward_projected(x, s, y, act)
             return self._forward_write(x, y, act)
         pieces = []
         if o > 0:
-            pieces.append(_act(act, x[:, :o]))
-        pieces.append(act(x[:, o : o + k] + y))
+            pieces.append(_act(act, s[:, :o]))
+        pieces.append(act(s[:, o : o + k] + y))
         if o + k < self.dim:
-            pieces.append(_act(act, x[:, o + k :]))
+            pieces.append(_act(act, s[:, o + k :]))
         return torch.cat(pieces, dim=1)
+
+    def _forward_projected(self, x: torch.Tensor, s: torch.Tensor, y: torch.Tensor, act: nn.Module) -> torch.Tensor:
+        """Inference with a projection: the branch adds into its group of the projection's output, in
+        place (a copy first if the projection returned a view of the input), then the activation."""
+        if s.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            s = s.clone()
+        s[:, self.offset : self.offset + self.dim_part] += y
+        if isinstance(act, nn.ReLU):
+            return s.clamp_min_(0)
+        return _act(act, s)
 
     def _forward_write(self, x: torch.Tensor, y: torch.Tensor, act: nn.Module) -> torch.Tensor:
         """Inference: every channel written once into one output, no concatenation."""
@@ -222,10 +259,12 @@ class PartialResidual(PartialOperator):
 
     @classmethod
     def from_module(
-        cls, original: nn.Module, ratio: float = 0.5, offset: float = 0.0, read: str = "all"
+        cls, original: nn.Module, ratio: float = 0.5, offset: float = 0.0, read: str = "all", projection: bool = False
     ) -> PartialResidual:
         """Slice a known residual block: the last conv/BN to the written group, the first conv to the
-        channels read. ``offset`` is where the written group starts, as a fraction of the channels."""
+        channels read. ``offset`` is where the written group starts, as a fraction of the channels.
+        ``projection=True`` accepts a block with a projection shortcut (its output gives the channels
+        the branch does not write)."""
         spec = KNOWN_BLOCKS.get(_qualname(original))
         if spec is None:
             known = ", ".join(sorted(KNOWN_BLOCKS))
@@ -233,17 +272,24 @@ class PartialResidual(PartialOperator):
         if read not in READ_MODES:
             raise OperatorError(f"partial_residual read must be one of {READ_MODES}, got {read!r}")
         order, first, last, last_bn, out_act = spec
-        short = next((a for a in _SHORTCUTS if getattr(original, a, None) is not None), None)
-        if short is not None:
-            raise OperatorError(f"block has a projection shortcut ({short}): its untouched channels would need it too")
+        if not isinstance(projection, bool):
+            raise OperatorError(f"partial_residual projection must be true or false, got {projection!r}")
+        short = projection_of(original)
+        if short is not None and not projection:
+            raise OperatorError(
+                f"block has a projection shortcut ({short}): its untouched channels would need it too "
+                "(projection: true lets the projection alone give them)"
+            )
         if getattr(original, "se", None) is not None:
             raise OperatorError("block has squeeze-excitation on the branch output: not supported")
         branch = [getattr(original, n) for n in order if isinstance(getattr(original, n, None), nn.Module)]
-        if any(c.stride != (1, 1) for b in branch for c in b.modules() if isinstance(c, nn.Conv2d)):
+        strided = any(c.stride != (1, 1) for b in branch for c in b.modules() if isinstance(c, nn.Conv2d))
+        if short is None and strided:
             raise OperatorError("strided block: the identity shortcut needs stride 1")
         dim = original.get_submodule(last).out_channels
-        if original.get_submodule(first).in_channels != dim:
-            raise OperatorError(f"block input has {original.get_submodule(first).in_channels} channels, output {dim}")
+        in_dim = original.get_submodule(first).in_channels
+        if short is None and in_dim != dim:
+            raise OperatorError(f"block input has {in_dim} channels, output {dim}")
         if not 0.0 <= float(offset) < 1.0:
             raise OperatorError(f"offset must be a fraction in [0, 1), got {offset!r}")
         k = split_channels(dim, ratio)
@@ -254,15 +300,16 @@ class PartialResidual(PartialOperator):
             raise OperatorError(f"offset {offset:g} + ratio {ratio:g} runs past the {dim} channels")
         if read == "complement" and 0 < o and o + k < dim:
             raise OperatorError("read='complement' needs the written group at either end (offset 0 or 1 - ratio)")
-        a, b = _read_range(read, o, k, dim)
-        changed = {last, last_bn} | ({first} if (a, b) != (0, dim) else set())
+        a, b = _input_read(read, o, k, dim, in_dim)
+        changed = {last, last_bn} | ({first} if (a, b) != (0, in_dim) else set())
         # the layers about to be replaced by their slices are not copied first (a copy of a large
         # block's 1x1 convs was most of the planning time of a wide network)
         memo = {id(original.get_submodule(p)): nn.Identity() for p in changed}
-        children = {n: clone_module(getattr(original, n), memo) for n in dict.fromkeys(order + (out_act,))}
+        names = order + (out_act,) + ((short,) if short else ())
+        children = {n: clone_module(getattr(original, n), memo) for n in dict.fromkeys(names)}
         children = {n: m for n, m in children.items() if m is not None}
         order = tuple(n for n in order if n in children)  # timm keeps drop_path=None when unused
-        op = cls(children, order, out_act, dim, k, o, read)
+        op = cls(children, order, out_act, dim, k, o, read, shortcut=short, in_dim=in_dim)
         _set(op, last, _conv_range(original.get_submodule(last), (o, o + k), None))
         _set(op, last_bn, _bn_range(original.get_submodule(last_bn), o, o + k))
         if first in changed:
@@ -279,7 +326,8 @@ class PartialResidual(PartialOperator):
         for name in [n for n in inner if not any(n.startswith(o + ".") for o in inner)]:  # outermost ones
             _set(new, name, new.get_submodule(name).eval().deploy())
         fold_pairs(new, list(new.order))
-        for seq in [m for n in dict.fromkeys(new.order) for m in getattr(new, n).modules() if plain_sequential(m)]:
+        folded = list(dict.fromkeys(new.order + ((new.shortcut,) if new.shortcut else ())))
+        for seq in [m for n in folded for m in getattr(new, n).modules() if plain_sequential(m)]:
             fold_pairs(seq, [n for n, _ in seq.named_children()])  # RegNet's f.a = (conv, BN, ReLU)
         new.forward_mode = "write"
         return new.requires_grad_(False)

@@ -147,3 +147,60 @@ def test_cli_search_writes_the_recipe_and_refuses_to_overwrite(tmp_path, monkeyp
     assert parse_recipe(out.read_text()).rules
     r = CliRunner().invoke(main, args + ["--out", str(out)])
     assert r.exit_code == 2 and "already exists" in r.output
+
+
+def test_unit_times_are_put_on_the_in_model_scale():
+    """Arithmetic oracle: keep takes the original unit's time inside the model; every other option is
+    scaled by inside / alone of the option timed inside the fastest-choice model; a unit whose pick was
+    keep, or missing from that model, keeps its alone times."""
+    from partialize.recipe_search.costs import UnitCosts, scale_to_model
+
+    costs = [
+        UnitCosts("a", [0.30, 0.20, 0.10], [0.0, 0.1, 0.2]),
+        UnitCosts("b", [0.08, 0.04], [0.0, 0.3]),
+        UnitCosts("c", [0.05, 0.02], [0.0, 0.1]),
+    ]
+    scale_to_model(costs, [2, 0, 1], {"a": 0.15, "b": 0.07, "c": 0.06}, {"a": 0.05, "b": 0.07})
+    assert costs[0].times == pytest.approx([0.15, 0.10, 0.05]) and costs[0].in_model_factor == pytest.approx(0.5)
+    assert costs[1].times == pytest.approx([0.07, 0.04]) and costs[1].in_model_factor == 1.0
+    assert costs[2].times == pytest.approx([0.06, 0.02]) and costs[2].in_model_factor == 1.0
+
+
+def test_a_projection_block_unit_keeps_its_block_options_with_the_inner_ones():
+    """ResNet-50's layer1.0 has a projection shortcut and three inner candidates (75 combinations, 24
+    kept): the block's own partial residual, with each option of its 3x3 conv, stays among them."""
+    from partialize.engine.discover import discover
+    from partialize.recipe_search.units import MAX_COMBOS, find_units
+
+    model = timm.create_model("resnet50", num_classes=10).eval()
+    units = {u.name: u for u in find_units(model, discover(model, torch.randn(1, 3, 64, 64)))}
+    opts = [{o.layer: o for o in c} for c in units["layer1.0"].options]
+    assert len(opts) == MAX_COMBOS and opts[0] == {}
+    block = [c for c in opts if "layer1.0" in c]
+    assert all(dict(c["layer1.0"].params)["projection"] for c in block)
+    assert {c["layer1.0"].ratio for c in block} == {0.25, 0.5}
+    assert sum("layer1.0.conv2" in c for c in block) == 8  # 2 block ratios x 4 options of the 3x3
+    assert not any("projection" in dict(o.params) for c in units["layer1.1"].options for o in c)
+
+
+def test_the_device_is_checked_and_a_cpu_search_never_moves_the_model(r18):
+    """``device``: a bad name or CUDA where torch sees none is a clear error before anything is timed;
+    ``device="cpu"`` searches as the default does (nothing timed: the fake timer)."""
+    with pytest.raises(SearchError, match="cpu or cuda"):
+        search(r18, 2.0, input_size=32, batch=2, timer=fake_timer, cache=False, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SearchError, match="CUDA is not available"):
+            search(r18, 2.0, input_size=32, batch=2, timer=fake_timer, cache=False, device="cuda")
+    res = search(r18, 2.0, input_size=32, batch=2, timer=fake_timer, cache=False, device="cpu")
+    assert res.measured_speedup >= 2.0 and res.conditions["device"] == "cpu"
+    assert next(r18.parameters()).device.type == "cpu"
+
+
+def test_cli_search_device_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "r.yaml"
+    res = CliRunner().invoke(
+        main, ["search", "resnet18", "--target-speedup", "2", "--device", "cuda", "--out", str(out)]
+    )
+    assert res.exit_code != 0 and "CUDA is not available" in res.output and not out.exists()

@@ -265,12 +265,15 @@ def export_cmd(checkpoint, fmt, out, input_size, batch, force, trust_factory) ->
 @click.option("--data", type=click.Path(file_okay=False), help="ImageFolder for the accuracy proxy [default: N(0,1)].")
 @click.option("--weights", default="random", show_default=True, help="random | pretrained | PATH (a state_dict).")
 @click.option("--num-classes", type=POSITIVE, help="Build the base model with this many classes.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where to time: cpu or cuda[:N] (CUDA timings are synchronised; --threads then only sets "
+                   "the host's threads).")  # fmt: skip
 @click.option("--no-remeasure", is_flag=True, help="Skip timing the whole converted model at the end.")
 @click.option("--no-cache", is_flag=True, help="Time every option again instead of reusing this machine's cache.")
 @click.option("--force", is_flag=True, help="Overwrite --out / --json if they exist.")
 @friendly_errors
 def search_cmd(model, target_speedup, out, json_path, threads, batch, input_size, data, weights, num_classes,
-               no_remeasure, no_cache, force) -> None:  # fmt: skip
+               device, no_remeasure, no_cache, force) -> None:  # fmt: skip
     """Find the partial form of MODEL that reaches --target-speedup on this machine at the least
     predicted accuracy cost, and write it as a recipe.
 
@@ -302,7 +305,7 @@ def search_cmd(model, target_speedup, out, json_path, threads, batch, input_size
     with _search_progress(console) as progress:
         res = search(
             base, target_speedup, name=model, input_size=input_size, threads=threads, batch=batch, data=data,
-            remeasure=not no_remeasure, cache=not no_cache, progress=progress,
+            device=device, remeasure=not no_remeasure, cache=not no_cache, progress=progress,
         )  # fmt: skip
     write_result(res, out, json_path, force=force)
     for note in res.notes:
@@ -310,7 +313,9 @@ def search_cmd(model, target_speedup, out, json_path, threads, batch, input_size
     measured = f"{res.measured_speedup:.2f}x" if res.measured_speedup is not None else "not measured"
     console.print(
         f"{len(res.recipe['rules'])} rules; predicted {res.predicted_speedup:.2f}x, measured {measured} "
-        f"(target {target_speedup:g}x; batch {batch}, {threads} thread(s)); {res.seconds['total']:.0f} s"
+        f"(target {target_speedup:g}x; batch {batch}, "
+        + (f"{device}" if device != "cpu" else f"{threads} thread(s)")
+        + f"); {res.seconds['total']:.0f} s"
     )
     console.print(f"wrote {out}" + (f" and {json_path}" if json_path else ""))
 

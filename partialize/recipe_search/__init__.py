@@ -16,6 +16,7 @@ least predicted accuracy cost, written as an ordinary recipe.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -34,7 +35,15 @@ from ..engine.planner import make_plan
 from ..engine.tracer import example_input_for
 from ..inference import deploy
 from ..recipe import load_recipe
-from .costs import Timer, UnitCosts, fingerprint, in_model_times, measure_units, side_by_side_timer
+from .costs import (
+    Timer,
+    UnitCosts,
+    fingerprint,
+    in_model_times,
+    measure_units,
+    scale_to_model,
+    side_by_side_timer,
+)
 from .solve import SearchError, choose
 from .units import DEFAULT_OPTIONS, Unit, find_units
 
@@ -71,9 +80,30 @@ class SearchResult:
         return head + yaml.safe_dump(self.recipe, sort_keys=False)
 
 
+def _device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """Where the search times: ``device``, else where the model's tensors are; CUDA must exist."""
+    if device is None:
+        p = next((t for t in list(model.parameters()) + list(model.buffers())), None)
+        return p.device if p is not None else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise SearchError(f"--device must be cpu or cuda[:N], got {device!r}") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise SearchError(f"--device must be cpu or cuda[:N], got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SearchError("--device cuda: CUDA is not available on this machine (torch sees no GPU)")
+        if (dev.index or 0) >= torch.cuda.device_count():
+            raise SearchError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+    return dev
+
+
 def _inputs(model, data, batch, input_size, seed: int = 0) -> torch.Tensor:
     if data is not None:
-        return calibration_images(data, model, batch, input_size=input_size, seed=seed)
+        x1 = example_input_for(model, input_size)
+        return calibration_images(data, model, batch, input_size=input_size, seed=seed).to(x1.device, x1.dtype)
     x1 = example_input_for(model, input_size)
     g = torch.Generator().manual_seed(seed)
     return torch.randn((batch, *x1.shape[1:]), generator=g).to(x1.device, x1.dtype)
@@ -100,6 +130,7 @@ def _choices(units: list[Unit], costs: list[UnitCosts], picks: list[int]) -> lis
                 "keep_time_ms": uc.times[0] * 1e3,
                 "proxy": uc.costs[k],
                 "spread": uc.spread[k],
+                "in_model_factor": uc.in_model_factor,
             }
         )
     return out
@@ -114,6 +145,7 @@ def search(
     threads: int = 1,
     batch: int = 16,
     data: str | os.PathLike | torch.Tensor | None = None,
+    device: str | torch.device | None = None,
     options=DEFAULT_OPTIONS,
     remeasure: bool = True,
     iterations: int = 3,
@@ -127,13 +159,16 @@ def search(
     interact in the whole model, so the loop re-measures the chosen model and, while it falls short,
     aims higher by the shortfall and solves again (``iterations`` times at most; ``history`` keeps
     every prediction and measurement). A target no measured choice reaches is a ``SearchError`` that
-    names the best measured speed-up. ``timer`` replaces the real timer (tests)."""
+    names the best measured speed-up. ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``; default: where
+    the model is) is where every timing runs, synchronised on CUDA; a model elsewhere is copied there,
+    never moved. ``timer`` replaces the real timer (tests)."""
     if not target_speedup > 1.0:
         raise SearchError(f"--target-speedup must be > 1 (a speed-up over the original), got {target_speedup!r}")
     say = progress or (lambda _m: None)
     secs: dict[str, float] = {}
     t0 = time.perf_counter()
-    model = model.eval()
+    dev = _device(model, device)
+    model = model.eval() if _device(model, None) == dev else copy.deepcopy(model).to(dev).eval()
     x = _inputs(model, data, batch, input_size)
     units = find_units(model, discover(model, x[:1]), options)
     if not units:
@@ -141,13 +176,16 @@ def search(
     secs["units"] = time.perf_counter() - t0
     say(f"cost table: {len(units)} units, {sum(len(u.options) for u in units)} options")
     real = timer is None
-    timer = timer or side_by_side_timer()
+    timer = timer or side_by_side_timer(device=dev)
     costs = measure_units(model, units, x, threads=threads, timer=timer, cache=cache, progress=progress)
-    if real:  # the original units' times and the rest of the model, as they run inside the whole model
-        say("timing the original units inside the whole model")
-        total, inside = in_model_times(model, [u.name for u in units], x, threads=threads)
-        for c in costs:
-            c.times[0] = inside[c.unit]
+    if real:  # every unit's times and the rest of the model, as they run inside the whole model
+        picks = _fastest_picks(costs)
+        say("timing the units inside the whole original and fastest-choice models")
+        fast_model = _convert(model, _recipe(units, picks, "search-fastest"), x[:1])
+        both = {"original": model, "fastest": fast_model}
+        inside = in_model_times(both, [u.name for u in units], x, threads=threads)
+        total = inside["original"][0]
+        scale_to_model(costs, picks, inside["original"][1], inside["fastest"][1])
     else:
         total = _model_time(model, x, timer, threads)
     secs["cost_table"] = time.perf_counter() - t0 - secs["units"]
@@ -254,23 +292,33 @@ def _solve(ctx: _Ctx, target: float, aim: float) -> SearchResult:
     return _result(ctx, target, pick.picks, guarantee)
 
 
+def _fastest_picks(costs: list[UnitCosts]) -> list[int]:
+    """Every unit's fastest option (the least proxy among equally fast ones)."""
+    return [min(range(len(c.times)), key=lambda k, c=c: (c.times[k], c.costs[k])) for c in costs]
+
+
 def _fastest_choice(ctx: _Ctx, target: float) -> SearchResult:
     """Every unit at its fastest option (the least proxy among equally fast ones)."""
-    picks = [min(range(len(c.times)), key=lambda k, c=c: (c.times[k], c.costs[k])) for c in ctx.costs]
-    return _result(ctx, target, picks, "the fastest option of every unit (no budget left to trade)")
+    return _result(ctx, target, _fastest_picks(ctx.costs), "the fastest option of every unit (no budget left to trade)")
+
+
+def _recipe(units: list[Unit], picks: list[int], name: str, description: str = "", size: int = 0) -> dict:
+    rules = [o.rule() for u, k in zip(units, picks) for o in u.options[k]]
+    recipe = {
+        "version": 1,
+        "name": name,
+        "description": description or name,
+        "strict": True,
+        **({"input_size": size} if size else {}),
+        "rules": rules or [{"select": {"name": units[0].name}, "variant": "skip"}],
+    }
+    load_recipe(recipe)  # what is written validates
+    return recipe
 
 
 def _result(ctx: _Ctx, target: float, picks: list[int], guarantee: str) -> SearchResult:
-    rules = [o.rule() for u, k in zip(ctx.units, picks) for o in u.options[k]]
-    recipe = {
-        "version": 1,
-        "name": f"search-{ctx.label}-{target:g}x",
-        "description": f"partialize search: {target:g}x throughput at batch {ctx.batch}, {ctx.threads} thread(s)",
-        "strict": True,
-        "input_size": int(ctx.x.shape[-1]),
-        "rules": rules or [{"select": {"name": ctx.units[0].name}, "variant": "skip"}],
-    }
-    load_recipe(recipe)  # what is written validates
+    what = f"partialize search: {target:g}x throughput at batch {ctx.batch}, {ctx.threads} thread(s)"
+    recipe = _recipe(ctx.units, picks, f"search-{ctx.label}-{target:g}x", what, int(ctx.x.shape[-1]))
     time_s = sum(c.times[k] for c, k in zip(ctx.costs, picks))
     return SearchResult(
         target, ctx.total / (ctx.rest + time_s), None, recipe, _choices(ctx.units, ctx.costs, picks),
@@ -279,10 +327,13 @@ def _result(ctx: _Ctx, target: float, picks: list[int], guarantee: str) -> Searc
     )  # fmt: skip
 
 
+def _convert(model: nn.Module, recipe: dict, x1: torch.Tensor) -> nn.Module:
+    return apply_plan(model, make_plan(model, recipe, example_input=x1), example_input=x1)
+
+
 def _remeasure(ctx: _Ctx, recipe: dict) -> float:
     """The measured throughput ratio of the whole converted model over the original, side by side."""
-    x1 = ctx.x[:1]
-    converted = apply_plan(ctx.model, make_plan(ctx.model, recipe, example_input=x1), example_input=x1)
+    converted = _convert(ctx.model, recipe, ctx.x[:1])
     prev = torch.get_num_threads()
     torch.set_num_threads(ctx.threads)
     try:

@@ -38,6 +38,24 @@ class UnitCosts:
     costs: list[float]
     spread: list[float] = field(default_factory=list)  # IQR / median of each time
     cached: int = 0
+    in_model_factor: float = 1.0  # converted options' time inside the whole model over their time alone
+
+
+def scale_to_model(
+    costs: list[UnitCosts], picks: list[int], inside_original: dict[str, float], inside_converted: dict[str, float]
+) -> None:
+    """Put each unit's times on the scale they have inside the whole model, in place: "keep" becomes the
+    original unit's time there, and every other option is scaled by ``inside / alone`` of the option
+    ``picks`` chose for that unit, timed inside a whole model converted with those picks. Timed alone, a
+    unit can run at another speed than inside the model (measured on ResNet-50, 1 thread, batch 16: the
+    first stage's bottlenecks and layer2.0 1.4-2.4x slower alone, converted or not; the later stages
+    within 25%), and the factor of one converted option is taken for the unit's others."""
+    for c, k in zip(costs, picks):
+        inside = inside_converted.get(c.unit)
+        f = inside / c.times[k] if k > 0 and inside is not None and c.times[k] > 0 else 1.0
+        c.times[1:] = [t * f for t in c.times[1:]]
+        c.times[0] = inside_original[c.unit]
+        c.in_model_factor = f
 
 
 def cache_dir() -> str:
@@ -45,14 +63,18 @@ def cache_dir() -> str:
 
 
 def fingerprint(threads: int, batch: int, device: str) -> dict:
-    """What a measured time depends on besides the unit: machine, torch, threads, batch, device."""
-    return {
+    """What a measured time depends on besides the unit: machine, torch, threads, batch, device (and on
+    CUDA the GPU's name and the CUDA version)."""
+    out = {
         "machine": machine_description(threads),
         "torch": torch.__version__,
         "threads": threads,
         "batch": batch,
         "device": device,
     }
+    if torch.device(device).type == "cuda":
+        out |= {"gpu": torch.cuda.get_device_name(torch.device(device)), "cuda": torch.version.cuda}
+    return out
 
 
 def _holder(model: nn.Module, unit: str, pairs: dict[str, str]) -> nn.Sequential:
@@ -92,13 +114,13 @@ def _rel_error(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
 Timer = Callable[[dict[str, nn.Module], torch.Tensor], dict[str, tuple[float, float]]]
 
 
-def side_by_side_timer(rounds: int = 5, min_round_s: float = 0.05) -> Timer:
-    """The real timer: every module on ``x``, interleaved (``time_side_by_side``), in inference mode;
-    returns name -> (median seconds per call, IQR / median)."""
+def side_by_side_timer(rounds: int = 5, min_round_s: float = 0.05, device: torch.device | None = None) -> Timer:
+    """The real timer: every module on ``x``, interleaved (``time_side_by_side``, synchronising CUDA
+    around each round), in inference mode; returns name -> (median seconds per call, IQR / median)."""
 
     def timer(modules: dict[str, nn.Module], x: torch.Tensor) -> dict[str, tuple[float, float]]:
         fns = {n: (lambda m=m: m(x)) for n, m in modules.items()}
-        t = time_side_by_side(fns, rounds=rounds, min_round_s=min_round_s)
+        t = time_side_by_side(fns, rounds=rounds, min_round_s=min_round_s, device=device)
         return {n: (v.median_s, v.iqr_s / v.median_s) for n, v in t.items()}
 
     return timer
@@ -178,39 +200,55 @@ def _read(path: str) -> dict:
 
 
 def in_model_times(
-    model: nn.Module, units: list[str], x: torch.Tensor, *, threads: int = 1, calls: int = 5
-) -> tuple[float, dict[str, float]]:
-    """(whole deployed model, each unit inside it): median seconds per batch call, timed by forward hooks
-    during whole forwards. A unit timed alone can run at another speed than inside the model (measured:
-    ResNet-50 bottlenecks up to 1.7x slower alone, their converted forms within 10%), so the search
-    takes the original units' times, and what the rest of the model costs, from here."""
+    models: dict[str, nn.Module], units: list[str], x: torch.Tensor, *, threads: int = 1, calls: int = 5
+) -> dict[str, tuple[float, dict[str, float]]]:
+    """For each model (deployed here): (whole forward, each unit inside it), median seconds per batch
+    call, timed by forward hooks during whole forwards, the models' calls interleaved so drift in the
+    machine's speed hits them alike. A unit timed alone can run at another speed than inside the model
+    (see :func:`scale_to_model`), so the search takes its times, and what the rest of the model costs,
+    from here."""
     import statistics
     import time
 
-    d = deploy(model)
-    mods = dict(d.named_modules())
-    spans: dict[str, list[float]] = {u: [] for u in units}
+    cuda = x.device.type == "cuda"
+
+    def now() -> float:  # on CUDA, every kernel queued so far has run
+        if cuda:
+            torch.cuda.synchronize(x.device)
+        return time.perf_counter()
+
+    deployed = {k: deploy(m) for k, m in models.items()}
+    spans: dict[str, dict[str, list[float]]] = {k: {u: [] for u in units} for k in models}
     start: dict[str, float] = {}
     hooks = []
-    for u in units:
-        hooks.append(mods[u].register_forward_pre_hook(lambda _m, _a, u=u: start.__setitem__(u, time.perf_counter())))
-        hooks.append(
-            mods[u].register_forward_hook(lambda _m, _a, _o, u=u: spans[u].append(time.perf_counter() - start[u]))
-        )
+    for k, d in deployed.items():
+        mods = dict(d.named_modules())
+        for u in [u for u in units if u in mods]:
+            begin = mods[u].register_forward_pre_hook(lambda _m, _a, u=u: start.__setitem__(u, now()))
+            hooks.append(begin)
+            hooks.append(
+                mods[u].register_forward_hook(lambda _m, _a, _o, u=u, k=k: spans[k][u].append(now() - start[u]))
+            )
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
-    totals = []
+    totals: dict[str, list[float]] = {k: [] for k in models}
     try:
         with torch.inference_mode():
-            d(x)  # warm-up
-            for u in units:
-                spans[u].clear()
-            for _ in range(calls):
-                t0 = time.perf_counter()
-                d(x)
-                totals.append(time.perf_counter() - t0)
+            for d in deployed.values():
+                d(x)  # warm-up
+            for per_unit in spans.values():
+                for v in per_unit.values():
+                    v.clear()
+            for i in range(calls):
+                names = list(deployed)
+                for k in names[i % len(names) :] + names[: i % len(names)]:
+                    t0 = now()
+                    deployed[k](x)
+                    totals[k].append(now() - t0)
     finally:
         torch.set_num_threads(prev)
         for h in hooks:
             h.remove()
-    return statistics.median(totals), {u: statistics.median(v) for u, v in spans.items()}
+    return {
+        k: (statistics.median(totals[k]), {u: statistics.median(v) for u, v in spans[k].items() if v}) for k in models
+    }

@@ -19,6 +19,7 @@ from torch import nn
 from ..engine.discover import Discovery
 from ..engine.planner import build_op
 from ..errors import PartializeError
+from ..ops.partial_residual import projection_of
 
 # (variant, ratio, params): what the search tries on each layer an operator accepts. Offsets of
 # partial_residual alternate by block index (consecutive blocks form coupling layers, docs/recipes.md).
@@ -34,6 +35,9 @@ DEFAULT_OPTIONS: tuple[tuple[str, float, dict], ...] = (
     ("partial_mlp", 0.5, {}),
     ("partial_residual", 0.25, {"read": "complement"}),
     ("partial_residual", 0.5, {"read": "complement"}),
+    # blocks with a projection shortcut only (a stage's first block): the branch reads and writes a group
+    ("partial_residual", 0.25, {"read": "group", "projection": True}),
+    ("partial_residual", 0.5, {"read": "group", "projection": True}),
     ("partial_attention", 0.5, {}),
 )
 MAX_COMBOS = 24  # options per unit, at most (a unit with many candidates keeps the simpler combinations)
@@ -81,6 +85,8 @@ def layer_options(module: nn.Module, name: str, options=DEFAULT_OPTIONS) -> list
         params = dict(params)
         if params.get("stride_mode") == "pool" and not strided:
             continue  # the same operator as the plain option on a stride-1 conv
+        if params.get("projection") and projection_of(module) is None:
+            continue  # an identity-shortcut block: the same operator as its plain options
         if variant == "partial_residual" and params.get("read") == "complement":
             params["offset"] = 0.0 if _parity(name) else 1.0 - ratio
         try:
@@ -109,6 +115,8 @@ def find_units(model: nn.Module, discovery: Discovery, options=DEFAULT_OPTIONS) 
         members = [root] + [n for n in names if n.startswith(root + ".")]
         per_layer = [[None] + cands[n] for n in members]
         combos = [tuple(o for o in c if o is not None) for c in itertools.product(*per_layer)]
-        combos.sort(key=len)
+        # fewest changes first; among as many, those with the unit's own operator (a block's residual or
+        # MLP cut), so a unit with many inner candidates still keeps the block option with its inner ones
+        combos.sort(key=lambda c: (len(c), not any(o.layer == root for o in c)))
         units.append(Unit(root, discovery.layers[root].in_shape, combos[:MAX_COMBOS]))
     return units

@@ -542,7 +542,8 @@ def environment(args) -> dict:
     }
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The benchmark's options (examples/searched_accuracy.py takes their defaults)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teachers", default="resnet18,mobilenetv2_100,resnet50,vit_tiny",
                     help=f"comma-separated, from {', '.join(TEACHERS)}")  # fmt: skip
@@ -572,6 +573,11 @@ def main() -> None:
     ap.add_argument("--teacher-epochs", type=int, help="override every teacher's epochs (a smoke test)")
     ap.add_argument("--smoke", action="store_true", help="a tiny run to check the script (writes under runs/)")
     ap.add_argument("--render-only", action="store_true", help="rewrite --md from --json and stop")
+    return ap
+
+
+def main() -> None:
+    ap = parser()
     args = ap.parse_args()
     if args.smoke:
         args.teacher_epochs, args.teacher_renders, args.ft_renders, args.val_renders = 1, 1, 1, 1

@@ -289,7 +289,7 @@ def where_time_goes(models: dict, args, calls: int = 10) -> dict:
 def ft_settings(args) -> dict:
     return {
         "lr": args.ft_lr, "weight_decay": 0.05, "warmup_epochs": 0.2, "min_lr": 0.0, "label_smoothing": 0.1,
-        "kd_weight": 0.5, "kd_temperature": 4.0, "seed": args.seed, "batch_size": args.ft_batch,
+        "kd_weight": args.kd_weight, "kd_temperature": 4.0, "seed": args.seed, "batch_size": args.ft_batch,
         "schedule": "AdamW, linear warm-up 0.2 epoch then cosine to 0 over the run", "teacher": "the original (KD)",
     }  # fmt: skip
 
@@ -549,6 +549,7 @@ def parser() -> argparse.ArgumentParser:
                     help=f"comma-separated, from {', '.join(TEACHERS)}")  # fmt: skip
     ap.add_argument("--epochs", default="1,5", help="KD fine-tune budgets, in epochs (default 1,5)")
     ap.add_argument("--ft-lr", type=float, default=5e-4, help="peak lr of every fine-tune (default 5e-4)")
+    ap.add_argument("--kd-weight", type=float, default=0.5, help="KD loss weight of every fine-tune (default 0.5)")
     ap.add_argument("--ft-batch", type=int, default=64)
     ap.add_argument("--ft-renders", type=int, default=4, help="renders per digit in the fine-tune set (default 4)")
     ap.add_argument("--teacher-renders", type=int, default=8, help="renders per digit for teachers (default 8)")

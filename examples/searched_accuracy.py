@@ -33,10 +33,14 @@ def main() -> None:
     ap.add_argument("--teacher", default="resnet50", choices=sorted(bench.TEACHERS))
     ap.add_argument("--recipe", required=True, help="a recipe file or shipped recipe name")
     ap.add_argument("--epochs", default="1", help="KD budgets in epochs, comma-separated (default 1)")
+    ap.add_argument("--ft-lr", type=float, default=5e-4, help="peak lr of the KD fine-tune (default 5e-4)")
+    ap.add_argument("--kd-weight", type=float, default=0.5, help="KD loss weight (default 0.5)")
+    ap.add_argument("--calib-steps", type=int, default=200, help="distillation steps per block (default 200)")
+    ap.add_argument("--calib-lr", type=float, default=1e-3, help="distillation lr (default 1e-3)")
     ap.add_argument("--json", default="runs/accuracy/searched.json")
     cli = ap.parse_args()
     # every other setting is bench_accuracy.py's default, so the rows compare with its tables
-    args = bench.parser().parse_args([])
+    args = bench.parser().parse_args(["--ft-lr", str(cli.ft_lr), "--kd-weight", str(cli.kd_weight)])
     args.epochs = [int(e) for e in cli.epochs.split(",") if e]
     torch.set_num_threads(args.train_threads)
     data = bench.Data(args)
@@ -48,7 +52,9 @@ def main() -> None:
     c_acc = bench.acc(converted, data)
     bench.say(f"teacher {t_acc:.2f}%; converted with {cli.recipe}: {c_acc:.2f}%")
     t0 = time.perf_counter()
-    cal = calibrate_model(converted, teacher, data.calib, images=args.calib_images, seed=args.seed)
+    cal = calibrate_model(
+        converted, teacher, data.calib, images=args.calib_images, seed=args.seed, steps=cli.calib_steps, lr=cli.calib_lr
+    )
     cal_s = time.perf_counter() - t0
     calibrated = cal.model.eval()
     k_acc = bench.acc(calibrated, data)
@@ -64,6 +70,7 @@ def main() -> None:
         "converted_top1": c_acc,
         "calibrated_top1": k_acc,
         "calibration_seconds": cal_s,
+        "calibration_settings": {"steps": cli.calib_steps, "lr": cli.calib_lr, "images": args.calib_images},
         "finetune": row["finetune"],
         "finetune_settings": bench.ft_settings(args) | {"epochs": args.epochs},
     }

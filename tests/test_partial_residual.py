@@ -207,11 +207,18 @@ PROJECTION_BLOCKS = {
     "timm-basic": lambda: timm.create_model("resnet18", pretrained=False).layer3[0],
     "tv-bottleneck": lambda: torchvision.models.resnet50().layer1[0],  # width changes, no stride
     "regnet": lambda: torchvision.models.regnet_y_400mf().trunk_output.block2[0],
+    # input wider than the output (128 -> 64), so input and output fractions differ in width
+    "tv-basic-narrowing": lambda: torchvision.models.resnet.BasicBlock(
+        128, 64, downsample=torch.nn.Sequential(torch.nn.Conv2d(128, 64, 1, bias=False), torch.nn.BatchNorm2d(64))
+    ),
 }
 
 
 @pytest.mark.parametrize("kind", sorted(PROJECTION_BLOCKS))
-@pytest.mark.parametrize("ratio,read,offset", [(0.5, "all", 0.0), (0.25, "group", 0.0), (0.25, "group", 0.75)])
+@pytest.mark.parametrize(
+    "ratio,read,offset",
+    [(0.5, "all", 0.0), (0.25, "group", 0.0), (0.25, "group", 0.75), (0.5, "group", 0.0), (0.25, "group", 0.5)],
+)
 def test_a_projection_block_equals_the_original_with_its_branch_zeroed_outside_the_group(kind, ratio, read, offset):
     """projection=True: the branch writes [o, o + k) of the output and reads the same fractions of the
     input; the other channels are the projection's alone. Reference: the original block with its last
@@ -227,13 +234,13 @@ def test_a_projection_block_equals_the_original_with_its_branch_zeroed_outside_t
     c_in, c_out = first.in_channels, last.out_channels
     op = PartialResidual.from_module(block, ratio=ratio, offset=offset, read=read, projection=True).eval()
     k = round(ratio * c_out)
-    o = c_out - k if offset else 0
+    o = round(offset * c_out)
     assert (op.dim, op.in_dim, op.dim_part, op.offset) == (c_out, c_in, k, o)
     a, b = op.read_range()
     if read == "all":
         assert (a, b) == (0, c_in)
-    else:  # the same fraction of the inputs, at the same end
-        assert b - a == round(ratio * c_in) and (a == 0) == (offset == 0) and (b == c_in) == (offset != 0)
+    else:  # the same fractions of the inputs: as wide, starting as far in (at an end when the group is)
+        assert b - a == round(ratio * c_in) and a == (c_in - (b - a) if o + k == c_out else round(offset * c_in))
     ref = copy.deepcopy(block).eval()
     rest = [i for i in range(c_out) if not o <= i < o + k]
     unread = [i for i in range(c_in) if not a <= i < b]
@@ -294,3 +301,25 @@ def test_the_projection_form_trains_and_exports():
         torch.onnx.export(dep, (x,), f, dynamo=False, input_names=["input"], output_names=["output"])
     sess = ort.InferenceSession(f.getvalue(), providers=["CPUExecutionProvider"])
     assert rel_err(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), want) < 1e-5
+
+
+def test_a_projection_that_returns_its_input_is_not_written_into():
+    """The deploy form adds into the projection's output in place; a projection that hands back the
+    input itself (here nn.Identity on a width-keeping block) must get a copy, not the caller's tensor."""
+    block = torchvision.models.resnet.BasicBlock(32, 32, downsample=torch.nn.Identity()).eval()
+    randomize_bn(block)
+    op = PartialResidual.from_module(block, ratio=0.5, read="group", projection=True).eval()
+    dep = op.deploy()
+    x = torch.randn(2, 32, 8, 8)
+    x_before = x.clone()
+    with torch.no_grad():
+        got, want = dep(x), op(x)
+    assert torch.equal(x, x_before) and rel_err(got, want) < 1e-6
+
+
+def test_an_empty_read_range_is_refused():
+    block = torchvision.models.resnet.BasicBlock(
+        4, 64, downsample=torch.nn.Sequential(torch.nn.Conv2d(4, 64, 1, bias=False), torch.nn.BatchNorm2d(64))
+    )
+    with pytest.raises(OperatorError, match="none of its 4 inputs"):
+        PartialResidual.from_module(block, ratio=15 / 16, read="complement", projection=True)

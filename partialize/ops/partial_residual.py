@@ -193,7 +193,9 @@ class PartialResidual(PartialOperator):
         spec = KNOWN_BLOCKS.get(_qualname(module))
         if spec is None:
             return None
-        op = cls.from_module(module, ratio=0.5, projection=projection_of(module) is not None)
+        if projection_of(module) is not None:
+            return None  # converts only with projection=True, which the contract's default check does not pass
+        op = cls.from_module(module, ratio=0.5)
         block = clone_module(module)
         last, last_bn = block.get_submodule(spec[2]), block.get_submodule(spec[3])
         keep = torch.zeros(last_bn.num_features, dtype=torch.bool)
@@ -206,7 +208,7 @@ class PartialResidual(PartialOperator):
 
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.read_range()
-        y = x if (a, b) == (0, self.dim) else x[:, a:b]
+        y = x if (a, b) == (0, self.in_dim) else x[:, a:b]
         for name in self.order:
             y = getattr(self, name)(y)
         return y
@@ -231,12 +233,12 @@ class PartialResidual(PartialOperator):
     def _forward_projected(self, x: torch.Tensor, s: torch.Tensor, y: torch.Tensor, act: nn.Module) -> torch.Tensor:
         """Inference with a projection: the branch adds into its group of the projection's output, in
         place (a copy first if the projection returned a view of the input), then the activation."""
-        if s.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        if s is x or s._is_view():  # the projection returned the input or a view of something: not ours
             s = s.clone()
         s[:, self.offset : self.offset + self.dim_part] += y
         if isinstance(act, nn.ReLU):
             return s.clamp_min_(0)
-        return _act(act, s)
+        return act(s)  # s is this call's own tensor: an in-place activation may overwrite it
 
     def _forward_write(self, x: torch.Tensor, y: torch.Tensor, act: nn.Module) -> torch.Tensor:
         """Inference: every channel written once into one output, no concatenation."""
@@ -301,6 +303,8 @@ class PartialResidual(PartialOperator):
         if read == "complement" and 0 < o and o + k < dim:
             raise OperatorError("read='complement' needs the written group at either end (offset 0 or 1 - ratio)")
         a, b = _input_read(read, o, k, dim, in_dim)
+        if b <= a:
+            raise OperatorError(f"read={read!r} at ratio {ratio:g} leaves the branch none of its {in_dim} inputs")
         changed = {last, last_bn} | ({first} if (a, b) != (0, in_dim) else set())
         # the layers about to be replaced by their slices are not copied first (a copy of a large
         # block's 1x1 convs was most of the planning time of a wide network)

@@ -75,7 +75,9 @@ class SearchResult:
             f"# written by partialize search: target {self.target_speedup:g}x, predicted "
             f"{self.predicted_speedup:.3f}x, measured "
             + (f"{self.measured_speedup:.3f}x" if self.measured_speedup is not None else "not measured")
-            + f"\n# on {self.conditions.get('machine')}, batch {self.conditions.get('batch')}\n"
+            + f"\n# on {self.conditions.get('machine')}"
+            + (f", GPU {self.conditions['gpu']}" if self.conditions.get("gpu") else "")
+            + f", batch {self.conditions.get('batch')}\n"
         )
         return head + yaml.safe_dump(self.recipe, sort_keys=False)
 
@@ -317,7 +319,8 @@ def _recipe(units: list[Unit], picks: list[int], name: str, description: str = "
 
 
 def _result(ctx: _Ctx, target: float, picks: list[int], guarantee: str) -> SearchResult:
-    what = f"partialize search: {target:g}x throughput at batch {ctx.batch}, {ctx.threads} thread(s)"
+    where = f"{ctx.threads} thread(s)" if ctx.x.device.type == "cpu" else str(ctx.x.device)
+    what = f"partialize search: {target:g}x throughput at batch {ctx.batch}, {where}"
     recipe = _recipe(ctx.units, picks, f"search-{ctx.label}-{target:g}x", what, int(ctx.x.shape[-1]))
     time_s = sum(c.times[k] for c, k in zip(ctx.costs, picks))
     return SearchResult(

@@ -49,12 +49,20 @@ def scale_to_model(
     ``picks`` chose for that unit, timed inside a whole model converted with those picks. Timed alone, a
     unit can run at another speed than inside the model (measured on ResNet-50, 1 thread, batch 16: the
     first stage's bottlenecks and layer2.0 1.4-2.4x slower alone, converted or not; the later stages
-    within 25%), and the factor of one converted option is taken for the unit's others."""
+    within 25%), and the factor of one converted option is taken for the unit's others. A unit whose
+    pick is "keep", or that was not timed in the converted model, takes keep's factor instead; one not
+    timed in the original either keeps its alone times."""
     for c, k in zip(costs, picks):
-        inside = inside_converted.get(c.unit)
-        f = inside / c.times[k] if k > 0 and inside is not None and c.times[k] > 0 else 1.0
+        keep_inside = inside_original.get(c.unit)
+        inside = inside_converted.get(c.unit) if k > 0 else None
+        if inside is not None and c.times[k] > 0:
+            f = inside / c.times[k]
+        elif keep_inside is not None and c.times[0] > 0:
+            f = keep_inside / c.times[0]
+        else:
+            f = 1.0
         c.times[1:] = [t * f for t in c.times[1:]]
-        c.times[0] = inside_original[c.unit]
+        c.times[0] = keep_inside if keep_inside is not None else c.times[0]
         c.in_model_factor = f
 
 
@@ -138,7 +146,7 @@ def measure_units(
 ) -> list[UnitCosts]:
     """Time and score every option of every unit on ``x`` (a batch of the model's input). ``timer``
     (default: :func:`side_by_side_timer`) is replaceable, for tests that must not time anything."""
-    timer = timer or side_by_side_timer()
+    timer = timer or side_by_side_timer(device=x.device)
     fp = fingerprint(threads, x.shape[0], str(x.device))
     path = os.path.join(cache_dir(), hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16] + ".json")
     table = _read(path) if cache else {}
@@ -204,47 +212,56 @@ def in_model_times(
 ) -> dict[str, tuple[float, dict[str, float]]]:
     """For each model (deployed here): (whole forward, each unit inside it), median seconds per batch
     call, timed by forward hooks during whole forwards, the models' calls interleaved so drift in the
-    machine's speed hits them alike. A unit timed alone can run at another speed than inside the model
-    (see :func:`scale_to_model`), so the search takes its times, and what the rest of the model costs,
-    from here."""
+    machine's speed hits them alike. On CUDA the hooks record events (no synchronisation inside the
+    forward, which would stall the queue at every unit) read after each forward. A unit timed alone
+    can run at another speed than inside the model (see :func:`scale_to_model`), so the search takes
+    its times, and what the rest of the model costs, from here. Units a model does not have (or never
+    calls) are left out of its dict."""
     import statistics
     import time
 
     cuda = x.device.type == "cuda"
 
-    def now() -> float:  # on CUDA, every kernel queued so far has run
+    def mark():  # a point in time: an event on CUDA (read later), the clock on CPU
         if cuda:
-            torch.cuda.synchronize(x.device)
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
         return time.perf_counter()
 
+    def seconds(a, b) -> float:
+        return a.elapsed_time(b) / 1e3 if cuda else b - a
+
     deployed = {k: deploy(m) for k, m in models.items()}
-    spans: dict[str, dict[str, list[float]]] = {k: {u: [] for u in units} for k in models}
-    start: dict[str, float] = {}
+    marks: dict[str, dict[str, list]] = {k: {u: [] for u in units} for k in models}
     hooks = []
     for k, d in deployed.items():
         mods = dict(d.named_modules())
         for u in [u for u in units if u in mods]:
-            begin = mods[u].register_forward_pre_hook(lambda _m, _a, u=u: start.__setitem__(u, now()))
-            hooks.append(begin)
-            hooks.append(
-                mods[u].register_forward_hook(lambda _m, _a, _o, u=u, k=k: spans[k][u].append(now() - start[u]))
-            )
+            for hook in (mods[u].register_forward_pre_hook, mods[u].register_forward_hook):
+                hooks.append(hook(lambda *_a, u=u, k=k: marks[k][u].append(mark())))
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     totals: dict[str, list[float]] = {k: [] for k in models}
+    spans: dict[str, dict[str, list[float]]] = {k: {u: [] for u in units} for k in models}
     try:
         with torch.inference_mode():
             for d in deployed.values():
                 d(x)  # warm-up
-            for per_unit in spans.values():
-                for v in per_unit.values():
-                    v.clear()
+            names = list(deployed)
             for i in range(calls):
-                names = list(deployed)
                 for k in names[i % len(names) :] + names[: i % len(names)]:
-                    t0 = now()
+                    for v in marks[k].values():
+                        v.clear()
+                    t0 = mark()
                     deployed[k](x)
-                    totals[k].append(now() - t0)
+                    t1 = mark()
+                    if cuda:
+                        torch.cuda.synchronize(x.device)
+                    totals[k].append(seconds(t0, t1))
+                    for u, m in marks[k].items():
+                        if len(m) >= 2:  # one call of the unit: its pre-hook and its hook
+                            spans[k][u].append(seconds(m[0], m[-1]))
     finally:
         torch.set_num_threads(prev)
         for h in hooks:

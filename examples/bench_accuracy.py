@@ -442,7 +442,8 @@ def render_md(doc: dict) -> str:
     lines = [
         "# Accuracy at equal measured speed: partialize vs Torch-Pruning",
         "",
-        "Written by `examples/bench_accuracy.py` (numbers in [bench_accuracy.json](bench_accuracy.json)).",
+        f"Written by `examples/bench_accuracy.py` (numbers in [{doc.get('json_file', 'bench_accuracy.json')}]"
+        f"({doc.get('json_file', 'bench_accuracy.json')})).",
         f"Machine: {env['machine']}. Training, calibration and fine-tuning: {env['train_threads']} threads; "
         f"speed: {env['speed_threads']} thread, batch {env['batch']}, fp32, deployed forms (BN folded), "
         "every contender interleaved with its teacher in one timing run (medians). "
@@ -570,6 +571,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-ablation", action="store_true", help="skip the calibration ablation")
     ap.add_argument("--ablation-only", action="store_true", help="only the calibration ablation")
     ap.add_argument("--resume", action="store_true", help="reuse per-teacher results under --runs/results")
+    ap.add_argument(
+        "--recipe",
+        action="append",
+        default=[],
+        metavar="TEACHER=RECIPE",
+        help="convert TEACHER with RECIPE (a file or shipped name) instead of its default (repeatable)",
+    )
     ap.add_argument("--cut", action="append", default=[], help="a line for the 'not measured' list (repeatable)")
     ap.add_argument("--teacher-epochs", type=int, help="override every teacher's epochs (a smoke test)")
     ap.add_argument("--smoke", action="store_true", help="a tiny run to check the script (writes under runs/)")
@@ -593,11 +601,17 @@ def main() -> None:
     if args.render_only:
         with open(args.json) as f:
             doc = json.load(f)
+        doc["json_file"] = os.path.basename(args.json)
         with open(args.md, "w") as f:
             f.write(render_md(doc))
         return
     torch.set_num_threads(args.train_threads)
     torch.manual_seed(args.seed)
+    for item in args.recipe:
+        teacher, sep, recipe = item.partition("=")
+        if not sep or teacher not in TEACHERS or not recipe:
+            ap.error(f"--recipe takes TEACHER=RECIPE with TEACHER one of {', '.join(TEACHERS)}, got {item!r}")
+        TEACHERS[teacher]["recipe"] = recipe
     names = [n for n in args.teachers.split(",") if n]
     unknown = [n for n in names if n not in TEACHERS]
     if unknown:
@@ -616,6 +630,7 @@ def main() -> None:
 
     def write() -> None:
         doc["wall_s"] = time.perf_counter() - T0
+        doc["json_file"] = os.path.basename(args.json)
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1, default=float)
         with open(args.md, "w") as f:

@@ -687,3 +687,15 @@ def test_pat_sf_cached_position_bias_follows_the_table():
     y = dep(x.requires_grad_())  # a gradient through the cached bias works outside inference mode
     y.sum().backward()
     assert x.grad is not None
+
+
+def test_pconv_from_module_draws_nothing_from_the_rng_and_keeps_the_source_weights():
+    """PConv.from_module overwrites every weight it builds, so it must not spend time drawing a random
+    init: the global RNG state is untouched, and the conv equals the source's top-left block."""
+    src = torch.nn.Conv2d(64, 64, 3, padding=1, bias=True)
+    state = torch.random.get_rng_state()
+    op = PConv.from_module(src, ratio=0.25)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(op.conv.weight, src.weight[:16, :16]) and torch.equal(op.conv.bias, src.bias[:16])
+    direct = PConv(64, ratio=0.25)  # built directly, it still gets a random init
+    assert direct.conv.weight.abs().sum() > 0 and not torch.equal(torch.random.get_rng_state(), state)

@@ -278,10 +278,11 @@ def search_cmd(model, target_speedup, out, json_path, threads, batch, input_size
     predicted accuracy cost, and write it as a recipe.
 
     Every layer an operator accepts is tried with each option (PConv 1/8, 1/4, 1/2, PATConv, partial
-    MLP / residual / attention, and combinations inside a block), each built by the planner, deployed
-    and timed in place at its real input shape, batch and threads (cached per machine); the choice is
-    an exact knapsack on a time grid; the whole converted model is then re-measured side by side with
-    the original (predicted vs measured). Example:
+    MLP / residual / attention, a stage's first residual block with its projection shortcut, and
+    combinations inside a block), each built by the planner, deployed and timed in place at its real
+    input shape, batch and threads (cached per machine) and scaled to how the unit runs inside the
+    whole model; the choice is an exact knapsack on a time grid; the whole converted model is then
+    re-measured side by side with the original (predicted vs measured). Example:
 
       partialize search resnet50 --target-speedup 2.0 --out r50-2x.yaml --json r50-2x.json
     """

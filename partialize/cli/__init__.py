@@ -7,7 +7,7 @@ import contextlib
 import click
 
 from .._version import __version__
-from ._common import POSITIVE, friendly_errors, int_list, trust_factory_option
+from ._common import POSITIVE, check_device, friendly_errors, int_list, trust_factory_option
 
 _friendly_errors = friendly_errors  # the name command modules and older code use
 
@@ -265,7 +265,7 @@ def export_cmd(checkpoint, fmt, out, input_size, batch, force, trust_factory) ->
 @click.option("--data", type=click.Path(file_okay=False), help="ImageFolder for the accuracy proxy [default: N(0,1)].")
 @click.option("--weights", default="random", show_default=True, help="random | pretrained | PATH (a state_dict).")
 @click.option("--num-classes", type=POSITIVE, help="Build the base model with this many classes.")
-@click.option("--device", default="cpu", show_default=True,
+@click.option("--device", default="cpu", show_default=True, callback=check_device,
               help="Where to time: cpu or cuda[:N] (CUDA timings are synchronised; --threads then only sets "
                    "the host's threads).")  # fmt: skip
 @click.option("--no-remeasure", is_flag=True, help="Skip timing the whole converted model at the end.")

@@ -103,10 +103,9 @@ def _device(model: nn.Module, device: str | torch.device | None) -> torch.device
 
 
 def _inputs(model, data, batch, input_size, seed: int = 0) -> torch.Tensor:
+    x1 = example_input_for(model, input_size)  # on the model's device and dtype
     if data is not None:
-        x1 = example_input_for(model, input_size)
         return calibration_images(data, model, batch, input_size=input_size, seed=seed).to(x1.device, x1.dtype)
-    x1 = example_input_for(model, input_size)
     g = torch.Generator().manual_seed(seed)
     return torch.randn((batch, *x1.shape[1:]), generator=g).to(x1.device, x1.dtype)
 

@@ -27,7 +27,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -46,6 +46,9 @@ STEPS = ("channels", "heads", "bn", "refit", "distil")
 DEFAULT_STEPS = ("channels", "bn", "distil")
 
 
+_MODELS = ("model", "before", "after")
+
+
 @dataclass
 class CalibrationResult:
     """What calibration did: the calibrated model, fidelity before and after (held-out images), per
@@ -62,7 +65,8 @@ class CalibrationResult:
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in ("model", "before", "after")}
+        # not asdict(self): it would deep-copy the calibrated model only to drop it
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in _MODELS}
         return d | {"before": self.before.to_dict(), "after": self.after.to_dict()}
 
 

@@ -46,9 +46,6 @@ STEPS = ("channels", "heads", "bn", "refit", "distil")
 DEFAULT_STEPS = ("channels", "bn", "distil")
 
 
-_MODELS = ("model", "before", "after")
-
-
 @dataclass
 class CalibrationResult:
     """What calibration did: the calibrated model, fidelity before and after (held-out images), per
@@ -66,7 +63,8 @@ class CalibrationResult:
 
     def to_dict(self) -> dict:
         # not asdict(self): it would deep-copy the calibrated model only to drop it
-        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in _MODELS}
+        skip = ("model", "before", "after")  # the model is dropped; the fidelities have their own to_dict
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in skip}
         return d | {"before": self.before.to_dict(), "after": self.after.to_dict()}
 
 

@@ -6,7 +6,8 @@ else happens at import time.
 The package is layered; a module imports only from its own layer and those below it (enforced by
 tests/test_architecture.py; docs/architecture.md says what each does):
 
-1. ``errors``, ``macs`` (the one MAC counter), ``_fs``, ``_version``, ``datasets`` (digits made harder)
+1. ``errors``, ``macs`` (the one MAC counter), ``_fs``, ``_version``, ``_modes`` (training modes put
+   back exactly), ``datasets`` (digits made harder)
 2. ``ops`` (the operators and their contract, ``ops.base.PartialOperator``)
 3. ``models`` (native PartialNet), ``recipe`` (schema, loading, rule resolution)
 4. ``base_model`` (build the model a conversion starts from)

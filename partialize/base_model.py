@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import models  # noqa: F401  (registers partialnet_* with timm)
+from ._modes import in_mode
 from .errors import CheckpointError, ModelError, PartializeError, WeightsUnavailableError
 
 
@@ -198,10 +199,8 @@ def check_runs_at(model, size: int, name: str, option: str = "--input-size") -> 
     x = torch.zeros(1, chans, size, size, dtype=ref.dtype if ref is not None else None)
     if ref is not None:
         x = x.to(ref.device)
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with in_mode(model), torch.no_grad():
             model(x)
     except PartializeError:
         raise
@@ -212,5 +211,3 @@ def check_runs_at(model, size: int, name: str, option: str = "--input-size") -> 
             f"{name} does not run at {option} {size} ({type(e).__name__}: {first}){hint} (or build it for this "
             "size, e.g. timm's img_size=...)"
         ) from None
-    finally:
-        model.train(was)

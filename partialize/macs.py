@@ -33,6 +33,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ._modes import in_mode
+
 aten = torch.ops.aten
 
 __all__ = ["MAC_UNIT", "MacCount", "MacCounter", "count_macs", "per_image_macs"]
@@ -247,13 +249,8 @@ def count_macs(module: nn.Module, *args, per_module: bool = False, **kwargs) -> 
     ``per_module`` attributes the count to submodules (``MacCount.by_module``) and records weights
     used outside their module. Counts are for the batch given: divide by it for per image.
     """
-    was = module.training
-    module.eval()
-    try:
-        with torch.no_grad(), MacCounter(module if per_module else None) as counter:
-            module(*args, **kwargs)
-    finally:
-        module.train(was)
+    with in_mode(module), torch.no_grad(), MacCounter(module if per_module else None) as counter:
+        module(*args, **kwargs)
     if not per_module:
         counter.result.by_module = {"": counter.result.total}
     return counter.result

@@ -13,7 +13,7 @@ PKG = pathlib.Path(__file__).resolve().parent.parent / "partialize"
 
 # lowest first; a module may import from its own layer and the layers below it, never above
 LAYERS = [
-    {"errors", "_version", "macs", "_fs", "datasets"},
+    {"errors", "_version", "_modes", "macs", "_fs", "datasets"},
     {"ops"},
     {"models", "recipe"},
     {"base_model"},

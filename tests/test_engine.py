@@ -12,8 +12,10 @@ from torch import nn
 
 import partialize
 from partialize.cli import main
+from partialize.engine.apply import apply_plan
 from partialize.engine.discover import discover
 from partialize.errors import CheckpointError, RecipeError
+from partialize.macs import count_macs
 from partialize.ops import AdaPConv, DPConv, PartialAttention, PartialMLP, PartialSpatialAttention, PATConv, PConv
 from partialize.recipe import load_recipe, parse_recipe
 
@@ -399,3 +401,22 @@ def test_load_never_runs_a_factory_named_by_the_file_and_never_touches_the_calle
     with pytest.raises(partialize.PartializeError, match="already exists"):
         partialize.save(conv, path)  # no silent overwrite
     partialize.save(conv, path, overwrite=True)
+
+
+def test_planning_counting_and_applying_put_every_module_back_in_its_own_mode():
+    """A training model with a frozen BN (``bn.eval()``, a common fine-tuning set-up): ``model.train(was)``
+    after an eval pass would unfreeze it. Planning, counting MACs and applying must leave each module in
+    the mode it had."""
+    model = torchvision.models.resnet18().train()
+    model.layer2[0].bn1.eval()
+    model.layer3.eval()
+    modes = [m.training for m in model.modules()]
+    x = torch.randn(1, 3, 64, 64)
+    count_macs(model, x)
+    assert [m.training for m in model.modules()] == modes
+    plan = partialize.plan(model, "auto", input_size=64)
+    assert [m.training for m in model.modules()] == modes
+    apply_plan(model, plan)
+    assert [m.training for m in model.modules()] == modes
+    assert modes.count(False) > 1  # the check is not vacuous: some modules were in eval, the root trains
+    assert model.training

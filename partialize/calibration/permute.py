@@ -21,6 +21,8 @@ import copy
 import torch
 from torch import nn
 
+from .._modes import in_mode
+
 _PERMUTABLE = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -75,11 +77,9 @@ def _input_scores(model: nn.Module, layers: list[str], images: torch.Tensor) -> 
 
         hooks.append(m.register_forward_hook(hook))
     try:
-        was = model.training
-        model.eval()
-        for i in range(0, images.shape[0], 64):
-            model(images[i : i + 64])
-        model.train(was)
+        with in_mode(model):
+            for i in range(0, images.shape[0], 64):
+                model(images[i : i + 64])
     finally:
         for h in hooks:
             h.remove()

@@ -8,6 +8,7 @@ import contextlib
 import torch
 from torch import nn
 
+from .._modes import in_mode
 from ..errors import OperatorError
 from ..macs import MacCounter
 from ..ops.base import PartialOperator
@@ -60,15 +61,12 @@ def capture_calls(
         handles.append(model.get_submodule(n).register_forward_pre_hook(pre, with_kwargs=True))
         if outputs is not None:
             handles.append(model.get_submodule(n).register_forward_hook(post))
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad(), FastMeta() if x.is_meta else contextlib.nullcontext():
+        with in_mode(model), torch.no_grad(), FastMeta() if x.is_meta else contextlib.nullcontext():
             model(x)
     finally:
         for h in handles:
             h.remove()
-        model.train(was)
     return calls
 
 
@@ -144,10 +142,8 @@ def _cost(module, op: PartialOperator, form: nn.Module, calls: list[Call], origi
     # the default macs() is partialize.macs on deploy(): the count taken on the shape-check run of this
     # very form is that number, without deploying and running a second time (plans were half this)
     default_macs = _default_macs(op)
-    was = module.training
-    module.eval()
     after, basis = 0, "inference form"
-    try:
+    with in_mode(module):
         before, shapes = original if original is not None else _reference(module, calls)
         for call, want in zip(calls, shapes):
             args, kwargs = _clone_call(*call)
@@ -162,8 +158,6 @@ def _cost(module, op: PartialOperator, form: nn.Module, calls: list[Call], origi
                 with torch.no_grad():
                     macs, basis = op.macs(*args, **kwargs)
             after += macs
-    finally:
-        module.train(was)
     return before, after, basis
 
 

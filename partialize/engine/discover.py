@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .._modes import in_mode
 from ..macs import MacCounter
 from ._shape_only import FastMeta, Shadow, restored, shadow_of
 from .tracer import LeafTracer, example_input_for
@@ -195,15 +196,12 @@ def _observed(model: nn.Module, x: torch.Tensor):
         counter[0] += 1
 
     handles = [m.register_forward_hook(hook, with_kwargs=True) for n, m in model.named_modules() if n]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad(), MacCounter(model) as fc:
+        with in_mode(model), torch.no_grad(), MacCounter(model) as fc:
             out = model(x)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return records, fc.result, out
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .._modes import in_mode
 from ..errors import PartializeError
 
 
@@ -101,10 +102,8 @@ def evaluate_accuracy(
         raise DataError(f"no images found under {resolve_val_dir(data)!r}")
     warned = False
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     correct1 = correct5 = seen = 0
-    try:
+    with in_mode(model):
         for images, target in loader:
             images, target = images.to(device), target.to(device)
             logits = model(images)
@@ -129,8 +128,6 @@ def evaluate_accuracy(
             seen += images.shape[0]
             if progress:
                 progress(seen, total)
-    finally:
-        model.train(was_training)
     return {
         "top1": 100.0 * correct1 / seen,
         "top5": 100.0 * correct5 / seen,

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .._modes import in_mode
 from ..inference import deploy_operators
 from ..macs import MAC_UNIT, count_macs
 from ..ops.base import PartialOperator
@@ -82,13 +83,11 @@ def describe_layers(model: nn.Module, batches: Sequence[torch.Tensor]) -> dict[s
             rec.update({k: v for k, v in d.items()})
 
         hooks.append(mod.register_forward_hook(hook))
-    was = model.training
-    model.eval()
     try:
-        for x in batches:
-            model(x)
+        with in_mode(model):
+            for x in batches:
+                model(x)
     finally:
-        model.train(was)
         for h in hooks:
             h.remove()
     for rec in info.values():  # the realised share of channels over everything seen
@@ -109,17 +108,13 @@ def flop_counter_macs(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Te
         return None
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        with in_mode(model), torch.no_grad(), FlopCounterMode(display=False) as fc:
             model(*inputs)
         return int(fc.get_total_flops() // 2)
     except Exception as e:  # a cross-check must never break a report
         _log.debug("flop_counter cross-check failed: %s", e)
         return None
-    finally:
-        model.train(was)
 
 
 def inference_copy(model: nn.Module) -> tuple[nn.Module, str | None]:

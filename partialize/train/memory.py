@@ -9,6 +9,7 @@ import os
 import torch
 from torch import nn
 
+from .._modes import in_mode
 from .checkpoint import rng_preserved
 
 #: share of the available memory a training step may plan to use, and the allowance on top of
@@ -32,14 +33,11 @@ def activation_bytes_per_image(model: nn.Module, input_size: int, device: str | 
         return t
 
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
-    was = model.training
     x = torch.zeros(2, 3, input_size, input_size, device=device)
     try:
-        with rng_preserved(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model.train()
+        with in_mode(model, True), rng_preserved(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(x)
     finally:
-        model.train(was)
         with torch.no_grad():
             for k, v in model.named_buffers():
                 v.copy_(buffers[k])

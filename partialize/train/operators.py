@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._modes import in_mode
 from ..errors import OperatorError
 from ..ops.base import PartialOperator, TrainingContext, TrainingError, TrainingObjective
 from ..ops.registry import get_operator, list_operators, operators_in
@@ -112,28 +113,26 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False) 
     """Top-1 (%) and mean cross-entropy of the deployed function (every routing operator routes hard
     for the measurement, then gets its own routing back), and per data-dependent operator the summed
     ``histogram`` its ``describe()`` reports (Ada-PConv: branches chosen per image)."""
-    was = model.training
     counted = {n: op for n, op in operators_in(_unwrap(model)).items() if op.data_dependent}
-    model.eval()
-    before = set_routing(model, "hard")
-    hist: dict[str, list[int]] = {}
-    correct = seen = 0
-    loss_sum = 0.0
-    try:
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                logits = model(x)
-            loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
-            seen += y.numel()
-            for n, op in counted.items():
-                h = op.describe().get("histogram")
-                if h is not None:
-                    hist[n] = [a + b for a, b in zip(hist[n], h)] if n in hist else list(h)
-    finally:
-        model.train(was)
-        restore_routing(model, before)
+    with in_mode(model):  # each module back in its own mode after (a frozen BN stays frozen)
+        before = set_routing(model, "hard")
+        hist: dict[str, list[int]] = {}
+        correct = seen = 0
+        loss_sum = 0.0
+        try:
+            for x, y in loader:
+                x, y = x.to(device), y.to(device)
+                with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                    logits = model(x)
+                loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+                correct += int((logits.argmax(1) == y).sum())
+                seen += y.numel()
+                for n, op in counted.items():
+                    h = op.describe().get("histogram")
+                    if h is not None:
+                        hist[n] = [a + b for a, b in zip(hist[n], h)] if n in hist else list(h)
+        finally:
+            restore_routing(model, before)
     return {
         "top1": 100.0 * correct / max(1, seen),
         "loss": loss_sum / max(1, seen),

@@ -21,6 +21,7 @@ import timm.data
 import torch
 from torch import nn
 
+from .._modes import in_mode
 from ..base_model import build_model
 from ..engine.planner import make_plan
 from ..errors import CheckpointError, PartializeError
@@ -116,13 +117,8 @@ def plan_input_size(model: nn.Module, given: int | None) -> tuple[int | None, st
 
 
 def _num_outputs(model: nn.Module, size: int) -> int:
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return int(model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device)).shape[1])
-    finally:
-        model.train(was)
+    with in_mode(model), torch.no_grad():
+        return int(model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device)).shape[1])
 
 
 def _load_trainable(converted: str) -> nn.Module:
@@ -358,9 +354,8 @@ def native_plan(model: nn.Module, size: int) -> None:
     model file (loadable by load/export/report): the plan names how to rebuild it."""
     recipe = {"version": 1, "name": "native", "description": "trained as built: nothing converted",
               "strict": False, "rules": [{"select": {"name": "__nothing__"}, "variant": "skip"}]}  # fmt: skip
-    was = model.training
-    model._partialize_plan = make_plan(model.eval(), recipe, input_size=size)
-    model.train(was)
+    with in_mode(model):
+        model._partialize_plan = make_plan(model, recipe, input_size=size)
 
 
 def run_train(

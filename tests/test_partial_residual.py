@@ -6,11 +6,13 @@ import pytest
 import timm
 import torch
 import torchvision
-from _helpers import randomize_bn, rel_err
+from _helpers import nondegenerate_, randomize_bn, rel_err
+from torch import nn
 
 import partialize
+from partialize.engine.apply import apply_plan
 from partialize.errors import OperatorError
-from partialize.ops import PartialResidual, PATConv
+from partialize.ops import PartialResidual, PATConv, PConv
 
 BLOCKS = {
     "timm-bottleneck": lambda: timm.create_model("resnet50", pretrained=False).layer1[1],
@@ -151,7 +153,7 @@ def test_changed_children_of_a_converted_block_are_skipped_with_the_reason():
 def _regnet_block(kind: str):
     """torchvision RegNet blocks: Y with squeeze-excitation on the hidden channels, X without."""
     net = torchvision.models.regnet_y_400mf() if kind == "y" else torchvision.models.regnet_x_400mf()
-    return net.trunk_output.block2[1]
+    return net.trunk_output.block2.get_submodule("block2-1")
 
 
 @pytest.mark.parametrize("kind", ["x", "y"])
@@ -323,3 +325,76 @@ def test_an_empty_read_range_is_refused():
     )
     with pytest.raises(OperatorError, match="none of its 4 inputs"):
         PartialResidual.from_module(block, ratio=15 / 16, read="complement", projection=True)
+
+
+def _state(model: nn.Module) -> dict:
+    return {k: (v.data_ptr(), v._version, v.detach().clone()) for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def test_a_kept_child_a_nested_operator_replaces_is_not_copied_and_the_original_stays_untouched(monkeypatch):
+    """The planner's partial residual holds the original's kept children (the grouped 3x3 ``f.b``), not
+    copies: RegNet-Y 128GF's were half a gigabyte, copied and then replaced by a nested PConv. Apply
+    copies what stays; the converted model shares no tensor with the original, and neither planning
+    nor applying changes the original's values, storage, version counters or training modes."""
+    import partialize.engine.apply as apply_mod
+    import partialize.ops._utils as utils
+    import partialize.ops.partial_residual as pr
+
+    net = torchvision.models.regnet_y_400mf()
+    nondegenerate_(net)
+    net.train()
+    block = net.trunk_output.block2.get_submodule("block2-1")
+    block.f.se.eval()  # a kept child in a mode of its own
+    before, modes = _state(net), [m.training for m in net.modules()]
+    plan = partialize.plan(net, "auto", input_size=64)
+    op = plan._built[1]["trunk_output.block2.block2-1"][0]
+    assert isinstance(op, PartialResidual) and op.f.b is block.f.b  # shared, not copied
+    copied, real = [], utils.clone_module
+
+    def spy(obj, memo=None):
+        if memo is None or id(obj) not in memo:  # a placeholder in the memo is not a copy
+            copied.append(id(obj))
+        return real(obj, memo)
+
+    for mod in (utils, pr, apply_mod):
+        monkeypatch.setattr(mod, "clone_module", spy)
+    conv = apply_plan(net, plan)
+    grouped = [e.layer for e in plan.converted if e.layer.endswith(".f.b.0")]
+    assert len(grouped) >= 10
+    assert not [n for n in grouped if id(net.get_submodule(n)) in set(copied)]  # the replaced 3x3s: never copied
+    new = conv.trunk_output.block2.get_submodule("block2-1")
+    assert isinstance(new.f.b[0], PConv) and new.f.se is not block.f.se
+    held = {t.untyped_storage().data_ptr() for t in list(net.parameters()) + list(net.buffers())}
+    assert not [n for n, t in conv.state_dict().items() if t.untyped_storage().data_ptr() in held]
+    ids = {id(m) for m in net.modules()}
+    assert not [n for n, m in conv.named_modules() if id(m) in ids]
+    after = _state(net)
+    assert after.keys() == before.keys()
+    for k, (ptr, version, value) in before.items():
+        assert after[k][:2] == (ptr, version) and torch.equal(after[k][2], value), k
+    assert [m.training for m in net.modules()] == modes
+    # the same as a conversion built anew (the plan applied a second time) and as one in place
+    again = apply_plan(net, plan)
+    same = copy.deepcopy(net)
+    in_place = apply_plan(same, partialize.plan(same, "auto", input_size=64), inplace=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = conv.eval()(x)
+        assert torch.equal(again.eval()(x), want) and torch.equal(in_place.eval()(x), want)
+    assert rel_err(want, net.eval()(x)) > 1e-3  # a conversion that changed the function (not the original)
+
+
+def test_a_block_of_two_dtypes_is_built_with_copies():
+    """Sharing the kept children needs one device and dtype in the block: moving the operator to the
+    block's dtype must not convert the original's own modules."""
+    from partialize.engine.planner import build_op
+
+    block = _regnet_block("y")
+    op = build_op(block, "partial_residual", 0.5, {}, share_kept=True)
+    assert op.f.b is block.f.b
+    block.f.se.double()
+    op = build_op(block, "partial_residual", 0.5, {}, share_kept=True)
+    assert op.f.b is not block.f.b and op.f.se is not block.f.se
+    assert block.f.se.fc1.weight.dtype == torch.float64
+    other = _regnet_block("y")
+    assert build_op(other, "partial_residual", 0.5, {}).f.b is not other.f.b  # only the planner shares

@@ -7,6 +7,7 @@ import collections
 import torch
 from torch import nn
 
+from .._modes import in_mode
 from ..errors import PartializeError
 from ..ops._utils import clone_module
 from ._shape_only import FastMeta, attribute_values, is_meta, shadow_of
@@ -25,14 +26,32 @@ def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()  # a view's too: shared storage, whatever the offset
 
 
-def _built_by_planner(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
-    """The operators the planner built for this plan from this very model, each only if its layer is
-    still the module it came from, unchanged since (``fingerprint``), and the operator shares no
-    tensor with the model; handed out once (a plan applied twice builds anew the second time)."""
+def _tensors(m: nn.Module) -> list[torch.Tensor]:
+    return list(m.parameters()) + list(m.buffers())
+
+
+def _shared_children(op: nn.Module, module: nn.Module) -> list[str]:
+    """The kept children of ``op`` that are ``module``'s own (the planner builds that way,
+    ``sharing_kept_children``), not copies."""
+    out = []
+    for p in op.convertible_children() if hasattr(op, "convertible_children") else ():
+        try:
+            if op.get_submodule(p) is module.get_submodule(p):
+                out.append(p)
+        except AttributeError:
+            pass
+    return out
+
+
+def _built_by_planner(model: nn.Module, plan: Plan) -> dict[str, tuple[nn.Module, list[str]]]:
+    """The operators the planner built for this plan from this very model, with the kept children each
+    shares with the model, each only if its layer is still the module it came from, unchanged since
+    (``fingerprint``), and the operator shares no other tensor with the model; handed out once (a plan
+    applied twice builds anew the second time)."""
     source, built = getattr(plan, "_built", (None, {}))
     if source is None or source() is not model:
         return {}
-    held = {_storage(t) for t in list(model.parameters()) + list(model.buffers()) if not is_meta(t)}
+    held = {_storage(t) for t in _tensors(model) if not is_meta(t)}
     out = {}
     for name in list(built):
         op, module, print_ = built.pop(name)
@@ -40,10 +59,30 @@ def _built_by_planner(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
             same = model.get_submodule(name) is module and fingerprint(module) == print_
         except AttributeError:
             same = False
-        tensors = list(op.parameters()) + list(op.buffers())
-        if same and not any(_storage(t) in held for t in tensors if not is_meta(t)):
-            out[name] = op
+        if not same:
+            continue
+        shared = _shared_children(op, module)
+        theirs = {id(t) for p in shared for t in _tensors(op.get_submodule(p))}
+        if not any(_storage(t) in held for t in _tensors(op) if id(t) not in theirs and not is_meta(t)):
+            out[name] = (op, shared)
     return out
+
+
+def _unshare(built: dict[str, tuple[nn.Module, list[str]]]) -> dict[str, nn.Module]:
+    """The operators, each kept child still shared with the original now a copy of its own (in the
+    operator's mode, as the operator's own children are), except where a nested operator the planner
+    built replaces it: a kept child replaced whole is not copied at all, and inside one, a layer
+    replaced is not copied (an ``nn.Identity`` holds its place until the swap)."""
+    for name, (op, shared) in built.items():
+        for p in shared:
+            full = f"{name}.{p}"
+            if full in built:
+                continue
+            child = op.get_submodule(p)
+            inner = [n[len(full) + 1 :] for n in built if n.startswith(full + ".")]
+            holders = {id(child.get_submodule(n)): nn.Identity() for n in inner}
+            set_module(op, p, clone_module(child, holders).train(op.training))
+    return {name: op for name, (op, _) in built.items()}
 
 
 def _copy_for(model: nn.Module, plan: Plan, built: dict[str, nn.Module]) -> nn.Module:
@@ -96,6 +135,8 @@ def apply_plan(
     With ``check`` a forward pass on the example input verifies the output shape is unchanged.
     """
     built = _built_by_planner(model, plan)
+    # in place, an operator may keep the model's own children; a copy must not share the original's
+    built = {name: op for name, (op, _) in built.items()} if inplace else _unshare(built)
     target = model if inplace else _copy_for(model, plan, built)
     for e in plan.converted:  # parents before children: a nested layer is built inside its new parent
         op = built.pop(e.layer, None)
@@ -112,13 +153,8 @@ def apply_plan(
             x = torch.randn(plan.input_shape, generator=torch.Generator().manual_seed(0))
             if ref is not None:
                 x = x.to(ref.device, ref.dtype)
-        was = target.training
-        target.eval()
-        try:
-            with torch.no_grad():
-                out = _check_forward(target, x, plan.shape_only)
-        finally:
-            target.train(was)
+        with in_mode(target), torch.no_grad():
+            out = _check_forward(target, x, plan.shape_only)
         shape = tuple((out[0] if isinstance(out, (tuple, list)) else out).shape)
         if shape != tuple(plan.output_shape):
             raise PartializeError(f"converted model output shape {shape} != original {tuple(plan.output_shape)}")

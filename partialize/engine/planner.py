@@ -3,6 +3,7 @@ layer's own call arguments; one layer never aborts the plan."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import OperatorError, RecipeError
+from ..ops._utils import sharing_kept_children
 from ..ops.base import PartialOperator
 from ..ops.registry import get_operator, is_partial_layer, is_partial_op
 from ..recipe import (
@@ -30,12 +32,17 @@ from .plan import Plan, PlanEntry
 from .tracer import example_input_for
 
 
-def build_op(module: nn.Module, variant: str, ratio, params: dict, where: str = "") -> PartialOperator:
+def build_op(
+    module: nn.Module, variant: str, ratio, params: dict, where: str = "", share_kept: bool = False
+) -> PartialOperator:
     """Instantiate ``variant`` from ``module`` (weights inherited), on its device and dtype.
 
     The ratio (a number or a ratio word the operator takes) goes to ``from_module`` as ``ratio``. New
     weights an operator draws (an added attention, gates) come from a fixed seed on a forked RNG:
     planning and replaying are reproducible and never move the caller's global torch RNG.
+    ``share_kept``: the operator's kept children are ``module``'s own (``sharing_kept_children``), for
+    the planner only, and only when all of ``module``'s floating tensors have one device and dtype
+    (moving the operator must not move them); their training modes are left as they were.
     """
     cls = get_operator(variant)
     problems = param_problems(variant, params, ratio)
@@ -44,15 +51,20 @@ def build_op(module: nn.Module, variant: str, ratio, params: dict, where: str = 
     kwargs = dict(params)
     if ratio is not None:
         kwargs["ratio"] = ratio
-    with torch.random.fork_rng(devices=[]):
+    floats = [t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
+    ref = floats[0] if floats else None
+    share_kept = share_kept and all(t.device == ref.device and t.dtype == ref.dtype for t in floats[1:])
+    modes = [(m, m.training) for m in module.modules()] if share_kept else []
+    with torch.random.fork_rng(devices=[]), sharing_kept_children() if share_kept else contextlib.nullcontext():
         # the CPU generator only (where operators draw): torch.manual_seed also reseeds every
         # accelerator's, which fork_rng(devices=[]) would not put back, and costs a millisecond
         torch.default_generator.manual_seed(0)
         op = cls.from_module(module, **kwargs)
-    ref = next((t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()), None)
     if ref is not None:
         op = op.to(device=ref.device, dtype=ref.dtype)
     op.train(module.training)
+    for m, mode in modes:  # the original's modules the operator may hold keep their own modes
+        m.training = mode
     return op
 
 
@@ -65,9 +77,11 @@ def fingerprint(module: nn.Module) -> tuple:
 def try_operator(module: nn.Module, variant: str, ratio, params: dict, calls, where: str = "", original=None):
     """(operator, (MACs before, after, basis), None) for ``variant`` built on ``module`` and run on its
     captured ``calls``, or (None, None, reason) when the operator refuses the layer or fails on it.
-    Only a RecipeError (bad params) propagates: one layer never aborts a plan or a scan."""
+    Only a RecipeError (bad params) propagates: one layer never aborts a plan or a scan. The operator
+    may hold ``module``'s own kept children (``build_op``'s ``share_kept``): a scan drops it, a plan
+    hands it to apply, which copies them (engine/apply.py)."""
     try:
-        op = build_op(module, variant, ratio, params, where=where)
+        op = build_op(module, variant, ratio, params, where=where, share_kept=True)
         return op, layer_cost(module, op, calls, original), None
     except RecipeError:
         raise

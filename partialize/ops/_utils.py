@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 from collections import OrderedDict
 
@@ -9,6 +11,26 @@ import torch
 from torch import nn
 
 from ..errors import OperatorError
+
+_SHARE_KEPT = contextvars.ContextVar("partialize_share_kept", default=False)
+
+
+@contextlib.contextmanager
+def sharing_kept_children():
+    """Inside the block, an operator that keeps children of its original unchanged
+    (``convertible_children``) holds the original's own modules there, not copies. Only the engine
+    builds this way: the planner, so that a kept child a nested operator then replaces is never
+    copied, and apply, which copies every kept child still shared before the swap (engine/apply.py)."""
+    token = _SHARE_KEPT.set(True)
+    try:
+        yield
+    finally:
+        _SHARE_KEPT.reset(token)
+
+
+def shares_kept_children() -> bool:
+    """Whether an operator built now keeps the original's own modules as its kept children."""
+    return _SHARE_KEPT.get()
 
 
 def _plain_module_class(cls: type) -> bool:

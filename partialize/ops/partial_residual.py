@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import OperatorError
 from ._export import exporting
-from ._utils import clone_module, slice_bn, slice_conv, split_channels
+from ._utils import clone_module, shares_kept_children, slice_bn, slice_conv, split_channels
 from ._utils import qualname as _qualname
 from .base import PartialOperator
 from .partial_blocks import fold_pairs, plain_sequential
@@ -310,6 +310,9 @@ class PartialResidual(PartialOperator):
         # block's 1x1 convs was most of the planning time of a wide network)
         memo = {id(original.get_submodule(p)): nn.Identity() for p in changed}
         names = order + (out_act,) + ((short,) if short else ())
+        if shares_kept_children():  # the planner's build: the kept children stay the original's (engine/apply.py)
+            present = tuple(n for n in dict.fromkeys(names) if isinstance(getattr(original, n, None), nn.Module))
+            memo |= {id(m): m for m in (original.get_submodule(p) for p in _kept_paths(original, present, changed))}
         children = {n: clone_module(getattr(original, n), memo) for n in dict.fromkeys(names)}
         children = {n: m for n, m in children.items() if m is not None}
         order = tuple(n for n in order if n in children)  # timm keeps drop_path=None when unused

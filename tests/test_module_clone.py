@@ -62,3 +62,20 @@ def test_tied_children_stay_tied_hooks_copied_and_custom_classes_keep_their_rule
     assert c[3].copies == 1  # its __deepcopy__ ran
     x = torch.randn(2, 3)
     assert torch.equal(c[:3](x), m[:3](x))
+
+
+def test_placeholders_leave_a_layer_out_only_where_it_is_held_once_in_a_module_slot():
+    """A replaced layer held once is not copied (an Identity in its place); held under a second name or
+    in a plain list, a placeholder would stay where the original had the layer, so the copy is full."""
+    from partialize.ops._utils import placeholders
+
+    block = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    memo = placeholders(block, [block[0]])
+    copy_ = clone_module(block, memo)
+    assert isinstance(copy_[0], nn.Identity) and isinstance(copy_[2], nn.Linear) and copy_[2] is not block[2]
+    tied = nn.Sequential(block[0], nn.ReLU(), block[0])
+    assert placeholders(tied, [tied[0]]) == {}
+    listed = nn.Sequential(nn.Linear(4, 4))
+    listed.taps = [listed[0]]  # a plain attribute holding the layer
+    assert placeholders(listed, [listed[0]]) == {}
+    assert placeholders(block, [None, "not a module"]) == {}

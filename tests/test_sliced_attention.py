@@ -404,3 +404,29 @@ def test_timm_attention_wider_than_the_model(gated):
             assert macs == function_macs(op.deploy(), (x,), {}) < function_macs(layer, (x,), {})
     with pytest.raises(OperatorError, match="mixer 'identity' only"):
         PA.from_module(layer, mixer="dwconv", grid=(2, 5))
+
+
+def test_the_cut_projections_are_not_copied_whole_first(monkeypatch):
+    """partial_attention copies the attention without the projections it replaces by their cuts (a
+    wide ViT's qkv and proj were copied whole, then thrown away); the cut layer still equals the masked
+    original (the oracle above)."""
+    import partialize.ops._utils as utils
+
+    model = nondegenerate_(tiny_timm("beit").eval())
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    name = _layers(model)[0]
+    attn = model.get_submodule(name)
+    (args, kwargs), *_ = capture_calls(model, x, [name])[name]
+    copied, real = [], utils.clone_module
+
+    def spy(obj, memo=None):
+        if memo is None or id(obj) not in memo:
+            copied.append(id(obj))
+        return real(obj, memo)
+
+    monkeypatch.setattr(utils, "clone_module", spy)
+    monkeypatch.setattr("partialize.ops.sliced_attention.clone_module", spy)
+    op = PA.from_module(attn, heads=1).eval()
+    assert copied and id(attn.qkv) not in copied and id(attn.proj) not in copied
+    with torch.no_grad():
+        assert rel_err(op(*args, **kwargs), _oracle(attn, 1, args, kwargs)) <= 1e-5

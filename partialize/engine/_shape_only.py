@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ..ops._utils import clone_module
+from ..ops._utils import attribute_values, clone_module
 
 
 class _Uncacheable(Exception):
@@ -152,16 +152,6 @@ def on_meta(t: torch.Tensor) -> torch.Tensor:
 
 def is_meta(t) -> bool:
     return isinstance(t, torch.Tensor) and t.is_meta
-
-
-def attribute_values(module: nn.Module) -> Iterator:
-    """Every value in the plain attributes of ``module`` and its submodules (torch's registries of
-    parameters, buffers and children left out), a list's, tuple's or dict's items one level down."""
-    for m in module.modules():
-        for k, v in vars(m).items():
-            if k in ("_parameters", "_buffers", "_modules"):
-                continue
-            yield from v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else (v,)
 
 
 def meta_copy(module: nn.Module) -> nn.Module:

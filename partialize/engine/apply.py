@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import collections
-
 import torch
 from torch import nn
 
 from .._modes import in_mode
 from ..errors import PartializeError
-from ..ops._utils import clone_module
-from ._shape_only import FastMeta, attribute_values, is_meta, shadow_of
+from ..ops._utils import clone_module, placeholders
+from ._shape_only import FastMeta, is_meta, shadow_of
 from .plan import Plan
 from .planner import build_op, fingerprint
 
@@ -80,7 +78,7 @@ def _unshare(built: dict[str, tuple[nn.Module, list[str]]]) -> dict[str, nn.Modu
                 continue
             child = op.get_submodule(p)
             inner = [n[len(full) + 1 :] for n in built if n.startswith(full + ".")]
-            holders = {id(child.get_submodule(n)): nn.Identity() for n in inner}
+            holders = placeholders(child, [child.get_submodule(n) for n in inner])
             set_module(op, p, clone_module(child, holders).train(op.training))
     return {name: op for name, (op, _) in built.items()}
 
@@ -89,24 +87,9 @@ def _copy_for(model: nn.Module, plan: Plan, built: dict[str, nn.Module]) -> nn.M
     """A deep copy of ``model`` to swap the operators into, without copying the outermost converted
     layers whose operators are already built (most of a large model's weights): an ``nn.Identity``
     holds their place until the swap. A full copy when a placeholder would stay reachable in the copy
-    (a module shared under two names, or kept in a plain list or dict)."""
+    (a module shared under two names, or kept in a plain list or dict: ``placeholders``)."""
     names = [e.layer for e in plan.converted_outermost if e.layer in built]
-    if not names:
-        return clone_module(model)
-    uses = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    originals = [model.get_submodule(n) for n in names]
-    if any(uses[id(m)] != 1 for m in originals):
-        return clone_module(model)
-    holders = {id(m): nn.Identity() for m in originals}
-    target = clone_module(model, dict(holders))
-    if _reachable_outside_modules(target, {id(h) for h in holders.values()}):
-        return clone_module(model)
-    return target
-
-
-def _reachable_outside_modules(model: nn.Module, ids: set[int]) -> bool:
-    """Whether a module's plain attributes (or the lists, tuples and dicts in them) hold any of ``ids``."""
-    return any(id(v) in ids for v in attribute_values(model))
+    return clone_module(model, placeholders(model, [model.get_submodule(n) for n in names]))
 
 
 def _check_forward(model: nn.Module, x: torch.Tensor, shape_only: bool):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -69,6 +70,29 @@ def clone_module(obj, memo: dict | None = None):
             state[k] = copy.deepcopy(v, memo)
     new.__setstate__(state)
     return new
+
+
+def placeholders(module: nn.Module, replaced) -> dict[int, nn.Module]:
+    """A ``clone_module`` memo that leaves the modules in ``replaced`` out of a copy of ``module``, an
+    ``nn.Identity`` in each one's place for the caller to replace: a layer about to be replaced by its
+    cut is not copied first. Empty (a full copy) unless each is held once in ``module``, in a module
+    slot only: a second reference would keep the placeholder where the original had the layer."""
+    replaced = [m for m in replaced if isinstance(m, nn.Module)]
+    uses = Counter(id(m) for _, m in module.named_modules(remove_duplicate=False))
+    ids = {id(m) for m in replaced}
+    if any(uses[id(m)] != 1 for m in replaced) or any(id(v) in ids for v in attribute_values(module)):
+        return {}
+    return {id(m): nn.Identity() for m in replaced}
+
+
+def attribute_values(module: nn.Module) -> Iterator:
+    """Every value in the plain attributes of ``module`` and its submodules (torch's registries of
+    parameters, buffers and children left out), a list's, tuple's or dict's items one level down."""
+    for m in module.modules():
+        for k, v in vars(m).items():
+            if k in ("_parameters", "_buffers", "_modules"):
+                continue
+            yield from v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else (v,)
 
 
 def qualname(m: nn.Module) -> str:

@@ -92,11 +92,11 @@ class GatedExpand(nn.Module):
 def _fc_rows(fc: nn.Module, rows: torch.Tensor, n_in: int, where: str) -> nn.Module:
     """Copy of a Linear / 1x1 conv keeping output rows ``rows`` (in that order) and inputs ``[:n_in]``."""
     if type(fc) is nn.Linear:
-        return linear_from(fc.weight[rows][:, :n_in], fc.bias[rows] if fc.bias is not None else None)
+        return linear_from(fc.weight[rows, :n_in], fc.bias[rows] if fc.bias is not None else None)
     if type(fc) is nn.Conv2d and fc.kernel_size == (1, 1) and fc.groups == 1 and fc.stride == (1, 1):
         if fc.padding not in ((0, 0), "valid"):
             raise OperatorError(f"{where}: a 1x1 conv with padding changes the size; cannot slice it")
-        return conv1x1_from(fc.weight[rows][:, :n_in], fc.bias[rows] if fc.bias is not None else None)
+        return conv1x1_from(fc.weight[rows, :n_in], fc.bias[rows] if fc.bias is not None else None)
     raise OperatorError(f"{where}: cannot slice a {type(fc).__name__} expansion (Linear or plain 1x1 conv)")
 
 
@@ -280,7 +280,7 @@ def _mambaout(block: nn.Module, ratio, hidden_ratio, slicer: Slicer) -> Gated:
     n, hp, hc = split_channels(dim, ratio), _part(plain, r), _part(conv_units, r)
     kept = torch.cat((torch.arange(hp), plain + torch.arange(hc)))  # kept hidden units, in cat(i, c) order
     rows = torch.cat((kept, hidden + torch.arange(hp), hidden + plain + torch.arange(hc)))  # g, i, c rows
-    new_fc1 = linear_from(fc1.weight[rows][:, :n], fc1.bias[rows] if fc1.bias is not None else None)
+    new_fc1 = linear_from(fc1.weight[rows, :n], fc1.bias[rows] if fc1.bias is not None else None)
     new_conv = slice_conv(conv, (0, hc)) if hc else clone_module(conv)
     mix = GatedConvMix(new_fc1, new_conv, _act(block, hp + hc, where, slicer), (hp + hc, hp, hc))
     new_fc2 = linear_from(fc2.weight[:n][:, kept], fc2.bias[:n] if fc2.bias is not None else None)

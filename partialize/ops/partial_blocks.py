@@ -962,7 +962,7 @@ class PartialAttention(PartialOperator):
             rows = _head_rows(chosen, num_heads, hd, lo).to(gate.weight.device)
             self.gate = nn.Linear(self.dim_attn, self.dim_attn, bias=gate.bias is not None)
             with torch.no_grad():
-                self.gate.weight.copy_(gate.weight[rows][:, lo:])
+                self.gate.weight.copy_(gate.weight[rows, lo:])
                 if gate.bias is not None:
                     self.gate.bias.copy_(gate.bias[rows])
 
@@ -972,7 +972,7 @@ class PartialAttention(PartialOperator):
         head = _head_rows(chosen, heads, hd, lo).to(w_qkv.device)
         rows = torch.cat([j * dim + head for j in range(3)])
         with torch.no_grad():
-            self.qkv.weight.copy_(w_qkv[rows][:, lo:])
+            self.qkv.weight.copy_(w_qkv[rows, lo:])
             if b_qkv is not None:
                 self.qkv.bias.copy_(b_qkv[rows])
             self.proj.weight.copy_(w_proj[lo:][:, head])

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import OperatorError
 from ._export import exporting
-from ._utils import clone_module, shares_kept_children, slice_bn, slice_conv, split_channels
+from ._utils import clone_module, placeholders, shares_kept_children, slice_bn, slice_conv, split_channels
 from ._utils import qualname as _qualname
 from .base import PartialOperator
 from .partial_blocks import fold_pairs, plain_sequential
@@ -308,7 +308,7 @@ class PartialResidual(PartialOperator):
         changed = {last, last_bn} | ({first} if (a, b) != (0, in_dim) else set())
         # the layers about to be replaced by their slices are not copied first (a copy of a large
         # block's 1x1 convs was most of the planning time of a wide network)
-        memo = {id(original.get_submodule(p)): nn.Identity() for p in changed}
+        memo = placeholders(original, [original.get_submodule(p) for p in changed])
         names = order + (out_act,) + ((short,) if short else ())
         if shares_kept_children():  # the planner's build: the kept children stay the original's (engine/apply.py)
             present = tuple(n for n in dict.fromkeys(names) if isinstance(getattr(original, n, None), nn.Module))

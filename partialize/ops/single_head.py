@@ -141,7 +141,7 @@ class SingleHeadAttention(PartialOperator):
         lo = dim - dim_attn
         op = cls(dim, dim_attn, d, b is not None, original.proj.bias is not None, getattr(original, "scale", d**-0.5))
         op.head = head
-        op.qkv = linear_from(w[rows][:, lo:], b.detach()[rows] if b is not None else None)
+        op.qkv = linear_from(w[rows, lo:], b.detach()[rows] if b is not None else None)
         wp = original.proj.weight.detach()
         proj_w = torch.cat((wp[:, head * d : (head + 1) * d], wp.new_zeros(dim, lo)), dim=1)
         pb = original.proj.bias

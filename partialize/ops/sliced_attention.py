@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import OperatorError
-from ._utils import clone_module, conv1x1_from, linear_from, select_bn, slice_bn
+from ._utils import clone_module, conv1x1_from, linear_from, placeholders, select_bn, slice_bn
 from .base import PartialOperator
 from .partial_blocks import PartialAttention, _kept_heads, _qualname
 
@@ -347,7 +347,12 @@ class HeadSlicedAttention(PartialAttention):
         kept = _kept_heads(num_heads, ratio, heads)
         drop = num_heads - kept
         lo, inner_lo = drop * step, drop * hd  # the kept heads are the last ones, on the last channels
-        inner = clone_module(original)
+        # the layers replaced below by their cuts are not copied first (most of an attention's weights)
+        replaced = [layer for _, _, layer in projs] + [proj, *(getattr(original, p, None) for p in layout.bias_modules)]
+        replaced += [_get(original, p) for p in (*layout.head_mixers, *layout.input_bns, *layout.head_rows)]
+        if layout.input_norm and _present(_get(original, layout.input_norm)):
+            replaced.append(_get(original, layout.input_norm))
+        inner = clone_module(original, placeholders(original, replaced))
         head_first = bool(layout.head_first_attr and getattr(original, layout.head_first_attr, False))
         with torch.no_grad():
             for attr, blocks, layer in projs:
@@ -496,4 +501,4 @@ def _cut_linear(layer: nn.Module, rows: torch.Tensor, col_lo: int = 0) -> nn.Mod
     rows = rows.to(layer.weight.device)
     bias = layer.bias[rows] if layer.bias is not None else None
     make = linear_from if isinstance(layer, nn.Linear) else conv1x1_from
-    return make(layer.weight[rows][:, col_lo:], bias)
+    return make(layer.weight[rows, col_lo:], bias)

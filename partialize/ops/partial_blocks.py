@@ -972,10 +972,12 @@ class PartialAttention(PartialOperator):
         head = _head_rows(chosen, heads, hd, lo).to(w_qkv.device)
         rows = torch.cat([j * dim + head for j in range(3)])
         with torch.no_grad():
-            self.qkv.weight.copy_(w_qkv[rows, lo:])
+            # the row gathers are new tensors: they become the weights (a copy of each was a third
+            # of a wide ViT's conversion); the proj bias is a view of the original's: copied
+            self.qkv.weight = nn.Parameter(w_qkv[rows, lo:])
             if b_qkv is not None:
-                self.qkv.bias.copy_(b_qkv[rows])
-            self.proj.weight.copy_(w_proj[lo:][:, head])
+                self.qkv.bias = nn.Parameter(b_qkv[rows])
+            self.proj.weight = nn.Parameter(w_proj[lo:][:, head])
             if b_proj is not None:
                 self.proj.bias.copy_(b_proj[lo:])
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ._fs import check_output
+from ._modes import in_mode
 from .base_model import build_model, check_runs_at
 from .calibration import CalibrationError, CalibrationResult, calibrate_model
 from .engine.apply import apply_plan
@@ -113,11 +114,11 @@ def scan(
     if isinstance(model, str):
         model = build_model(model, num_classes=num_classes)
     _check_args(model, 0.25, None, example_input, input_size, "scan")
-    model.eval()
-    if input_size and example_input is None:
-        check_runs_at(model, input_size, name, "--input-size")
     kinds = KINDS if kind == "all" else (kind,)
-    return scan_model(model, example_input=example_input, input_size=input_size, kinds=kinds, name=name)
+    with in_mode(model):  # a model passed in gets each module's own mode back
+        if input_size and example_input is None:
+            check_runs_at(model, input_size, name, "--input-size")
+        return scan_model(model, example_input=example_input, input_size=input_size, kinds=kinds, name=name)
 
 
 @dataclass
@@ -187,36 +188,36 @@ def convert(
     else:
         name = type(model).__name__
         _check_args(model, 0.25, None, None, input_size, "convert")
-    model.eval()
-    if size:
-        check_runs_at(model, size, name, "--input-size" if input_size else "the recipe's input_size")
-    say(f"planning {name}")
-    plan = make_plan(model, rec, input_size=size)
-    result = ConversionResult(plan=plan, original=model)
-    if weights == "random":
-        result.notes.append("weights: random (use weights='pretrained' or a file to convert trained weights)")
-    if dry_run:
-        return result
-    result.model = apply_plan(model, plan)
-    if calibrate is not None:
+    with in_mode(model):  # evaluated throughout; a model passed in gets each module's own mode back
+        if size:
+            check_runs_at(model, size, name, "--input-size" if input_size else "the recipe's input_size")
+        say(f"planning {name}")
+        plan = make_plan(model, rec, input_size=size)
+        result = ConversionResult(plan=plan, original=model)
         if weights == "random":
-            result.notes.append("calibrating random weights: it restores the original's function, which is random")
-        say(f"calibrating on {calib_images} images of {os.fspath(calibrate)}")
-        result.calibration = calibrate_model(
-            result.model, model, calibrate, images=calib_images, steps=calib_steps, input_size=size,
-            progress=calib_progress,
-        )  # fmt: skip
-        result.model = result.calibration.model
-    if speed:
-        say(f"measuring speed of the deployed forms: {threads} thread(s), batch 1 and {batch}")
-        result.speed = speed_summary(
-            deploy(model),
-            deploy(result.model),
-            tuple(plan.input_shape[1:]),
-            threads=threads,
-            batch=batch,
-            names=("original", "converted"),
-        )
-    if out is not None:
-        result.path = save(result.model, out, overwrite=force)
-    return result
+            result.notes.append("weights: random (use weights='pretrained' or a file to convert trained weights)")
+        if dry_run:
+            return result
+        result.model = apply_plan(model, plan)
+        if calibrate is not None:
+            if weights == "random":
+                result.notes.append("calibrating random weights: it restores the original's function, which is random")
+            say(f"calibrating on {calib_images} images of {os.fspath(calibrate)}")
+            result.calibration = calibrate_model(
+                result.model, model, calibrate, images=calib_images, steps=calib_steps, input_size=size,
+                progress=calib_progress,
+            )  # fmt: skip
+            result.model = result.calibration.model
+        if speed:
+            say(f"measuring speed of the deployed forms: {threads} thread(s), batch 1 and {batch}")
+            result.speed = speed_summary(
+                deploy(model),
+                deploy(result.model),
+                tuple(plan.input_shape[1:]),
+                threads=threads,
+                batch=batch,
+                names=("original", "converted"),
+            )
+        if out is not None:
+            result.path = save(result.model, out, overwrite=force)
+        return result

@@ -150,3 +150,23 @@ def test_cli_convert_calibrate_prints_fidelity(tmp_path):
     data = json.loads(r.stdout)
     assert data["calibration"]["steps"] == ["channels", "bn", "distil"]
     assert 0 <= data["calibration"]["after"]["agreement"] <= 100
+
+
+def test_calibrate_fidelity_scan_and_convert_leave_each_modules_mode(digits):
+    """A training model with a frozen BN: calibrate, fidelity, scan and convert run their passes in
+    eval mode and put every module of the models they were given back in its own mode (they set the
+    original to eval for good, and a root-level restore unfroze the BN)."""
+    torch.manual_seed(0)
+    original = nondegenerate_(timm.create_model("resnet18", num_classes=10)).train()
+    original.bn1.eval()
+    converted = partialize.apply(original, "default", input_size=32).train()
+    converted.bn1.eval()
+    modes = lambda m: [s.training for s in m.modules()]  # noqa: E731
+    want_o, want_c = modes(original), modes(converted)
+    calibrate_model(converted, original, digits, images=32, steps=2, seed=0)
+    assert modes(original) == want_o and modes(converted) == want_c
+    fidelity(converted, original, digits[:16])
+    assert modes(original) == want_o and modes(converted) == want_c
+    partialize.scan(original, input_size=32)
+    partialize.convert(original, "default", input_size=32, speed=False)
+    assert modes(original) == want_o and original.training and not original.bn1.training

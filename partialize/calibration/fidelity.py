@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._modes import in_mode
 from .steps import blocks_of
 
 
@@ -63,30 +64,26 @@ def fidelity(
                     caught[tag][n] = _logits(out).detach().float().clone()
 
                 hooks.append(modules[n].register_forward_hook(hook))
-    states = (model.training, reference.training)
-    model.eval()
-    reference.eval()
     agree = seen = 0
     kl = 0.0
     try:
-        for i in range(0, images.shape[0], batch_size):
-            x = images[i : i + batch_size]
-            y, r = _logits(model(x)).float(), _logits(reference(x)).float()
-            agree += int((y.argmax(1) == r.argmax(1)).sum())
-            seen += x.shape[0]
-            t = temperature
-            kl += float(F.kl_div(F.log_softmax(y / t, 1), F.log_softmax(r / t, 1), log_target=True, reduction="sum"))
-            for n in layers:
-                a, b = caught["model"].get(n), caught["reference"].get(n)
-                if a is not None and b is not None and a.shape == b.shape:
-                    sums[n][0] += float((a - b).square().sum())
-                    sums[n][1] += float(b.square().sum())
-            caught["model"].clear()
-            caught["reference"].clear()
+        with in_mode(model), in_mode(reference):  # each module back in its own mode after
+            for i in range(0, images.shape[0], batch_size):
+                x = images[i : i + batch_size]
+                y, r = _logits(model(x)).float(), _logits(reference(x)).float()
+                agree += int((y.argmax(1) == r.argmax(1)).sum())
+                seen += x.shape[0]
+                logp, logq = F.log_softmax(y / temperature, 1), F.log_softmax(r / temperature, 1)
+                kl += float(F.kl_div(logp, logq, log_target=True, reduction="sum"))
+                for n in layers:
+                    a, b = caught["model"].get(n), caught["reference"].get(n)
+                    if a is not None and b is not None and a.shape == b.shape:
+                        sums[n][0] += float((a - b).square().sum())
+                        sums[n][1] += float(b.square().sum())
+                caught["model"].clear()
+                caught["reference"].clear()
     finally:
         for h in hooks:
             h.remove()
-        model.train(states[0])
-        reference.train(states[1])
     per_layer = {n: (e / max(ref, 1e-12)) ** 0.5 for n, (e, ref) in sums.items() if ref > 0}
     return Fidelity(seen, 100.0 * agree / max(1, seen), kl / max(1, seen), temperature, per_layer)

@@ -146,8 +146,8 @@ def permute_by_importance(
             notes.append(
                 f"channel choice skipped for the group read by {', '.join(readers)}: a layer in it cannot be permuted"
             )
-    with torch.no_grad():
-        want, got = original.eval()(images[:16]), model(images[:16])
+    with torch.no_grad(), in_mode(original):
+        want, got = original(images[:16]), model(images[:16])
         want = want[0] if isinstance(want, (tuple, list)) else want
         got = got[0] if isinstance(got, (tuple, list)) else got
         err = float((want - got).abs().max() / want.abs().max().clamp_min(1e-12))

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 import torchvision
-from _helpers import rel_err
+from _helpers import randomize_bn, rel_err
 from click.testing import CliRunner
 from torch import nn
 
@@ -420,3 +420,96 @@ def test_planning_counting_and_applying_put_every_module_back_in_its_own_mode():
     assert [m.training for m in model.modules()] == modes
     assert modes.count(False) > 1  # the check is not vacuous: some modules were in eval, the root trains
     assert model.training
+
+
+class _ListHeld(nn.Module):
+    """A conv registered as a child and also kept in a plain list (and a dict) its forward runs."""
+
+    def __init__(self, where: str = "list"):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Conv2d(16, 16, 3, padding=1)
+        self.layers = [self.conv] if where == "list" else {"first": self.conv}
+
+    def forward(self, x):
+        for layer in self.layers if isinstance(self.layers, list) else self.layers.values():
+            x = layer(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("where", ["list", "dict"])
+def test_a_layer_also_held_by_a_plain_attribute_is_skipped_with_the_reason(where):
+    """Swapping by name would leave the list's reference running the original conv while the plan
+    claimed the conversion (its MACs, its parameters): the layer is refused; the rest converts."""
+    model = _ListHeld(where).eval()
+    x = torch.randn(1, 16, 16, 16)
+    rec = {"version": 1, "rules": [{"select": {"type": "Conv2d"}, "variant": "pconv", "ratio": 0.25}]}
+    plan = partialize.plan(model, rec, example_input=x)
+    skipped = {e.layer: e.reason for e in plan.skipped}
+    assert "plain attribute 'layers'" in skipped["conv"]
+    assert [e.layer for e in plan.converted] == ["head"]
+    conv = apply_plan(model, plan)
+    assert type(conv.layers[0] if where == "list" else conv.layers["first"]) is nn.Conv2d
+    # the plan's count is the converted model's own: 16*16*9*256 for the conv, a quarter's quarter for the head
+    assert plan.macs_after == count_macs(conv, x).total == 16 * 16 * 9 * 256 + 4 * 4 * 9 * 256
+
+
+def test_a_layer_with_hooks_is_skipped_with_the_reason_and_converts_once_they_are_removed():
+    """The converted layer is a new module: hooks on the original (or on a layer inside it) would
+    silently stop running. Refused with the reason; without the hooks it converts."""
+    model = torchvision.models.resnet18().eval()
+    rec = {"version": 1, "rules": [{"select": {"name": "layer1.0.conv2"}, "variant": "pconv"}]}
+    h1 = model.layer1[0].conv2.register_forward_hook(lambda m, a, o: o * 2)
+    h2 = model.layer1[1].conv2.register_forward_pre_hook(lambda m, a: None)
+    plan = partialize.plan(model, rec, input_size=64)
+    assert "forward hooks registered" in {e.layer: e.reason for e in plan.skipped}["layer1.0.conv2"]
+    block = {"version": 1, "rules": [{"select": {"name": "layer1.1"}, "variant": "partial_residual"}]}
+    reason = {e.layer: e.reason for e in partialize.plan(model, block, input_size=64).skipped}["layer1.1"]
+    assert "forward pre hooks registered (its conv2)" in reason
+    h1.remove()
+    h2.remove()
+    assert [e.layer for e in partialize.plan(model, rec, input_size=64).converted] == ["layer1.0.conv2"]
+    assert [e.layer for e in partialize.plan(model, block, input_size=64).converted] == ["layer1.1"]
+
+
+def test_a_module_that_reads_its_state_dict_version_round_trips(tmp_path):
+    """torchvision's MNASNet reads the state-dict version in _load_from_state_dict; safetensors keeps
+    no versions, so its files saved but never loaded. The reloaded model equals the saved one."""
+    model = torchvision.models.mnasnet0_5().eval()
+    randomize_bn(model)
+    conv = partialize.apply(model, "auto", input_size=64).eval()
+    path = partialize.save(conv, tmp_path / "m.safetensors")
+    back = partialize.load(path, model=torchvision.models.mnasnet0_5()).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(back(x), conv(x))
+
+
+def test_tied_weights_are_saved_once_and_load_tied():
+    """A weight shared by two layers is one tensor in the file; loading fills both names (the one the
+    file left out is not reported missing) and keeps them one tensor."""
+    import tempfile
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.a = nn.Conv2d(16, 16, 3, padding=1)
+            self.b = nn.Conv2d(16, 16, 1)
+            self.c = nn.Conv2d(16, 16, 1)
+            self.c.weight = self.b.weight
+
+        def forward(self, x):
+            return self.c(self.b(self.a(self.stem(x))))
+
+    torch.manual_seed(0)
+    model = Tied().eval()
+    conv = partialize.apply(model, "default", input_size=32).eval()
+    with tempfile.TemporaryDirectory() as d:
+        path = partialize.save(conv, f"{d}/t.safetensors")
+        fresh = Tied()
+        back = partialize.load(path, model=fresh).eval()
+    assert back.c.weight is back.b.weight
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(back(x), conv(x))

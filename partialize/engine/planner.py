@@ -143,6 +143,7 @@ def make_plan(
     outputs: dict[str, list] = {}
     calls = capture_calls(*runs_on, wanted, outputs)
     state = _PlanState(rec, discovery, modules, calls, outputs, tensor_owners(model))
+    state.held_outside = _held_outside(model)
     for name, decision in cands:
         state.decide(name, decision)
     if rec.strict:
@@ -179,6 +180,7 @@ class _PlanState:
         self.containers: dict[str, tuple[str, ...]] = {}  # converted blocks whose unchanged children stay convertible
         self.cycles: dict[tuple, int] = {}  # (matching rules, param, values) -> layers that took a turn
         self.built: dict[str, tuple] = {}  # layer -> (operator, the module it came from, its fingerprint)
+        self.held_outside: dict[int, str] = {}  # modules a plain attribute holds (``_held_outside``)
 
     def _take_cycles(self, decision: Decision) -> dict:
         """The decision's params with each ``{cycle: [...]}`` value replaced by this layer's turn: the
@@ -213,7 +215,9 @@ class _PlanState:
             return "already a partialize operator"
         if not self.calls.get(name):
             return "not called in the example forward (nothing to measure or check it on)"
-        return shared_parameters(name, self.modules[name], self.discovery, self.owners)
+        return _unswappable(self.modules[name], self.held_outside) or shared_parameters(
+            name, self.modules[name], self.discovery, self.owners
+        )
 
     def decide(self, name: str, decision: Decision) -> None:
         info, m = self.discovery.layers[name], self.modules[name]
@@ -258,6 +262,43 @@ class _PlanState:
                 rule=rule_desc,
             )
         )
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _held_outside(model: nn.Module) -> dict[int, str]:
+    """id -> where, for every module a plain attribute holds (directly, or in a list, tuple or dict),
+    as ``owner.attribute``: a swap by name would leave that reference on the original layer."""
+    out: dict[int, str] = {}
+    for owner, m in model.named_modules():
+        for k, v in vars(m).items():
+            if k in ("_parameters", "_buffers", "_modules"):
+                continue
+            values = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else (v,)
+            for value in values:
+                if isinstance(value, nn.Module):
+                    out.setdefault(id(value), f"{owner}.{k}" if owner else k)
+    return out
+
+
+def _unswappable(module: nn.Module, held_outside: dict[int, str]) -> str | None:
+    """Why swapping ``module`` would leave the model computing something else than the plan says: a
+    reference to it (or to a layer inside it) outside the module tree, or hooks the swap would drop."""
+    for rel, m in module.named_modules():
+        inside = f" (its {rel})" if rel else ""
+        if id(m) in held_outside:
+            return (
+                f"also held by the plain attribute {held_outside[id(m)]!r}{inside}: the swap replaces the module, "
+                "and that reference would still run the original layer"
+            )
+        hooks = [h for h in _HOOKS if getattr(m, h, None)]
+        if hooks:
+            return (
+                f"has {', '.join(h.strip('_').replace('_', ' ') for h in hooks)} registered{inside}: the "
+                "converted layer would not run them (remove them first, and register them again after)"
+            )
+    return None
 
 
 def _under(rel: str, path: str) -> bool:

@@ -145,10 +145,15 @@ _FORMULAS: dict[object, Callable] = {
     aten.matmul.default: _matmul,
     aten.einsum.default: _einsum,
     aten.scaled_dot_product_attention.default: lambda a, o: _attention_bhld(*a[:3]),
+    # pairwise distances of x1 (..., P, M) and x2 (..., R, M): one M-long reduction per output element
+    aten._cdist_forward.default: lambda a, o: o.numel() * a[0].shape[-1],
+    aten._euclidean_dist.default: lambda a, o: o.numel() * a[0].shape[-1],
 }
 
 # ops that do multiply-accumulate work but have no formula here: reported, never silently 0
-_CONTRACTION = re.compile(r"(mm|conv|attention|matmul|linear|einsum|bilinear|rnn|lstm|gru|tensordot|_int\d?pack)")
+_CONTRACTION = re.compile(
+    r"(mm|conv|attention|matmul|linear|einsum|bilinear|rnn|lstm|gru|tensordot|_int\d?pack|cdist|euclidean_dist)"
+)
 
 
 def _op_macs(func, args, out) -> int | None:

@@ -639,3 +639,24 @@ def test_report_fine_tunes_the_pruning_baseline_before_its_accuracy(tmp_path):
         main, [*base, "--pruning-baseline", "--pruning-finetune", "1", "--train-data", str(tmp_path / "nope")]
     )
     assert nodir.exit_code != 0 and "nope" in nodir.output
+
+
+def test_pairwise_distances_count_one_reduction_per_output():
+    """torch.cdist dispatches _cdist_forward (p != 2, or small inputs) or _euclidean_dist: each output
+    distance is an M-long reduction. Hand count: batch x P x R x M; it was 0 and not listed."""
+    from partialize.macs import count_macs
+
+    class Dist(nn.Module):
+        def __init__(self, p):
+            super().__init__()
+            self.p = p
+
+        def forward(self, a, b):
+            return torch.cdist(a, b, p=self.p)
+
+    a, b = torch.randn(2, 30, 8), torch.randn(2, 40, 8)
+    for p in (1.0, 2.0):
+        r = count_macs(Dist(p), a, b)
+        assert r.total == 2 * 30 * 40 * 8 and not r.uncounted, (p, r.total, r.uncounted)
+    big = torch.randn(1, 40, 8), torch.randn(1, 30, 8)  # > 25 rows: the matrix-product path for p=2
+    assert count_macs(Dist(2.0), *big).total == 40 * 30 * 8

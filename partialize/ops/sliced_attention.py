@@ -347,12 +347,7 @@ class HeadSlicedAttention(PartialAttention):
         kept = _kept_heads(num_heads, ratio, heads)
         drop = num_heads - kept
         lo, inner_lo = drop * step, drop * hd  # the kept heads are the last ones, on the last channels
-        # the layers replaced below by their cuts are not copied first (most of an attention's weights)
-        replaced = [layer for _, _, layer in projs] + [proj, *(getattr(original, p, None) for p in layout.bias_modules)]
-        replaced += [_get(original, p) for p in (*layout.head_mixers, *layout.input_bns, *layout.head_rows)]
-        if layout.input_norm and _present(_get(original, layout.input_norm)):
-            replaced.append(_get(original, layout.input_norm))
-        inner = clone_module(original, placeholders(original, replaced))
+        inner = clone_module(original, placeholders(original, _replaced(original, layout, projs, proj)))
         head_first = bool(layout.head_first_attr and getattr(original, layout.head_first_attr, False))
         with torch.no_grad():
             for attr, blocks, layer in projs:
@@ -415,6 +410,16 @@ class HeadSlicedAttention(PartialAttention):
         op = cls(inner, layout, dim, num_heads, kept, step)
         op.inner_lo, op.input_norm = inner_lo, norm
         return op
+
+
+def _replaced(original: nn.Module, layout: HeadLayout, projs, proj) -> list:
+    """The layers ``from_original`` replaces by their cuts: left out of its copy of the attention
+    (most of an attention's weights were copied, then thrown away)."""
+    out = [layer for _, _, layer in projs] + [proj, *(getattr(original, p, None) for p in layout.bias_modules)]
+    out += [_get(original, p) for p in (*layout.head_mixers, *layout.input_bns, *layout.head_rows)]
+    if layout.input_norm and _present(_get(original, layout.input_norm)):
+        out.append(_get(original, layout.input_norm))
+    return out
 
 
 # position-bias modules whose forward is attn + get_bias() and get_bias() is (1, heads, N, N)

@@ -77,6 +77,11 @@ def test_convert_then_finetune_then_resume(tmp_path):
     assert [e["epoch"] for e in log] == [1]
     assert (out / "last.pt").exists() and (out / "best.pt").exists()
     assert "resolution: 32x32" in r.output
+    # the same --out again without --resume: refused before anything is written (nothing replaced)
+    before = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
+    r = runner.invoke(main, args + ["--epochs", "1"])
+    assert r.exit_code == 2 and "already holds a run" in r.output and "--force" in r.output, r.output
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == before
     # a setting the resume cannot honour is refused, naming the option, before anything is trained
     other_lr = [a if a != "1e-3" else "2e-3" for a in args]
     r = runner.invoke(main, other_lr + ["--epochs", "2", "--resume"])
@@ -96,6 +101,12 @@ def test_convert_then_finetune_then_resume(tmp_path):
     assert {"train_loss", "val_top1", "lr", "time_s"} <= set(log[0])
     model = partialize.load(out / "final.safetensors")
     assert isinstance(model.layer1[0].conv1, PConv)
+    # --force replaces the run: the old run's files go first, so no stale report or log stays
+    (out / "report.md").write_text("an old run's report")
+    r = runner.invoke(main, args + ["--epochs", "1", "--force", "--no-report"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert not (out / "report.md").exists()
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
 
 
 def _free_port() -> int:

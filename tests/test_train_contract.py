@@ -220,3 +220,24 @@ def test_run_finetune_returns_what_it_wrote(tmp_path):
     with open(res.result_path) as f:
         assert json.load(f)["frozen_ratios"] == learned
     assert res.result.history[0]["epoch"] == 1 and res.result.checkpoints["last"].endswith("last.pt")
+
+
+def test_the_logged_task_loss_is_the_label_loss_when_distilling(digits):
+    """train_task_loss is the label cross-entropy; with kd_weight 1 the minimised loss is the KD term
+    alone, and the two differ. Oracle: the cross-entropy of the untrained net on the same images (a
+    learning rate of 1e-12 leaves it as it was; the epoch's mean does not depend on the order)."""
+    import torch.nn.functional as F
+
+    train, _ = digits
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    with torch.no_grad():
+        xs, ys = zip(*train.dataset)
+        x, y = torch.stack(xs), torch.as_tensor(ys)
+        label = float(F.cross_entropy(net(x), y, label_smoothing=0.1))
+    r = finetune(net, train, None, teacher=teacher, epochs=1, lr=1e-12, weight_decay=0.0, kd_weight=1.0,
+                 amp=False, progress=False, log=None)  # fmt: skip
+    rec = r.history[0]
+    assert rec["train_task_loss"] == pytest.approx(label, rel=1e-4)
+    assert abs(rec["train_loss"] - rec["train_task_loss"]) > 0.05

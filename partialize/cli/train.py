@@ -41,6 +41,9 @@ def _common_options(fn):
         click.option("--seed", default=0, show_default=True, help="Seed (data order, augmentation, init)."),
         click.option("--out", "-o", "out_dir", default="runs/partialize", show_default=True, help="Output dir."),
         click.option("--resume", is_flag=True, help="Continue from OUT/last.pt (same settings required)."),
+        click.option(
+            "--force", is_flag=True, help="Replace the run already in OUT (its files are removed first)."
+        ),  # fmt: skip
         click.option("--device", help="cpu or cuda[:N] [default: cuda if available]."),
         click.option("--report/--no-report", default=True, show_default=True, help="Write report.json/.md at the end."),
         click.option("--speed/--no-speed", default=True, show_default=True, help="Time the models in the report."),

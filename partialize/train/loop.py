@@ -321,7 +321,8 @@ class Trainer:
             crit = self.crit_soft
         with torch.autocast(dev.type, dtype=torch.float16, enabled=self.use_amp):
             logits = self.net(x)
-            task = crit(logits.float(), y)
+            label = crit(logits.float(), y)  # logged as the task loss, whatever distillation mixes in
+            task = label
             for cb in self.callbacks:
                 task = cb.on_task_loss(self, x, logits, task)
         loss = task
@@ -339,7 +340,7 @@ class Trainer:
         self.scaler.update()
         b = x.shape[0]
         self.sums["loss"] += float(loss.detach()) * b
-        self.sums["task"] += float(task.detach()) * b
+        self.sums["task"] += float(label.detach()) * b
         self.sums["n"] += b
         for cb in self.callbacks:
             cb.on_step_end(self)

@@ -80,6 +80,7 @@ class _Run:
     workers: int = 0
     device: str | None = None
     resume: bool = False
+    force: bool = False
     report: bool = True
     speed: bool = True
     threads: int = 1
@@ -95,9 +96,26 @@ def _filled(defaults: dict, settings: dict) -> dict:
     return {**settings, **{k: (settings[k] if settings.get(k) is not None else v) for k, v in defaults.items()}}
 
 
+# what a run writes into its --out folder
+RUN_FILES = ("last.pt", "best.pt", "final.safetensors", "log.jsonl", "result.json", "report.json", "report.md")
+
+
 def _check(run: _Run, settings: dict) -> None:
-    """Every option checked before any file is read or written (a TrainingError naming it)."""
+    """Every option checked before any file is read or written (a TrainingError naming it). A folder
+    holding an earlier run needs ``resume`` (continue it) or ``force`` (its files removed first, so no
+    report of the old run stays next to the new model)."""
     check_settings(**settings, input_size=run.input_size, workers=run.workers, threads=run.threads)
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(run.out_dir, f))]
+    if not held or run.resume:
+        return
+    if not run.force:
+        raise TrainingError(
+            f"--out {run.out_dir!r} already holds a run ({', '.join(held)}): --resume continues it, --force "
+            "replaces it, or give another --out"
+        )
+    if int(os.environ.get("RANK", 0)) == 0:
+        for f in held:
+            os.remove(os.path.join(run.out_dir, f))
 
 
 def _leave_group(distributed: bool) -> None:

@@ -27,6 +27,7 @@ from torch import nn
 
 from . import serialization as pio
 from ._fs import atomic_write
+from .base_model import check_runs_at
 from .errors import PartializeError
 from .inference import deploy, eval_reference
 from .ops.registry import operators_in
@@ -201,6 +202,8 @@ def export(
     say(f"loading {checkpoint}")
     trained = pio.load(checkpoint, deployed=False).eval()
     size = input_size or (plan.input_shape[-1] if plan.input_shape else 224)
+    if input_size:  # a size the model cannot take: the reason and the fix, not a traceback from the exporter
+        check_runs_at(trained, size, os.path.basename(os.fspath(checkpoint)), "--input-size")
     chans = plan.input_shape[1] if len(plan.input_shape) == 4 else 3
     example = torch.randn(batch, chans, size, size, generator=torch.Generator().manual_seed(0))
     say("deploying (BN folded, PAT_sp merged, DPConv frozen, Ada-PConv hard routing)")

@@ -70,7 +70,35 @@ def save(model: nn.Module, path: str | os.PathLike, *, deployed: bool = False, o
         "plan": plan.to_json(indent=None),
         "deployed": "true" if deployed else "false",
     }
+    routing = _routing_of(model)
+    if routing:
+        meta["routing"] = json.dumps(routing)
     return atomic_write(path, lambda tmp: save_model(model, tmp, metadata=meta), force=overwrite)
+
+
+def _routing_of(model: nn.Module) -> dict[str, list]:
+    """layer -> [routing, trained_routing] of each routing operator (Ada-PConv): not tensors, so not in
+    the state dict, and not the recipe's (a fine-tune sets them). Without them a loaded file routed
+    as the recipe said (soft), not as it was trained and deployed."""
+    return {
+        n: [m.routing, m.trained_routing]
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "routing", None), str) and hasattr(m, "trained_routing")
+    }
+
+
+def _restore_routing(model: nn.Module, meta: dict, path) -> None:
+    try:
+        saved = json.loads(meta.get("routing") or "{}")
+    except ValueError:
+        raise CheckpointError(f"{os.fspath(path)!r}: the stored routing is unreadable") from None
+    modules = dict(model.named_modules())
+    for name, (routing, trained) in saved.items():
+        m = modules.get(name)
+        if m is None or not hasattr(m, "set_routing"):
+            raise CheckpointError(f"{os.fspath(path)!r}: routing stored for {name!r}, which routes nothing here")
+        m.set_routing(routing)
+        m.trained_routing = trained
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -247,9 +275,12 @@ def load(
         shapes = "; ".join(f"{k}: {list(a)} in the file, {list(b)} in the model" for k, a, b in differ[:3])
         shapes += " ..." if len(differ) > 3 else ""
         if own_base:  # the file's plan, replayed on the base it names, does not give its own tensors
+            spec = plan.model or {}
             raise CheckpointError(
-                f"weights in {os.fspath(path)!r} do not match the replayed plan stored in the same file ({shapes}): "
-                "the file is corrupt or was edited; convert the model again"
+                f"weights in {os.fspath(path)!r} do not match the replayed plan stored in the same file ({shapes}). "
+                f"The file names its base model as {spec.get('spec')!r} with {spec.get('kwargs') or {}}: a model built "
+                "with other arguments (e.g. timm's img_size) gives other shapes; pass it: partialize.load(path, "
+                "model=...). Otherwise the file is corrupt or was edited: convert the model again"
             )
         raise CheckpointError(
             f"weights in {os.fspath(path)!r} do not fit {_base_hint(plan)}: tensor shapes differ ({shapes}). "
@@ -266,6 +297,7 @@ def load(
             f"weights in {os.fspath(path)!r} do not match the replayed plan: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
+    _restore_routing(converted, meta, path)
     if deployed is None:
         deployed = meta.get("deployed") == "true"
     if deployed:

@@ -316,3 +316,32 @@ def test_torch_compile_graph_capture():
 def test_torch_compile_inductor():
     """The same with the default inductor backend (generates and compiles C++ kernels on CPU)."""
     _compile_check("inductor")
+
+
+def test_export_at_a_size_the_model_cannot_take_is_a_clear_error(tmp_path):
+    """A ViT built for 224 px exported at 64: the reason and the fix (the size it was built for), no
+    traceback from the exporter and no file."""
+    ckpt = str(tmp_path / "v.safetensors")
+    args = ["convert", "vit_tiny_patch16_224", "--recipe", "auto", "--num-classes", "4", "--no-speed", "--out", ckpt]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    r = CliRunner().invoke(main, ["export", ckpt, "--format", "torchscript", "--input-size", "64"])
+    assert r.exit_code != 0 and "does not run at --input-size 64" in r.output, r.output
+    assert "Traceback" not in r.output and not os.path.exists(tmp_path / "v.ts.pt")
+
+
+def test_a_saved_ada_pconv_loads_with_the_routing_it_was_trained_with(tmp_path):
+    """Routing is no tensor: a file loaded back routed as its recipe said (soft), not as the fine-tune
+    left it, so the loaded model's eval differed from its own export by 2-4%. Saved and restored, with
+    the trained routing that deploy()'s warning reads."""
+    m = converted("torchvision:resnet18", "adaptive").eval()
+    ops = [q for q in m.modules() if isinstance(q, AdaPConv)]
+    for q in ops:  # as the trainer leaves them after an ste fine-tune
+        q.set_routing("hard")
+        q.trained_routing = "ste"
+    back = partialize.load(partialize.save(m, tmp_path / "a.safetensors")).eval()
+    got = [q for q in back.modules() if isinstance(q, AdaPConv)]
+    assert [(q.routing, q.trained_routing) for q in got] == [("hard", "ste")] * len(ops)
+    x = torch.randn(4, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.equal(back(x), m(x))
+        assert rel_err(back(x), partialize.deploy(back)(x)) < 1e-5

@@ -660,3 +660,20 @@ def test_pairwise_distances_count_one_reduction_per_output():
         assert r.total == 2 * 30 * 40 * 8 and not r.uncounted, (p, r.total, r.uncounted)
     big = torch.randn(1, 40, 8), torch.randn(1, 30, 8)  # > 25 rows: the matrix-product path for p=2
     assert count_macs(Dist(2.0), *big).total == 40 * 30 * 8
+
+
+def test_report_uses_the_checkpoints_size_and_says_when_outputs_outnumber_the_folders(tmp_path):
+    """A checkpoint converted at 32 px is reported at 32 px (224 upsampled its images and counted 49x
+    its MACs); a model with more outputs than the folder has classes gets the warning in its notes,
+    where the report's reader sees it, next to the accuracy it qualifies."""
+    _image_folder(tmp_path / "val", {"dark": [10, 20], "light": [200, 230]})
+    ckpt = tmp_path / "r18.safetensors"
+    r = CliRunner().invoke(main, ["convert", "torchvision:resnet18", "--num-classes", "4", "--input-size", "32",
+                                  "--no-speed", "--out", str(ckpt)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "report.json"
+    res = CliRunner().invoke(main, ["report", str(ckpt), "--data", str(tmp_path), "--no-speed", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert doc["input_size"] == [3, 32, 32]
+    assert any("4 outputs" in n and "2 class folders" in n for n in doc["model"]["notes"]), doc["model"]["notes"]

@@ -33,9 +33,19 @@ def _display_name(spec: str) -> str:
     return os.path.basename(os.path.normpath(spec)) if os.path.exists(spec) else spec
 
 
+def _converted_size(model) -> int:
+    """The size a checkpoint was converted at (its plan's square input), else 224."""
+    shape = tuple(getattr(getattr(model, "_partialize_plan", None), "input_shape", ()) or ())
+    return int(shape[-1]) if len(shape) == 4 and shape[-1] == shape[-2] else 224
+
+
 def _speed_options(fn):
     opts = [
-        click.option("--input-size", default=224, type=POSITIVE, show_default=True, help="Square input size H=W."),
+        click.option(
+            "--input-size",
+            type=POSITIVE,
+            help="Square input size H=W [default: the size a checkpoint was converted at, else 224].",
+        ),  # fmt: skip
         click.option(
             "--threads", default=1, type=POSITIVE, show_default=True, help="CPU threads (torch.set_num_threads)."
         ),
@@ -154,10 +164,14 @@ def report_cmd(
 
     # every output is checked before anything is loaded or timed
     _check_outputs({"--json": json_path, "--md": md_path}, force, inputs=[model_or_checkpoint, baseline, weights])
-    finetune = _pruning_finetune(pruning_finetune, pruning_baseline, train_data, data, ft_lr, ft_batch, input_size)
+    ft_args = (pruning_finetune, pruning_baseline, train_data, data, ft_lr, ft_batch)
+    finetune = _pruning_finetune(*ft_args, input_size)
     console = Console()
     with console.status("loading models") as status:
         model = load_model(model_or_checkpoint, weights, trust_factory=trust_factory)
+        if not input_size:  # the size the checkpoint was converted at; the pruned baseline's fine-tune too
+            input_size = _converted_size(model)
+            finetune = _pruning_finetune(*ft_args, input_size)
         check_runs_at(model, input_size, model_or_checkpoint)
         base = load_model(baseline, weights, trust_factory=trust_factory, num_classes=num_classes) if baseline else None
         if base is not None:
@@ -377,7 +391,9 @@ def bench_models_cmd(
             if name in loaded:
                 raise PartializeError(f"model {name!r} is given twice")
             loaded[name] = load_model(spec, weights, trust_factory=trust_factory)
-            check_runs_at(loaded[name], input_size, spec)
+        input_size = input_size or _converted_size(next(iter(loaded.values())))  # the first model's
+        for spec, m in zip(models, loaded.values()):
+            check_runs_at(m, input_size, spec)
         macs = {n: macs_breakdown(m, input_size, crosscheck=False)["total"] for n, m in loaded.items()}
         status.update("timing side by side")
         res = measure_speed(

@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import platform
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
@@ -204,7 +205,10 @@ def measure_model(
     if data is not None:
         if progress:
             progress(f"{name}: accuracy on {data}")
-        accuracy = evaluate_accuracy(model, data, limit=data_limit, input_size=chw[1])
+        with warnings.catch_warnings(record=True) as seen:  # in the report, where a reader sees it
+            warnings.simplefilter("always")
+            accuracy = evaluate_accuracy(model, data, limit=data_limit, input_size=chw[1])
+        notes.extend(f"accuracy: {w.message}" for w in seen if issubclass(w.category, UserWarning))
     else:
         notes.append("accuracy not measured (no --data)")
     notes.extend(mb["notes"])

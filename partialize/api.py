@@ -197,6 +197,8 @@ def convert(
         if weights == "random":
             result.notes.append("weights: random (use weights='pretrained' or a file to convert trained weights)")
         if dry_run:
+            if calibrate is not None:
+                result.notes.append("dry run: nothing converted, so nothing calibrated (--calibrate was not used)")
             return result
         result.model = apply_plan(model, plan)
         if calibrate is not None:

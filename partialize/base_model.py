@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import pickle
 
 import torch
 from torch import nn
@@ -59,6 +60,12 @@ def load_state_file(model: nn.Module, path: str) -> None:
                 state = state["state_dict"]
     except CheckpointError:
         raise
+    except pickle.UnpicklingError:  # torch's text advises weights_only=False, which would run the file's code
+        raise CheckpointError(
+            f"cannot read weights from {path!r}: not a safetensors file nor a torch file of tensors only (partialize "
+            "loads torch files with weights_only=True, so no code in the file runs). Save plain weights with "
+            "torch.save(model.state_dict(), path) or safetensors"
+        ) from None
     except Exception as e:  # corrupt / truncated / not a tensors-only file
         raise CheckpointError(f"cannot read weights from {path!r}: {e}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

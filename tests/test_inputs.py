@@ -353,6 +353,11 @@ def test_convert_weights_that_are_not_a_state_dict(tmp_path):
     r = _cli("convert", "torchvision:resnet18", "--weights", w, "--dry-run")
     _clean_exit(r)
     assert "not a state_dict" in r.output
+    text = tmp_path / "text.pt"  # not a pickle at all: our reason, not torch's advice to drop weights_only
+    text.write_text("not a checkpoint")
+    r = _cli("convert", "torchvision:resnet18", "--weights", text, "--dry-run")
+    _clean_exit(r)
+    assert "weights_only=True, so no code in the file runs" in r.output and "weights_only=False" not in r.output
 
 
 def test_convert_with_a_bad_ignore_regex_fails_before_building_the_model(tmp_path, monkeypatch):

@@ -170,3 +170,14 @@ def test_calibrate_fidelity_scan_and_convert_leave_each_modules_mode(digits):
     partialize.scan(original, input_size=32)
     partialize.convert(original, "default", input_size=32, speed=False)
     assert modes(original) == want_o and original.training and not original.bn1.training
+
+
+def test_calibration_uses_the_images_asked_for_and_holds_out_more(r18, digits):
+    """--calib-images N calibrates on N images; the fidelity report is on an eighth as many beyond them
+    (at least 16). It calibrated on N - N/8 of N + N/8 drawn, so N was never what it used. A folder
+    too small for both gives an eighth of what it has to the report."""
+    converted = partialize.apply(r18, "default", input_size=32)
+    res = calibrate_model(converted, r18, digits, images=96, steps=1, seed=0)
+    assert (res.images, res.before.images, res.after.images) == (96, 16, 16)
+    small = calibrate_model(converted, r18, digits[:40], images=96, steps=1, seed=0)
+    assert (small.images, small.after.images) == (35, 5)

@@ -103,8 +103,11 @@ def calibrate_model(
     if steps < 0 or lr <= 0 or batch_size < 1:
         raise CalibrationError(f"steps must be >= 0, lr > 0 and batch_size >= 1 (got {steps}, {lr}, {batch_size})")
     size = input_size or (plan.input_shape[-1] if plan.input_shape else None)
-    x = calibration_images(data, original, images + max(16, images // 8), input_size=size, seed=seed)
-    held = max(1, min(x.shape[0] // 8, 256)) if x.shape[0] > 1 else 0
+    # ``images`` to calibrate on and, beyond them, an eighth as many (16-256) held out for the fidelity
+    # report; a folder with fewer images gives an eighth of what it has to the held-out set
+    extra = min(max(16, images // 8), 256)
+    x = calibration_images(data, original, images + extra, input_size=size, seed=seed)
+    held = extra if x.shape[0] >= images + extra else max(1, x.shape[0] // 8) if x.shape[0] > 1 else 0
     x, check = (x[:-held], x[-held:]) if held else (x, x)
     layers = [e.layer for e in plan.converted_outermost]
     notes: list[str] = []

@@ -37,7 +37,8 @@ def _check_args(model, ratio, variant, example_input, input_size, fn: str) -> No
     except ValueError:
         raise RecipeError(
             f"partialize.{fn}(..., ratio={ratio!r}): ratio must be a number in (0, 1] (the share of channels "
-            f"that keep the expensive op, e.g. 0.25) or one of {', '.join(RATIO_WORDS)}"
+            f"that keep the expensive op, e.g. 0.25; for partial_attention the share given the cheap mixer) or "
+            f"one of {', '.join(RATIO_WORDS)}"
         ) from None
     known = sorted(set(list_operators()) | set(SKIP_VARIANTS))
     if variant is not None and (not isinstance(variant, str) or variant not in known):

@@ -52,7 +52,8 @@ def check_ratio(v: Any) -> Any:
     if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < float(v) <= 1:  # NaN fails too
         return float(v)
     raise ValueError(
-        f"ratio must be in (0, 1] (a number: the share of channels that keep the expensive op, e.g. 0.25) "
+        f"ratio must be in (0, 1] (a number: the share of channels that keep the expensive op, e.g. 0.25; "
+        "for partial_attention the share given the cheap mixer) "
         f"or one of {', '.join(RATIO_WORDS)}; got {v!r}"
     )
 

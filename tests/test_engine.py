@@ -418,6 +418,10 @@ def test_planning_counting_and_applying_put_every_module_back_in_its_own_mode():
     assert [m.training for m in model.modules()] == modes
     apply_plan(model, plan)
     assert [m.training for m in model.modules()] == modes
+    from partialize.measure.speed import measure_speed
+
+    measure_speed({"m": model}, 32, rounds=1, batch=2, min_round_s=0.01, deployed=False)  # timed as given
+    assert [m.training for m in model.modules()] == modes
     assert modes.count(False) > 1  # the check is not vacuous: some modules were in eval, the root trains
     assert model.training
 

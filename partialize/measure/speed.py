@@ -3,6 +3,7 @@ hits all of them alike; results are medians with spread, compared as ratios."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import platform
@@ -14,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .._modes import in_mode
 from ..errors import PartializeError
 from ..inference import deploy
 from .flops import _input_chw
@@ -177,8 +179,10 @@ def measure_speed(
     if dev.type == "cpu":
         torch.set_num_threads(threads)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    prepared = {n: _prepare(m, dev, channels_last, deployed) for n, m in models.items()}
-    was_training = {n: m.training for n, m in models.items()}
+    modes = contextlib.ExitStack()  # timed in eval; every module of each model back in its own mode after
+    for m in models.values():
+        modes.enter_context(in_mode(m))
+    prepared: dict[str, torch.nn.Module] = {}
 
     def runner(m, x):
         if amp:
@@ -215,6 +219,7 @@ def measure_speed(
         )
 
     try:
+        prepared.update((n, _prepare(m, dev, channels_last, deployed)) for n, m in models.items())
         if latency:
             if progress:
                 progress("latency, batch 1")
@@ -239,8 +244,7 @@ def measure_speed(
     finally:
         if dev.type == "cpu":
             torch.set_num_threads(prev_threads)
-        for n, m in models.items():
-            m.train(was_training[n])
+        modes.close()
     return result
 
 

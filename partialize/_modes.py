@@ -10,13 +10,21 @@ from torch import nn
 
 
 @contextlib.contextmanager
-def in_mode(module: nn.Module, training: bool = False) -> Iterator[nn.Module]:
-    """``module`` (all of it) in training mode ``training`` inside the block (eval by default); after
-    it, each submodule back in the mode it had before, whatever happened inside."""
+def modes_kept(module: nn.Module) -> Iterator[nn.Module]:
+    """After the block, each submodule of ``module`` back in the mode it had before, whatever happened
+    inside (something that sets the modes of modules it shares with ``module``, for one)."""
     modes = [(m, m.training) for m in module.modules()]
-    module.train(training)
     try:
         yield module
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+@contextlib.contextmanager
+def in_mode(module: nn.Module, training: bool = False) -> Iterator[nn.Module]:
+    """``module`` (all of it) in training mode ``training`` inside the block (eval by default); after
+    it, each submodule back in the mode it had before (:func:`modes_kept`)."""
+    with modes_kept(module):
+        module.train(training)
+        yield module

@@ -262,3 +262,23 @@ def auto_deploys_and_exports(model: nn.Module, size: int = 64, mlp_at_least: int
         torch.onnx.export(dep, (x,), f, dynamo=False, input_names=["input"], output_names=["output"])
     sess = ort.InferenceSession(f.getvalue(), providers=["CPUExecutionProvider"])
     assert rel_err(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), want) <= 1e-4
+
+
+def record_copies(monkeypatch, *importers: str) -> list[int]:
+    """The ids of the modules ``ops._utils.clone_module`` copies from now on (its own recursion, and the
+    modules named in ``importers`` that imported it by name); a module a memo maps (a placeholder, or
+    one shared on purpose) is not a copy."""
+    import importlib
+
+    import partialize.ops._utils as utils
+
+    copied, real = [], utils.clone_module
+
+    def spy(obj, memo=None):
+        if memo is None or id(obj) not in memo:
+            copied.append(id(obj))
+        return real(obj, memo)
+
+    for name in ("partialize.ops._utils", *importers):
+        monkeypatch.setattr(importlib.import_module(name), "clone_module", spy)
+    return copied

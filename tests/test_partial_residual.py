@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from _helpers import nondegenerate_, randomize_bn, rel_err
+from _helpers import nondegenerate_, randomize_bn, record_copies, rel_err
 from torch import nn
 
 import partialize
@@ -336,10 +336,6 @@ def test_a_kept_child_a_nested_operator_replaces_is_not_copied_and_the_original_
     copies: RegNet-Y 128GF's were half a gigabyte, copied and then replaced by a nested PConv. Apply
     copies what stays; the converted model shares no tensor with the original, and neither planning
     nor applying changes the original's values, storage, version counters or training modes."""
-    import partialize.engine.apply as apply_mod
-    import partialize.ops._utils as utils
-    import partialize.ops.partial_residual as pr
-
     net = torchvision.models.regnet_y_400mf()
     nondegenerate_(net)
     net.train()
@@ -349,15 +345,7 @@ def test_a_kept_child_a_nested_operator_replaces_is_not_copied_and_the_original_
     plan = partialize.plan(net, "auto", input_size=64)
     op = plan._built[1]["trunk_output.block2.block2-1"][0]
     assert isinstance(op, PartialResidual) and op.f.b is block.f.b  # shared, not copied
-    copied, real = [], utils.clone_module
-
-    def spy(obj, memo=None):
-        if memo is None or id(obj) not in memo:  # a placeholder in the memo is not a copy
-            copied.append(id(obj))
-        return real(obj, memo)
-
-    for mod in (utils, pr, apply_mod):
-        monkeypatch.setattr(mod, "clone_module", spy)
+    copied = record_copies(monkeypatch, "partialize.ops.partial_residual", "partialize.engine.apply")
     conv = apply_plan(net, plan)
     grouped = [e.layer for e in plan.converted if e.layer.endswith(".f.b.0")]
     assert len(grouped) >= 10

@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from _helpers import function_macs, nondegenerate_, rel_err, tiny_timm, tiny_tv_maxvit, tiny_tv_swin
+from _helpers import function_macs, nondegenerate_, record_copies, rel_err, tiny_timm, tiny_tv_maxvit, tiny_tv_swin
 from torch import nn
 
 import partialize
@@ -410,22 +410,12 @@ def test_the_cut_projections_are_not_copied_whole_first(monkeypatch):
     """partial_attention copies the attention without the projections it replaces by their cuts (a
     wide ViT's qkv and proj were copied whole, then thrown away); the cut layer still equals the masked
     original (the oracle above)."""
-    import partialize.ops._utils as utils
-
     model = nondegenerate_(tiny_timm("beit").eval())
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     name = _layers(model)[0]
     attn = model.get_submodule(name)
     (args, kwargs), *_ = capture_calls(model, x, [name])[name]
-    copied, real = [], utils.clone_module
-
-    def spy(obj, memo=None):
-        if memo is None or id(obj) not in memo:
-            copied.append(id(obj))
-        return real(obj, memo)
-
-    monkeypatch.setattr(utils, "clone_module", spy)
-    monkeypatch.setattr("partialize.ops.sliced_attention.clone_module", spy)
+    copied = record_copies(monkeypatch, "partialize.ops.sliced_attention")
     op = PA.from_module(attn, heads=1).eval()
     assert copied and id(attn.qkv) not in copied and id(attn.proj) not in copied
     with torch.no_grad():

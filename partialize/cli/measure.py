@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import click
@@ -34,9 +35,10 @@ def _display_name(spec: str) -> str:
 
 
 def _converted_size(model) -> int:
-    """The size a checkpoint was converted at (its plan's square input), else 224."""
-    shape = tuple(getattr(getattr(model, "_partialize_plan", None), "input_shape", ()) or ())
-    return int(shape[-1]) if len(shape) == 4 and shape[-1] == shape[-2] else 224
+    """The size a checkpoint was converted at (what training uses too), else 224."""
+    from ..train.runner import plan_input_size
+
+    return plan_input_size(model, None)[0] or 224
 
 
 def _speed_options(fn):
@@ -164,14 +166,11 @@ def report_cmd(
 
     # every output is checked before anything is loaded or timed
     _check_outputs({"--json": json_path, "--md": md_path}, force, inputs=[model_or_checkpoint, baseline, weights])
-    ft_args = (pruning_finetune, pruning_baseline, train_data, data, ft_lr, ft_batch)
-    finetune = _pruning_finetune(*ft_args, input_size)
+    finetune = _pruning_finetune(pruning_finetune, pruning_baseline, train_data, data, ft_lr, ft_batch)
     console = Console()
     with console.status("loading models") as status:
         model = load_model(model_or_checkpoint, weights, trust_factory=trust_factory)
-        if not input_size:  # the size the checkpoint was converted at; the pruned baseline's fine-tune too
-            input_size = _converted_size(model)
-            finetune = _pruning_finetune(*ft_args, input_size)
+        input_size = input_size or _converted_size(model)
         check_runs_at(model, input_size, model_or_checkpoint)
         base = load_model(baseline, weights, trust_factory=trust_factory, num_classes=num_classes) if baseline else None
         if base is not None:
@@ -192,7 +191,7 @@ def report_cmd(
             data=data,
             data_limit=data_limit,
             pruning_baseline=pruning_baseline,
-            pruning_finetune=finetune,
+            pruning_finetune=None if finetune is None else functools.partial(finetune, input_size=input_size),
             source=model_or_checkpoint,
             baseline_source=baseline,
             progress=lambda msg: status.update(msg),
@@ -211,7 +210,7 @@ def report_cmd(
         click.echo(f"wrote {md_path}")
 
 
-def _pruning_finetune(epochs, pruning_baseline, train_data, data, lr, batch, input_size):
+def _pruning_finetune(epochs, pruning_baseline, train_data, data, lr, batch):
     """The fine-tune ``report --pruning-finetune`` gives the pruned baseline (KD from the baseline on
     DIR/train with partialize.train.finetune's defaults), its options checked before anything is
     loaded; None without the option."""
@@ -231,7 +230,7 @@ def _pruning_finetune(epochs, pruning_baseline, train_data, data, lr, batch, inp
     if lr <= 0:
         raise click.BadParameter(f"must be > 0, got {lr}", param_hint="--ft-lr")
 
-    def run(pruned, baseline) -> dict:
+    def run(pruned, baseline, input_size: int) -> dict:
         loaders = image_folder_loaders(root, pruned, batch_size=batch, input_size=input_size, seed=0)
         res = finetune(
             pruned, loaders.train, None, teacher=baseline.eval(), epochs=epochs, lr=lr, seed=0, progress=False, log=None

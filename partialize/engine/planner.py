@@ -10,8 +10,9 @@ import weakref
 import torch
 from torch import nn
 
+from .._modes import modes_kept
 from ..errors import OperatorError, RecipeError
-from ..ops._utils import sharing_kept_children
+from ..ops._utils import named_attribute_values, sharing_kept_children
 from ..ops.base import PartialOperator
 from ..ops.registry import get_operator, is_partial_layer, is_partial_op
 from ..recipe import (
@@ -54,17 +55,16 @@ def build_op(
     floats = [t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
     ref = floats[0] if floats else None
     share_kept = share_kept and all(t.device == ref.device and t.dtype == ref.dtype for t in floats[1:])
-    modes = [(m, m.training) for m in module.modules()] if share_kept else []
-    with torch.random.fork_rng(devices=[]), sharing_kept_children() if share_kept else contextlib.nullcontext():
-        # the CPU generator only (where operators draw): torch.manual_seed also reseeds every
-        # accelerator's, which fork_rng(devices=[]) would not put back, and costs a millisecond
-        torch.default_generator.manual_seed(0)
-        op = cls.from_module(module, **kwargs)
-    if ref is not None:
-        op = op.to(device=ref.device, dtype=ref.dtype)
-    op.train(module.training)
-    for m, mode in modes:  # the original's modules the operator may hold keep their own modes
-        m.training = mode
+    # the original's modules the operator may hold keep their own modes (op.train below sets them)
+    with modes_kept(module) if share_kept else contextlib.nullcontext():
+        with torch.random.fork_rng(devices=[]), sharing_kept_children() if share_kept else contextlib.nullcontext():
+            # the CPU generator only (where operators draw): torch.manual_seed also reseeds every
+            # accelerator's, which fork_rng(devices=[]) would not put back, and costs a millisecond
+            torch.default_generator.manual_seed(0)
+            op = cls.from_module(module, **kwargs)
+        if ref is not None:
+            op = op.to(device=ref.device, dtype=ref.dtype)
+        op.train(module.training)
     return op
 
 
@@ -271,14 +271,9 @@ def _held_outside(model: nn.Module) -> dict[int, str]:
     """id -> where, for every module a plain attribute holds (directly, or in a list, tuple or dict),
     as ``owner.attribute``: a swap by name would leave that reference on the original layer."""
     out: dict[int, str] = {}
-    for owner, m in model.named_modules():
-        for k, v in vars(m).items():
-            if k in ("_parameters", "_buffers", "_modules"):
-                continue
-            values = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else (v,)
-            for value in values:
-                if isinstance(value, nn.Module):
-                    out.setdefault(id(value), f"{owner}.{k}" if owner else k)
+    for owner, attr, value in named_attribute_values(model):
+        if isinstance(value, nn.Module):
+            out.setdefault(id(value), f"{owner}.{attr}" if owner else attr)
     return out
 
 

@@ -88,11 +88,17 @@ def placeholders(module: nn.Module, replaced) -> dict[int, nn.Module]:
 def attribute_values(module: nn.Module) -> Iterator:
     """Every value in the plain attributes of ``module`` and its submodules (torch's registries of
     parameters, buffers and children left out), a list's, tuple's or dict's items one level down."""
-    for m in module.modules():
+    return (v for _, _, v in named_attribute_values(module))
+
+
+def named_attribute_values(module: nn.Module) -> Iterator[tuple[str, str, object]]:
+    """(submodule name, attribute, value) for each of :func:`attribute_values`."""
+    for owner, m in module.named_modules():
         for k, v in vars(m).items():
             if k in ("_parameters", "_buffers", "_modules"):
                 continue
-            yield from v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else (v,)
+            for item in v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else (v,):
+                yield owner, k, item
 
 
 def qualname(m: nn.Module) -> str:

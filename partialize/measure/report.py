@@ -208,7 +208,11 @@ def measure_model(
         with warnings.catch_warnings(record=True) as seen:  # in the report, where a reader sees it
             warnings.simplefilter("always")
             accuracy = evaluate_accuracy(model, data, limit=data_limit, input_size=chw[1])
-        notes.extend(f"accuracy: {w.message}" for w in seen if issubclass(w.category, UserWarning))
+        for w in seen:  # a user warning goes into the notes; any other is shown as it would have been
+            if issubclass(w.category, UserWarning):
+                notes.append(f"accuracy: {w.message}")
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     else:
         notes.append("accuracy not measured (no --data)")
     notes.extend(mb["notes"])

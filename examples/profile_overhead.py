@@ -19,6 +19,7 @@ import torch
 
 import partialize
 from partialize.macs import count_macs
+from partialize.measure.allocator import use_allocator
 from partialize.measure.pruning import prune_to_macs
 from partialize.measure.speed import machine_description, op_self_times, time_side_by_side
 
@@ -69,8 +70,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--allocator", choices=["system", "reuse"], default="system",
+                    help="reuse: keep freed memory in the heap for every model (partialize.measure.allocator)")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--no-profile", action="store_true", help="times only, no per-op breakdown")
     ap.add_argument("--md", help="write the tables as Markdown here")
     args = ap.parse_args()
+    use_allocator(args.allocator)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     base = timm.create_model(args.model).eval()
@@ -84,19 +90,21 @@ def main() -> None:
     macs["pruned"] = count_macs(pruned, x[:1]).total
     models = {"original": partialize.deploy(base), "converted": partialize.deploy(converted),
               "pruned": partialize.deploy(pruned)}  # fmt: skip
-    t = time_side_by_side({n: (lambda m=m: m(x)) for n, m in models.items()}, rounds=7, min_round_s=0.2)
-    prof = {n: profile_model(m, x) for n, m in models.items()}
-    lines = [f"{machine_description(args.threads)}; batch {args.batch}, {args.size} px, deployed forms", ""]
-    lines += ["| model | MACs (G) | ms / batch | speed-up | MACs limit | reached |", "|---|---|---|---|---|---|"]
+    t = time_side_by_side({n: (lambda m=m: m(x)) for n, m in models.items()}, rounds=args.rounds, min_round_s=0.2)
+    prof = {} if args.no_profile else {n: profile_model(m, x) for n, m in models.items()}
+    lines = [f"{machine_description(args.threads)}; batch {args.batch}, {args.size} px, deployed forms, "
+             f"allocator {args.allocator}, {args.rounds} rounds", ""]  # fmt: skip
+    lines += ["| model | MACs (G) | ms / batch (IQR) | speed-up | MACs limit | reached |", "|---|---|---|---|---|---|"]
     for n in models:
         sp = t["original"].median_s / t[n].median_s
         limit = macs["original"] / macs[n]
-        lines.append(f"| {n} | {macs[n] / 1e9:.3f} | {t[n].median_s * 1e3:.1f} | {sp:.2f}x | {limit:.2f}x | "
-                     f"{sp / limit:.0%} |")  # fmt: skip
-    groups = sorted({g for p in prof.values() for g in p}, key=lambda g: -prof["converted"].get(g, 0))
-    lines += ["", "| self CPU ms per batch | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
-    for g in groups:
-        lines.append(f"| {g} | " + " | ".join(f"{prof[n].get(g, 0):.1f}" for n in models) + " |")
+        lines.append(f"| {n} | {macs[n] / 1e9:.3f} | {t[n].median_s * 1e3:.1f} ({t[n].iqr_s / t[n].median_s:.0%}) | "
+                     f"{sp:.2f}x | {limit:.2f}x | {sp / limit:.0%} |")  # fmt: skip
+    if prof:
+        groups = sorted({g for p in prof.values() for g in p}, key=lambda g: -prof["converted"].get(g, 0))
+        lines += ["", "| self CPU ms per batch | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
+        for g in groups:
+            lines.append(f"| {g} | " + " | ".join(f"{prof[n].get(g, 0):.1f}" for n in models) + " |")
     text = "\n".join(lines)
     print(text)
     if args.md:

@@ -38,6 +38,7 @@ from .errors import (
 )
 from .exporting import export
 from .inference import deploy
+from .measure.allocator import reuse_freed_memory
 from .ops import PartialOperator, get_operator, list_operators, register_operator
 from .recipe_search import search
 from .serialization import load, save, trusting_factories
@@ -54,6 +55,7 @@ __all__ = [
     "fidelity",
     "load",
     "plan",
+    "reuse_freed_memory",
     "save",
     "scan",
     "search",

@@ -7,7 +7,7 @@ import contextlib
 import click
 
 from .._version import __version__
-from ._common import POSITIVE, check_device, friendly_errors, int_list, trust_factory_option
+from ._common import ALLOCATOR_OPTION, POSITIVE, check_device, friendly_errors, int_list, trust_factory_option
 
 _friendly_errors = friendly_errors  # the name command modules and older code use
 
@@ -270,10 +270,11 @@ def export_cmd(checkpoint, fmt, out, input_size, batch, force, trust_factory) ->
                    "the host's threads).")  # fmt: skip
 @click.option("--no-remeasure", is_flag=True, help="Skip timing the whole converted model at the end.")
 @click.option("--no-cache", is_flag=True, help="Time every option again instead of reusing this machine's cache.")
+@ALLOCATOR_OPTION
 @click.option("--force", is_flag=True, help="Overwrite --out / --json if they exist.")
 @friendly_errors
 def search_cmd(model, target_speedup, out, json_path, threads, batch, input_size, data, weights, num_classes,
-               device, no_remeasure, no_cache, force) -> None:  # fmt: skip
+               device, no_remeasure, no_cache, allocator, force) -> None:  # fmt: skip
     """Find the partial form of MODEL that reaches --target-speedup on this machine at the least
     predicted accuracy cost, and write it as a recipe.
 
@@ -306,7 +307,7 @@ def search_cmd(model, target_speedup, out, json_path, threads, batch, input_size
     with _search_progress(console) as progress:
         res = search(
             base, target_speedup, name=model, input_size=input_size, threads=threads, batch=batch, data=data,
-            device=device, remeasure=not no_remeasure, cache=not no_cache, progress=progress,
+            device=device, remeasure=not no_remeasure, cache=not no_cache, allocator=allocator, progress=progress,
         )  # fmt: skip
     write_result(res, out, json_path, force=force)
     for note in res.notes:

@@ -11,6 +11,15 @@ from ..base_model import check_runs_at  # noqa: F401  (re-exported for the comma
 from ..errors import PartializeError
 
 POSITIVE = click.IntRange(min=1)  # sizes, counts, threads, batches, rounds: 0 or less is a usage error
+ALLOCATOR_OPTION = click.option(
+    "--allocator",
+    type=click.Choice(["system", "reuse"]),
+    default="system",
+    show_default=True,
+    help="CPU memory for new tensors: 'system' is glibc's default, which maps blocks above 32 MiB fresh from "
+    "the kernel on every call (page faults); 'reuse' keeps freed memory in the heap for every model alike, "
+    "as jemalloc or tcmalloc would (glibc only; docs/measure.md).",
+)
 
 
 def check_device(ctx, param, value: str) -> str:

@@ -9,7 +9,7 @@ import os
 import click
 
 from ..errors import CheckpointError, PartializeError
-from ._common import POSITIVE, check_device, check_runs_at, friendly_errors, trust_factory_option
+from ._common import ALLOCATOR_OPTION, POSITIVE, check_device, check_runs_at, friendly_errors, trust_factory_option
 
 
 def load_model(spec: str, weights: str = "random", *, trust_factory: bool = False, num_classes: int | None = None):
@@ -56,6 +56,7 @@ def _speed_options(fn):
         click.option("--amp", is_flag=True, help="CUDA only: time under fp16 autocast."),
         click.option("--channels-last", is_flag=True, help="Time with channels_last memory format."),
         click.option("--rounds", default=7, type=POSITIVE, show_default=True, help="Interleaved timing rounds."),
+        ALLOCATOR_OPTION,
         click.option(
             "--weights",
             default="random",
@@ -143,6 +144,7 @@ def report_cmd(
     amp,
     channels_last,
     rounds,
+    allocator,
     weights,
     trust_factory,
 ) -> None:
@@ -188,6 +190,7 @@ def report_cmd(
             amp=amp,
             channels_last=channels_last,
             rounds=rounds,
+            allocator=allocator,
             data=data,
             data_limit=data_limit,
             pruning_baseline=pruning_baseline,
@@ -351,6 +354,7 @@ def _remeasure(entries, reps, runs, trust_factory: bool):
         amp=cond.get("precision") == "amp-fp16",
         channels_last=bool(cond.get("channels_last")),
         rounds=cond.get("rounds") or 7,
+        allocator=cond.get("allocator") or "system",
     )
     for m in entries:
         m.speed = res["models"][m.name]
@@ -365,7 +369,19 @@ def _remeasure(entries, reps, runs, trust_factory: bool):
 @trust_factory_option
 @friendly_errors
 def bench_models_cmd(
-    models, json_path, force, input_size, threads, batch, device, amp, channels_last, rounds, weights, trust_factory
+    models,
+    json_path,
+    force,
+    input_size,
+    threads,
+    batch,
+    device,
+    amp,
+    channels_last,
+    rounds,
+    allocator,
+    weights,
+    trust_factory,
 ) -> None:
     """Time models side by side: latency at batch 1, throughput at --batch, ratios vs the first.
 
@@ -404,6 +420,7 @@ def bench_models_cmd(
             amp=amp,
             channels_last=channels_last,
             rounds=rounds,
+            allocator=allocator,
         )
     cond = res["conditions"]
     t = Table(title="partialize bench (ratios vs the first model)")

@@ -101,6 +101,7 @@ def _conditions(cond: dict | None) -> str:
         f"speed: {cond['device']}{threads}; latency at batch 1, throughput at batch {cond['batch']}; "
         f"{cond['precision']}{', channels_last' if cond.get('channels_last') else ''}; "
         f"medians of {cond['rounds']} interleaved rounds (± IQR, [min-max])"
+        + ("; freed memory reused (--allocator reuse)" if cond.get("allocator") == "reuse" else "")
     )
 
 

@@ -270,6 +270,7 @@ def build_report(
     amp: bool = False,
     channels_last: bool = False,
     rounds: int = 7,
+    allocator: str | None = None,
     data: str | None = None,
     data_limit: int | None = None,
     pruning_baseline: bool = False,
@@ -344,6 +345,7 @@ def build_report(
             amp=amp,
             channels_last=channels_last,
             rounds=rounds,
+            allocator=allocator,
         )
         report.speed_conditions = sp["conditions"]
         for mm in report.entries():

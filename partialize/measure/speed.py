@@ -18,6 +18,7 @@ import torch
 from .._modes import in_mode
 from ..errors import PartializeError
 from ..inference import deploy
+from .allocator import allocator_state, use_allocator
 from .flops import _input_chw
 
 
@@ -130,6 +131,7 @@ def environment_fingerprint(threads: int) -> dict:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_AFFINITY") if k in os.environ},
+        "memory_allocator": allocator_state(),
     }
 
 
@@ -159,6 +161,7 @@ def measure_speed(
     latency: bool = True,
     min_round_s: float = 0.1,
     deployed: bool = True,
+    allocator: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Latency at batch 1 and throughput at ``batch``, every model timed interleaved with the others.
@@ -167,7 +170,10 @@ def measure_speed(
     synchronised, optionally under fp16 autocast (``amp``) and channels_last; peak memory is the
     extra allocated memory of one batch forward. Figures are medians over ``rounds`` with IQR and
     range; ``latency_ms`` is ms per batch-1 call, ``throughput_ips`` images per second. Every model is
-    timed in its deployed form (``deployed=False``: as given).
+    timed in its deployed form (``deployed=False``: as given). ``allocator="reuse"`` keeps freed memory
+    in the heap for every model alike, process-wide and for good (``partialize.measure.allocator``);
+    ``"system"`` insists on glibc's own behaviour; None times the process as it is. The conditions'
+    environment records which it was.
     """
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -175,6 +181,8 @@ def measure_speed(
     if amp and dev.type != "cuda":
         raise PartializeError("--amp (fp16 autocast) is only measured on CUDA; drop --amp or use --device cuda")
     chw = _input_chw(input_size)
+    if allocator is not None:
+        use_allocator(allocator)  # before anything is built or timed
     prev_threads = torch.get_num_threads()
     if dev.type == "cpu":
         torch.set_num_threads(threads)
@@ -199,6 +207,7 @@ def measure_speed(
             "form": "deployed (operators in inference form, BN folded)" if deployed else "as given",
             "channels_last": channels_last,
             "rounds": rounds,
+            "allocator": allocator_state()["allocator"],
             "method": "eval + inference mode, warm-up by time, interleaved rounds, medians with IQR (flagged "
             f"noisy when IQR > {NOISY:.0%} of the median); latency = batch 1, throughput = batch {batch} images "
             "/ median time",

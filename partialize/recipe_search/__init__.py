@@ -34,6 +34,7 @@ from ..engine.discover import discover
 from ..engine.planner import make_plan
 from ..engine.tracer import example_input_for
 from ..inference import deploy
+from ..measure.allocator import use_allocator
 from ..recipe import load_recipe
 from .costs import (
     Timer,
@@ -152,6 +153,7 @@ def search(
     iterations: int = 3,
     timer: Timer | None = None,
     cache: bool = True,
+    allocator: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> SearchResult:
     """Search ``model`` for ``target_speedup`` (throughput at ``batch``, ``threads`` CPU threads,
@@ -162,10 +164,14 @@ def search(
     every prediction and measurement). A target no measured choice reaches is a ``SearchError`` that
     names the best measured speed-up. ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``; default: where
     the model is) is where every timing runs, synchronised on CUDA; a model elsewhere is copied there,
-    never moved. ``timer`` replaces the real timer (tests)."""
+    never moved. ``timer`` replaces the real timer (tests). ``allocator`` ("system" / "reuse", default:
+    the process as it is; ``partialize.measure.allocator``) is set before any timing and is part of the
+    cost table's cache key."""
     if not target_speedup > 1.0:
         raise SearchError(f"--target-speedup must be > 1 (a speed-up over the original), got {target_speedup!r}")
     say = progress or (lambda _m: None)
+    if allocator is not None:
+        use_allocator(allocator)
     secs: dict[str, float] = {}
     t0 = time.perf_counter()
     dev = _device(model, device)

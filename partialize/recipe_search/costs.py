@@ -25,6 +25,7 @@ from ..engine._calls import capture_calls
 from ..engine.apply import apply_plan
 from ..engine.planner import make_plan
 from ..inference import deploy, find_conv_bn_pairs
+from ..measure.allocator import allocator_state
 from ..measure.speed import machine_description, time_side_by_side
 from .units import LayerOption, Unit
 
@@ -71,8 +72,9 @@ def cache_dir() -> str:
 
 
 def fingerprint(threads: int, batch: int, device: str) -> dict:
-    """What a measured time depends on besides the unit: machine, torch, threads, batch, device (and on
-    CUDA the GPU's name and the CUDA version)."""
+    """What a measured time depends on besides the unit: machine, torch, threads, batch, device, on CPU
+    the memory allocator (``partialize.measure.allocator``), and on CUDA the GPU's name and the CUDA
+    version."""
     out = {
         "machine": machine_description(threads),
         "torch": torch.__version__,
@@ -80,6 +82,9 @@ def fingerprint(threads: int, batch: int, device: str) -> dict:
         "batch": batch,
         "device": device,
     }
+    if torch.device(device).type == "cpu":
+        alloc = allocator_state()
+        out |= {"allocator": alloc["allocator"], "allocator_env": alloc["env"]}
     if torch.device(device).type == "cuda":
         out |= {"gpu": torch.cuda.get_device_name(torch.device(device)), "cuda": torch.version.cuda}
     return out

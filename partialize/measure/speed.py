@@ -148,6 +148,25 @@ def _prepare(model: torch.nn.Module, device: torch.device, channels_last: bool, 
     return model.eval()
 
 
+def _conditions(dev, threads, batch, chw, amp, deployed, channels_last, rounds) -> dict:
+    """What a ``measure_speed`` result was measured under."""
+    return {
+        "device": _device_name(dev),
+        "threads": threads if dev.type == "cpu" else None,
+        "batch": batch,
+        "input_size": list(chw),
+        "precision": "amp-fp16" if amp else "fp32",
+        "form": "deployed (operators in inference form, BN folded)" if deployed else "as given",
+        "channels_last": channels_last,
+        "rounds": rounds,
+        "allocator": allocator_state()["allocator"],
+        "method": "eval + inference mode, warm-up by time, interleaved rounds, medians with IQR (flagged "
+        f"noisy when IQR > {NOISY:.0%} of the median); latency = batch 1, throughput = batch {batch} images "
+        "/ median time",
+        "environment": environment_fingerprint(threads),
+    }
+
+
 def measure_speed(
     models: dict[str, torch.nn.Module],
     input_size: int | tuple[int, int, int] = 224,
@@ -198,21 +217,7 @@ def measure_speed(
         return lambda: m(x)
 
     result: dict = {
-        "conditions": {
-            "device": _device_name(dev),
-            "threads": threads if dev.type == "cpu" else None,
-            "batch": batch,
-            "input_size": list(chw),
-            "precision": "amp-fp16" if amp else "fp32",
-            "form": "deployed (operators in inference form, BN folded)" if deployed else "as given",
-            "channels_last": channels_last,
-            "rounds": rounds,
-            "allocator": allocator_state()["allocator"],
-            "method": "eval + inference mode, warm-up by time, interleaved rounds, medians with IQR (flagged "
-            f"noisy when IQR > {NOISY:.0%} of the median); latency = batch 1, throughput = batch {batch} images "
-            "/ median time",
-            "environment": environment_fingerprint(threads),
-        },
+        "conditions": _conditions(dev, threads, batch, chw, amp, deployed, channels_last, rounds),
         "models": {n: {} for n in models},
     }
     warmup = 10 if dev.type == "cuda" else 2

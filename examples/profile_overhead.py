@@ -19,7 +19,7 @@ import torch
 
 import partialize
 from partialize.macs import count_macs
-from partialize.measure.allocator import use_allocator
+from partialize.measure.allocator import ALLOCATORS, use_allocator
 from partialize.measure.pruning import prune_to_macs
 from partialize.measure.speed import machine_description, op_self_times, time_side_by_side
 
@@ -70,8 +70,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--allocator", choices=["system", "reuse"], default="system",
-                    help="reuse: keep freed memory in the heap for every model (partialize.measure.allocator)")
+    ap.add_argument(
+        "--allocator",
+        choices=ALLOCATORS,
+        default="system",
+        help="reuse: keep freed memory in the heap for every model (partialize.measure.allocator)",
+    )
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--no-profile", action="store_true", help="times only, no per-op breakdown")
     ap.add_argument("--md", help="write the tables as Markdown here")

@@ -121,13 +121,7 @@ def test_cli_bench_allocator_reuse(tmp_path):
         """
     )
     args = ["bench", "models", "torchvision:resnet18", "--input-size", "16", "--batch", "2", "--rounds", "1"]
-    r = subprocess.run(
-        [sys.executable, "-c", code, *args, "--allocator", "reuse", "--json", str(js)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr + r.stdout
+    _run(code, *args, "--allocator", "reuse", "--json", str(js))
     res = json.loads(js.read_text())
     assert res["conditions"]["allocator"] == "reuse"
     assert res["conditions"]["environment"]["memory_allocator"]["mallopt"]["M_TRIM_THRESHOLD"] == (1 << 31) - 1

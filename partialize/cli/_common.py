@@ -9,11 +9,12 @@ import click
 
 from ..base_model import check_runs_at  # noqa: F401  (re-exported for the commands)
 from ..errors import PartializeError
+from ..measure.allocator import ALLOCATORS
 
 POSITIVE = click.IntRange(min=1)  # sizes, counts, threads, batches, rounds: 0 or less is a usage error
 ALLOCATOR_OPTION = click.option(
     "--allocator",
-    type=click.Choice(["system", "reuse"]),
+    type=click.Choice(ALLOCATORS),
     default="system",
     show_default=True,
     help="CPU memory for new tensors: 'system' is glibc's default, which maps blocks above 32 MiB fresh from "

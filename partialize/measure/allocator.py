@@ -21,21 +21,27 @@ the process keeps its peak heap until it exits.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 
 from ..errors import PartializeError
 
 ALLOCATORS = ("system", "reuse")
-# mallopt parameter numbers of glibc's malloc.h
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_MALLOPT_PARAM = {"M_TRIM_THRESHOLD": -1, "M_TOP_PAD": -2, "M_MMAP_THRESHOLD": -3}  # glibc's malloc.h
 REUSE_SETTINGS = {"M_MMAP_THRESHOLD": 1 << 30, "M_TRIM_THRESHOLD": (1 << 31) - 1, "M_TOP_PAD": 64 << 20}
 _ENV = ("LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 _state: dict = {"reuse": False}
 
 
+@functools.cache
+def _libc() -> tuple[str, str]:
+    """``platform.libc_ver()``, read once: it scans the Python executable's file."""
+    return platform.libc_ver()
+
+
 def _glibc() -> ctypes.CDLL | None:
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if platform.system() != "Linux" or _libc()[0] != "glibc":
         return None
     try:
         lib = ctypes.CDLL("libc.so.6")
@@ -56,9 +62,8 @@ def reuse_freed_memory() -> dict:
             "--allocator reuse needs glibc's malloc (Linux); on this system preload jemalloc or tcmalloc "
             "(LD_PRELOAD) for the same effect, or time with --allocator system"
         )
-    params = {"M_MMAP_THRESHOLD": _M_MMAP_THRESHOLD, "M_TRIM_THRESHOLD": _M_TRIM_THRESHOLD, "M_TOP_PAD": _M_TOP_PAD}
     for name, value in REUSE_SETTINGS.items():
-        if lib.mallopt(params[name], value) != 1:
+        if lib.mallopt(_MALLOPT_PARAM[name], value) != 1:
             raise PartializeError(f"glibc refused mallopt({name}, {value}); time with --allocator system")
     _state["reuse"] = True
     return allocator_state()
@@ -82,10 +87,9 @@ def use_allocator(name: str) -> dict:
 def allocator_state() -> dict:
     """What a CPU timing depends on in the allocator: ``"reuse"`` (set by this module) or ``"system"``,
     the C library, and the environment variables that change malloc (a preloaded jemalloc included)."""
-    libc = platform.libc_ver()
     out = {
         "allocator": "reuse" if _state["reuse"] else "system",
-        "libc": "-".join(v for v in libc if v) or platform.system(),
+        "libc": "-".join(v for v in _libc() if v) or platform.system(),
         "env": {k: os.environ[k] for k in _ENV if k in os.environ},
     }
     if _state["reuse"]:

@@ -185,7 +185,7 @@ def test_in_model_times_hooks_each_unit_of_each_model():
 
 
 def test_a_projection_block_unit_keeps_its_block_options_with_the_inner_ones():
-    """ResNet-50's layer1.0 has a projection shortcut and three inner candidates (75 combinations, 24
+    """ResNet-50's layer1.0 has a projection shortcut and three inner candidates (75 combinations, 36
     kept): the block's own partial residual, with each option of its 3x3 conv, stays among them."""
     from partialize.engine.discover import discover
     from partialize.recipe_search.units import MAX_COMBOS, find_units
@@ -193,12 +193,27 @@ def test_a_projection_block_unit_keeps_its_block_options_with_the_inner_ones():
     model = timm.create_model("resnet50", num_classes=10).eval()
     units = {u.name: u for u in find_units(model, discover(model, torch.randn(1, 3, 64, 64)))}
     opts = [{o.layer: o for o in c} for c in units["layer1.0"].options]
-    assert len(opts) == MAX_COMBOS and opts[0] == {}
+    assert len(opts) > MAX_COMBOS and opts[0] == {}  # the 24 fewest changes, then the uniform forms
     block = [c for c in opts if "layer1.0" in c]
     assert all(dict(c["layer1.0"].params)["projection"] for c in block)
     assert {c["layer1.0"].ratio for c in block} == {0.25, 0.5}
-    assert sum("layer1.0.conv2" in c for c in block) == 8  # 2 block ratios x 4 options of the 3x3
+    assert sum(set(c) == {"layer1.0", "layer1.0.conv2"} for c in block) == 8  # 2 block ratios x 4 of the 3x3
     assert not any("projection" in dict(o.params) for c in units["layer1.1"].options for o in c)
+
+
+def test_a_basic_block_unit_keeps_the_default_recipes_form(r18):
+    """ResNet-18's identity block has two 3x3 convs with 4 options each and 2 block options (75
+    combinations): the ``default`` recipe's form, both convs at PConv 1/4, is among the kept ones
+    (fewest changes first alone dropped it, so the search's fastest choice was slower than default)."""
+    from partialize.engine.discover import discover
+    from partialize.recipe_search.units import find_units
+
+    units = {u.name: u for u in find_units(r18, discover(r18, torch.randn(1, 3, 32, 32)))}
+    forms = [{o.layer: (o.variant, o.ratio) for o in c} for c in units["layer1.1"].options]
+    both = {"layer1.1.conv1": ("pconv", 0.25), "layer1.1.conv2": ("pconv", 0.25)}
+    assert both in forms
+    assert {"layer1.1": ("partial_residual", 0.5), **both} in forms
+    assert len(forms) == len({tuple(sorted(f.items())) for f in forms})  # no combination twice
 
 
 def test_the_device_is_checked_before_anything_is_timed(r18):

@@ -46,6 +46,12 @@ def main() -> None:
     ap.add_argument("--search-only", action="store_true", help="with --search: write the recipe and stop")
     ap.add_argument("--json", default="runs/accuracy/searched.json")
     cli = ap.parse_args()
+    if cli.search_only and cli.search is None:
+        ap.error("--search-only needs --search S")
+    if cli.search is not None:  # refused before the teacher is trained, not after
+        taken = [f for f in (cli.recipe, os.path.splitext(cli.recipe)[0] + ".json") if os.path.exists(f)]
+        if taken:
+            ap.error(f"{taken[0]} exists: give --recipe a new path for the searched recipe")
     # every other setting is bench_accuracy.py's default, so the rows compare with its tables
     args = bench.parser().parse_args(["--ft-lr", str(cli.ft_lr), "--kd-weight", str(cli.kd_weight)])
     args.epochs = [int(e) for e in cli.epochs.split(",") if e]
@@ -95,11 +101,9 @@ def main() -> None:
 
 def search_recipe(teacher: torch.nn.Module, cli, data, args) -> None:
     """``partialize.search`` on the trained teacher at the benchmark's input size, written to --recipe
-    (refusing to overwrite it) with the result's JSON beside it."""
+    with the result's JSON beside it (main refuses paths that exist)."""
     from partialize.recipe_search import search
 
-    if os.path.exists(cli.recipe):
-        raise SystemExit(f"{cli.recipe} exists: give --recipe a new path for the searched recipe")
     res = search(
         teacher, cli.search, name=cli.teacher, input_size=bench.SIZE, threads=args.speed_threads,
         batch=args.batch, data=data.calib_used, progress=bench.say,

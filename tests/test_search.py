@@ -65,6 +65,8 @@ def test_it_takes_the_least_proxy_that_reaches_the_target(r18, found):
 def test_an_unreachable_target_says_what_is_reachable(r18):
     with pytest.raises(SearchError, match=r"out of reach .* ask for at most \d+\.\d\dx"):
         search(r18, 50.0, input_size=32, batch=2, timer=fake_timer, cache=False, remeasure=False)
+    with pytest.raises(SearchError, match="iterations must be >= 1"):
+        search(r18, 1.3, input_size=32, timer=fake_timer, cache=False, iterations=0)
     with pytest.raises(SearchError, match="must be > 1"):
         search(r18, 1.0, input_size=32, timer=fake_timer, cache=False)
 
@@ -185,15 +187,16 @@ def test_in_model_times_hooks_each_unit_of_each_model():
 
 
 def test_a_projection_block_unit_keeps_its_block_options_with_the_inner_ones():
-    """ResNet-50's layer1.0 has a projection shortcut and three inner candidates (75 combinations, 36
-    kept): the block's own partial residual, with each option of its 3x3 conv, stays among them."""
+    """ResNet-50's layer1.0 has a projection shortcut and two inner layers with 4 options each (75
+    combinations; 36 kept: the 24 fewest changes and 4 uniform forms x 3): the block's own partial
+    residual, with each option of its 3x3 conv, stays among them."""
     from partialize.engine.discover import discover
     from partialize.recipe_search.units import MAX_COMBOS, find_units
 
     model = timm.create_model("resnet50", num_classes=10).eval()
     units = {u.name: u for u in find_units(model, discover(model, torch.randn(1, 3, 64, 64)))}
     opts = [{o.layer: o for o in c} for c in units["layer1.0"].options]
-    assert len(opts) > MAX_COMBOS and opts[0] == {}  # the 24 fewest changes, then the uniform forms
+    assert len(opts) == MAX_COMBOS + 4 * 3 and opts[0] == {}  # 4 options on both convs, alone or with 2 block ones
     block = [c for c in opts if "layer1.0" in c]
     assert all(dict(c["layer1.0"].params)["projection"] for c in block)
     assert {c["layer1.0"].ratio for c in block} == {0.25, 0.5}
@@ -214,6 +217,7 @@ def test_a_basic_block_unit_keeps_the_default_recipes_form(r18):
     assert both in forms
     assert {"layer1.1": ("partial_residual", 0.5), **both} in forms
     assert len(forms) == len({tuple(sorted(f.items())) for f in forms})  # no combination twice
+    assert len(forms) == 24 + 4 * 3  # 24 fewest changes; 4 options on both convs, alone or with 2 block ones
 
 
 def test_the_device_is_checked_before_anything_is_timed(r18):
@@ -262,3 +266,18 @@ def test_a_choice_measured_twice_reports_the_median_not_the_best(r18):
     assert measured == pytest.approx(1.25 * p_max, abs=0.02)  # median of 1.5 P and P
     assert best == pytest.approx(1.25 * p_max, abs=0.02)
     assert len(calls) >= 2  # the fastest choice was measured again
+
+
+def test_the_loop_stops_on_a_choices_median_not_its_last_run(r18, monkeypatch):
+    """The 1.3x choice (predicted P) measures 0.998 * 1.3 first, then 1.001 * 1.3, then P. After the
+    second run its last figure meets 1.3x but its median (0.9995 * 1.3) does not, so the loop must
+    measure it again rather than stop and be refused; with the third run the median meets the target."""
+    import partialize.recipe_search as rs
+
+    p = search(r18, 1.3, input_size=32, batch=2, timer=fake_timer, cache=False, remeasure=False).predicted_speedup
+    runs = iter([0.998 * 1.3, 1.001 * 1.3, p])
+    monkeypatch.setattr(rs, "_remeasure", lambda ctx, recipe: next(runs))
+    got = search(r18, 1.3, input_size=32, batch=2, timer=fake_timer, cache=False)
+    assert len({h["choice"] for h in got.history}) == 1  # the premise: one choice, re-picked each time
+    assert [h["measured"] for h in got.history] == pytest.approx([0.998 * 1.3, 1.001 * 1.3, p])
+    assert got.measured_speedup == pytest.approx(1.001 * 1.3)  # the median of the three

@@ -171,6 +171,8 @@ def search(
     cost table's cache key."""
     if not target_speedup > 1.0:
         raise SearchError(f"--target-speedup must be > 1 (a speed-up over the original), got {target_speedup!r}")
+    if remeasure and iterations < 1:
+        raise SearchError(f"iterations must be >= 1 when the search re-measures, got {iterations!r}")
     say = progress or (lambda _m: None)
     if allocator is not None:
         use_allocator(allocator)
@@ -210,20 +212,23 @@ def search(
     else:
         result = _loop(ctx, target_speedup, aim, fastest, iterations if remeasure else 0, say)
     if first is not None and result is not first:
+        history = [*first.history, *result.history]
+        cheaper = _medians(history).get(_choice_id(result.recipe), 0.0)
         if _choice_id(result.recipe) == _choice_id(first.recipe):  # the loop came back to the fastest choice
-            first.history, result = [*first.history, *result.history], first
-        elif (result.measured_speedup or 0.0) < target_speedup:
-            first.notes.append(f"a cheaper choice measured {result.measured_speedup:.2f}x: the fastest one is kept")
-            first.history, result = [*first.history, *result.history], first
+            first.history, result = history, first
+        elif cheaper < target_speedup:
+            first.notes.append(f"a cheaper choice measured {cheaper:.2f}x: the fastest one is kept")
+            first.history, result = history, first
         else:
-            result.notes, result.history = [*first.notes, *result.notes], [*first.history, *result.history]
+            result.notes, result.history = [*first.notes, *result.notes], history
     _settle(result)
     if result.measured_speedup is not None and result.measured_speedup < target_speedup:
-        best = max(_medians(result.history).values())
+        medians = _medians(result.history)
+        best = max(medians.values())
         raise SearchError(
             f"{target_speedup:g}x was not reached: the chosen model measured {result.measured_speedup:.2f}x "
-            f"(the cost table predicted {result.predicted_speedup:.2f}x; best of {len(result.history)} "
-            f"measured choices {best:.2f}x); ask for at most {best:.2f}x, or search again on a quieter machine"
+            f"(the cost table predicted {result.predicted_speedup:.2f}x; best of {len(medians)} measured "
+            f"choices {best:.2f}x); ask for at most {best:.2f}x, or search again on a quieter machine"
         )
     secs["total"] = time.perf_counter() - t0
     result.seconds = secs
@@ -232,7 +237,8 @@ def search(
 
 def _choice_id(recipe: dict) -> str:
     """Which choice a recipe is (its rules), so that two measurements of one model are seen as such."""
-    return hashlib.sha1(json.dumps(recipe["rules"], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    digest = hashlib.sha1(json.dumps(recipe["rules"], sort_keys=True, default=str).encode(), usedforsecurity=False)
+    return digest.hexdigest()[:12]
 
 
 def _measured(ctx: _Ctx, result: SearchResult, aim: float) -> None:
@@ -302,13 +308,14 @@ def _loop(ctx: _Ctx, target: float, aim: float, fastest: float, iterations: int,
     for i in range(iterations):
         say(f"re-measuring the whole converted model side by side with the original (aiming at {aim:.3f}x)")
         _measured(ctx, result, aim)
-        if result.measured_speedup >= target or i == iterations - 1:
+        settled = _medians(result.history)[_choice_id(result.recipe)]  # this choice's runs so far, not the last
+        if settled >= target or i == iterations - 1:
             break
         if at_max:
-            result.notes.append(f"measured {result.measured_speedup:.2f}x with the fastest choice")
+            result.notes.append(f"measured {settled:.2f}x with the fastest choice")
             break
         # the table over-predicted: aim higher by the measured shortfall and solve again (closed loop)
-        aim *= target / result.measured_speedup
+        aim *= target / settled
         at_max = ctx.total / aim <= fastest * 1.01
         history = result.history
         result = _fastest_choice(ctx, target) if at_max else _solve(ctx, target, aim)

@@ -40,7 +40,7 @@ DEFAULT_OPTIONS: tuple[tuple[str, float, dict], ...] = (
     ("partial_residual", 0.5, {"read": "group", "projection": True}),
     ("partial_attention", 0.5, {}),
 )
-MAX_COMBOS = 24  # options per unit, at most (a unit with many candidates keeps the simpler combinations)
+MAX_COMBOS = 24  # fewest-change combinations kept per unit; its uniform forms are kept beyond them
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def layer_options(module: nn.Module, name: str, options=DEFAULT_OPTIONS) -> list
 
 def find_units(model: nn.Module, discovery: Discovery, options=DEFAULT_OPTIONS) -> list[Unit]:
     """Units in forward order: each outermost layer with at least one option, its inner candidates'
-    options combined with its own (``MAX_COMBOS`` at most, fewest changes first)."""
+    options combined with its own: the ``MAX_COMBOS`` with the fewest changes, then its uniform forms."""
     modules = dict(model.named_modules())
     cands = {}
     for name, info in sorted(discovery.layers.items(), key=lambda kv: kv[1].order):
@@ -128,7 +128,7 @@ def _uniform(root: str, members: list[str], cands: dict[str, list[LayerOption]])
     """The combinations that give one option to every inner layer that takes it (each 3x3 conv of a
     basic block at PConv 1/4, as the ``default`` recipe does), alone and with each of the unit's own
     options. Fewest changes first never reaches them in a unit with many candidates, and they are
-    the unit's fastest forms: without them ResNet-18's fastest searched choice ran 1.62x at 32 px,
+    among the unit's fastest forms: without them ResNet-18's fastest searched choice ran 1.62x at 32 px,
     where ``default`` runs 2.05x."""
     inner = [n for n in members if n != root]
     keys = list(dict.fromkeys((o.variant, o.ratio, o.params) for n in inner for o in cands[n]))

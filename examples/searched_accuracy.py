@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--calib-lr", type=float, default=1e-3, help="distillation lr (default 1e-3)")
     ap.add_argument("--search", type=float, metavar="S", help="search a recipe for S x here and write it to --recipe")
     ap.add_argument("--search-only", action="store_true", help="with --search: write the recipe and stop")
+    ap.add_argument("--variants", help="with --search: only these operators, comma-separated (partialize search)")
     ap.add_argument("--json", default="runs/accuracy/searched.json")
     cli = ap.parse_args()
     if cli.search_only and cli.search is None:
@@ -102,11 +103,11 @@ def main() -> None:
 def search_recipe(teacher: torch.nn.Module, cli, data, args) -> None:
     """``partialize.search`` on the trained teacher at the benchmark's input size, written to --recipe
     with the result's JSON beside it (main refuses paths that exist)."""
-    from partialize.recipe_search import search
+    from partialize.recipe_search import options_for, search
 
     res = search(
         teacher, cli.search, name=cli.teacher, input_size=bench.SIZE, threads=args.speed_threads,
-        batch=args.batch, data=data.calib_used, progress=bench.say,
+        batch=args.batch, data=data.calib_used, options=options_for(cli.variants), progress=bench.say,
     )  # fmt: skip
     os.makedirs(os.path.dirname(cli.recipe) or ".", exist_ok=True)
     with open(cli.recipe, "w") as f:

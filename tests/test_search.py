@@ -281,3 +281,19 @@ def test_the_loop_stops_on_a_choices_median_not_its_last_run(r18, monkeypatch):
     assert len({h["choice"] for h in got.history}) == 1  # the premise: one choice, re-picked each time
     assert [h["measured"] for h in got.history] == pytest.approx([0.998 * 1.3, 1.001 * 1.3, p])
     assert got.measured_speedup == pytest.approx(1.001 * 1.3)  # the median of the three
+
+
+def test_variants_restrict_the_operators_the_search_tries(r18, tmp_path):
+    """Only partial_residual: every rule of the recipe is a block cut (none of the PConv rules the
+    unrestricted search writes for the same target); an unknown name is a clear CLI error."""
+    from partialize.recipe_search import options_for
+
+    got = search(r18, 1.3, input_size=32, batch=2, timer=fake_timer, cache=False, remeasure=False,
+                 options=options_for("partial_residual"))  # fmt: skip
+    assert got.recipe["rules"] and {r["variant"] for r in got.recipe["rules"]} == {"partial_residual"}
+    free = search(r18, 1.3, input_size=32, batch=2, timer=fake_timer, cache=False, remeasure=False)
+    assert "pconv" in {r["variant"] for r in free.recipe["rules"]}  # the restriction is what changed it
+    r = CliRunner().invoke(main, ["search", "resnet18", "--target-speedup", "1.5", "--variants", "pconv,nope",
+                                  "--out", str(tmp_path / "r.yaml")])  # fmt: skip
+    assert r.exit_code == 2 and "unknown ['nope']" in r.output and "partial_residual" in r.output
+    assert not (tmp_path / "r.yaml").exists()

@@ -268,13 +268,15 @@ def export_cmd(checkpoint, fmt, out, input_size, batch, force, trust_factory) ->
 @click.option("--device", default="cpu", show_default=True, callback=check_device,
               help="Where to time: cpu or cuda[:N] (CUDA timings are synchronised; --threads then only sets "
                    "the host's threads).")  # fmt: skip
+@click.option("--variants", help="Only these operators, comma-separated (e.g. partial_residual or "
+              "pconv,partial_residual) [default: every one the search tries].")  # fmt: skip
 @click.option("--no-remeasure", is_flag=True, help="Skip timing the whole converted model at the end.")
 @click.option("--no-cache", is_flag=True, help="Time every option again instead of reusing this machine's cache.")
 @ALLOCATOR_OPTION
 @click.option("--force", is_flag=True, help="Overwrite --out / --json if they exist.")
 @friendly_errors
 def search_cmd(model, target_speedup, out, json_path, threads, batch, input_size, data, weights, num_classes,
-               device, no_remeasure, no_cache, allocator, force) -> None:  # fmt: skip
+               device, variants, no_remeasure, no_cache, allocator, force) -> None:  # fmt: skip
     """Find the partial form of MODEL that reaches --target-speedup on this machine at the least
     predicted accuracy cost, and write it as a recipe.
 
@@ -291,8 +293,9 @@ def search_cmd(model, target_speedup, out, json_path, threads, batch, input_size
 
     from .._fs import check_output
     from ..base_model import build_model
-    from ..recipe_search import search, write_result
+    from ..recipe_search import options_for, search, write_result
 
+    options = options_for(variants)  # a bad name fails before anything is built
     check_output(out, force=force, option="--out")
     if json_path:
         check_output(json_path, force=force, option="--json")
@@ -307,7 +310,8 @@ def search_cmd(model, target_speedup, out, json_path, threads, batch, input_size
     with _search_progress(console) as progress:
         res = search(
             base, target_speedup, name=model, input_size=input_size, threads=threads, batch=batch, data=data,
-            device=device, remeasure=not no_remeasure, cache=not no_cache, allocator=allocator, progress=progress,
+            device=device, options=options, remeasure=not no_remeasure, cache=not no_cache, allocator=allocator,
+            progress=progress,
         )  # fmt: skip
     write_result(res, out, json_path, force=force)
     for note in res.notes:

@@ -48,9 +48,9 @@ from .costs import (
     side_by_side_timer,
 )
 from .solve import SearchError, choose
-from .units import DEFAULT_OPTIONS, Unit, find_units
+from .units import DEFAULT_OPTIONS, Unit, find_units, options_for
 
-__all__ = ["SearchError", "SearchResult", "search"]
+__all__ = ["SearchError", "SearchResult", "options_for", "search"]
 
 
 @dataclass

@@ -40,6 +40,24 @@ DEFAULT_OPTIONS: tuple[tuple[str, float, dict], ...] = (
     ("partial_residual", 0.5, {"read": "group", "projection": True}),
     ("partial_attention", 0.5, {}),
 )
+
+
+def options_for(variants: str | None, options=DEFAULT_OPTIONS) -> tuple:
+    """``options`` restricted to the comma-separated operator names in ``variants`` (None: all), e.g.
+    ``"partial_residual"`` to search block-level cuts only; an unknown name is an error that lists
+    the names the search tries."""
+    if variants is None:
+        return options
+    names = [v.strip() for v in variants.split(",") if v.strip()]
+    known = list(dict.fromkeys(v for v, _r, _p in options))
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        from .solve import SearchError
+
+        raise SearchError(f"--variants {variants!r}: unknown {unknown or 'empty'}; the search tries {', '.join(known)}")
+    return tuple(o for o in options if o[0] in names)
+
+
 MAX_COMBOS = 24  # fewest-change combinations kept per unit; its uniform forms are kept beyond them
 
 

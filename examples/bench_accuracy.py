@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -117,9 +118,10 @@ class Data:
             hard_digits("val", renders=args.val_renders, seed=0, size=SIZE),
         )
 
-    def loader(self, which: str, batch: int) -> DataLoader:
+    def loader(self, which: str, batch: int, seed: int | None = None) -> DataLoader:
+        """A shuffled loader; ``seed`` (default the run's) sets its order, a fine-tune's only randomness."""
         x, y = (self.x_teacher, self.y_teacher) if which == "teacher" else (self.x_ft, self.y_ft)
-        return make_train_loader(TensorDataset(x, y), batch, self.seed)
+        return make_train_loader(TensorDataset(x, y), batch, self.seed if seed is None else seed)
 
     def describe(self) -> dict:
         return {
@@ -289,29 +291,41 @@ def where_time_goes(models: dict, args, calls: int = 10) -> dict:
 def ft_settings(args) -> dict:
     return {
         "lr": args.ft_lr, "weight_decay": 0.05, "warmup_epochs": 0.2, "min_lr": 0.0, "label_smoothing": 0.1,
-        "kd_weight": args.kd_weight, "kd_temperature": 4.0, "seed": args.seed, "batch_size": args.ft_batch,
+        "kd_weight": args.kd_weight, "kd_temperature": 4.0, "seed": args.seed, "seeds": ft_seeds(args),
+        "batch_size": args.ft_batch,
         "schedule": "AdamW, linear warm-up 0.2 epoch then cosine to 0 over the run", "teacher": "the original (KD)",
     }  # fmt: skip
 
 
+def ft_seeds(args) -> list[int]:
+    return [args.seed + i for i in range(args.ft_seeds)]
+
+
 def run_finetunes(row: dict, start_model, teacher, data: Data, args, name: str) -> None:
+    """Each budget once per fine-tune seed (the data order; the models here have no dropout): the
+    row's ``top1`` is the mean over seeds, ``top1_std`` their sample standard deviation."""
     s = ft_settings(args)
-    keys = ("lr", "weight_decay", "warmup_epochs", "min_lr", "label_smoothing", "kd_weight", "kd_temperature", "seed")
+    keys = ("lr", "weight_decay", "warmup_epochs", "min_lr", "label_smoothing", "kd_weight", "kd_temperature")
     row["finetune"] = {}
     for epochs in args.epochs:
-        model = copy.deepcopy(start_model).train()
-        t0 = time.perf_counter()
-        res = finetune(
-            model, data.loader("ft", args.ft_batch), data.val, teacher=teacher, epochs=epochs, progress=False,
-            log=None, **{k: s[k] for k in keys},
-        )  # fmt: skip
+        runs, t0 = [], time.perf_counter()
+        for seed in ft_seeds(args):
+            model = copy.deepcopy(start_model).train()
+            res = finetune(
+                model, data.loader("ft", args.ft_batch, seed), data.val, teacher=teacher, epochs=epochs,
+                progress=False, log=None, seed=seed, **{k: s[k] for k in keys},
+            )  # fmt: skip
+            runs.append({"seed": seed, "top1": res.final_top1, "best_top1": res.best_top1,
+                         "per_epoch_top1": [r.get("val_top1") for r in res.history]})  # fmt: skip
+        top1 = [r["top1"] for r in runs]
         row["finetune"][str(epochs)] = {
-            "top1": res.final_top1,
-            "best_top1": res.best_top1,
-            "per_epoch_top1": [r.get("val_top1") for r in res.history],
+            "top1": statistics.mean(top1),
+            "top1_std": statistics.stdev(top1) if len(top1) > 1 else None,
+            "runs": runs,
             "seconds": time.perf_counter() - t0,
         }
-        say(f"  {name} | {row['name']}: {epochs} epoch(s) KD -> {res.final_top1:.2f}% "
+        spread = f" +- {statistics.stdev(top1):.2f} over {len(top1)} seeds" if len(top1) > 1 else ""
+        say(f"  {name} | {row['name']}: {epochs} epoch(s) KD -> {statistics.mean(top1):.2f}%{spread} "
             f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
 
 
@@ -437,6 +451,38 @@ def fmt(v, spec=".2f", unit=""):
     return "not measured" if v is None else f"{v:{spec}}{unit}"
 
 
+def seeds_text(fs: dict) -> str:
+    seeds = fs.get("seeds") or [fs["seed"]]
+    if len(seeds) == 1:
+        return f"seed {seeds[0]}"
+    return (f"each fine-tune run {len(seeds)} times (data order seeded {seeds[0]}-{seeds[-1]}; KD cells: mean "
+            "+- sample standard deviation over the runs)")  # fmt: skip
+
+
+def ft_cell(ft: dict) -> str:
+    if ft.get("top1_std") is None:
+        return fmt(ft.get("top1"), ".2f", "%")
+    return f"{ft['top1']:.2f}% +- {ft['top1_std']:.2f}"
+
+
+def paired_lines(rows: list[dict], epochs: list[int]) -> list[str]:
+    """With several seeds: the calibrated partialize row minus each equal-speed pruned row, per seed
+    (the same seed is the same data order for both: a paired difference), mean +- std."""
+    cal = next((r for r in rows if "calibration" in r), None)
+    pruned = [r for r in rows if r.get("point") == "equal speed"]
+    out = []
+    for e in epochs:
+        mine = {x["seed"]: x["top1"] for x in (cal or {}).get("finetune", {}).get(str(e), {}).get("runs", [])}
+        for p in pruned:
+            theirs = {x["seed"]: x["top1"] for x in p["finetune"].get(str(e), {}).get("runs", [])}
+            d = [mine[k] - theirs[k] for k in mine if k in theirs]
+            if len(d) > 1:
+                out.append(f"- KD {e} ep, calibrated partialize minus {p['name']}: {statistics.mean(d):+.2f} +- "
+                           f"{statistics.stdev(d):.2f} points (paired over {len(d)} seeds; "
+                           f"{sum(x > 0 for x in d)} ahead, {sum(x < 0 for x in d)} behind)")  # fmt: skip
+    return ["", *out] if out else []
+
+
 def render_md(doc: dict) -> str:
     env = doc["environment"]
     lines = [
@@ -461,7 +507,7 @@ def render_md(doc: dict) -> str:
         lines += [
             f"Fine-tune (every row alike): KD from the teacher (weight {fs['kd_weight']}, T {fs['kd_temperature']}) "
             f"+ cross-entropy (smoothing {fs['label_smoothing']}), {fs['schedule']}, peak lr {fs['lr']}, weight decay "
-            f"{fs['weight_decay']}, batch {fs['batch_size']}, seed {fs['seed']}. Torch-Pruning: one shot, uniform "
+            f"{fs['weight_decay']}, batch {fs['batch_size']}, {seeds_text(fs)}. Torch-Pruning: one shot, uniform "
             "channel ratio, channels rounded to multiples of 8 (unrounded when rounding cannot match), classifier "
             "kept; Taylor importance on the 512 calibration images with the teacher's argmax as labels (no true "
             "labels). Pruned rows start calibration-free; 'BN re-est.' is the same model after BN statistics are "
@@ -479,12 +525,13 @@ def render_md(doc: dict) -> str:
             "|---|---|---|---|---|" + "---|" * len(epochs),
         ]
         for r in res["rows"]:
-            ft = [fmt(r["finetune"].get(str(e), {}).get("top1"), ".2f", "%") for e in epochs]
+            ft = [ft_cell(r["finetune"].get(str(e), {})) for e in epochs]
             bn = r.get("start_top1_bn_recalibrated")
             lines.append(
                 f"| {r['name']} | {r['macs_ratio']:.3f}x | {r['throughput_ratio']:.2f}x | {r['start_top1']:.2f}% | "
                 f"{fmt(bn, '.2f', '%') if bn is not None else '-'} | " + " | ".join(ft) + " |"
             )
+        lines += paired_lines(res["rows"], epochs)
         cal = next(r["calibration"] for r in res["rows"] if "calibration" in r)
         sp = next(r for r in res["rows"] if r.get("point") == "equal speed")["speed_search"]
         lines += [
@@ -552,6 +599,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ft-lr", type=float, default=5e-4, help="peak lr of every fine-tune (default 5e-4)")
     ap.add_argument("--kd-weight", type=float, default=0.5, help="KD loss weight of every fine-tune (default 0.5)")
     ap.add_argument("--ft-batch", type=int, default=64)
+    ap.add_argument("--ft-seeds", type=int, default=1,
+                    help="fine-tune every row this many times, data order seeded seed, seed+1, ...; the tables "
+                         "give the mean and standard deviation (default 1)")  # fmt: skip
     ap.add_argument("--ft-renders", type=int, default=4, help="renders per digit in the fine-tune set (default 4)")
     ap.add_argument("--teacher-renders", type=int, default=8, help="renders per digit for teachers (default 8)")
     ap.add_argument("--teacher-lr", type=float, default=2e-3)
@@ -598,6 +648,8 @@ def main() -> None:
         for spec in TEACHERS.values():
             spec["epochs"] = args.teacher_epochs
     args.epochs = [int(e) for e in args.epochs.split(",") if e]
+    if args.ft_seeds < 1:
+        ap.error(f"--ft-seeds must be >= 1, got {args.ft_seeds}")
     if args.render_only:
         with open(args.json) as f:
             doc = json.load(f)

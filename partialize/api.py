@@ -213,9 +213,10 @@ def convert(
             result.model = result.calibration.model
         if speed:
             say(f"measuring speed of the deployed forms: {threads} thread(s), batch 1 and {batch}")
+            example = torch.randn(tuple(plan.input_shape))
             result.speed = speed_summary(
-                deploy(model),
-                deploy(result.model),
+                deploy(model, example),
+                deploy(result.model, example),
                 tuple(plan.input_shape[1:]),
                 threads=threads,
                 batch=batch,

@@ -38,8 +38,16 @@ FORMATS = ("onnx", "torchscript", "safetensors")
 TOLERANCE = 1e-4
 
 
-def _deployed(model: nn.Module) -> nn.Module:
-    return model if getattr(model, "_partialize_deployed", False) else deploy(model)
+def _deployed(model: nn.Module, example: torch.Tensor, tol: float) -> tuple[nn.Module, float | None]:
+    """The inference form of ``model`` and, when this call deployed it, its relative error against the
+    eval-mode trained model on ``example`` (checked: over ``tol`` nothing is written)."""
+    if getattr(model, "_partialize_deployed", False):
+        return model, None
+    deployed = deploy(model, example)
+    with torch.no_grad():  # Ada-PConv: the reference routes hard as well (see eval_reference)
+        derr = rel_err(deployed(example), eval_reference(model)(example))
+    _check(derr, "deployed model vs eval-mode trained model", tol)
+    return deployed, derr
 
 
 def export_notes(model: nn.Module) -> list[str]:
@@ -89,7 +97,8 @@ def export_onnx(
     opset: int | None = None,
 ) -> ExportResult:
     """Export the inference form of ``model`` to ONNX (dynamo exporter, dynamic batch) and verify it
-    under onnxruntime on ``example`` and on a batch of another size before writing ``path``."""
+    under onnxruntime on ``example`` and on a batch of another size before writing ``path``. A model
+    not yet deployed is deployed here and checked against its eval-mode self on ``example`` first."""
     try:
         import onnx  # noqa: F401  (the exporter needs it)
         import onnxruntime as ort
@@ -100,7 +109,7 @@ def export_onnx(
             "pip install 'partialize[export]'"
         ) from None
 
-    eager = _deployed(model)
+    eager, derr = _deployed(model, example, tol)
     net = eager
     other = torch.randn(example.shape[0] + 1, *example.shape[1:], generator=torch.Generator().manual_seed(1))
     # torch.export specialises a dimension of size 1, so trace with at least 2 samples to keep the batch
@@ -134,7 +143,7 @@ def export_onnx(
         _check(max(errs), "ONNX model under onnxruntime vs deployed PyTorch model", tol)
 
     atomic_write(path, write_and_check, force=force)
-    res = ExportResult(os.fspath(path), "onnx", tuple(example.shape), max(errs))
+    res = ExportResult(os.fspath(path), "onnx", tuple(example.shape), max(errs), derr)
     res.notes.append(
         f"verified with onnxruntime {ort.__version__} at batch {example.shape[0]} and "
         f"{example.shape[0] + 1}; batch axis dynamic, spatial size fixed at "
@@ -148,9 +157,10 @@ def export_torchscript(
     model: nn.Module, path: str, example: torch.Tensor, *, force: bool = False, tol: float = TOLERANCE
 ) -> ExportResult:
     """Trace the inference form of ``model`` to TorchScript (``torch.jit.trace``) and verify it on
-    ``example`` and on a batch of another size before writing ``path``. The input's spatial size is
-    fixed by the trace; the batch size is not."""
-    eager = _deployed(model)
+    ``example`` and on a batch of another size before writing ``path`` (a model not yet deployed is
+    deployed here and checked against its eval-mode self first). The input's spatial size is fixed by
+    the trace; the batch size is not."""
+    eager, derr = _deployed(model, example, tol)
     net = eager
     errs: list[float] = []
 
@@ -166,7 +176,7 @@ def export_torchscript(
         _check(max(errs), "TorchScript model vs deployed PyTorch model", tol)
 
     atomic_write(path, write, force=force)
-    res = ExportResult(os.fspath(path), "torchscript", tuple(example.shape), max(errs))
+    res = ExportResult(os.fspath(path), "torchscript", tuple(example.shape), max(errs), derr)
     res.notes.append("torch.jit.trace: spatial size fixed at export; load with torch.jit.load")
     res.notes.extend(export_notes(eager))
     return res
@@ -207,7 +217,7 @@ def export(
     chans = plan.input_shape[1] if len(plan.input_shape) == 4 else 3
     example = torch.randn(batch, chans, size, size, generator=torch.Generator().manual_seed(0))
     say("deploying (BN folded, PAT_sp merged, DPConv frozen, Ada-PConv hard routing)")
-    deployed = deploy(trained)
+    deployed = deploy(trained, example)
     with torch.no_grad():  # Ada-PConv: the reference routes hard as well (see eval_reference)
         derr = rel_err(deployed(example), eval_reference(trained)(example))
     _check(derr, "deployed model vs eval-mode trained model", TOLERANCE)

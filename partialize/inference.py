@@ -9,8 +9,14 @@
 
 Pairs are found by torch.fx tracing (registered operators kept as leaves): a conv node whose only
 user is a BN node. A submodule that cannot be traced becomes a leaf and is analysed on its own; a
-module whose own forward cannot be traced is analysed child by child, and inside such an
-``nn.Sequential`` adjacent (conv, BN) children are paired. Only exact
+module whose own forward cannot be traced is analysed child by child, and inside a plain
+``nn.Sequential`` adjacent (conv, BN) children are paired. Below any other untraceable forward the
+calls it makes are unknown (it may call a child's conv and BN one by one with something between
+them), so a pair found there is folded only when running the model once on an example input shows
+its conv and BN called from inside the forward that was traced; without an input (``deploy(model,
+example_input=...)``, by default a random input of the shape partialize converted the model at) it
+is left unfolded with a warning. What that run shows is one input's path: a forward whose calls
+depend on the data values could call them differently on another. Only exact
 ``nn.Conv1d/2d/3d`` (or a deployed operator form whose ``fold_bn`` accepts the BN) and
 ``nn.BatchNorm1d/2d/3d``/``SyncBatchNorm`` types with running statistics are folded (subclasses such
 as weight-standardised convs change the maths); timm's ``BatchNormAct2d`` folds its BN and leaves its
@@ -21,7 +27,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 
+import torch
 import torch.fx
 from torch import nn
 
@@ -38,20 +46,36 @@ _CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _BNS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3, nn.SyncBatchNorm: None}
 
 
-def deploy(model: nn.Module) -> nn.Module:
+def deploy(model: nn.Module, example_input=None) -> nn.Module:
     """Return a new eval-mode, frozen copy of ``model`` in inference form (operators deployed, BN folded).
 
+    ``example_input`` (a tensor or a tuple of them; default: a random tensor of the shape the model was
+    converted at, if partialize converted it) is run once only when a BN sits below a forward that
+    torch.fx cannot trace, to check how it is called (``find_conv_bn_pairs``).
     Deterministic: the same trained tensors always give bit-identical deployed tensors, which is what
     lets a checkpoint store the trained tensors with ``deployed: true`` (``partialize.save``).
     """
     out = copy.deepcopy(model).eval()
+    if example_input is None:
+        example_input = _planned_input(model)
     deploy_operators(out)
-    fold_batchnorm(out)
+    fold_batchnorm(out, example_input)
     out.eval()
     for p in out.parameters():
         p.requires_grad_(False)
     out._partialize_deployed = True  # save() refuses it: save the trained model with deployed=True
     return out
+
+
+def _planned_input(model: nn.Module) -> torch.Tensor | None:
+    """A random input of the shape partialize converted ``model`` at (None when it did not)."""
+    shape = getattr(getattr(model, "_partialize_plan", None), "input_shape", None)
+    if not shape:
+        return None
+    p = next(model.parameters(), None)
+    gen = torch.Generator().manual_seed(0)  # deploy stays deterministic
+    x = torch.randn(tuple(shape), generator=gen)
+    return x if p is None else x.to(p.device, p.dtype if p.dtype.is_floating_point else torch.float32)
 
 
 def eval_reference(model: nn.Module) -> nn.Module:
@@ -142,22 +166,31 @@ def _trace(module: nn.Module, max_retries: int = 64) -> tuple[torch.fx.Graph, se
     return None
 
 
-def _collect(module: nn.Module, prefix: str, pairs: list, calls: dict[str, int]) -> None:
-    """Add (conv, bn) candidates under ``module`` to ``pairs`` and count module calls in ``calls``."""
+def _plain_sequential(module: nn.Module) -> bool:
+    """An ``nn.Sequential`` whose forward is Sequential's own: each child called once, in order."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _collect(module: nn.Module, prefix: str, pairs: list, calls: dict[str, int], trusted: bool = True) -> None:
+    """Add (conv, bn, owner, trusted) candidates under ``module`` to ``pairs`` and count module calls in
+    ``calls``. ``owner`` is the module whose traced forward shows the pair; ``trusted`` is False when a
+    module above it has a forward that could not be traced, so the calls it makes are unknown (it may
+    call the owner's conv and BN directly, with something in between)."""
     if is_partial_op(module):
         return
     traced = _trace(module)
     if traced is None:  # the module's own forward is untraceable: look inside its children
-        if isinstance(module, nn.Sequential):
+        plain = _plain_sequential(module)
+        if plain:
             names = list(module._modules)
             for name in names:
                 calls[prefix + name] = calls.get(prefix + name, 0) + 1
             for a, b in zip(names, names[1:]):
                 conv, bn = module._modules[a], module._modules[b]
                 if conv is not None and _is_conv(conv) and _is_foldable_bn(bn, conv):
-                    pairs.append((prefix + a, prefix + b))
+                    pairs.append((prefix + a, prefix + b, prefix[:-1], trusted))
         for name, child in module.named_children():
-            _collect(child, f"{prefix}{name}.", pairs, calls)
+            _collect(child, f"{prefix}{name}.", pairs, calls, trusted and plain)
         return
     graph, extra = traced
     mods = dict(module.named_modules())
@@ -171,39 +204,91 @@ def _collect(module: nn.Module, prefix: str, pairs: list, calls: dict[str, int])
         if user.op != "call_module" or user.args != (node,) or user.kwargs:
             continue
         if _is_foldable_bn(mods[user.target], mods[node.target]):
-            pairs.append((prefix + node.target, prefix + user.target))
+            pairs.append((prefix + node.target, prefix + user.target, prefix[:-1], trusted))
     for name in sorted(extra):  # untraceable submodules were leaves here: analyse their insides
-        _collect(mods[name], f"{prefix}{name}.", pairs, calls)
+        _collect(mods[name], f"{prefix}{name}.", pairs, calls, trusted)
 
 
-def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+def _inside_owner(model: nn.Module, pairs: list, example_input) -> set[tuple[str, str]]:
+    """The untrusted pairs whose conv and BN, running ``model(example_input)``, were each called and
+    only ever from inside their owner's forward (the traced forward in which the BN reads the conv)."""
+    watched = {n for c, b, _, _ in pairs for n in (c, b)}
+    stack: list[str] = []
+    inside: dict[str, list[bool]] = {n: [] for n in watched}
+    owner_of = {n: o for c, b, o, _ in pairs for n in (c, b)}
+    handles = []
+
+    def enter(name):
+        def hook(_m, _args):
+            if name in watched:
+                inside[name].append(owner_of[name] in stack)
+            stack.append(name)
+
+        return hook
+
+    def leave(_m, _args, _out):
+        stack.pop()
+
+    modes = [(m, m.training) for m in model.modules()]
+    for name, m in model.named_modules():
+        handles.append(m.register_forward_pre_hook(enter(name)))
+        handles.append(m.register_forward_hook(leave, always_call=True))
+    try:
+        with torch.no_grad():
+            model.eval()(*example_input) if isinstance(example_input, tuple) else model.eval()(example_input)
+    except Exception as e:  # not this model's input: nothing is shown, nothing is kept
+        _log.debug("running the model to check BN pairs failed (%s)", e)
+        return set()
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+    return {(c, b) for c, b, _, _ in pairs if all(inside[c] + inside[b]) and inside[c] and inside[b]}
+
+
+def find_conv_bn_pairs(model: nn.Module, example_input=None) -> list[tuple[str, str]]:
     """Qualified names (conv, bn) where the BN reads only that conv's output and can be folded.
 
     fx tracing first (untraceable submodules become leaves and are analysed on their own); a module
-    whose own forward cannot be traced is analysed child by child, and if it is an ``nn.Sequential``
-    its adjacent (conv, BN) children are paired. A module called, or registered, more than once
-    anywhere is never folded.
+    whose own forward cannot be traced is analysed child by child, and if it is a plain
+    ``nn.Sequential`` its adjacent (conv, BN) children are paired. Below any other untraceable
+    forward, the calls it makes are unknown: a pair found there is kept only when running
+    ``model(example_input)`` shows its conv and BN called from inside the forward that was traced,
+    and is dropped, with a warning naming it, when no ``example_input`` is given. A module called,
+    or registered, more than once anywhere is never folded.
     """
-    pairs: list[tuple[str, str]] = []
+    pairs: list[tuple[str, str, str, bool]] = []
     calls: dict[str, int] = {}
     _collect(model, "", pairs, calls)
+    untrusted = [p for p in pairs if not p[3]]
+    checked = _inside_owner(model, untrusted, example_input) if untrusted and example_input is not None else set()
+    dropped = [f"{c} -> {b}" for c, b, _, ok in pairs if not ok and (c, b) not in checked]
+    if dropped:
+        why = "it called them elsewhere when run" if example_input is not None else "no example input was given"
+        warnings.warn(
+            f"BN not folded at {', '.join(dropped)}: a module above them has a forward torch.fx cannot trace, so "
+            f"partialize cannot tell how it calls them, and {why}; the deployed model keeps these BNs "
+            "(exact, a little slower)" + ("" if example_input is not None else
+            "; deploy(model, example_input=x) checks them by running the model once"), stacklevel=4,
+        )  # fmt: skip
     registered: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         registered[id(m)] = registered.get(id(m), 0) + 1
     mods = dict(model.named_modules())
     out, used = [], set()
-    for c, b in pairs:
+    for c, b, _, ok in pairs:
         once = all(calls.get(n, 0) == 1 and registered[id(mods[n])] == 1 for n in (c, b))
-        if once and c not in used and b not in used:
+        if (ok or (c, b) in checked) and once and c not in used and b not in used:
             used.update((c, b))
             out.append((c, b))
     return out
 
 
-def fold_batchnorm(model: nn.Module) -> int:
+def fold_batchnorm(model: nn.Module, example_input=None) -> int:
     """In place: fold every exact (conv, BN) pair (see ``find_conv_bn_pairs``); returns the count."""
     count = 0
-    for conv_name, bn_name in find_conv_bn_pairs(model):
+    for conv_name, bn_name in find_conv_bn_pairs(model, example_input):
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         folded = fold_bn_into_conv(conv, bn) if type(conv) in _CONVS else conv.fold_bn(bn)
         if folded is None:  # the operator cannot absorb this BN: both stay

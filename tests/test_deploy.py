@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torchvision
 from _helpers import randomize_bn, rel_err
@@ -64,8 +65,69 @@ class Hand(nn.Module):
 
 def test_pairs_found_are_exactly_the_safe_ones():
     m = Hand().eval()
-    pairs = set(find_conv_bn_pairs(m))
+    # untraceable.seq sits below a forward fx cannot trace: kept only once running the model shows
+    # that forward calls seq as a whole; without an input it is dropped, with a warning naming it
+    with pytest.warns(UserWarning, match=r"BN not folded at untraceable\.seq\.0 -> untraceable\.seq\.1"):
+        assert set(find_conv_bn_pairs(m)) == {("conv_a", "bn_a"), ("mlp.0", "mlp.1")}
+    pairs = set(find_conv_bn_pairs(m, torch.randn(2, 3, 16, 16)))
     assert pairs == {("conv_a", "bn_a"), ("mlp.0", "mlp.1"), ("untraceable.seq.0", "untraceable.seq.1")}
+
+
+class ConvBN(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class CallsInsides(nn.Module):
+    """An untraceable forward (a shape-dependent branch) that calls ``a`` as a whole but ``b``'s conv and
+    BN one by one, with a ReLU between them and the conv's output used again: ``b`` must not be folded."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.a, self.b = ConvBN(c), ConvBN(c)
+
+    def forward(self, x):
+        if x.shape[-1] % 2:
+            x = nn.functional.pad(x, (0, 1, 0, 1))
+        y = self.a(x)
+        t = self.b.conv(y)
+        return self.b.bn(torch.relu(t)) + t
+
+
+class ReorderedSequential(nn.Sequential):
+    """A Sequential whose own forward puts a ReLU between its conv and its BN (and cannot be traced)."""
+
+    def forward(self, x):
+        if x.shape[-1] % 2:
+            x = nn.functional.pad(x, (0, 1, 0, 1))
+        return self[1](torch.relu(self[0](x)))
+
+
+def _check_deploy(m: nn.Module, x: torch.Tensor, **kw) -> nn.Module:
+    randomize_bn(m, seed=5)
+    m.eval()
+    d = deploy(m, **kw)
+    with torch.no_grad():
+        assert rel_err(d(x), m(x)) < 1e-5
+    return d
+
+
+def test_bn_called_apart_below_an_untraceable_forward_is_never_folded():
+    """Regression: the conv and BN of ``b`` were folded (the pair found inside ConvBN's own forward),
+    a 41% output error; deploy now checks by running the model (or keeps every such BN)."""
+    x = torch.randn(2, 8, 15, 15)
+    with pytest.warns(UserWarning, match="no example input"):
+        d = _check_deploy(CallsInsides(), x)
+    assert type(d.a.bn) is nn.BatchNorm2d and type(d.b.bn) is nn.BatchNorm2d
+    with pytest.warns(UserWarning, match=r"b\.conv -> b\.bn: .*called them elsewhere"):
+        d = _check_deploy(CallsInsides(), x, example_input=x)
+    assert isinstance(d.a.bn, nn.Identity) and type(d.b.bn) is nn.BatchNorm2d  # a is called whole: folded
+    d = _check_deploy(ReorderedSequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)), x)  # not a plain Sequential
+    assert type(d[1]) is nn.BatchNorm2d
 
 
 def test_hand_model_deploy_equals_eval_and_input_untouched():
@@ -76,7 +138,7 @@ def test_hand_model_deploy_equals_eval_and_input_untouched():
         m.sp.gate.weight.normal_(0, 0.5)
     m.train()
     state = copy.deepcopy(m.state_dict())
-    d = deploy(m)
+    d = deploy(m, example_input=torch.randn(2, 3, 16, 16))
     # input untouched: same mode, same modules, same tensors
     assert m.training and isinstance(m.bn_a, nn.BatchNorm2d) and isinstance(m.patconv, PATConv)
     assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
@@ -116,3 +178,21 @@ def test_bn_without_running_stats_is_not_folded():
     assert find_conv_bn_pairs(m) == []
     m2 = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm1d(4)).eval()  # dimensionality mismatch
     assert find_conv_bn_pairs(m2) == []
+
+
+def test_export_of_a_model_with_an_untraceable_forward_writes_its_function(tmp_path):
+    """Regression: export_torchscript/export_onnx of a model not yet deployed checked the file against
+    the deployed model only, so a wrong fold was written as verified. Now the deployed model is checked
+    against the eval-mode model first, and the fold is not made."""
+    from partialize.exporting import export_torchscript
+
+    m = CallsInsides()
+    randomize_bn(m, seed=5)
+    m.eval()
+    x = torch.randn(2, 8, 15, 15)
+    with pytest.warns(UserWarning, match=r"b\.conv -> b\.bn"):
+        res = export_torchscript(m, str(tmp_path / "m.ts.pt"), x)
+    assert res.deploy_rel_err is not None and res.deploy_rel_err < 1e-5
+    loaded = torch.jit.load(str(tmp_path / "m.ts.pt"))
+    with torch.no_grad():
+        assert rel_err(loaded(x), m(x)) < 1e-5

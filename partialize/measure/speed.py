@@ -135,11 +135,14 @@ def environment_fingerprint(threads: int) -> dict:
     }
 
 
-def _prepare(model: torch.nn.Module, device: torch.device, channels_last: bool, deployed: bool) -> torch.nn.Module:
-    """What is timed: the deployed form (operators' inference forms, BN folded; ``partialize.deploy``) on
-    the device, in the memory format asked for."""
+def _prepare(
+    model: torch.nn.Module, device: torch.device, channels_last: bool, deployed: bool, chw: tuple[int, ...]
+) -> torch.nn.Module:
+    """What is timed: the deployed form (operators' inference forms, BN folded; ``partialize.deploy``,
+    given an input of the timed shape) on the device, in the memory format asked for."""
     if deployed and not getattr(model, "_partialize_deployed", False):
-        model = deploy(model)
+        p = next(model.parameters(), None)
+        model = deploy(model, torch.randn(1, *chw, device=p.device if p is not None else "cpu"))
     elif device.type != "cpu" or channels_last:
         model = copy.deepcopy(model)
     model = model.to(device)
@@ -233,7 +236,7 @@ def measure_speed(
         )
 
     try:
-        prepared.update((n, _prepare(m, dev, channels_last, deployed)) for n, m in models.items())
+        prepared.update((n, _prepare(m, dev, channels_last, deployed, chw)) for n, m in models.items())
         if latency:
             if progress:
                 progress("latency, batch 1")

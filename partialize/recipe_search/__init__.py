@@ -118,7 +118,7 @@ def _model_time(model: nn.Module, x: torch.Tensor, timer: Timer, threads: int) -
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            return timer({"model": deploy(model)}, x)["model"][0]
+            return timer({"model": deploy(model, x[:1])}, x)["model"][0]
     finally:
         torch.set_num_threads(prev)
 
@@ -394,7 +394,8 @@ def _remeasure(ctx: _Ctx, recipe: dict) -> float:
     torch.set_num_threads(ctx.threads)
     try:
         with torch.inference_mode():
-            t = ctx.timer({"original": deploy(ctx.model), "converted": deploy(converted)}, ctx.x)
+            x1 = ctx.x[:1]
+            t = ctx.timer({"original": deploy(ctx.model, x1), "converted": deploy(converted, x1)}, ctx.x)
     finally:
         torch.set_num_threads(prev)
     return t["original"][0] / t["converted"][0]

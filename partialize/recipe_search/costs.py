@@ -192,7 +192,7 @@ def _measure_unit(model, unit: Unit, x: torch.Tensor, pairs, table: dict, timer:
     unit.options = [unit.options[k] for k in keep]
     costs = [_rel_error(m, holder, x) for _, m in built]
     keys = [_key(holder, x, unit.options[i]) for i in range(len(built))]
-    todo = {i: deploy(m) for i, (_, m) in enumerate(built) if keys[i] not in table}
+    todo = {i: deploy(m, x[:1]) for i, (_, m) in enumerate(built) if keys[i] not in table}
     if todo:
         with torch.inference_mode():
             timed = timer({str(i): f for i, f in todo.items()}, x)
@@ -237,7 +237,7 @@ def in_model_times(
     def seconds(a, b) -> float:
         return a.elapsed_time(b) / 1e3 if cuda else b - a
 
-    deployed = {k: deploy(m) for k, m in models.items()}
+    deployed = {k: deploy(m, x[:1]) for k, m in models.items()}
     marks: dict[str, dict[str, list]] = {k: {u: [] for u in units} for k in models}
     hooks = []
     for k, d in deployed.items():

@@ -7,6 +7,8 @@ so a module called twice counts twice and whatever path an op takes (fused atten
 
 - convolutions (``aten.convolution``, transposed too): output elements x (C_in / groups) x kernel size;
 - matrix products (``mm``, ``addmm``, ``bmm``, ``baddbmm``, ``mv``, ``dot``, ``linear``): M x K x N;
+  ``einsum`` pairwise from left to right, as torch evaluates it without opt_einsum; ``inner``;
+  ``linalg.multi_dot`` in its cheapest bracketing, the one torch runs;
 - attention: q k^T and attn v, B x heads x L x S x (d_qk + d_v), for every scaled-dot-product
   kernel (math, flash, efficient, cuDNN, CPU flash) and masks/causality not discounted;
 - ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` fast paths: their projections,
@@ -70,17 +72,61 @@ def _matmul(args, out) -> int:
     return max(1, out.numel()) * a.shape[-1]
 
 
+def _einsum_labels(spec: str, ndim: int) -> list[str]:
+    """The index labels of one operand, its ellipsis spelled out as the dimensions it covers (numbered
+    from the right, so operands broadcast against each other share them)."""
+    if "..." not in spec:
+        return list(spec)
+    head, tail = spec.split("...")
+    covered = ndim - len(head) - len(tail)
+    return list(head) + [f"...{covered - k}" for k in range(covered)] + list(tail)
+
+
 def _einsum(args, out) -> int:
-    """A contraction: the product of the sizes of every index in the equation (each once)."""
-    equation, operands = args[0], args[1]
-    lhs = equation.replace(" ", "").split("->")[0].split(",")
+    """A contraction, pairwise from left to right as torch evaluates it (without opt_einsum): each
+    pair costs the product of the sizes of the indices it touches, once an operand's own indices that
+    nothing later needs are summed out (a reduction, no multiply)."""
+    equation, operands = args[0].replace(" ", ""), args[1]
+    if len(operands) < 2:
+        return 0
+    lhs, _, rhs = equation.partition("->")
+    specs = [_einsum_labels(spec, t.dim()) for spec, t in zip(lhs.split(","), operands)]
     sizes: dict[str, int] = {}
-    for spec, t in zip(lhs, operands):
-        if "." in spec:
-            return out.numel() * max(1, t.shape[-1])  # ellipsis: the output times the last size
-        for ch, n in zip(spec, t.shape):
-            sizes[ch] = n
-    return prod(sizes.values()) if len(operands) > 1 else 0
+    for labels, t in zip(specs, operands):
+        for ch, n in zip(labels, t.shape):
+            sizes[ch] = max(sizes.get(ch, 1), n)  # a broadcast dimension of size 1 takes the other's
+    if "->" in equation:
+        keep = set(_einsum_labels(rhs, out.dim()))
+    else:  # implicit output: the labels used once, and the ellipsis
+        flat = [c for labels in specs for c in labels]
+        keep = {c for c in flat if flat.count(c) == 1 or c.startswith("...")}
+    total, acc = 0, set(specs[0])
+    for k, labels in enumerate(specs[1:], start=1):
+        later = keep.union(*[set(x) for x in specs[k + 1 :]])
+        b = set(labels)
+        a, b = acc & (b | later), b & (acc | later)
+        total += prod(sizes[c] for c in a | b)
+        acc = (a | b) & later
+    return total
+
+
+def _multi_dot(args, out) -> int:
+    """``linalg.multi_dot``: the least multiply count over the bracketings, the order torch picks (a
+    1-D first or last operand is a row or a column vector)."""
+    shapes = [tuple(t.shape) for t in args[0]]
+    if len(shapes) < 2:
+        return 0
+    dims = [shapes[0][0] if len(shapes[0]) == 2 else 1] + [s[-1] if len(s) == 2 else 1 for s in shapes[:-1]]
+    dims.append(shapes[-1][-1] if len(shapes[-1]) == 2 else 1)
+    if len(shapes[0]) == 1:
+        dims[1] = shapes[0][0]
+    n = len(shapes)
+    best = [[0] * n for _ in range(n)]
+    for span in range(1, n):
+        for i in range(n - span):
+            j = i + span
+            best[i][j] = min(best[i][m] + best[m + 1][j] + dims[i] * dims[m + 1] * dims[j + 1] for m in range(i, j))
+    return best[0][n - 1]
 
 
 def _attention_bhld(q, k, v) -> int:
@@ -144,6 +190,8 @@ _FORMULAS: dict[object, Callable] = {
     aten.conv_transpose3d.input: _conv_transpose_composite,
     aten.matmul.default: _matmul,
     aten.einsum.default: _einsum,
+    aten.inner.default: lambda a, o: max(1, o.numel()) * (a[0].shape[-1] if a[0].dim() else 1),
+    aten.linalg_multi_dot.default: _multi_dot,
     aten.scaled_dot_product_attention.default: lambda a, o: _attention_bhld(*a[:3]),
     # pairwise distances of x1 (..., P, M) and x2 (..., R, M): one M-long reduction per output element
     aten._cdist_forward.default: lambda a, o: o.numel() * a[0].shape[-1],
@@ -152,7 +200,8 @@ _FORMULAS: dict[object, Callable] = {
 
 # ops that do multiply-accumulate work but have no formula here: reported, never silently 0
 _CONTRACTION = re.compile(
-    r"(mm|conv|attention|matmul|linear|einsum|bilinear|rnn|lstm|gru|tensordot|_int\d?pack|cdist|euclidean_dist)"
+    r"(mm|conv|attention|matmul|linear|einsum|bilinear|rnn|lstm|gru|tensordot|_int\d?pack|cdist|euclidean_dist"
+    r"|inner|multi_dot|chain_matmul|kron)"
 )
 
 

@@ -677,3 +677,34 @@ def test_report_uses_the_checkpoints_size_and_says_when_outputs_outnumber_the_fo
     doc = json.loads(out.read_text())
     assert doc["input_size"] == [3, 32, 32]
     assert any("4 outputs" in n and "2 class folders" in n for n in doc["model"]["notes"]), doc["model"]["notes"]
+
+
+class _Contractions(nn.Module):
+    def forward(self, a, b, v, m1, m2, m3):
+        return (
+            torch.einsum("...ji,...jk->...ik", a, b),
+            torch.einsum("ij,jk,kl->il", m1, m2, m3),
+            torch.inner(a, a),
+            torch.linalg.multi_dot([a[0, 0], a[0, 0].T, a[0, 0]]),
+            torch.linalg.multi_dot([v, m2.T, m1.T]),
+        )
+
+
+def test_einsum_inner_multi_dot_counted_alike_in_no_grad_and_inference_mode():
+    """Hand counts (regression: under inference_mode an ellipsis einsum counted the output times the
+    first operand's last size, 360, and inner and multi_dot counted 0 without being listed)."""
+    a, b, v = torch.randn(2, 5, 7, 3), torch.randn(2, 5, 7, 4), torch.randn(4)
+    m1, m2, m3 = torch.randn(2, 3), torch.randn(3, 4), torch.randn(4, 5)
+    ellipsis = 2 * 5 * 3 * 4 * 7  # (2, 5, 3, 4) outputs, each a 7-long sum
+    chain = 2 * 3 * 4 + 2 * 4 * 5  # (m1 m2) first, then with m3: torch's left-to-right order
+    inner = 2 * 5 * 7 * 2 * 5 * 7 * 3  # every pair of rows, 3 long
+    multi = 3 * 7 * 3 + 7 * 3 * 3  # 7x3 @ (3x7 @ 7x3): the cheaper bracketing
+    vec = min(4 * 3 + 3 * 2, 4 * 3 * 2 + 4 * 2)  # v(4) @ 4x3 @ 3x2: (v M) N, 18, against v (M N), 32
+    expected = ellipsis + chain + inner + multi + vec
+    from partialize.macs import count_macs
+
+    args = (a, b, v, m1, m2, m3)
+    assert model_macs(_Contractions(), args) == expected
+    with torch.inference_mode():
+        assert model_macs(_Contractions(), args) == expected
+        assert count_macs(_Contractions(), *args).uncounted == {}

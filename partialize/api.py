@@ -25,6 +25,18 @@ from .recipe import RATIO_WORDS, SKIP_VARIANTS, check_ratio, load_recipe
 from .serialization import save
 
 
+def _no_override(recipe, ratio, variant, fn: str) -> float | str:
+    """``ratio``/``variant`` shape the recipe used when none is given; with a recipe they would be
+    ignored, so they are refused. Returns the ratio to use (default 0.25)."""
+    if recipe is not None and (ratio is not None or variant is not None):
+        given = ", ".join(f"{k}={v!r}" for k, v in (("ratio", ratio), ("variant", variant)) if v is not None)
+        raise RecipeError(
+            f"partialize.{fn}(model, recipe, {given}): ratio= and variant= set the conversion only when no recipe "
+            "is given; with a recipe, set them in it (its defaults: or a rule's ratio:/variant:), or drop the recipe"
+        )
+    return 0.25 if ratio is None else ratio
+
+
 def _check_args(model, ratio, variant, example_input, input_size, fn: str) -> None:
     """Refuse bad arguments with the argument's name and the fix (not a pydantic or torch error)."""
     if not isinstance(model, nn.Module):
@@ -62,7 +74,7 @@ def plan(
     model: nn.Module,
     recipe=None,
     *,
-    ratio: float | str = 0.25,
+    ratio: float | str | None = None,
     variant: str | None = None,
     example_input: torch.Tensor | None = None,
     input_size: int | None = None,
@@ -70,8 +82,10 @@ def plan(
     """Resolve a recipe (path, shipped name, YAML text, dict; default: ``default``) against ``model``.
 
     Returns an ordered Plan: layer, original, new, params, ratio, delta params/MACs, how each layer
-    was found, and the reason for every layer left alone.
+    was found, and the reason for every layer left alone. ``ratio`` (default 0.25) and ``variant`` apply
+    only without a recipe (see :func:`apply`).
     """
+    ratio = _no_override(recipe, ratio, variant, "plan")
     _check_args(model, ratio, variant, example_input, input_size, "plan")
     return make_plan(model, recipe, example_input=example_input, input_size=input_size, ratio=ratio, variant=variant)
 
@@ -80,7 +94,7 @@ def apply(
     model: nn.Module,
     recipe=None,
     *,
-    ratio: float | str = 0.25,
+    ratio: float | str | None = None,
     variant: str | None = None,
     inplace: bool = False,
     example_input: torch.Tensor | None = None,
@@ -88,10 +102,12 @@ def apply(
 ) -> nn.Module:
     """Convert ``model`` to partial-channel form and return it (a copy unless ``inplace``).
 
-    With no recipe, every eligible 3x3 conv becomes ``variant`` (default PConv) at ``ratio``;
-    ``ratio="dynamic"`` gives DPConv, ``"adaptive"`` Ada-PConv. Weights are inherited; output shape,
+    With no recipe, every eligible 3x3 conv becomes ``variant`` (default PConv) at ``ratio`` (default
+    0.25); ``ratio="dynamic"`` gives DPConv, ``"adaptive"`` Ada-PConv. With a recipe, ``ratio`` and
+    ``variant`` are refused (a RecipeError): the recipe says them. Weights are inherited; output shape,
     dtype and device are unchanged; the plan is kept on the result (``model._partialize_plan``).
     """
+    ratio = _no_override(recipe, ratio, variant, "apply")
     _check_args(model, ratio, variant, example_input, input_size, "apply")
     p = make_plan(model, recipe, example_input=example_input, input_size=input_size, ratio=ratio, variant=variant)
     return apply_plan(model, p, inplace=inplace, example_input=example_input)

@@ -111,6 +111,29 @@ def test_ignore_list_and_reasons():
     assert not any(e.layer.startswith("layer1.") for e in plan.converted)
 
 
+def test_ignore_pattern_naming_no_module_is_an_error_when_strict():
+    """Regression: a typo'd ignore pattern ("layr1.*") was accepted and layer1 converted unprotected."""
+    model = torchvision.models.resnet18()
+    rec = {"version": 1, "rules": [{"select": {"type": "Conv2d", "kernel": 3}}], "ignore": ["layr1.*", "layer4"]}
+    with pytest.raises(RecipeError, match=r"ignore pattern 'layr1\.\*' names no module") as e:
+        partialize.plan(model, rec, input_size=64)
+    assert "layer4" not in str(e.value).split("names no module")[0]  # a whole block name is a module: fine
+    plan = partialize.plan(model, rec | {"strict": False}, input_size=64)
+    assert any(e.layer.startswith("layer1.") for e in plan.converted)  # allowed when not strict
+
+
+def test_ratio_and_variant_are_refused_with_a_recipe():
+    """Regression: plan(model, "default", ratio=0.5, variant="patconv") silently used the recipe's 1/4 PConv."""
+    model = torchvision.models.resnet18()
+    for kw in ({"ratio": 0.5}, {"variant": "patconv"}, {"ratio": 0.25, "variant": "pconv"}):
+        with pytest.raises(RecipeError, match="set the conversion only when no recipe is given"):
+            partialize.plan(model, "default", input_size=32, **kw)
+        with pytest.raises(RecipeError, match="set the conversion only when no recipe is given"):
+            partialize.apply(model, "auto", input_size=32, **kw)
+    plan = partialize.plan(model, ratio=0.5, variant="patconv", input_size=32)  # no recipe: they apply
+    assert {(e.variant, e.ratio) for e in plan.converted} == {("patconv", 0.5)}
+
+
 def test_resnet50_recipe_converts_strided_convs_too():
     model = torchvision.models.resnet50()
     plan = partialize.plan(model, "resnet50-patconv")

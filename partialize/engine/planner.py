@@ -148,6 +148,7 @@ def make_plan(
         state.decide(name, decision)
     if rec.strict:
         _check_dead_rules(rec, hits, names)
+        _check_dead_ignores(rec, list(modules))
     plan = Plan(
         entries=state.entries,
         recipe=rec.model_dump(mode="json", exclude_none=True),
@@ -299,6 +300,18 @@ def _unswappable(module: nn.Module, held_outside: dict[int, str]) -> str | None:
 def _under(rel: str, path: str) -> bool:
     """Whether the relative name ``rel`` is the kept child ``path`` (dotted for a nested one) or inside it."""
     return rel == path or rel.startswith(path + ".")
+
+
+def _check_dead_ignores(rec: Recipe, names: list[str]) -> None:
+    """strict: every ignore pattern must name some module (a typo would leave what it meant to protect
+    converted)."""
+    dead = [p for p in rec.ignore if not any(name_matches(p, n) for n in names if n)]
+    if dead:
+        msgs = []
+        for p in dead:
+            close = closest_names(p, [n for n in names if n])
+            msgs.append(f"ignore pattern {p!r} names no module" + (f" (closest: {', '.join(close)})" if close else ""))
+        raise RecipeError("; ".join(msgs) + ". Fix the pattern, or set `strict: false` in the recipe to allow it.")
 
 
 def _check_dead_rules(rec: Recipe, hits: list[int], names: list[str]) -> None:

@@ -101,6 +101,31 @@ def test_inputs_are_untouched_and_a_seed_reproduces(r18, digits):
     assert not _same(_state(a.model), _state(c.model))
 
 
+def test_a_frozen_original_calibrates_the_same_and_gives_a_trainable_model(r18, digits):
+    """Regression: the calibrated model is rebuilt from the original, so a frozen original (a teacher
+    after requires_grad_(False), or after finetune froze it) froze the inherited weights: distillation
+    trained only the operators' new parameters, and the result could not fine-tune them either."""
+    converted = partialize.apply(r18, "default", input_size=32)  # while r18 is trainable
+    a = calibrate_model(converted, r18, digits, images=96, steps=10, seed=3)
+    frozen = copy.deepcopy(r18).requires_grad_(False)
+    b = calibrate_model(converted, frozen, digits, images=96, steps=10, seed=3)
+    assert _same(_state(a.model), _state(b.model))
+    assert all(p.requires_grad for p in b.model.parameters())
+    assert not any(p.requires_grad for p in frozen.parameters())  # the original is left as it was
+
+
+def test_finetune_gives_the_teacher_back_as_it_was(r18):
+    """Regression: finetune left the caller's teacher in eval mode with requires_grad=False, which
+    silently changed what a later calibrate(model, teacher, ...) trained."""
+    from partialize.train import finetune
+
+    teacher = copy.deepcopy(r18).train()
+    student = partialize.apply(r18, "default", input_size=32)
+    data = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(2)]
+    finetune(student, data, teacher=teacher, epochs=1, lr=1e-4, progress=False, log=None)
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+
+
 def test_a_trained_model_keeps_its_weights_no_channel_choice(r18, digits):
     converted = partialize.apply(r18, "default", input_size=32)
     with torch.no_grad():

@@ -233,7 +233,7 @@ def test_shipped_recipes_still_validate():
 # --- the Python API ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ratio", [1.5, 0, -0.5, math.nan, math.inf, "half", True, None, [0.5]])
+@pytest.mark.parametrize("ratio", [1.5, 0, -0.5, math.nan, math.inf, "half", True, [0.5]])
 def test_api_ratio_is_validated(ratio):
     model = torchvision.models.resnet18()
     for fn in (partialize.apply, partialize.plan):
@@ -241,6 +241,11 @@ def test_api_ratio_is_validated(ratio):
             fn(model, ratio=ratio, input_size=32)
         msg = str(err.value)
         assert "ratio=" in msg and "(0, 1]" in msg and "dynamic" in msg, msg
+
+
+def test_api_ratio_none_is_the_default_quarter():
+    plan = partialize.plan(torchvision.models.resnet18(), ratio=None, input_size=32)
+    assert {(e.variant, e.ratio) for e in plan.converted} == {("pconv", 0.25)}
 
 
 def test_api_unknown_variant_names_the_known_ones():

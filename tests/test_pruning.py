@@ -59,6 +59,21 @@ def test_magnitude_keeps_the_channels_with_the_largest_group_norm():
     assert torch.equal(model.conv1.weight, w1)  # the input model is untouched
 
 
+def test_a_frozen_model_is_pruned_like_a_trainable_one():
+    """Regression: torch-pruning traces through autograd, so a model with requires_grad=False (a frozen
+    teacher) came back unpruned, with its full MACs reported as the pruned model's."""
+    from partialize.measure.pruning import prune_to_macs
+
+    model = _model()
+    frozen = _model().requires_grad_(False)
+    pruned, _ = prune_to_ratio(frozen, 0.5, 8)
+    assert pruned.conv1.out_channels == 4 and pruned.conv2.out_channels == 2  # as the trainable model's
+    assert torch.equal(pruned.conv1.weight, prune_to_ratio(model, 0.5, 8)[0].conv1.weight)
+    _, info = prune_to_macs(frozen, 0.5 * 8 * 8 * (3 * 8 * 9 + 8 * 4 * 9), 8, tolerance=0.25)  # half the convs'
+    assert info["reached_macs"] < info["original_macs"]
+    assert not any(p.requires_grad for p in frozen.parameters())  # the input is left as it was
+
+
 def test_taylor_keeps_the_channels_with_the_largest_first_order_term():
     model = _model(1)
     x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(2))

@@ -114,6 +114,7 @@ def calibrate_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         reference, cal, plan = _start(model, original, plan, layers, x, use, notes)
+        _trainable_as(cal, model)
         before = fidelity(model, original, check)
         refitted, blocks = _run_steps(cal, reference, layers, x, use, steps, lr, batch_size, seed, progress)
     after = fidelity(cal, reference, check)
@@ -122,6 +123,15 @@ def calibrate_model(
         cal, before, after, [s for s in STEPS if s in use], blocks, refitted, notes, int(x.shape[0]),
         time.perf_counter() - t0,
     )  # fmt: skip
+
+
+def _trainable_as(cal: nn.Module, model: nn.Module) -> None:
+    """Give ``cal`` the requires_grad flags of ``model``'s parameters (True for any it lacks): ``cal``
+    may be rebuilt from the original, whose flags (a frozen teacher's, say) must not decide what
+    calibration trains or what the calibrated model can fine-tune."""
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, p in cal.named_parameters():
+        p.requires_grad_(flags.get(n, True))
 
 
 def _start(model, original, plan, layers, x, use, notes):

@@ -103,7 +103,9 @@ def permute_by_importance(
     import torch_pruning as tp
 
     notes: list[str] = []
-    model = copy.deepcopy(original).eval()
+    # torch-pruning traces the dependency graph through autograd: a frozen original's copy would show
+    # no layer (every group "not in the dependency graph"), so the copy is made trainable
+    model = copy.deepcopy(original).eval().requires_grad_(True)
     convs = [n for n in layers if isinstance(model.get_submodule(n), (nn.Conv2d, nn.Linear))]
     if not convs:
         return model, ["channel choice: no converted conv to order channels for"]

@@ -35,6 +35,12 @@ def torch_pruning_version() -> str:
         return tp.__version__
 
 
+def _trainable_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy with every parameter trainable: torch-pruning traces its dependency graph
+    through autograd, so on a frozen model (requires_grad=False) it finds no layer and prunes nothing."""
+    return copy.deepcopy(model).eval().requires_grad_(True)
+
+
 def _classifier_layers(model: nn.Module) -> list[nn.Module]:
     """Final classifier(s) to keep intact: timm's get_classifier(), else the last Linear."""
     get = getattr(model, "get_classifier", None)
@@ -64,7 +70,7 @@ def prune_to_macs(
     import torch_pruning as tp
 
     chw = _input_chw(input_size)
-    pruned = copy.deepcopy(model).eval()
+    pruned = _trainable_copy(model)
     example = torch.randn(1, *chw, device=next(model.parameters()).device)
     start = model_macs(pruned, example)
     if target_macs >= start * (1 + tolerance):
@@ -191,7 +197,7 @@ def prune_to_ratio(
         raise PruningError("Taylor importance needs calibration images (images=...)")
     imp = _importance(importance)
     chw = _input_chw(input_size)
-    pruned = copy.deepcopy(model).eval()
+    pruned = _trainable_copy(model)
     device = next(model.parameters()).device
     example = torch.randn(1, *chw, device=device)
     start = model_macs(pruned, example)

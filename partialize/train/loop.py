@@ -127,7 +127,8 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.raw = self.model.to(self.device)
-        if self.teacher is not None:
+        if self.teacher is not None:  # frozen for the run; run() gives the caller's flags and mode back
+            self.teacher_state = (self.teacher.training, [(p, p.requires_grad) for p in self.teacher.parameters()])
             self.teacher = self.teacher.to(self.device).eval().requires_grad_(False)
         check_targets(self.raw, cfg.operator_settings)
         if not any(p.requires_grad for p in self.raw.parameters()):
@@ -137,6 +138,10 @@ class Trainer:
                 "inference form and cannot be fine-tuned; pass the training form instead (partialize.apply's "
                 "result, or partialize.load(path, deployed=False))"
             )
+        frozen = [n for n, p in self.raw.named_parameters() if not p.requires_grad]
+        if frozen:  # e.g. a model converted from a frozen teacher: its inherited weights would not train
+            self.say(f"note: {len(frozen)} parameter tensor(s) have requires_grad=False and will not train "
+                     f"({', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''})")  # fmt: skip
         groups = param_groups(self.raw, cfg.weight_decay, cfg.gate_lr_scale)
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
@@ -144,6 +149,15 @@ class Trainer:
         self._criteria()
         self._schedule()
         self.gen = getattr(self.train_loader, "generator", None)  # seeds the loader's workers: saved state
+
+    def _give_teacher_back(self) -> None:
+        """The teacher's requires_grad flags and train/eval mode as the caller had them."""
+        state = getattr(self, "teacher_state", None)
+        if state is not None:
+            training, flags = state
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            self.teacher.train(training)
 
     def _join(self) -> None:
         """Join the process group under torchrun and check the train loader is sharded for it."""
@@ -262,7 +276,11 @@ class Trainer:
 
     # --- the run ------------------------------------------------------------------------------------
     def run(self) -> FinetuneResult:
-        self._setup()
+        try:
+            self._setup()
+        except BaseException:
+            self._give_teacher_back()
+            raise
         try:
             for cb in self.callbacks:
                 cb.on_train_start(self)
@@ -275,6 +293,7 @@ class Trainer:
         finally:
             for cb in self.callbacks:
                 cb.on_train_end(self)
+            self._give_teacher_back()
         set_routing(self.raw, "hard")
         return self._result()
 

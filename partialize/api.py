@@ -229,7 +229,7 @@ def convert(
             result.model = result.calibration.model
         if speed:
             say(f"measuring speed of the deployed forms: {threads} thread(s), batch 1 and {batch}")
-            example = torch.randn(tuple(plan.input_shape))
+            example = torch.randn(tuple(plan.input_shape), device=next(model.parameters(), torch.empty(0)).device)
             result.speed = speed_summary(
                 deploy(model, example),
                 deploy(result.model, example),

@@ -209,9 +209,10 @@ def _collect(module: nn.Module, prefix: str, pairs: list, calls: dict[str, int],
         _collect(mods[name], f"{prefix}{name}.", pairs, calls, trusted)
 
 
-def _inside_owner(model: nn.Module, pairs: list, example_input) -> set[tuple[str, str]]:
+def _inside_owner(model: nn.Module, pairs: list, example_input) -> set[tuple[str, str]] | None:
     """The untrusted pairs whose conv and BN, running ``model(example_input)``, were each called and
-    only ever from inside their owner's forward (the traced forward in which the BN reads the conv)."""
+    only ever from inside their owner's forward (the traced forward in which the BN reads the conv);
+    None when the model does not run on that input."""
     watched = {n for c, b, _, _ in pairs for n in (c, b)}
     stack: list[str] = []
     inside: dict[str, list[bool]] = {n: [] for n in watched}
@@ -226,19 +227,23 @@ def _inside_owner(model: nn.Module, pairs: list, example_input) -> set[tuple[str
 
         return hook
 
-    def leave(_m, _args, _out):
-        stack.pop()
+    def leave(name):
+        def hook(_m, _args, _out):
+            while stack and stack.pop() != name:  # back to this module (a child that raised and was caught)
+                pass
+
+        return hook
 
     modes = [(m, m.training) for m in model.modules()]
     for name, m in model.named_modules():
         handles.append(m.register_forward_pre_hook(enter(name)))
-        handles.append(m.register_forward_hook(leave, always_call=True))
+        handles.append(m.register_forward_hook(leave(name), always_call=True))
     try:
         with torch.no_grad():
             model.eval()(*example_input) if isinstance(example_input, tuple) else model.eval()(example_input)
     except Exception as e:  # not this model's input: nothing is shown, nothing is kept
         _log.debug("running the model to check BN pairs failed (%s)", e)
-        return set()
+        return None
     finally:
         for h in handles:
             h.remove()
@@ -262,10 +267,11 @@ def find_conv_bn_pairs(model: nn.Module, example_input=None) -> list[tuple[str, 
     calls: dict[str, int] = {}
     _collect(model, "", pairs, calls)
     untrusted = [p for p in pairs if not p[3]]
-    checked = _inside_owner(model, untrusted, example_input) if untrusted and example_input is not None else set()
-    dropped = [f"{c} -> {b}" for c, b, _, ok in pairs if not ok and (c, b) not in checked]
+    checked = _inside_owner(model, untrusted, example_input) if untrusted and example_input is not None else None
+    dropped = [f"{c} -> {b}" for c, b, _, ok in pairs if not ok and (c, b) not in (checked or set())]
     if dropped:
-        why = "it called them elsewhere when run" if example_input is not None else "no example input was given"
+        why = ("no example input was given" if example_input is None else "the model did not run on the example "
+               "input" if checked is None else "running it showed them called from elsewhere")  # fmt: skip
         warnings.warn(
             f"BN not folded at {', '.join(dropped)}: a module above them has a forward torch.fx cannot trace, so "
             f"partialize cannot tell how it calls them, and {why}; the deployed model keeps these BNs "
@@ -279,7 +285,7 @@ def find_conv_bn_pairs(model: nn.Module, example_input=None) -> list[tuple[str, 
     out, used = [], set()
     for c, b, _, ok in pairs:
         once = all(calls.get(n, 0) == 1 and registered[id(mods[n])] == 1 for n in (c, b))
-        if (ok or (c, b) in checked) and once and c not in used and b not in used:
+        if (ok or (c, b) in (checked or set())) and once and c not in used and b not in used:
             used.update((c, b))
             out.append((c, b))
     return out

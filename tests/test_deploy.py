@@ -123,7 +123,7 @@ def test_bn_called_apart_below_an_untraceable_forward_is_never_folded():
     with pytest.warns(UserWarning, match="no example input"):
         d = _check_deploy(CallsInsides(), x)
     assert type(d.a.bn) is nn.BatchNorm2d and type(d.b.bn) is nn.BatchNorm2d
-    with pytest.warns(UserWarning, match=r"b\.conv -> b\.bn: .*called them elsewhere"):
+    with pytest.warns(UserWarning, match=r"b\.conv -> b\.bn: .*called from elsewhere"):
         d = _check_deploy(CallsInsides(), x, example_input=x)
     assert isinstance(d.a.bn, nn.Identity) and type(d.b.bn) is nn.BatchNorm2d  # a is called whole: folded
     d = _check_deploy(ReorderedSequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)), x)  # not a plain Sequential

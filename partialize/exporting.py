@@ -217,10 +217,7 @@ def export(
     chans = plan.input_shape[1] if len(plan.input_shape) == 4 else 3
     example = torch.randn(batch, chans, size, size, generator=torch.Generator().manual_seed(0))
     say("deploying (BN folded, PAT_sp merged, DPConv frozen, Ada-PConv hard routing)")
-    deployed = deploy(trained, example)
-    with torch.no_grad():  # Ada-PConv: the reference routes hard as well (see eval_reference)
-        derr = rel_err(deployed(example), eval_reference(trained)(example))
-    _check(derr, "deployed model vs eval-mode trained model", TOLERANCE)
+    deployed, derr = _deployed(trained, example, TOLERANCE)
     if fmt == "safetensors":
         say(f"writing {out}")
         path = pio.save(trained, out, deployed=True, overwrite=force)

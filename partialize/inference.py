@@ -33,6 +33,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from ._modes import in_mode
 from .engine.apply import set_module
 from .ops._utils import bn_remainder, fold_bn_into_conv, is_foldable_bn
 from .ops.base import InferenceForm, PartialOperator
@@ -234,21 +235,19 @@ def _inside_owner(model: nn.Module, pairs: list, example_input) -> set[tuple[str
 
         return hook
 
-    modes = [(m, m.training) for m in model.modules()]
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
     for name, m in model.named_modules():
         handles.append(m.register_forward_pre_hook(enter(name)))
         handles.append(m.register_forward_hook(leave(name), always_call=True))
     try:
-        with torch.no_grad():
-            model.eval()(*example_input) if isinstance(example_input, tuple) else model.eval()(example_input)
+        with torch.no_grad(), in_mode(model):
+            model(*args)
     except Exception as e:  # not this model's input: nothing is shown, nothing is kept
         _log.debug("running the model to check BN pairs failed (%s)", e)
         return None
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes:
-            m.training = mode
     return {(c, b) for c, b, _, _ in pairs if all(inside[c] + inside[b]) and inside[c] and inside[b]}
 
 
@@ -268,7 +267,8 @@ def find_conv_bn_pairs(model: nn.Module, example_input=None) -> list[tuple[str, 
     _collect(model, "", pairs, calls)
     untrusted = [p for p in pairs if not p[3]]
     checked = _inside_owner(model, untrusted, example_input) if untrusted and example_input is not None else None
-    dropped = [f"{c} -> {b}" for c, b, _, ok in pairs if not ok and (c, b) not in (checked or set())]
+    shown = checked or set()
+    dropped = [f"{c} -> {b}" for c, b, _, ok in pairs if not ok and (c, b) not in shown]
     if dropped:
         why = ("no example input was given" if example_input is None else "the model did not run on the example "
                "input" if checked is None else "running it showed them called from elsewhere")  # fmt: skip
@@ -285,7 +285,7 @@ def find_conv_bn_pairs(model: nn.Module, example_input=None) -> list[tuple[str, 
     out, used = [], set()
     for c, b, _, ok in pairs:
         once = all(calls.get(n, 0) == 1 and registered[id(mods[n])] == 1 for n in (c, b))
-        if (ok or (c, b) in (checked or set())) and once and c not in used and b not in used:
+        if (ok or (c, b) in shown) and once and c not in used and b not in used:
             used.update((c, b))
             out.append((c, b))
     return out

@@ -112,6 +112,7 @@ class Trainer:
         self.start_epoch, self.step, self.best, self.best_epoch, self.resumed = 0, 0, None, None, None
         self.history: list[dict] = []
         self.improved = False
+        self.teacher_state: tuple[bool, list] | None = None  # the caller's teacher: mode, requires_grad flags
 
     # --- setup ------------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -152,9 +153,8 @@ class Trainer:
 
     def _give_teacher_back(self) -> None:
         """The teacher's requires_grad flags and train/eval mode as the caller had them."""
-        state = getattr(self, "teacher_state", None)
-        if state is not None:
-            training, flags = state
+        if self.teacher_state is not None:
+            training, flags = self.teacher_state
             for p, flag in flags:
                 p.requires_grad_(flag)
             self.teacher.train(training)

@@ -76,6 +76,12 @@ def main() -> None:
         default="system",
         help="reuse: keep freed memory in the heap for every model (partialize.measure.allocator)",
     )
+    ap.add_argument(
+        "--layout",
+        choices=("nchw", "channels_last"),
+        default="nchw",
+        help="channels_last: every deployed model's weights in NHWC (the input stays NCHW, as a user gives it)",
+    )
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--no-profile", action="store_true", help="times only, no per-op breakdown")
     ap.add_argument("--md", help="write the tables as Markdown here")
@@ -94,10 +100,12 @@ def main() -> None:
     macs["pruned"] = count_macs(pruned, x[:1]).total
     models = {"original": partialize.deploy(base), "converted": partialize.deploy(converted),
               "pruned": partialize.deploy(pruned)}  # fmt: skip
+    if args.layout == "channels_last":
+        models = {n: m.to(memory_format=torch.channels_last) for n, m in models.items()}
     t = time_side_by_side({n: (lambda m=m: m(x)) for n, m in models.items()}, rounds=args.rounds, min_round_s=0.2)
     prof = {} if args.no_profile else {n: profile_model(m, x) for n, m in models.items()}
     lines = [f"{machine_description(args.threads)}; batch {args.batch}, {args.size} px, deployed forms, "
-             f"allocator {args.allocator}, {args.rounds} rounds", ""]  # fmt: skip
+             f"allocator {args.allocator}, layout {args.layout}, {args.rounds} rounds", ""]  # fmt: skip
     lines += ["| model | MACs (G) | ms / batch (IQR) | speed-up | MACs limit | reached |", "|---|---|---|---|---|---|"]
     for n in models:
         sp = t["original"].median_s / t[n].median_s

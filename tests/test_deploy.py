@@ -196,3 +196,34 @@ def test_export_of_a_model_with_an_untraceable_forward_writes_its_function(tmp_p
     loaded = torch.jit.load(str(tmp_path / "m.ts.pt"))
     with torch.no_grad():
         assert rel_err(loaded(x), m(x)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "name, recipe",
+    [
+        ("resnet18", "examples/recipes/resnet18-partial-residual.yaml"),  # partial residual, projections
+        ("resnet50", "resnet50-partial"),  # PATConv with PAT_ch, strided PConv, partial residual
+        ("resnet18", "default"),  # PConv on every 3x3
+    ],
+)
+def test_a_deployed_model_in_channels_last_computes_the_same_on_nchw_input(name, recipe):
+    """What `search --channels-last` and `bench --channels-last` time: the deployed model with NHWC
+    weights, given the NCHW input a user's loader gives (so every partial op sees NHWC tensors)."""
+    import os
+
+    import timm
+    from _helpers import nondegenerate_
+
+    import partialize
+
+    torch.manual_seed(0)
+    base = nondegenerate_(timm.create_model(name, num_classes=10).eval())
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, recipe) if recipe.endswith(".yaml") else recipe
+    x = torch.randn(2, 3, 64, 64)
+    d = deploy(partialize.apply(base, path, input_size=64), x[:1])
+    nhwc = copy.deepcopy(d).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        ref, y = d(x), nhwc(x)
+    assert rel_err(y, ref) < 1e-5
+    assert rel_err(ref, base(x)) > 1e-3  # the conversion changed the function: this compares two real models

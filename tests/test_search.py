@@ -297,3 +297,48 @@ def test_variants_restrict_the_operators_the_search_tries(r18, tmp_path):
                                   "--out", str(tmp_path / "r.yaml")])  # fmt: skip
     assert r.exit_code == 2 and "unknown ['nope']" in r.output and "partial_residual" in r.output
     assert not (tmp_path / "r.yaml").exists()
+
+
+class _SeesLayout(torch.nn.Module):
+    """Records, per call, whether its input and its conv's weight are NHWC, in a class-level log that
+    the deployed copies share."""
+
+    log: dict[str, list[tuple[bool, bool]]] = {}
+
+    def __init__(self, tag: str):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.tag = tag
+        self.log[tag] = []
+
+    def forward(self, x):
+        cl = torch.channels_last
+        if isinstance(x, torch.Tensor):  # not when deploy traces it with torch.fx
+            self.log[self.tag].append(
+                (x.is_contiguous(memory_format=cl), self.conv.weight.is_contiguous(memory_format=cl))
+            )
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channels_last_times_weights_and_input_in_nhwc_and_keys_the_cache(channels_last):
+    """The real timer and in_model_times run every model with NHWC weights and input when asked (and
+    NCHW otherwise); the memory format is part of the cost table's cache key."""
+    from partialize.recipe_search.costs import fingerprint, in_model_times, side_by_side_timer
+
+    x = torch.randn(2, 3, 8, 8)  # NCHW, as a user's loader gives it
+    a, b = _SeesLayout("a"), _SeesLayout("b")
+    side_by_side_timer(rounds=1, min_round_s=0.0, channels_last=channels_last)({"a": a}, x)
+    in_model_times({"b": b}, ["conv"], x, calls=1, channels_last=channels_last)
+    for tag in "ab":
+        assert _SeesLayout.log[tag] and set(_SeesLayout.log[tag]) == {(channels_last, channels_last)}
+    assert not b.conv.weight.is_contiguous(memory_format=torch.channels_last)  # the caller's model: as it was
+    fp = fingerprint(1, 2, "cpu", channels_last)
+    assert fp["memory_format"] == ("channels_last" if channels_last else "contiguous")
+    assert fp != fingerprint(1, 2, "cpu", not channels_last)
+
+
+def test_a_channels_last_search_records_its_layout(r18):
+    res = search(r18, 2.0, input_size=32, batch=2, timer=fake_timer, cache=False, channels_last=True)
+    assert res.conditions["memory_format"] == "channels_last"
+    assert "channels_last" in res.recipe_yaml().splitlines()[1]

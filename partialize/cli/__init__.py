@@ -273,10 +273,14 @@ def export_cmd(checkpoint, fmt, out, input_size, batch, force, trust_factory) ->
 @click.option("--no-remeasure", is_flag=True, help="Skip timing the whole converted model at the end.")
 @click.option("--no-cache", is_flag=True, help="Time every option again instead of reusing this machine's cache.")
 @ALLOCATOR_OPTION
+@click.option("--channels-last", is_flag=True,
+              help="Time every model, the original too, with weights and input in NHWC (channels_last), "
+                   "often faster on CPU (docs/search.md). Deploy the recipe's model the same way: "
+                   "model.to(memory_format=torch.channels_last).")  # fmt: skip
 @click.option("--force", is_flag=True, help="Overwrite --out / --json if they exist.")
 @friendly_errors
 def search_cmd(model, target_speedup, out, json_path, threads, batch, input_size, data, weights, num_classes,
-               device, variants, no_remeasure, no_cache, allocator, force) -> None:  # fmt: skip
+               device, variants, no_remeasure, no_cache, allocator, channels_last, force) -> None:  # fmt: skip
     """Find the partial form of MODEL that reaches --target-speedup on this machine at the least
     predicted accuracy cost, and write it as a recipe.
 
@@ -311,7 +315,7 @@ def search_cmd(model, target_speedup, out, json_path, threads, batch, input_size
         res = search(
             base, target_speedup, name=model, input_size=input_size, threads=threads, batch=batch, data=data,
             device=device, options=options, remeasure=not no_remeasure, cache=not no_cache, allocator=allocator,
-            progress=progress,
+            channels_last=channels_last, progress=progress,
         )  # fmt: skip
     write_result(res, out, json_path, force=force)
     for note in res.notes:
@@ -321,6 +325,7 @@ def search_cmd(model, target_speedup, out, json_path, threads, batch, input_size
         f"{len(res.recipe['rules'])} rules; predicted {res.predicted_speedup:.2f}x, measured {measured} "
         f"(target {target_speedup:g}x; batch {batch}, "
         + (f"{device}" if device != "cpu" else f"{threads} thread(s)")
+        + (", channels_last" if channels_last else "")
         + f"); {res.seconds['total']:.0f} s"
     )
     console.print(f"wrote {out}" + (f" and {json_path}" if json_path else ""))

@@ -80,7 +80,9 @@ class SearchResult:
             + (f"{self.measured_speedup:.3f}x" if self.measured_speedup is not None else "not measured")
             + f"\n# on {self.conditions.get('machine')}"
             + (f", GPU {self.conditions['gpu']}" if self.conditions.get("gpu") else "")
-            + f", batch {self.conditions.get('batch')}\n"
+            + f", batch {self.conditions.get('batch')}"
+            + (", channels_last" if self.conditions.get("memory_format") == "channels_last" else "")
+            + "\n"
         )
         return head + yaml.safe_dump(self.recipe, sort_keys=False)
 
@@ -156,6 +158,7 @@ def search(
     timer: Timer | None = None,
     cache: bool = True,
     allocator: str | None = None,
+    channels_last: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> SearchResult:
     """Search ``model`` for ``target_speedup`` (throughput at ``batch``, ``threads`` CPU threads,
@@ -168,7 +171,8 @@ def search(
     the model is) is where every timing runs, synchronised on CUDA; a model elsewhere is copied there,
     never moved. ``timer`` replaces the real timer (tests). ``allocator`` ("system" / "reuse", default:
     the process as it is; ``partialize.measure.allocator``) is set before any timing and is part of the
-    cost table's cache key."""
+    cost table's cache key. ``channels_last``: every model, original included, is timed with its weights
+    and input in NHWC (the memory format is part of the cache key too)."""
     if not target_speedup > 1.0:
         raise SearchError(f"--target-speedup must be > 1 (a speed-up over the original), got {target_speedup!r}")
     if remeasure and iterations < 1:
@@ -187,14 +191,16 @@ def search(
     secs["units"] = time.perf_counter() - t0
     say(f"cost table: {len(units)} units, {sum(len(u.options) for u in units)} options")
     real = timer is None
-    timer = timer or side_by_side_timer(device=dev)
-    costs = measure_units(model, units, x, threads=threads, timer=timer, cache=cache, progress=progress)
+    timer = timer or side_by_side_timer(device=dev, channels_last=channels_last)
+    costs = measure_units(
+        model, units, x, threads=threads, timer=timer, cache=cache, channels_last=channels_last, progress=progress
+    )
     if real:  # every unit's times and the rest of the model, as they run inside the whole model
         picks = _fastest_picks(costs)
         say("timing the units inside the whole original and fastest-choice models")
         fast_model = _convert(model, _recipe(units, picks, "search-fastest"), x[:1])
         both = {"original": model, "fastest": fast_model}
-        inside = in_model_times(both, [u.name for u in units], x, threads=threads)
+        inside = in_model_times(both, [u.name for u in units], x, threads=threads, channels_last=channels_last)
         total = inside["original"][0]
         scale_to_model(costs, picks, inside["original"][1], inside["fastest"][1])
     else:
@@ -202,7 +208,8 @@ def search(
     secs["cost_table"] = time.perf_counter() - t0 - secs["units"]
     rest = max(0.0, total - sum(c.times[0] for c in costs))
     fastest = rest + sum(min(c.times) for c in costs)
-    ctx = _Ctx(model, units, costs, total, rest, x, timer, threads, name or type(model).__name__, batch)
+    label = name or type(model).__name__
+    ctx = _Ctx(model, units, costs, total, rest, x, timer, threads, label, batch, channels_last)
     aim, first = target_speedup, None
     if fastest > total / target_speedup:  # predicted out of reach: measured before refusing
         first = _reachable(ctx, target_speedup, fastest, remeasure, say)
@@ -335,6 +342,7 @@ class _Ctx:
     threads: int
     label: str
     batch: int
+    channels_last: bool = False
 
 
 def _solve(ctx: _Ctx, target: float, aim: float) -> SearchResult:
@@ -379,7 +387,7 @@ def _result(ctx: _Ctx, target: float, picks: list[int], guarantee: str) -> Searc
     return SearchResult(
         target, ctx.total / (ctx.rest + time_s), None, recipe, _choices(ctx.units, ctx.costs, picks),
         ctx.total * 1e3, ctx.rest * 1e3, guarantee,
-        fingerprint(ctx.threads, ctx.batch, str(ctx.x.device)) | {"input_shape": list(ctx.x.shape)},
+        fingerprint(ctx.threads, ctx.batch, str(ctx.x.device), ctx.channels_last) | {"input_shape": list(ctx.x.shape)},
     )  # fmt: skip
 
 

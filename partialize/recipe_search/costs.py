@@ -71,16 +71,17 @@ def cache_dir() -> str:
     return os.path.join(os.path.expanduser(os.environ.get("PARTIALIZE_CACHE", "~/.cache/partialize")), "costs")
 
 
-def fingerprint(threads: int, batch: int, device: str) -> dict:
-    """What a measured time depends on besides the unit: machine, torch, threads, batch, device, on CPU
-    the memory allocator (``partialize.measure.allocator``), and on CUDA the GPU's name and the CUDA
-    version."""
+def fingerprint(threads: int, batch: int, device: str, channels_last: bool = False) -> dict:
+    """What a measured time depends on besides the unit: machine, torch, threads, batch, device, memory
+    format, on CPU the memory allocator (``partialize.measure.allocator``), and on CUDA the GPU's name
+    and the CUDA version."""
     out = {
         "machine": machine_description(threads),
         "torch": torch.__version__,
         "threads": threads,
         "batch": batch,
         "device": device,
+        "memory_format": "channels_last" if channels_last else "contiguous",
     }
     if torch.device(device).type == "cpu":
         alloc = allocator_state()
@@ -127,11 +128,22 @@ def _rel_error(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
 Timer = Callable[[dict[str, nn.Module], torch.Tensor], dict[str, tuple[float, float]]]
 
 
-def side_by_side_timer(rounds: int = 5, min_round_s: float = 0.05, device: torch.device | None = None) -> Timer:
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def side_by_side_timer(
+    rounds: int = 5, min_round_s: float = 0.05, device: torch.device | None = None, channels_last: bool = False
+) -> Timer:
     """The real timer: every module on ``x``, interleaved (``time_side_by_side``, synchronising CUDA
-    around each round), in inference mode; returns name -> (median seconds per call, IQR / median)."""
+    around each round), in inference mode; returns name -> (median seconds per call, IQR / median).
+    ``channels_last``: the modules' weights and ``x`` are put in NHWC first (the modules in place: the
+    callers hand it deployed copies of their own)."""
 
     def timer(modules: dict[str, nn.Module], x: torch.Tensor) -> dict[str, tuple[float, float]]:
+        if channels_last:
+            modules = {n: m.to(memory_format=torch.channels_last) for n, m in modules.items()}
+            x = _nhwc(x)
         fns = {n: (lambda m=m: m(x)) for n, m in modules.items()}
         t = time_side_by_side(fns, rounds=rounds, min_round_s=min_round_s, device=device)
         return {n: (v.median_s, v.iqr_s / v.median_s) for n, v in t.items()}
@@ -147,12 +159,15 @@ def measure_units(
     threads: int = 1,
     timer: Timer | None = None,
     cache: bool = True,
+    channels_last: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> list[UnitCosts]:
     """Time and score every option of every unit on ``x`` (a batch of the model's input). ``timer``
-    (default: :func:`side_by_side_timer`) is replaceable, for tests that must not time anything."""
-    timer = timer or side_by_side_timer(device=x.device)
-    fp = fingerprint(threads, x.shape[0], str(x.device))
+    (default: :func:`side_by_side_timer`) is replaceable, for tests that must not time anything.
+    ``channels_last`` keys the cache (the default timer then times in NHWC; a given timer is told
+    separately)."""
+    timer = timer or side_by_side_timer(device=x.device, channels_last=channels_last)
+    fp = fingerprint(threads, x.shape[0], str(x.device), channels_last)
     path = os.path.join(cache_dir(), hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16] + ".json")
     table = _read(path) if cache else {}
     calls = capture_calls(model, x, [u.name for u in units])
@@ -213,7 +228,13 @@ def _read(path: str) -> dict:
 
 
 def in_model_times(
-    models: dict[str, nn.Module], units: list[str], x: torch.Tensor, *, threads: int = 1, calls: int = 5
+    models: dict[str, nn.Module],
+    units: list[str],
+    x: torch.Tensor,
+    *,
+    threads: int = 1,
+    calls: int = 5,
+    channels_last: bool = False,
 ) -> dict[str, tuple[float, dict[str, float]]]:
     """For each model (deployed here): (whole forward, each unit inside it), median seconds per batch
     call, timed by forward hooks during whole forwards, the models' calls interleaved so drift in the
@@ -221,7 +242,7 @@ def in_model_times(
     forward, which would stall the queue at every unit) read after each forward. A unit timed alone
     can run at another speed than inside the model (see :func:`scale_to_model`), so the search takes
     its times, and what the rest of the model costs, from here. Units a model does not have (or never
-    calls) are left out of its dict."""
+    calls) are left out of its dict. ``channels_last``: every model and ``x`` in NHWC."""
     import statistics
     import time
 
@@ -238,6 +259,9 @@ def in_model_times(
         return a.elapsed_time(b) / 1e3 if cuda else b - a
 
     deployed = {k: deploy(m, x[:1]) for k, m in models.items()}
+    if channels_last:
+        deployed = {k: d.to(memory_format=torch.channels_last) for k, d in deployed.items()}
+        x = _nhwc(x)
     marks: dict[str, dict[str, list]] = {k: {u: [] for u in units} for k in models}
     hooks = []
     for k, d in deployed.items():

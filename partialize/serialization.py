@@ -2,8 +2,13 @@
 safetensors file. Loading rebuilds the base model and replays the plan; nothing is unpickled.
 
 Metadata: ``format`` (``partialize/1``; a higher number was written by a newer partialize and is
-refused), ``partialize_version``, ``plan`` and ``deployed`` (``"true"``: the tensors are the trained
-ones and ``load`` returns ``partialize.deploy`` of the replayed model; deployment is deterministic).
+refused), ``partialize_version``, ``plan``, ``deployed`` (``"true"``: the tensors are the trained
+ones and ``load`` returns ``partialize.deploy`` of the replayed model; deployment is deterministic)
+and ``probe``: the saved model's eval output on a seeded random input of the plan's shape. ``load``
+runs the rebuilt model on the same input and refuses a file whose rebuilt model computes something
+else: a plan names its base model by architecture and ``num_classes`` only, and a timm model built
+with other arguments (``act_layer``, ``global_pool``, ``output_stride``) has the same layers and
+tensors but another function.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ import re
 from collections import OrderedDict
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from ._fs import atomic_write
+from ._modes import in_mode
 from ._version import __version__
 from .base_model import build_model
 from .engine.apply import apply_plan
@@ -73,7 +80,80 @@ def save(model: nn.Module, path: str | os.PathLike, *, deployed: bool = False, o
     routing = _routing_of(model)
     if routing:
         meta["routing"] = json.dumps(routing)
+    probe = _probe(model, plan)
+    if probe is not None:
+        meta["probe"] = json.dumps({"seed": PROBE_SEED, "device": probe[1], "values": probe[0].tolist()})
     return atomic_write(path, lambda tmp: save_model(model, tmp, metadata=meta), force=overwrite)
+
+
+PROBE_SEED = 20261204
+PROBE_VALUES = 1024  # the first values of the flattened outputs are stored
+
+
+def _probe(model: nn.Module, plan) -> tuple[torch.Tensor, str] | None:
+    """(the first output values of ``model`` in eval mode on a seeded N(0, 1) input of the plan's shape,
+    the device it ran on); None when the plan has no input shape or the output holds no tensor."""
+    shape = tuple(getattr(plan, "input_shape", None) or ())
+    if not shape:
+        return None
+    p = next((t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()), None)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(PROBE_SEED))
+    if p is not None:
+        x = x.to(p.device, p.dtype)
+    try:
+        with in_mode(model), torch.no_grad():
+            out = model(x)
+    except Exception:  # a model that needs other inputs than one image batch: not probed
+        return None
+    flat = [t.detach().flatten().float().cpu() for t in _tensors(out)]
+    if not flat:
+        return None
+    return torch.cat(flat)[:PROBE_VALUES], str(x.device)
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def _verify_probe(model: nn.Module, meta: dict, plan, path, own_base: bool) -> None:
+    """Refuse a rebuilt model whose output on the stored probe input differs from the saved model's
+    (relative to the output's largest magnitude: above 1e-3 for a file saved on CPU, 1e-2 on CUDA,
+    whose convs may run in TF32)."""
+    if "probe" not in meta:
+        return  # written before probes were stored
+    try:
+        stored = json.loads(meta["probe"])
+        want = torch.tensor(stored["values"], dtype=torch.float32)
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{os.fspath(path)!r}: the stored probe is unreadable") from None
+    got = _probe(model, plan)
+    if got is None or got[0].numel() != want.numel():
+        err = float("inf")
+    else:
+        err = float((got[0] - want).abs().max() / want.abs().max().clamp_min(1e-12))
+    tol = 1e-2 if str(stored.get("device", "cpu")).startswith("cuda") else 1e-3
+    if err <= tol:
+        return
+    spec = plan.model or {}
+    if own_base:
+        how = (
+            f"the file names its base model as {spec.get('spec')!r} with {spec.get('kwargs') or {}}, but the model "
+            "was probably built with other arguments that partialize does not record (e.g. timm's act_layer, "
+            "global_pool, output_stride); pass it: partialize.load(path, model=timm.create_model(name, <your "
+            "arguments>))"
+        )
+    else:
+        how = "the given model is not the base model the file was converted from (same architecture and arguments)"
+    raise CheckpointError(
+        f"{os.fspath(path)!r}: the rebuilt model computes something other than the model that was saved "
+        f"(relative difference {err:.3g} on the stored probe input, tolerance {tol:g}): {how}"
+    )
 
 
 def _routing_of(model: nn.Module) -> dict[str, list]:
@@ -298,6 +378,7 @@ def load(
             f"unexpected {sorted(unexpected)[:5]}"
         )
     _restore_routing(converted, meta, path)
+    _verify_probe(converted, meta, plan, path, own_base)
     if deployed is None:
         deployed = meta.get("deployed") == "true"
     if deployed:

@@ -339,6 +339,50 @@ def test_save_load_round_trip_identical_outputs(tmp_path, recipe):
     assert [e.layer for e in back._partialize_plan.converted] == [e.layer for e in conv._partialize_plan.converted]
 
 
+@pytest.mark.parametrize("kwargs", [{"act_layer": "gelu"}, {"global_pool": "max"}, {"output_stride": 16}])
+def test_load_refuses_a_rebuilt_model_that_computes_something_else(tmp_path, kwargs):
+    """A plan names its base by architecture and num_classes only. A timm model built with other
+    arguments has the same layers and tensors but another function: load must not hand that back
+    (nor export write it). The oracle is the saved model's own output, and the same architecture built
+    with the user's arguments must load to exactly it."""
+    from _helpers import nondegenerate_
+
+    torch.manual_seed(0)
+    base = nondegenerate_(timm.create_model("resnet18", num_classes=10, **kwargs).eval())
+    conv = partialize.apply(base, "default", input_size=64).eval()
+    path = partialize.save(conv, tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError, match="computes something other.*model=timm.create_model"):
+        partialize.load(path)
+    with pytest.raises(CheckpointError, match="computes something other"):
+        partialize.export(path, "torchscript", out=tmp_path / "m.ts.pt")
+    assert not (tmp_path / "m.ts.pt").exists()
+    right = partialize.load(path, model=timm.create_model("resnet18", num_classes=10, **kwargs))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(right.eval()(x), conv(x))
+    with pytest.raises(CheckpointError, match="not the base model the file was converted from"):
+        partialize.load(path, model=timm.create_model("resnet18", num_classes=10))
+
+
+def test_a_file_without_a_probe_still_loads(tmp_path):
+    """Files written before probes were stored load as before."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    base = timm.create_model("resnet18", num_classes=10).eval()
+    conv = partialize.apply(base, "default", input_size=64).eval()
+    path = partialize.save(conv, tmp_path / "m.safetensors")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert "probe" in meta
+    meta.pop("probe")
+    old = str(tmp_path / "old.safetensors")
+    save_file(load_file(path), old, metadata=meta)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(partialize.load(old).eval()(x), conv(x))
+
+
 def test_load_errors_are_clear_and_nothing_is_unpickled(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 20)

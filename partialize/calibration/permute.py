@@ -62,6 +62,11 @@ def _apply(module: nn.Module, out: bool, index: list[int], perm: torch.Tensor) -
     return True
 
 
+def _grouped(m: nn.Module) -> bool:
+    """A grouped conv that is not depthwise: its input channels are tied to their groups."""
+    return isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels
+
+
 @torch.no_grad()
 def _input_scores(model: nn.Module, layers: list[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per converted conv: E[x_c^2] * ||W[:, c]||^2 over its input channels, normalised to sum 1."""
@@ -107,8 +112,12 @@ def permute_by_importance(
     # no layer (every group "not in the dependency graph"), so the copy is made trainable
     model = copy.deepcopy(original).eval().requires_grad_(True)
     convs = [n for n in layers if isinstance(model.get_submodule(n), (nn.Conv2d, nn.Linear))]
+    for n in [n for n in convs if _grouped(model.get_submodule(n))]:
+        g = model.get_submodule(n).groups
+        notes.append(f"channel choice skipped for {n}: a grouped conv (groups={g}) takes no permutation across groups")
+        convs.remove(n)
     if not convs:
-        return model, ["channel choice: no converted conv to order channels for"]
+        return model, notes or ["channel choice: no converted conv to order channels for"]
     example = images[:1]
     try:
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)

@@ -11,7 +11,12 @@ are untouched). Steps, in order (each measured in docs/benchmarks.md):
    (``PartialOperator.data_params``: the heads ``partial_attention`` keeps and the head
    ``single_head_attention`` starts from, by what each adds to the output) merged into the plan
    before it is replayed; measured no better than the default heads on a ViT-Tiny (docs/calibration.md).
-2. **BN statistics** re-estimated on the converted model (``steps.recalibrate_bn``).
+2. **BN statistics** re-estimated on the converted model (``"bn"``, ``steps.recalibrate_bn``); or, not
+   a default step, matched to the original's (``"bn_match"``, ``steps.match_bn_statistics``): each BN
+   normalises what it now receives to the mean and spread the original's BN gives its own input on
+   the same images, so a BN whose input the conversion did not change keeps its statistics, and
+   distillation then keeps them (BN in eval mode). The two agree where the images match the
+   original's training data; measured in docs/calibration.md.
 3. **closed-form refit** of each BN after a converted layer (``steps.refit_bn_affine``); not in the
    default steps: measured to lower accuracy after step 2 (docs/calibration.md).
 4. **block-wise distillation** of each block holding converted layers (``steps.distil_blocks``).
@@ -36,13 +41,15 @@ from ..engine.apply import apply_plan
 from .data import CalibrationError, calibration_images
 from .fidelity import Fidelity, fidelity
 from .permute import permute_by_importance
-from .steps import distil_blocks, recalibrate_bn, refit_bn_affine
+from .steps import distil_blocks, match_bn_statistics, recalibrate_bn, refit_bn_affine
 
 __all__ = ["CalibrationError", "CalibrationResult", "Fidelity", "calibrate", "calibrate_model", "fidelity"]
 
-STEPS = ("channels", "heads", "bn", "refit", "distil")
-#: what runs by default: the closed-form BN refit is measured to hurt after BN recalibration, and the
-#: head choice from data measured no better than the last heads on a ViT-Tiny (docs/calibration.md)
+STEPS = ("channels", "heads", "bn", "bn_match", "refit", "distil")
+#: what runs by default: the closed-form BN refit is measured to hurt after BN recalibration, the
+#: head choice from data measured no better than the last heads on a ViT-Tiny, and BN statistics
+#: matched to the original's ("bn_match") measured better than re-estimation on calibration images of
+#: another contrast but worse on blurred or brighter ones (docs/calibration.md)
 DEFAULT_STEPS = ("channels", "bn", "distil")
 
 
@@ -100,6 +107,10 @@ def calibrate_model(
     unknown = sorted(set(use) - set(STEPS))
     if unknown:
         raise CalibrationError(f"unknown calibration step(s) {unknown}; choose from {', '.join(STEPS)}")
+    if "bn" in use and "bn_match" in use:
+        raise CalibrationError(
+            "use either 'bn' (re-estimate BN statistics) or 'bn_match' (match the original's), not both"
+        )
     if steps < 0 or lr <= 0 or batch_size < 1:
         raise CalibrationError(f"steps must be >= 0, lr > 0 and batch_size >= 1 (got {steps}, {lr}, {batch_size})")
     size = input_size or (plan.input_shape[-1] if plan.input_shape else None)
@@ -185,11 +196,15 @@ def _run_steps(cal, reference, layers, x, use, steps, lr, batch_size, seed, prog
     blocks: dict[str, dict] = {}
     if "bn" in use:
         recalibrate_bn(cal, x)
+    if "bn_match" in use:
+        match_bn_statistics(cal, reference, x)
     if "refit" in use:
         refitted = refit_bn_affine(cal, reference, layers, x)
     if "distil" in use and steps > 0:
+        # matched statistics are not the batch's own where the images are not the original's data:
+        # distillation then normalises with them (BN in eval mode), or it would train against others
         blocks = distil_blocks(cal, reference, layers, x, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                               progress=progress)  # fmt: skip
+                               bn_train="bn_match" not in use, progress=progress)  # fmt: skip
     return refitted, blocks
 
 

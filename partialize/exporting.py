@@ -211,11 +211,13 @@ def export(
         raise PartializeError(f"{out!r} already exists; pass --force to overwrite it")
     say(f"loading {checkpoint}")
     trained = pio.load(checkpoint, deployed=False).eval()
-    size = input_size or (plan.input_shape[-1] if plan.input_shape else 224)
     if input_size:  # a size the model cannot take: the reason and the fix, not a traceback from the exporter
-        check_runs_at(trained, size, os.path.basename(os.fspath(checkpoint)), "--input-size")
+        check_runs_at(trained, input_size, os.path.basename(os.fspath(checkpoint)), "--input-size")
+        hw = (input_size, input_size)
+    else:  # the shape the model was converted at, H x W as it was (not W x W)
+        hw = tuple(plan.input_shape[-2:]) if len(plan.input_shape or ()) == 4 else (224, 224)
     chans = plan.input_shape[1] if len(plan.input_shape) == 4 else 3
-    example = torch.randn(batch, chans, size, size, generator=torch.Generator().manual_seed(0))
+    example = torch.randn(batch, chans, *hw, generator=torch.Generator().manual_seed(0))
     say("deploying (BN folded, PAT_sp merged, DPConv frozen, Ada-PConv hard routing)")
     deployed, derr = _deployed(trained, example, TOLERANCE)
     if fmt == "safetensors":

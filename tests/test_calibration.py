@@ -310,3 +310,22 @@ def test_calibrating_with_bn_match_leaves_the_layers_before_any_conversion_as_th
     assert torch.allclose(match.model.bn1.running_var, r18.bn1.running_var, rtol=1e-5)
     assert torch.allclose(match.model.bn1.running_mean, r18.bn1.running_mean, rtol=1e-5, atol=1e-6)
     assert rel_err(plain.model.bn1.running_var, r18.bn1.running_var) > 0.1
+
+
+def test_fidelity_reports_the_function_deploy_computes(r18, digits):
+    """An Ada-PConv model trained with soft routing deploys with hard routing; the fidelity report
+    (and so calibrate's before/after) must describe the deployed function. Oracle: the deployed
+    model's own outputs compared with the original by the same report."""
+    from partialize.ops import AdaPConv
+
+    conv = partialize.apply(r18, ratio="adaptive", input_size=32)
+    with torch.no_grad():
+        for m in conv.modules():
+            if isinstance(m, AdaPConv):
+                m.router.weight.normal_(std=0.5)  # a trained-looking router: soft mixing != hard routing
+    x = digits[:64]
+    soft = copy.deepcopy(conv).eval()  # as a reference: the soft-mixing function itself
+    got = fidelity(conv, soft, x, [])
+    deployed = fidelity(partialize.deploy(conv), soft, x, [])
+    assert deployed.kl > 1e-3  # hard routing is another function: the old report gave exactly 0 here
+    assert got.kl == pytest.approx(deployed.kl, rel=1e-3) and got.agreement == deployed.agreement

@@ -345,3 +345,14 @@ def test_a_saved_ada_pconv_loads_with_the_routing_it_was_trained_with(tmp_path):
     with torch.no_grad():
         assert torch.equal(back(x), m(x))
         assert rel_err(back(x), partialize.deploy(back)(x)) < 1e-5
+
+
+def test_export_without_input_size_uses_the_non_square_shape_the_model_was_converted_at(tmp_path):
+    """A model converted at 48 x 64 is exported at 48 x 64 (it was exported at 64 x 64)."""
+    torch.manual_seed(0)
+    base = build_model("resnet18", num_classes=10)
+    m = randomize(partialize.apply(base, "default", example_input=torch.randn(1, 3, 48, 64)))
+    assert tuple(m._partialize_plan.input_shape) == (1, 3, 48, 64)
+    ckpt = partialize.save(m, tmp_path / "r.safetensors")
+    res = partialize.export(ckpt, "torchscript", out=str(tmp_path / "r.ts.pt"))
+    assert tuple(res.input_shape[-2:]) == (48, 64)

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._modes import in_mode
+from ..inference import eval_reference
+from ..ops.registry import operators_in
 from .steps import blocks_of
 
 
@@ -48,10 +50,13 @@ def fidelity(
     ``images`` in eval mode. ``layers``: names present in both whose outputs are compared (default: the
     blocks holding converted layers, i.e. each converted layer's parent: a partial layer's own output
     differs from the original's by design, in the channels it hands to something cheap; the block's
-    output is what the rest of the network sees)."""
+    output is what the rest of the network sees). ``model`` is compared in the form ``deploy`` computes
+    (``eval_reference``: hard routing for an Ada-PConv trained with soft mixing), not its eval form."""
     if layers is None:
         plan = getattr(model, "_partialize_plan", None)
         layers = blocks_of(model, [e.layer for e in plan.converted_outermost]) if plan is not None else []
+    if operators_in(model):
+        model = eval_reference(model)
     sums = {n: [0.0, 0.0] for n in layers}  # squared error, squared reference norm
     caught: dict[str, dict[str, torch.Tensor]] = {"model": {}, "reference": {}}
     hooks = []

@@ -186,6 +186,15 @@ def teacher_for(name: str, spec: dict, data: Data, args) -> tuple[torch.nn.Modul
     return model, meta
 
 
+def resnet18_setup(args) -> tuple[Data, torch.nn.Module, dict]:
+    """(data, the ResNet-18 teacher, its metadata) at ``args.train_threads``: what the scripts that
+    study this benchmark's ResNet-18 rows start from."""
+    torch.set_num_threads(args.train_threads)
+    data = Data(args)
+    teacher, meta = teacher_for("resnet18", TEACHERS["resnet18"], data, args)
+    return data, teacher, meta
+
+
 # --- measuring ------------------------------------------------------------------------------------
 
 

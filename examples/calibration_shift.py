@@ -17,7 +17,6 @@ import json
 import os
 import sys
 
-import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -34,9 +33,7 @@ def main() -> None:
     ap.add_argument("--json", default="docs/calibration_shift.json")
     cli = ap.parse_args()
     args = bench.parser().parse_args([])
-    torch.set_num_threads(args.train_threads)
-    data = bench.Data(args)
-    teacher, meta = bench.teacher_for("resnet18", bench.TEACHERS["resnet18"], data, args)
+    data, teacher, meta = bench.resnet18_setup(args)
     x = data.calib
     shifts = {"as trained": x, "contrast x0.6": 0.6 * x, "brightness +0.5": x + 0.5,
               "3x3 blur": F.avg_pool2d(x, 3, 1, 1)}  # fmt: skip

@@ -127,9 +127,7 @@ def main() -> None:
     ap.add_argument("--json", default="docs/kd_variants.json")
     cli = ap.parse_args()
     args = bench.parser().parse_args([])
-    torch.set_num_threads(args.train_threads)
-    data = bench.Data(args)
-    teacher, meta = bench.teacher_for("resnet18", bench.TEACHERS["resnet18"], data, args)
+    data, teacher, meta = bench.resnet18_setup(args)
     ratio, round_to = cli.pruned_ratio, 8
     if ratio is None:
         with open(cli.bench_json) as f:

@@ -13,14 +13,18 @@ and inference mode, the input made NCHW by the loader (the NHWC models get it in
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
-import timm
 import torch
 
-import partialize
-from partialize.macs import count_macs
-from partialize.measure.allocator import ALLOCATORS, use_allocator
-from partialize.measure.speed import machine_description, time_side_by_side
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import profile_overhead  # noqa: E402  (its model set-up)
+
+import partialize  # noqa: E402
+from partialize.macs import count_macs  # noqa: E402
+from partialize.measure.allocator import ALLOCATORS  # noqa: E402
+from partialize.measure.speed import machine_description, time_side_by_side  # noqa: E402
 
 
 def main() -> None:
@@ -33,12 +37,7 @@ def main() -> None:
     ap.add_argument("--allocator", choices=ALLOCATORS, default="reuse")
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
-    use_allocator(args.allocator)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    base = timm.create_model(args.model).eval()
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    converted = partialize.apply(base, args.recipe, input_size=args.size)
+    base, x, converted = profile_overhead.setup(args)
     deployed = {"original": partialize.deploy(base, x[:1]), "converted": partialize.deploy(converted, x[:1])}
     macs = {n: count_macs(m, x[:1]).total for n, m in deployed.items()}
     cl = torch.channels_last

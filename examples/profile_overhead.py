@@ -63,6 +63,17 @@ def profile_model(model: torch.nn.Module, x: torch.Tensor, iters: int = 5) -> di
     return dict(per)
 
 
+def setup(args) -> tuple[torch.nn.Module, torch.Tensor, torch.nn.Module]:
+    """(the timm model, a batch of input, the model converted with ``args.recipe``), with the allocator,
+    threads and seed set for timing."""
+    use_allocator(args.allocator)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base = timm.create_model(args.model).eval()
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    return base, x, partialize.apply(base, args.recipe, input_size=args.size)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet50")
@@ -86,12 +97,7 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true", help="times only, no per-op breakdown")
     ap.add_argument("--md", help="write the tables as Markdown here")
     args = ap.parse_args()
-    use_allocator(args.allocator)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    base = timm.create_model(args.model).eval()
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    converted = partialize.apply(base, args.recipe, input_size=args.size)
+    base, x, converted = setup(args)
     macs = {
         "original": count_macs(base, x[:1]).total,
         "converted": count_macs(partialize.deploy(converted), x[:1]).total,

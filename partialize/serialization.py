@@ -135,8 +135,12 @@ def _verify_probe(model: nn.Module, meta: dict, plan, path, own_base: bool) -> N
     got = _probe(model, plan)
     if got is None or got[0].numel() != want.numel():
         err = float("inf")
+    elif not torch.equal(torch.isfinite(got[0]), torch.isfinite(want)):
+        err = float("inf")  # NaN / inf where the saved model had none, or the other way round
     else:
-        err = float((got[0] - want).abs().max() / want.abs().max().clamp_min(1e-12))
+        ok = torch.isfinite(want)  # a saved model may give NaN or inf in places: compared as positions
+        diff = (got[0][ok] - want[ok]).abs().max() if ok.any() else torch.tensor(0.0)
+        err = float(diff / (want[ok].abs().max() if ok.any() else torch.tensor(1.0)).clamp_min(1e-12))
     tol = 1e-2 if str(stored.get("device", "cpu")).startswith("cuda") else 1e-3
     if err <= tol:
         return

@@ -584,3 +584,17 @@ def test_tied_weights_are_saved_once_and_load_tied():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(back(x), conv(x))
+
+
+def test_a_model_whose_output_holds_nan_saves_and_loads(tmp_path):
+    """A probe with NaN in it (an untrained, ill-conditioned model can give them) is compared by
+    position: the file loads, and a rebuilt model without them would not pass."""
+    base = timm.create_model("resnet18", num_classes=10).eval()
+    conv = partialize.apply(base, "default", input_size=64).eval()
+    with torch.no_grad():
+        conv.fc.bias[3] = float("nan")
+    path = partialize.save(conv, tmp_path / "m.safetensors")
+    back = partialize.load(path).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(back(x).isnan(), conv(x).isnan()) and back(x).isnan().any()

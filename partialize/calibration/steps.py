@@ -2,14 +2,16 @@
 
 1. BN statistics: every BatchNorm's running mean and variance re-estimated on the converted model
    (the channels a partial operator hands to something cheap now carry other values); or, matched
-   (``match_bn_statistics``), the original's statistics moved by how much the converted model's BN
-   inputs differ from the original's on the same images, so a BN whose input the conversion did not
-   change keeps exactly what it had.
+   (``match_bn_statistics``), statistics that normalise each BN's new input to the mean and spread
+   the original's BN gives its own input on the same images, so a BN whose input the conversion did
+   not change keeps exactly what it had.
 2. Closed-form refit: each BatchNorm that reads a converted layer gets the per-channel affine that
    best reproduces (least squares) the original model's output of that BN from what it now receives.
-3. Block-wise distillation: each block holding converted layers (the parent module of each) is
-   trained, in forward order, to reproduce the original block's output from the input it gets in the
-   converted model (MSE relative to the target's energy; Adam; its BN statistics frozen).
+3. Block-wise distillation: each block holding converted layers (the parent module of each; in an
+   ``nn.Sequential`` model a converted child with the children after it) is trained, in forward
+   order, to reproduce the original block's output from the input it gets in the converted model
+   (MSE relative to the target's energy; Adam; its BNs normalise with the batch's statistics and
+   keep estimating them, or, after matched statistics, with those).
 """
 
 from __future__ import annotations

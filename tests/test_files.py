@@ -339,3 +339,15 @@ def test_factory_checkpoints_need_trust_factory_and_import_from_the_working_fold
         assert partialize.load(ck)(torch.randn(1, 3, 16, 16)).shape == (1, 10)
     with pytest.raises(CheckpointError):
         partialize.load(ck)  # the trust ends with the block
+    # finetune and train load checkpoints too: the flag their own error names must exist there
+    from partialize.datasets import write_image_folder
+
+    x = torch.randn(20, 3, 16, 16).clamp(-2, 2)
+    y = torch.arange(20) % 10
+    write_image_folder(x, y, tmp_path / "data" / "train")
+    write_image_folder(x, y, tmp_path / "data" / "val")
+    ft = ("finetune", ck, "--data", tmp_path / "data", "--teacher", "none", "--epochs", 1, "--batch-size", 4,
+          "--no-report", "--device", "cpu")  # fmt: skip
+    _refused(_cli(*ft, "--out", tmp_path / "r1"), "--trust-factory")
+    r = _cli(*ft, "--out", tmp_path / "r2", "--trust-factory")
+    assert r.exit_code == 0, r.output

@@ -362,6 +362,17 @@ def test_compare_refuses_incompatible_reports(tiny_report):
     with pytest.raises(ReportError, match="different threads"):
         check_compatible([tiny_report, other])
     other = _copy(tiny_report)
+    other.speed_conditions["allocator"] = "reuse" if tiny_report.speed_conditions["allocator"] != "reuse" else "system"
+    with pytest.raises(ReportError, match="different allocator"):  # freed-memory reuse moves times 20-27%
+        check_compatible([tiny_report, other])
+    acc = {"top1": 50.0, "top5": 90.0, "images": 80, "classes": 10, "data": "/d/val"}
+    a, b = _copy(tiny_report), _copy(tiny_report)
+    a.model.accuracy, b.model.accuracy = dict(acc), dict(acc, images=280, top1=40.0)
+    with pytest.raises(ReportError, match="accuracy was measured on other images.*images 80 vs 280"):
+        check_compatible([a, b])
+    b.model.accuracy = dict(acc, data="/elsewhere/val")  # the same data in another place is fine
+    check_compatible([a, b])
+    other = _copy(tiny_report)
     other.model.macs *= 2
     with pytest.raises(ReportError, match="two different models are both called 'tiny-pconv'"):
         compare_entries([tiny_report, other])
@@ -708,3 +719,22 @@ def test_einsum_inner_multi_dot_counted_alike_in_no_grad_and_inference_mode():
     with torch.inference_mode():
         assert model_macs(_Contractions(), args) == expected
         assert count_macs(_Contractions(), *args).uncounted == {}
+
+
+def test_report_builds_model_and_baseline_with_the_checkpoints_classes(tmp_path):
+    """A 10-class checkpoint against `--baseline resnet18` used to get a 1000-class baseline; and
+    `report resnet18 --num-classes 10` ignored the count for MODEL. Oracle: sum of p.numel() of timm's
+    10-class resnet18."""
+    want = sum(p.numel() for p in timm.create_model("resnet18", num_classes=10).parameters())
+    ck = tmp_path / "r.safetensors"
+    args = ["convert", "resnet18", "--num-classes", "10", "--input-size", "32", "--no-speed", "--out", str(ck)]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    out = tmp_path / "a.json"
+    r = CliRunner().invoke(main, ["report", str(ck), "--baseline", "resnet18", "--no-speed", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["baseline"]["params_total"] == want
+    out = tmp_path / "b.json"
+    args = ["report", "resnet18", "--num-classes", "10", "--input-size", "32", "--no-speed", "--json", str(out)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["model"]["params_total"] == want

@@ -241,3 +241,49 @@ def test_the_logged_task_loss_is_the_label_loss_when_distilling(digits):
     rec = r.history[0]
     assert rec["train_task_loss"] == pytest.approx(label, rel=1e-4)
     assert abs(rec["train_loss"] - rec["train_task_loss"]) > 0.05
+
+
+def test_without_val_the_final_report_says_accuracy_was_not_measured(tmp_path):
+    """A data folder with train/ only: the end-of-run report used to score the folder itself (train/
+    as one class: top-1 0%, top-5 100%). There is nothing held out, so nothing is scored."""
+    from partialize.measure.accuracy import DataError, resolve_val_dir
+
+    xt, yt, _, _ = digits_tensors(size=8)
+    write_image_folder(str(tmp_path / "data"), xt[:40], yt[:40], "train")
+    with pytest.raises(DataError, match="train/ folder and no val/"):
+        resolve_val_dir(str(tmp_path / "data"))
+    ckpt = tmp_path / "r.safetensors"
+    r = CliRunner().invoke(main, ["convert", "resnet10t", "--num-classes", "10", "--input-size", "16", "--no-speed",
+                                  "--out", str(ckpt)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    res = run_finetune(str(ckpt), str(tmp_path / "data"), teacher="none", epochs=1, batch_size=16, lr=1e-3,
+                       device="cpu", amp=False, speed=False, out_dir=str(tmp_path / "run"),
+                       log=lambda _s: None)  # fmt: skip
+    with open(res.report_paths[0]) as f:
+        rep = json.load(f)
+    assert rep["model"]["accuracy"] is None
+    assert any("has no val/ folder" in n for n in rep["model"]["notes"])
+    from partialize.measure.accuracy import calibration_batch  # images only: the training layout is fine
+
+    assert calibration_batch(partialize.load(str(ckpt)), str(tmp_path / "data"), n=8, input_size=16).shape[0] == 8
+
+
+def test_a_frozen_bn_in_a_training_model_stays_frozen_through_finetune(digits):
+    """A user's frozen BN (requires_grad off and eval mode, inside a model in train mode) kept its
+    weights but had its running statistics updated by every epoch's train(). Oracle: its buffers as
+    they were before the fine-tune."""
+    train, val = digits
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    )  # fmt: skip
+    net.train()
+    net[1].requires_grad_(False).eval()
+    before = {k: v.clone() for k, v in net[1].state_dict().items()}
+    other = net[4].running_mean.clone()
+    said = []
+    finetune(net, train, val, epochs=1, lr=1e-2, progress=False, log=said.append)
+    assert all(torch.equal(before[k], v) for k, v in net[1].state_dict().items())
+    assert not torch.equal(other, net[4].running_mean)  # the BN that trains still updates its statistics
+    assert any("1 module(s) are in eval mode" in s for s in said)

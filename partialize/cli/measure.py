@@ -12,6 +12,13 @@ from ..errors import CheckpointError, PartializeError
 from ._common import ALLOCATOR_OPTION, POSITIVE, check_device, check_runs_at, friendly_errors, trust_factory_option
 
 
+def _plan_classes(model) -> int | None:
+    """The num_classes the checkpoint's base model was built with, when its plan records it."""
+    kwargs = (getattr(getattr(model, "_partialize_plan", None), "model", None) or {}).get("kwargs") or {}
+    n = kwargs.get("num_classes")
+    return n if isinstance(n, int) else None
+
+
 def load_model(spec: str, weights: str = "random", *, trust_factory: bool = False, num_classes: int | None = None):
     """A model from a saved checkpoint (an existing path, via partialize.serialization.load) or a model spec
     (built with ``num_classes`` outputs when given)."""
@@ -115,7 +122,9 @@ def register(main: click.Group, bench: click.Group) -> None:
     help="ImageFolder root with train/ for --pruning-finetune [default: --data].",
 )
 @click.option("--ft-lr", type=float, default=5e-4, show_default=True, help="Peak lr of --pruning-finetune.")
-@click.option("--num-classes", type=POSITIVE, help="Build a --baseline given by name with this many classes.")
+@click.option("--num-classes", type=POSITIVE,
+              help="Build MODEL and a --baseline given by name with this many classes [default for the baseline: "
+                   "the checkpoint's].")  # fmt: skip
 @click.option("--ft-batch", type=POSITIVE, default=64, show_default=True, help="Batch size of --pruning-finetune.")
 @click.option("--no-speed", is_flag=True, help="Skip timing (params, MACs, accuracy only).")
 @_speed_options
@@ -171,10 +180,11 @@ def report_cmd(
     finetune = _pruning_finetune(pruning_finetune, pruning_baseline, train_data, data, ft_lr, ft_batch)
     console = Console()
     with console.status("loading models") as status:
-        model = load_model(model_or_checkpoint, weights, trust_factory=trust_factory)
+        model = load_model(model_or_checkpoint, weights, trust_factory=trust_factory, num_classes=num_classes)
         input_size = input_size or _converted_size(model)
         check_runs_at(model, input_size, model_or_checkpoint)
-        base = load_model(baseline, weights, trust_factory=trust_factory, num_classes=num_classes) if baseline else None
+        classes = num_classes or _plan_classes(model)  # a 10-class checkpoint is compared with a 10-class baseline
+        base = load_model(baseline, weights, trust_factory=trust_factory, num_classes=classes) if baseline else None
         if base is not None:
             check_runs_at(base, input_size, baseline)
         rep = build_report(

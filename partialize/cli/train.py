@@ -15,7 +15,7 @@ from rich.table import Table
 
 from ..train.config import declared_settings
 from ..train.runner import RunResult, interrupted_message, run_finetune, run_train
-from ._common import friendly_errors
+from ._common import friendly_errors, trust_factory_option
 
 
 def _warn(msg: str) -> None:
@@ -70,10 +70,14 @@ def _operator_options(fn):
     return fn
 
 
-def _run(fn, *args, out_dir: str, **kw) -> RunResult:
-    """Call a run; Ctrl-C exits 130 saying what is kept and how to continue."""
+def _run(fn, *args, out_dir: str, trust_factory: bool = False, **kw) -> RunResult:
+    """Call a run (``--trust-factory`` lets the checkpoints it loads build a ``package.module:factory``
+    base model); Ctrl-C exits 130 saying what is kept and how to continue."""
+    from ..serialization import trusting_factories
+
     try:
-        return fn(*args, out_dir=out_dir, log=click.echo, warn=_warn, **kw)
+        with trusting_factories(trust_factory):
+            return fn(*args, out_dir=out_dir, log=click.echo, warn=_warn, **kw)
     except KeyboardInterrupt:
         click.secho(f"\ninterrupted: {interrupted_message(out_dir)}", fg="yellow", err=True)
         sys.exit(130)
@@ -110,6 +114,7 @@ def _render(res: RunResult) -> None:
 @click.option("--kd-weight", default=0.5, show_default=True, help="loss = (1-w) task + w T^2 KL.")
 @_common_options
 @_operator_options
+@trust_factory_option
 @friendly_errors
 def finetune_cmd(converted, data, **kw) -> None:
     """Fine-tune CONVERTED (a file written by `partialize convert --out`) on an ImageFolder.
@@ -131,6 +136,7 @@ def finetune_cmd(converted, data, **kw) -> None:
 @click.argument("model_spec", metavar="MODEL")
 @_common_options
 @_operator_options
+@trust_factory_option
 @friendly_errors
 def train_cmd(model_spec, data, **kw) -> None:
     """Train MODEL from scratch on an ImageFolder.

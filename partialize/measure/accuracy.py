@@ -18,12 +18,21 @@ class DataError(PartializeError):
     """A validation folder is missing, empty or does not fit the model's classes."""
 
 
-def resolve_val_dir(data: str) -> str:
-    """``DATA/val`` when it exists, else ``DATA`` itself; raises DataError when neither is a folder."""
+def resolve_val_dir(data: str, labels: bool = True) -> str:
+    """``DATA/val`` when it exists, else ``DATA`` itself; raises DataError when neither is a folder, or,
+    where the labels are used (``labels``), when DATA is a training layout without ``val/`` (its
+    ``train/`` would be scored as one class)."""
     if not os.path.isdir(data):
         raise DataError(f"--data {data!r} is not a directory (expected an ImageFolder: CLASS/IMAGE files)")
     val = os.path.join(data, "val")
-    return val if os.path.isdir(val) else data
+    if os.path.isdir(val):
+        return val
+    if labels and os.path.isdir(os.path.join(data, "train")):
+        raise DataError(
+            f"--data {data!r} has a train/ folder and no val/: accuracy needs held-out images (DATA/val/CLASS/"
+            "IMAGE), and scoring DATA itself would count train/ as one class"
+        )
+    return data
 
 
 def sample_indices(total: int, n: int | None, seed: int = 0) -> list[int] | None:
@@ -56,13 +65,15 @@ def make_loader(
     input_size: int | None = None,
     limit: int | None = None,
     seed: int = 0,
+    labels: bool = True,
 ):
     """DataLoader over the validation ImageFolder with the model's timm eval transform; with ``limit``,
-    over a seeded random sample of that many images (see :func:`sample_indices`)."""
+    over a seeded random sample of that many images (see :func:`sample_indices`). ``labels=False``:
+    the caller uses the images only (:func:`resolve_val_dir`)."""
     import timm.data
     from torchvision import datasets
 
-    root = resolve_val_dir(data)
+    root = resolve_val_dir(data, labels)
     args = {"input_size": (3, input_size, input_size)} if input_size else {}
     cfg = timm.data.resolve_data_config(args, model=model)
     transform = timm.data.create_transform(**cfg, is_training=False)
@@ -144,6 +155,6 @@ def calibration_batch(
     """``n`` validation images drawn at random (seeded, so reproducible) across the whole folder,
     transformed, to calibrate dynamic operators on real data. Not the first ``n``: an ImageFolder is
     sorted by class, so those would all be one class."""
-    loader, _ = make_loader(model, data, batch=n, input_size=input_size, limit=n, seed=seed)
+    loader, _ = make_loader(model, data, batch=n, input_size=input_size, limit=n, seed=seed, labels=False)
     images, _ = next(iter(loader))
     return images

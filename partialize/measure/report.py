@@ -385,7 +385,8 @@ def ratios(report: Report) -> dict:
 
 # --- compare ------------------------------------------------------------------------------------
 
-SPEED_KEYS = ("device", "threads", "batch", "precision", "channels_last")
+SPEED_KEYS = ("device", "threads", "batch", "precision", "channels_last", "allocator")
+ACCURACY_KEYS = ("images", "classes")  # a top-1 over another count of images or classes is another number
 
 
 def load_reports(paths: list[str]) -> list[Report]:
@@ -410,6 +411,7 @@ def check_compatible(reports: list[Report], labels: list[str] | None = None) -> 
                 f"cannot compare {ref_label} and {label}: MACs were counted at different input sizes "
                 f"({ref.input_size} vs {r.input_size}); use the same --input-size"
             )
+        _check_same_accuracy_data(ref, r, ref_label, label)
         if ref.speed_conditions and r.speed_conditions:
             for key in SPEED_KEYS:
                 a, b = ref.speed_conditions.get(key), r.speed_conditions.get(key)
@@ -419,6 +421,20 @@ def check_compatible(reports: list[Report], labels: list[str] | None = None) -> 
                         f"{key} ({a!r} vs {b!r}); re-run with the same settings, or pass --no-speed to "
                         "compare params, MACs and accuracy only"
                     )
+
+
+def _check_same_accuracy_data(ref: Report, r: Report, ref_label: str, label: str) -> None:
+    """Top-1 over another set of images is another number: refuse to put the two side by side. The
+    folders' paths are not compared (the same data may sit elsewhere on another machine)."""
+    for a in [m.accuracy for m in ref.entries() if m.accuracy]:
+        for b in [m.accuracy for m in r.entries() if m.accuracy]:
+            differ = [k for k in ACCURACY_KEYS if a.get(k) != b.get(k)]
+            if differ:
+                raise ReportError(
+                    f"cannot compare {ref_label} and {label}: accuracy was measured on other images ("
+                    + "; ".join(f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in differ)
+                    + "); report both with the same --data (and --data-limit)"
+                )
 
 
 def compare_entries(reports: list[Report], with_speed: bool = True) -> list[ModelMeasurement]:

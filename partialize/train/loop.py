@@ -143,6 +143,12 @@ class Trainer:
         if frozen:  # e.g. a model converted from a frozen teacher: its inherited weights would not train
             self.say(f"note: {len(frozen)} parameter tensor(s) have requires_grad=False and will not train "
                      f"({', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''})")  # fmt: skip
+        # a training model's submodules that its owner put in eval mode (a frozen BN, say) stay there:
+        # the epochs' train() would otherwise update their running statistics
+        self.kept_eval = [n for n, m in self.raw.named_modules() if not m.training] if self.raw.training else []
+        if self.kept_eval:
+            self.say(f"note: {len(self.kept_eval)} module(s) are in eval mode in a training model and stay so "
+                     f"({', '.join(self.kept_eval[:3])}{', ...' if len(self.kept_eval) > 3 else ''})")  # fmt: skip
         groups = param_groups(self.raw, cfg.weight_decay, cfg.gate_lr_scale)
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
@@ -301,6 +307,8 @@ class Trainer:
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
         self.net.train()
+        for name in self.kept_eval:
+            self.raw.get_submodule(name).eval()
         self.t0 = time.perf_counter()
         self.sums = {"loss": 0.0, "task": 0.0, "n": 0}
         for cb in self.callbacks:

@@ -276,12 +276,17 @@ def _finish(model, result, run: _Run, input_size: int, name: str, baseline, base
 def _report(frozen, run: _Run, input_size: int, name: str, baseline, weighted: bool) -> list[str]:
     """report.json and report.md: the frozen model against ``baseline`` (its accuracy only when ``weighted``)."""
     both = baseline is not None and weighted
+    has_val = os.path.isdir(os.path.join(run.data, "val"))  # without it there is nothing held out to score
     rep = build_report(
         frozen, name=name, input_size=input_size, baseline=baseline.cpu().eval() if baseline is not None else None,
         baseline_name="original", speed=run.speed, threads=run.threads,
-        data=run.data if both or baseline is None else None, progress=run.log,
+        data=run.data if has_val and (both or baseline is None) else None, progress=run.log,
     )  # fmt: skip
-    if baseline is not None and not both:
+    if not has_val:
+        for m in rep.entries():
+            m.notes = [n for n in m.notes if not n.startswith("accuracy")]
+            m.notes.append(f"accuracy not measured: {run.data!r} has no val/ folder")
+    elif baseline is not None and not both:
         rep.model.accuracy = evaluate_accuracy(frozen, run.data, input_size=input_size)
         rep.model.notes = [n for n in rep.model.notes if not n.startswith("accuracy")]
         rep.baseline.notes.append("accuracy not measured: the original's trained weights were not given")

@@ -342,3 +342,37 @@ def test_a_channels_last_search_records_its_layout(r18):
     res = search(r18, 2.0, input_size=32, batch=2, timer=fake_timer, cache=False, channels_last=True)
     assert res.conditions["memory_format"] == "channels_last"
     assert "channels_last" in res.recipe_yaml().splitlines()[1]
+
+
+def test_the_cost_cache_key_follows_the_forward_code_and_is_stable_across_processes():
+    """Units with the same modules and repr but another forward run at another speed: their cached
+    times must not be reused. The key must also be the same in another process (a cache that never
+    hits would retime everything)."""
+    import subprocess
+    import sys
+
+    from partialize.recipe_search.costs import _key
+
+    class A(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    class B(A):
+        def forward(self, x):
+            return torch.tanh(self.conv(x))
+
+    B.__name__, B.__qualname__ = A.__name__, A.__qualname__  # the same name and repr: only the code differs
+    x = torch.randn(1, 4, 8, 8)
+    assert repr(A()) == repr(B()) and _key(A(), x, ()) != _key(B(), x, ())
+    code = (
+        "import torch; from partialize.recipe_search.costs import _key; "
+        "m = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3), torch.nn.ReLU()); "
+        "print(_key(m, torch.zeros(1, 4, 8, 8), ()))"
+    )
+    keys = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)}  # fmt: skip
+    assert len(keys) == 1

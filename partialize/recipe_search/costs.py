@@ -189,8 +189,32 @@ def measure_units(
 
 
 def _key(holder: nn.Module, x: torch.Tensor, option) -> str:
-    sig = repr(holder) + str(tuple(x.shape)) + "|".join(o.describe() for o in option)
+    """The unit's structure (repr), the code of its modules' forwards (an edited forward with the same
+    modules runs at another speed), the input shape and the option."""
+    sig = repr(holder) + _forward_code(holder) + str(tuple(x.shape)) + "|".join(o.describe() for o in option)
     return hashlib.sha256(sig.encode()).hexdigest()[:20]
+
+
+def _forward_code(module: nn.Module) -> str:
+    """A digest of the bytecode and constants of every module class's ``forward`` in ``module``."""
+    h = hashlib.sha256()
+    for cls in sorted({type(m) for m in module.modules()}, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
+        code = getattr(getattr(cls, "forward", None), "__code__", None)
+        h.update(f"{cls.__module__}.{cls.__qualname__}".encode())
+        if code is not None:
+            _digest_code(h, code)
+    return h.hexdigest()
+
+
+def _digest_code(h, code) -> None:
+    """Bytecode, names and constants; a nested function's code by its own content (its repr holds an
+    address that changes from process to process)."""
+    h.update(code.co_code + repr(code.co_names).encode())
+    for c in code.co_consts:
+        if hasattr(c, "co_code"):
+            _digest_code(h, c)
+        else:
+            h.update(repr(c).encode())
 
 
 def _measure_unit(model, unit: Unit, x: torch.Tensor, pairs, table: dict, timer: Timer) -> UnitCosts:

@@ -234,25 +234,28 @@ def test_a_flat_sequential_is_distilled_in_segments_as_well_as_the_same_layers_o
     assert r["after"]["kl"] < 3 * rw["after"]["kl"]
 
 
+class _Grouped(torch.nn.Module):
+    """A stem and one residual grouped 3x3 conv + BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 32, 3, padding=1)
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(32, 32, 3, padding=1, groups=4, bias=False), torch.nn.BatchNorm2d(32)
+        )
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        return self.head((x + self.body(x)).mean((2, 3)))
+
+
 def test_a_grouped_conv_converted_to_pconv_calibrates_and_says_why_its_channels_keep_their_order():
     """A grouped (not depthwise) conv's input channels are tied to their groups: no permutation across
     them. Calibration used to crash on its weight's shape; now it skips the channel choice there."""
 
-    class G(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = torch.nn.Conv2d(3, 32, 3, padding=1)
-            self.body = torch.nn.Sequential(
-                torch.nn.Conv2d(32, 32, 3, padding=1, groups=4, bias=False), torch.nn.BatchNorm2d(32)
-            )
-            self.head = torch.nn.Linear(32, 10)
-
-        def forward(self, x):
-            x = torch.relu(self.stem(x))
-            return self.head((x + self.body(x)).mean((2, 3)))
-
     torch.manual_seed(0)
-    m = nondegenerate_(G().eval())
+    m = nondegenerate_(_Grouped().eval())
     images = torch.randn(96, 3, 32, 32)
     recalibrate_bn(m, images)  # as a trained model's statistics match its data
     m.eval()
@@ -329,3 +332,15 @@ def test_fidelity_reports_the_function_deploy_computes(r18, digits):
     deployed = fidelity(partialize.deploy(conv), soft, x, [])
     assert deployed.kl > 1e-3  # hard routing is another function: the old report gave exactly 0 here
     assert got.kl == pytest.approx(deployed.kl, rel=1e-3) and got.agreement == deployed.agreement
+
+
+def test_a_calibration_that_moves_the_model_away_from_the_original_says_so():
+    """On images whose statistics are not the original's BN statistics (random ones here), BN
+    re-estimation moves the model away from the original: the result must say so, and name the step
+    that keeps the original's statistics."""
+    torch.manual_seed(0)
+    m = nondegenerate_(_Grouped().eval())
+    conv = partialize.apply(m, "auto", input_size=32)
+    res = calibrate_model(conv, m, torch.randn(96, 3, 32, 32), images=96, steps=50)
+    assert res.after.kl > res.before.kl
+    assert any("further from the original" in n and "bn_match" in n for n in res.notes)

@@ -129,6 +129,12 @@ def calibrate_model(
         before = fidelity(model, original, check)
         refitted, blocks = _run_steps(cal, reference, layers, x, use, steps, lr, batch_size, seed, progress)
     after = fidelity(cal, reference, check)
+    if after.kl > before.kl:  # the BN step has no guard: images unlike the original's data can do this
+        notes.append(
+            f"calibration left the model further from the original on the held-out images (KL {before.kl:.3g} -> "
+            f"{after.kl:.3g}); if the calibration images differ from the original's training data, try "
+            "use=('channels', 'bn_match', 'distil')"
+        )
     cal._partialize_plan = plan  # with the choices made from data, if any
     return CalibrationResult(
         cal, before, after, [s for s in STEPS if s in use], blocks, refitted, notes, int(x.shape[0]),

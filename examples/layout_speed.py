@@ -43,9 +43,9 @@ def main() -> None:
     cl = torch.channels_last
     xl = x.contiguous(memory_format=cl)
     fns = {}
-    for n, m in deployed.items():
+    for (n, m), trained in zip(deployed.items(), (base, converted)):
         fns[f"{n}, NCHW"] = lambda m=m: m(x)
-        nhwc = partialize.deploy(m if n == "original" else converted, x[:1]).to(memory_format=cl)
+        nhwc = partialize.deploy(trained, x[:1]).to(memory_format=cl)  # a deployed copy of its own
         fns[f"{n}, NHWC"] = lambda m=nhwc: m(xl)
     t = time_side_by_side(fns, rounds=args.rounds, min_round_s=0.2)
     best = min(t["original, NCHW"].median_s, t["original, NHWC"].median_s)

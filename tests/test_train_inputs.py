@@ -56,6 +56,7 @@ def _ft(ckpt, data, out, *extra):
         (["--smoothing", "1.5"], "--smoothing"),
         (["--ema", "2"], "--ema"),
         (["--workers", "-1"], "--workers"),
+        (["--train-threads", "0"], "--train-threads"),
     ],
 )
 def test_bad_finetune_options_are_clean_errors_and_write_nothing(folder, tmp_path, args, names):
@@ -206,3 +207,19 @@ def test_train_writes_a_model_file_with_a_batch_that_fits(folder, tmp_path, monk
         assert torch.equal(v, ck[k]), k
     r = CliRunner().invoke(main, ["report", str(out / "final.safetensors"), "--no-speed", "--input-size", "16"])
     assert r.exit_code == 0, r.output  # report reads it (a bare state_dict was refused)
+
+
+def test_train_threads_sets_the_threads_the_fine_tune_runs_with(folder, tmp_path):
+    """--train-threads sets torch's CPU threads for the run (process-wide, as the CLI's job)."""
+    from partialize.train.runner import run_finetune
+
+    root, ckpt = folder
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        run_finetune(str(ckpt), str(root / "data"), teacher="none", epochs=1, batch_size=16, lr=1e-3, device="cpu",
+                     amp=False, report=False, out_dir=str(tmp_path / "run"), train_threads=1,
+                     log=lambda _s: None)  # fmt: skip
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(prev)

@@ -49,6 +49,12 @@ def _common_options(fn):
         click.option("--speed/--no-speed", default=True, show_default=True, help="Time the models in the report."),
         click.option("--threads", default=1, show_default=True, help="CPU threads for the report's timing."),
         click.option(
+            "--train-threads",
+            type=int,
+            help="torch CPU threads while training [default: torch's, one per core]; on a shared machine fewer "
+            "can be much faster (docs/training.md).",
+        ),  # fmt: skip
+        click.option(
             "--gate-lr-scale",
             default=1.0,
             show_default=True,

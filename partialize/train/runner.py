@@ -84,6 +84,7 @@ class _Run:
     report: bool = True
     speed: bool = True
     threads: int = 1
+    train_threads: int | None = None  # torch CPU threads while training (None: torch's default)
     log: Printer = print
     warn: Printer = _stderr_warning
 
@@ -255,7 +256,12 @@ def _split(data: str, log: Printer, warn: Printer, options: dict) -> tuple[_Run,
     """The run's own options and the training settings."""
     own = {k: options.pop(k) for k in list(options) if k in _Run.__dataclass_fields__ and k not in ("log", "warn")}
     own = {k: v for k, v in own.items() if v is not None}
-    return _Run(data=data, log=log, warn=warn, **own), options
+    run = _Run(data=data, log=log, warn=warn, **own)
+    if run.train_threads is not None:
+        if not (isinstance(run.train_threads, int) and run.train_threads >= 1):
+            raise TrainingError(f"--train-threads (train_threads=) must be an integer >= 1, got {run.train_threads!r}")
+        torch.set_num_threads(run.train_threads)
+    return run, options
 
 
 def _finish(model, result, run: _Run, input_size: int, name: str, baseline, baseline_weighted: bool) -> RunResult:

@@ -104,13 +104,39 @@ def test_resume_equals_uninterrupted(digits, tmp_path):
         assert [int(__import__("json").loads(line)["epoch"]) for line in f] == [1, 2, 3, 4]
 
 
+def test_best_checkpoint_without_validation_names_the_loss_it_kept(digits, tmp_path):
+    """No validation set: best.pt is the lowest training loss, and says so (no loss posing as a top-1)."""
+    train, _ = _loaders(digits, n_train=64)
+    m = partialize.apply(tiny_net(), ratio=0.25, input_size=8)
+    r = finetune(m, train, None, epochs=3, lr=1e-2, ema_decay=0.9, out_dir=str(tmp_path), progress=False, log=None)
+    losses = [h["train_loss"] for h in r.history]
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["best_top1"] is None and r.best_top1 is None
+    assert best["best_metric"] == "train_loss" and best["best_score"] == pytest.approx(min(losses))
+    assert best["epoch"] == 1 + losses.index(min(losses)) and best["ema"] is not None  # EMA weights kept too
+
+
+def test_resume_reads_a_checkpoint_with_zero_based_epoch(digits, tmp_path):
+    """last.pt files written before ``epoch_base`` stored the last epoch's 0-based index."""
+    train, val = _loaders(digits, n_train=64)
+    kw = dict(epochs=2, lr=1e-3, out_dir=str(tmp_path), progress=False, log=None)
+    finetune(partialize.apply(tiny_net(), ratio=0.25, input_size=8), train, val, **{**kw, "epochs": 1})
+    st = load_checkpoint(tmp_path / "last.pt")
+    st.pop("format")
+    st.pop("epoch_base")
+    st["epoch"] = 0
+    save_checkpoint(st, tmp_path / "last.pt")
+    r = finetune(partialize.apply(tiny_net(), ratio=0.25, input_size=8), train, val, resume=True, **kw)
+    assert r.resumed_from_epoch == 1 and [h["epoch"] for h in r.history] == [1, 2]
+
+
 def test_checkpoint_is_weights_only_and_complete(digits, tmp_path):
     train, val = _loaders(digits, n_train=64)
     m = partialize.apply(tiny_net(), ratio=0.25, input_size=8)
     finetune(m, train, val, epochs=1, lr=1e-3, ema_decay=0.9, out_dir=str(tmp_path), progress=False, log=None)
     st = torch.load(tmp_path / "last.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "scaler", "ema", "epoch", "rng", "plan"} <= set(st)
-    assert st["epoch"] == 0 and st["scheduler"]["step"] == len(train)
+    assert st["epoch"] == 1 and st["scheduler"]["step"] == len(train)  # counted from 1, as log.jsonl
     assert '"entries"' in st["plan"]  # the plan travels as a JSON string
     assert torch.equal(st["model"]["3.conv.weight"], m.state_dict()["3.conv.weight"])
     assert os.path.isfile(tmp_path / "best.pt")
@@ -275,7 +301,7 @@ def test_ddp_two_gloo_processes_agree(tmp_path):
         assert torch.equal(r0["final"][k], r1["final"][k]), k
     assert not torch.equal(r0["final"]["3.conv.weight"], r0["init"]["3.conv.weight"])  # it trained
     ck = load_checkpoint(tmp_path / "run" / "last.pt")  # rank 0 wrote it, with the DDP-free keys
-    assert ck["epoch"] == 1 and torch.equal(ck["model"]["3.conv.weight"], r0["final"]["3.conv.weight"])
+    assert ck["epoch"] == 2 and torch.equal(ck["model"]["3.conv.weight"], r0["final"]["3.conv.weight"])
     assert sum(1 for _ in open(tmp_path / "run" / "log.jsonl")) == 2
 
 

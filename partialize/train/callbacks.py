@@ -174,6 +174,10 @@ class ProgressBar(Callback):
             self.bar = None
 
 
+# best.pt: the weights and what chose them (no optimizer: it is for use, not for resuming)
+BEST_KEYS = ("model", "plan", "epoch", "epoch_base", "best_top1", "best_metric", "best_score", "config", "ema")
+
+
 class Checkpoint(Callback):
     """``out_dir/last.pt`` every epoch and ``best.pt`` when the score improves (atomic writes, rank 0);
     with ``resume``, the run continues from ``last.pt``, refusing settings it cannot honour."""
@@ -190,7 +194,8 @@ class Checkpoint(Callback):
             t.say(f"--resume: no {self.last} yet, starting from scratch")
             return
         st = load_checkpoint(self.last)
-        done = int(st["epoch"]) + 1
+        # epochs done (checkpoints without epoch_base stored the last epoch's 0-based index)
+        done = int(st["epoch"]) if st.get("epoch_base") == 1 else int(st["epoch"]) + 1
         check_resume(self.last, st.get("config", {}), t.run_config, done)
         try:
             t.raw.load_state_dict(st["model"])
@@ -201,7 +206,7 @@ class Checkpoint(Callback):
         for cb in t.callbacks:
             cb.restore(st)
         t.start_epoch, t.step = done, int(st["step"])
-        t.best, t.best_epoch = st.get("best_top1"), st.get("best_epoch")
+        t.best, t.best_epoch = resumed_best(st), st.get("best_epoch")
         t.history = list(st.get("history", []))
         set_rng_state(st["rng"])
         if t.gen is not None and "loader" in st["rng"]:
@@ -214,21 +219,38 @@ class Checkpoint(Callback):
 
     def on_epoch_end(self, t: Trainer, record: dict) -> None:
         if t.rank == 0:
-            state = {
-                "model": t.raw.state_dict(), "plan": t.plan_json(), "optimizer": t.opt.state_dict(),
-                "scheduler": {"step": t.step, "total": t.total, "warmup": t.warmup, "base_lr": t.cfg.lr,
-                              "min_lr": t.cfg.min_lr},
-                "scaler": t.scaler.state_dict(), "ema": None, "epoch": record["epoch"] - 1, "step": t.step,
-                "best_top1": t.best, "best_epoch": t.best_epoch, "history": t.history, "config": t.run_config,
-                "rng": t.epoch_rng,
-            }  # fmt: skip
+            state = self.state(t, record)
             for cb in t.callbacks:
                 state.update(cb.checkpoint_state())
             save_checkpoint(state, self.last)
             if t.improved:
-                save_checkpoint({k: state[k] for k in ("model", "plan", "epoch", "best_top1", "config")}, self.best)
+                save_checkpoint({k: state[k] for k in BEST_KEYS}, self.best)
         if t.distributed:
             torch.distributed.barrier()
+
+    @staticmethod
+    def state(t: Trainer, record: dict) -> dict:
+        """``last.pt``'s entries before the callbacks add theirs. ``epoch`` counts from 1, as ``log.jsonl``."""
+        with_val = t.val_loader is not None
+        return {
+            "model": t.raw.state_dict(), "plan": t.plan_json(), "optimizer": t.opt.state_dict(),
+            "scheduler": {"step": t.step, "total": t.total, "warmup": t.warmup, "base_lr": t.cfg.lr,
+                          "min_lr": t.cfg.min_lr},
+            "scaler": t.scaler.state_dict(), "ema": None, "epoch": record["epoch"], "epoch_base": 1,
+            "step": t.step, "best_top1": t.best if with_val else None, "best_epoch": t.best_epoch,
+            # what chose best.pt: the highest validation top-1, or without a validation set the lowest
+            # training loss (the trainer ranks epochs by -loss then; the file holds the loss itself)
+            "best_metric": "val_top1" if with_val else "train_loss",
+            "best_score": None if t.best is None else (t.best if with_val else -t.best),
+            "history": t.history, "config": t.run_config, "rng": t.epoch_rng,
+        }  # fmt: skip
+
+
+def resumed_best(st: dict) -> float | None:
+    """The trainer's ranking score of the checkpoint's best epoch (higher is better)."""
+    if st.get("best_metric") == "train_loss":
+        return None if st.get("best_score") is None else -float(st["best_score"])
+    return st.get("best_score", st.get("best_top1"))
 
 
 def check_resume(path: str, old: dict, new: dict, done: int) -> None:

@@ -41,7 +41,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(
             f"{path!r} is not a readable training checkpoint (truncated or corrupt?): "
             f"{type(e).__name__}: {e}. "
-            "Delete it, or resume from best.pt, or start without --resume"
+            "Start again without --resume (or --force) to retrain; best.pt, where present, holds the best "
+            "epoch's weights"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         fmt = state.get("format") if isinstance(state, dict) else type(state).__name__

@@ -2,6 +2,7 @@
 API's arguments and the CLI's options. Every case asserts the error class, that the message names the
 field/option and the fix, and (CLI) exit code 2 without a traceback."""
 
+import json
 import math
 import time
 
@@ -454,14 +455,27 @@ def test_recipe_dicts_from_python_are_bounded_too():
         assert time.perf_counter() - t0 < 5
 
 
-def test_report_with_a_corrupt_image_in_data_names_the_file(tmp_path):
+def test_report_with_a_corrupt_image_in_data_leaves_it_out_and_names_it(tmp_path):
     from PIL import Image
 
+    data = tmp_path / "data"
     for c in "ab":
-        (tmp_path / c).mkdir()
+        (data / c).mkdir(parents=True)
         for i in range(2):
-            Image.new("RGB", (40, 40), (60 * i, 0, 0)).save(tmp_path / c / f"{i}.png")
-    (tmp_path / "b" / "broken.png").write_bytes(b"not a png")
+            Image.new("RGB", (40, 40), (60 * i, 0, 0)).save(data / c / f"{i}.png")
+    (data / "b" / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "r.json"
+    r = _cli("report", "torchvision:resnet18", "--input-size", 32, "--no-speed", "--data", data, "--json", out)
+    assert r.exit_code == 0, r.output
+    acc = json.loads(out.read_text())["model"]
+    assert acc["accuracy"]["images"] == 4 and acc["accuracy"]["unreadable"] == 1  # 5 files, 1 unreadable
+    note = next(n for n in acc["notes"] if "could not be read" in n)
+    assert "broken.png" in note and "1 of 5 images" in note and "over the other 4" in note
+
+
+def test_report_with_only_unreadable_images_is_a_clean_error(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
     r = _cli("report", "torchvision:resnet18", "--input-size", 32, "--no-speed", "--data", tmp_path)
     _clean_exit(r)
-    assert "broken.png" in r.output and "not a readable image" in r.output and "remove or replace" in r.output
+    assert "broken.png" in r.output and "can be read" in r.output

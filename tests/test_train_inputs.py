@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+import torchvision
 from click.testing import CliRunner
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -19,7 +20,7 @@ import partialize
 from partialize.cli import main
 from partialize.errors import CheckpointError
 from partialize.train import finetune
-from partialize.train.data import digits_tensors, make_train_loader, write_image_folder
+from partialize.train.data import digits_tensors, image_folder_loaders, make_train_loader, write_image_folder
 
 runner = importlib.import_module("partialize.train.runner")  # the CLI's runs call finetune() from here
 
@@ -82,6 +83,27 @@ def test_a_corrupt_image_is_skipped_with_its_path(folder, tmp_path):
     assert f"skipping unreadable image {str(bad)!r}" in r.output
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[0]["train_images"] == 48  # 61 files, batch 16, drop_last: 3 full batches (the bad one replaced)
+
+
+def test_a_corrupt_validation_image_is_left_out_not_replaced(folder, tmp_path):
+    """A stand-in for an unreadable validation image would be scored twice: it is dropped, and the
+    final report (run with the report on) still gets written, with a note naming the file."""
+    root, ckpt = folder
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(root / "data", data)
+    bad = data / "val" / "03" / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    args = [a for a in _ft(ckpt, data, tmp_path / "run") if a != "--no-report"] + ["--no-speed"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert f"skipping unreadable image {str(bad)!r}" in r.output and "left out of the validation" in r.output
+    loaders = image_folder_loaders(str(data), torchvision.models.resnet18(), batch_size=16, input_size=16)
+    assert sum(int(y.numel()) for _, y in loaders.val) == 20  # 21 files, one unreadable: not 21
+    rep = json.loads((tmp_path / "run" / "report.json").read_text())["model"]
+    assert rep["accuracy"]["images"] == 20 and rep["accuracy"]["unreadable"] == 1
+    assert any("corrupt.png" in n and "1 of 21 images" in n for n in rep["notes"])
 
 
 def test_finetune_trains_at_the_plans_size(folder, tmp_path, monkeypatch):

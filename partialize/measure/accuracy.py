@@ -57,6 +57,34 @@ def load_image(path: str):
         raise DataError(f"{path!r} is not a readable image ({type(e).__name__}: {e}); remove or replace it") from None
 
 
+class _Tolerant(torch.utils.data.Dataset):
+    """A dataset whose unreadable images come back as their error message (a ``str``) instead of raising:
+    :func:`_drop_unreadable` takes them out of the batch, so the accuracy is over the readable images,
+    and says which were left out (workers cannot report back any other way)."""
+
+    def __init__(self, ds) -> None:
+        self.ds, self.classes = ds, ds.classes
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.ds[i]
+        except DataError as e:
+            return str(e)
+
+
+def _drop_unreadable(batch: list):
+    """``(images, targets, messages)``: the readable samples collated, the unreadable ones' messages."""
+    bad = [b for b in batch if isinstance(b, str)]
+    good = [b for b in batch if not isinstance(b, str)]
+    if not good:
+        return None, None, bad
+    images, target = torch.utils.data.default_collate(good)
+    return images, target, bad
+
+
 def make_loader(
     model: nn.Module,
     data: str,
@@ -66,10 +94,12 @@ def make_loader(
     limit: int | None = None,
     seed: int = 0,
     labels: bool = True,
+    tolerant: bool = False,
 ):
     """DataLoader over the validation ImageFolder with the model's timm eval transform; with ``limit``,
     over a seeded random sample of that many images (see :func:`sample_indices`). ``labels=False``:
-    the caller uses the images only (:func:`resolve_val_dir`)."""
+    the caller uses the images only (:func:`resolve_val_dir`). ``tolerant``: batches are ``(images,
+    targets, messages)`` with unreadable images left out and named in ``messages``."""
     import timm.data
     from torchvision import datasets
 
@@ -84,6 +114,11 @@ def make_loader(
     idx = sample_indices(len(ds), limit, seed)
     sub = ds if idx is None else torch.utils.data.Subset(ds, idx)
     sub.classes = ds.classes  # what the callers read, on the Subset too
+    if tolerant:
+        sub = _Tolerant(sub)
+        return torch.utils.data.DataLoader(
+            sub, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=_drop_unreadable
+        ), cfg
     return torch.utils.data.DataLoader(sub, batch_size=batch, shuffle=False, num_workers=workers), cfg
 
 
@@ -106,7 +141,7 @@ def evaluate_accuracy(
     folders than the model has outputs is scored against the first N outputs, which is only right
     if those are its classes (a warning says so). ``progress(done, total)`` is called after every batch.
     """
-    loader, cfg = make_loader(model, data, batch, workers, input_size, limit=limit)
+    loader, cfg = make_loader(model, data, batch, workers, input_size, limit=limit, tolerant=True)
     n_classes = len(loader.dataset.classes)
     total = len(loader.dataset)
     if total == 0:
@@ -114,8 +149,12 @@ def evaluate_accuracy(
     warned = False
     device = next(model.parameters()).device
     correct1 = correct5 = seen = 0
+    unreadable: list[str] = []
     with in_mode(model):
-        for images, target in loader:
+        for images, target, bad in loader:
+            unreadable += bad
+            if images is None:
+                continue
             images, target = images.to(device), target.to(device)
             logits = model(images)
             if logits.shape[1] < n_classes:
@@ -138,11 +177,20 @@ def evaluate_accuracy(
             correct5 += int(hit.any(dim=1).sum())
             seen += images.shape[0]
             if progress:
-                progress(seen, total)
+                progress(seen + len(unreadable), total)
+    if not seen:
+        raise DataError(f"no image under {resolve_val_dir(data)!r} can be read; the first: {unreadable[0]}")
+    if unreadable:
+        warnings.warn(
+            f"{len(unreadable)} of {total} images could not be read and were left out (top-1 is over the other "
+            f"{seen}); the first: {unreadable[0]}",
+            stacklevel=2,
+        )
     return {
         "top1": 100.0 * correct1 / seen,
         "top5": 100.0 * correct5 / seen,
         "images": seen,
+        "unreadable": len(unreadable),
         "classes": n_classes,
         "data": os.path.abspath(resolve_val_dir(data)),
         "transform": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},

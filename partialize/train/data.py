@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset, default_collate
 
 from ..measure.accuracy import DataError
 from .distributed import world_info
@@ -42,13 +42,15 @@ def make_train_loader(ds: Dataset, batch_size: int, seed: int, workers: int = 0,
 
 class SkipUnreadable(Dataset):
     """An ImageFolder whose unreadable files (corrupt, truncated, not an image) are skipped with a
-    warning naming the file: the next readable sample takes the place of each, so one bad file
-    does not stop a run hours in. DataError when no file can be read."""
+    warning naming the file, so one bad file does not stop a run hours in. For training the next
+    readable sample takes the place of each; with ``drop`` (validation, where a stand-in would be
+    counted twice) the sample comes back as None and :func:`collate_readable` leaves it out of the
+    batch. DataError when no file can be read."""
 
     ERRORS = (OSError, SyntaxError, ValueError)  # PIL: UnidentifiedImageError is an OSError; SyntaxError
 
-    def __init__(self, folder) -> None:
-        self.folder = folder
+    def __init__(self, folder, drop: bool = False) -> None:
+        self.folder, self.drop = folder, drop
         self.classes = folder.classes
         self.warned: set[str] = set()
 
@@ -65,11 +67,27 @@ class SkipUnreadable(Dataset):
                 path = self.folder.samples[j][0]
                 if path not in self.warned:
                     self.warned.add(path)
-                    sys.stderr.write(
-                        f"warning: skipping unreadable image {path!r} ({type(e).__name__}: {e}); the next "
-                        "readable image is used in its place. Delete or replace the file to silence this\n"
+                    instead = (
+                        "it is left out of the validation"
+                        if self.drop
+                        else "the next readable image is used in its place"
                     )
+                    sys.stderr.write(
+                        f"warning: skipping unreadable image {path!r} ({type(e).__name__}: {e}); {instead}. "
+                        "Delete or replace the file to silence this\n"
+                    )
+                if self.drop:
+                    return None
         raise DataError(f"no image under {self.folder.root!r} can be read (every file failed to open)")
+
+
+def collate_readable(batch: list):
+    """The batch without the samples :class:`SkipUnreadable` (``drop``) could not read; empty tensors
+    when none could be."""
+    good = [b for b in batch if b is not None]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return default_collate(good)
 
 
 def check_data_dir(data: str) -> tuple[str, str | None]:
@@ -121,9 +139,11 @@ def image_folder_loaders(
         batch_size = max(1, len(ds_train))
     classes = ds_train.classes
     ds_train = SkipUnreadable(ds_train)
-    ds_val = SkipUnreadable(ds_val) if ds_val is not None else None
+    ds_val = SkipUnreadable(ds_val, drop=True) if ds_val is not None else None
     train = make_train_loader(ds_train, batch_size, seed, workers)
-    val = DataLoader(ds_val, batch_size=batch_size, shuffle=False, num_workers=workers) if ds_val else None
+    val = None
+    if ds_val is not None:
+        val = DataLoader(ds_val, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_readable)
     return Loaders(
         train,
         val,

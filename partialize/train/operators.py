@@ -121,6 +121,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False) 
         loss_sum = 0.0
         try:
             for x, y in loader:
+                if not y.numel():  # every image of the batch unreadable (train.data.collate_readable)
+                    continue
                 x, y = x.to(device), y.to(device)
                 with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
                     logits = model(x)

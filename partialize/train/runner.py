@@ -13,6 +13,7 @@ import copy
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -293,8 +294,11 @@ def _report(frozen, run: _Run, input_size: int, name: str, baseline, weighted: b
             m.notes = [n for n in m.notes if not n.startswith("accuracy")]
             m.notes.append(f"accuracy not measured: {run.data!r} has no val/ folder")
     elif baseline is not None and not both:
-        rep.model.accuracy = evaluate_accuracy(frozen, run.data, input_size=input_size)
+        with warnings.catch_warnings(record=True) as seen:  # e.g. unreadable images left out: into the notes
+            warnings.simplefilter("always", UserWarning)
+            rep.model.accuracy = evaluate_accuracy(frozen, run.data, input_size=input_size)
         rep.model.notes = [n for n in rep.model.notes if not n.startswith("accuracy")]
+        rep.model.notes += [f"accuracy: {w.message}" for w in seen if issubclass(w.category, UserWarning)]
         rep.baseline.notes.append("accuracy not measured: the original's trained weights were not given")
     paths = [os.path.join(run.out_dir, "report.json"), os.path.join(run.out_dir, "report.md")]
     rep.to_json(paths[0])

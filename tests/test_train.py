@@ -130,6 +130,18 @@ def test_resume_reads_a_checkpoint_with_zero_based_epoch(digits, tmp_path):
     assert r.resumed_from_epoch == 1 and [h["epoch"] for h in r.history] == [1, 2]
 
 
+def test_resume_from_another_converted_model_is_refused_with_both_named(digits, tmp_path):
+    train, val = _loaders(digits, n_train=64)
+    kw = dict(epochs=2, lr=1e-3, out_dir=str(tmp_path), progress=False, log=None)
+    finetune(partialize.apply(tiny_net(), ratio=0.25, input_size=8), train, val, **{**kw, "epochs": 1})
+    other = partialize.apply(tiny_net(), ratio=0.5, input_size=8)
+    with pytest.raises(CheckpointError, match="another converted model") as e:
+        finetune(other, train, val, resume=True, **kw)
+    assert "another --out" in str(e.value)
+    same = partialize.apply(tiny_net(), ratio=0.25, input_size=8)  # the model it started from resumes
+    assert finetune(same, train, val, resume=True, **kw).resumed_from_epoch == 1
+
+
 def test_checkpoint_is_weights_only_and_complete(digits, tmp_path):
     train, val = _loaders(digits, n_train=64)
     m = partialize.apply(tiny_net(), ratio=0.25, input_size=8)

@@ -197,6 +197,7 @@ class Checkpoint(Callback):
         # epochs done (checkpoints without epoch_base stored the last epoch's 0-based index)
         done = int(st["epoch"]) if st.get("epoch_base") == 1 else int(st["epoch"]) + 1
         check_resume(self.last, st.get("config", {}), t.run_config, done)
+        check_same_plan(self.last, st.get("plan", ""), t.plan_json())
         try:
             t.raw.load_state_dict(st["model"])
         except RuntimeError as e:
@@ -251,6 +252,35 @@ def resumed_best(st: dict) -> float | None:
     if st.get("best_metric") == "train_loss":
         return None if st.get("best_score") is None else -float(st["best_score"])
     return st.get("best_score", st.get("best_top1"))
+
+
+def check_same_plan(path: str, old: str, new: str) -> None:
+    """CheckpointError when the checkpoint was trained from another conversion than this run's model
+    (another model, recipe or layer choice): its weights would load into the wrong layers, or not at all."""
+    if not old or not new:
+        return  # a model without a plan (not converted by partialize): the state dict check decides
+    a, b = (json.loads(p) for p in (old, new))
+    for d in (a, b):  # per layer what was done to it; not the plan's timings or notes
+        d["layers"] = [
+            (e.get("layer"), e.get("status"), e.get("variant"), e.get("ratio")) for e in d.get("entries", [])
+        ]
+    what = [k for k in ("model", "recipe", "input_shape", "layers") if a.get(k) != b.get(k)]
+    if what:
+        x, y = next(((x, y) for x, y in zip(a["layers"], b["layers"]) if x != y), (None, None))
+        layer = f"; layer {x[0]!r} is {x[2]} {x[3]} there, {y[2]} {y[3]} here" if x else ""
+        raise CheckpointError(
+            f"{path!r} was trained from another converted model (its {', '.join(what)} differ: model "
+            f"{_spec(a)}, recipe {_recipe(a)}; this run: model {_spec(b)}, recipe {_recipe(b)}{layer}); resume "
+            "with the model that run started from, or start a new run in another --out"
+        )
+
+
+def _spec(plan: dict) -> str:
+    return repr((plan.get("model") or {}).get("spec") or "a user module")
+
+
+def _recipe(plan: dict) -> str:
+    return repr((plan.get("recipe") or {}).get("name"))
 
 
 def check_resume(path: str, old: dict, new: dict, done: int) -> None:

@@ -477,6 +477,7 @@ def test_bench_models_shorthand(tmp_path):
     m = data["models"]  # the printed ratio is the second model's throughput over the first's
     ratio = m["resnet18"]["throughput_ips"]["median"] / m["resnet10t"]["throughput_ips"]["median"]
     assert f"{ratio:.2f}x" in res.output
+    assert "input 32x32; batch 2" in " ".join(res.output.split())  # the caption says what was timed
 
 
 def test_report_cli_unknown_model_is_friendly():

@@ -146,6 +146,10 @@ def test_cli_search_writes_the_recipe_and_refuses_to_overwrite(tmp_path, monkeyp
     r = CliRunner().invoke(main, args + ["--out", str(out), "--json", str(js)])
     assert r.exit_code == 0, r.output
     assert "predicted" in r.output and out.exists() and js.exists()
+    from partialize.measure.allocator import allocator_state
+
+    said = f"batch 2, input 32x32, 1 thread(s), allocator {allocator_state()['allocator']}"
+    assert said in " ".join(r.output.split()) and said in out.read_text()  # the summary and the YAML header
     assert parse_recipe(out.read_text()).rules
     r = CliRunner().invoke(main, args + ["--out", str(out)])
     assert r.exit_code == 2 and "already exists" in r.output

@@ -297,7 +297,7 @@ def search_cmd(model, target_speedup, out, json_path, threads, batch, input_size
 
     from .._fs import check_output
     from ..base_model import build_model
-    from ..recipe_search import options_for, search, write_result
+    from ..recipe_search import conditions_text, options_for, search, write_result
 
     options = options_for(variants)  # a bad name fails before anything is built
     check_output(out, force=force, option="--out")
@@ -323,10 +323,7 @@ def search_cmd(model, target_speedup, out, json_path, threads, batch, input_size
     measured = f"{res.measured_speedup:.2f}x" if res.measured_speedup is not None else "not measured"
     console.print(
         f"{len(res.recipe['rules'])} rules; predicted {res.predicted_speedup:.2f}x, measured {measured} "
-        f"(target {target_speedup:g}x; batch {batch}, "
-        + (f"{device}" if device != "cpu" else f"{threads} thread(s)")
-        + (", channels_last" if channels_last else "")
-        + f"); {res.seconds['total']:.0f} s"
+        f"(target {target_speedup:g}x; {device}, {conditions_text(res.conditions)}); {res.seconds['total']:.0f} s"
     )
     console.print(f"wrote {out}" + (f" and {json_path}" if json_path else ""))
 

@@ -455,8 +455,12 @@ def bench_models_cmd(
             f"{mem:.0f}" if mem is not None else "not measured",
         )
     threads_txt = f", {cond['threads']} thread(s)" if cond.get("threads") else ""
+    h, w = cond["input_size"][-2:]
+    layout = ", channels_last" if cond.get("channels_last") else ""
+    alloc = f"; allocator {cond['allocator']}" if cond.get("threads") else ""
     t.caption = (
-        f"{cond['device']}{threads_txt}; batch {batch}; {cond['precision']}; deployed forms; warm-up by time, "
+        f"{cond['device']}{threads_txt}; input {h}x{w}; batch {batch}; {cond['precision']}{layout}{alloc}; "
+        "deployed forms; warm-up by time, "
         f"medians of {rounds} interleaved rounds ± IQR, 'noisy' when IQR > 5% of the median; latency x = "
         "speed-up (first / this); GMACs = 1e9 multiply-adds per image."
     )

@@ -98,7 +98,8 @@ def _conditions(cond: dict | None) -> str:
         return "speed not measured"
     threads = f", {cond['threads']} thread(s)" if cond.get("threads") else ""
     return (
-        f"speed: {cond['device']}{threads}; latency at batch 1, throughput at batch {cond['batch']}; "
+        f"speed: {cond['device']}{threads}; input {'x'.join(map(str, cond.get('input_size', [])[-2:])) or '?'}; "
+        f"latency at batch 1, throughput at batch {cond['batch']}; "
         f"{cond['precision']}{', channels_last' if cond.get('channels_last') else ''}; "
         f"medians of {cond['rounds']} interleaved rounds (± IQR, [min-max])"
         + ("; freed memory reused (--allocator reuse)" if cond.get("allocator") == "reuse" else "")

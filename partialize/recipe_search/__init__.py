@@ -80,11 +80,23 @@ class SearchResult:
             + (f"{self.measured_speedup:.3f}x" if self.measured_speedup is not None else "not measured")
             + f"\n# on {self.conditions.get('machine')}"
             + (f", GPU {self.conditions['gpu']}" if self.conditions.get("gpu") else "")
-            + f", batch {self.conditions.get('batch')}"
-            + (", channels_last" if self.conditions.get("memory_format") == "channels_last" else "")
-            + "\n"
+            + f", {conditions_text(self.conditions)}\n"
         )
         return head + yaml.safe_dump(self.recipe, sort_keys=False)
+
+
+def conditions_text(cond: dict) -> str:
+    """Batch, input, threads (CPU), memory format and allocator (CPU) of a search's measurements."""
+    shape = cond.get("input_shape")
+    parts = [f"batch {cond.get('batch')}"]
+    if shape:
+        parts.append(f"input {shape[-2]}x{shape[-1]}")
+    if str(cond.get("device", "cpu")).startswith("cpu"):
+        parts.append(f"{cond.get('threads')} thread(s)")
+        parts.append(f"allocator {cond.get('allocator', 'not recorded')}")
+    if cond.get("memory_format") == "channels_last":
+        parts.append("channels_last")
+    return ", ".join(parts)
 
 
 def _device(model: nn.Module, device: str | torch.device | None) -> torch.device:

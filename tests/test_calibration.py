@@ -344,3 +344,22 @@ def test_a_calibration_that_moves_the_model_away_from_the_original_says_so():
     res = calibrate_model(conv, m, torch.randn(96, 3, 32, 32), images=96, steps=50)
     assert res.after.kl > res.before.kl
     assert any("further from the original" in n and "bn_match" in n for n in res.notes)
+
+
+def test_folder_calibration_images_come_at_the_plans_non_square_size(tmp_path):
+    """A model converted at 48x64 is calibrated on 48x64 images from a folder, not on 64x64 ones."""
+    from PIL import Image
+
+    from partialize.calibration.data import calibration_images
+
+    (tmp_path / "a").mkdir()
+    for i in range(6):
+        Image.new("RGB", (90, 70), (40 * i, 0, 0)).save(tmp_path / "a" / f"{i}.png")
+    m = timm.create_model("resnet10t", pretrained=False, num_classes=4).eval()
+    assert calibration_images(str(tmp_path), m, 3, input_size=(48, 64)).shape == (3, 3, 48, 64)
+    conv = partialize.apply(m, "default", example_input=torch.randn(1, 3, 48, 64))
+    seen = []
+    hook = conv.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape[-2:])))
+    partialize.calibrate(conv, m, str(tmp_path), images=4, steps=1)
+    hook.remove()
+    assert seen and set(seen) == {(48, 64)}

@@ -113,7 +113,7 @@ def calibrate_model(
         )
     if steps < 0 or lr <= 0 or batch_size < 1:
         raise CalibrationError(f"steps must be >= 0, lr > 0 and batch_size >= 1 (got {steps}, {lr}, {batch_size})")
-    size = input_size or (plan.input_shape[-1] if plan.input_shape else None)
+    size = input_size or (tuple(plan.input_shape[-2:]) if plan.input_shape else None)  # the plan's H x W
     # ``images`` to calibrate on and, beyond them, an eighth as many (16-256) held out for the fidelity
     # report; a folder with fewer images gives an eighth of what it has to the held-out set
     extra = min(max(16, images // 8), 256)

@@ -104,7 +104,8 @@ def make_loader(
     from torchvision import datasets
 
     root = resolve_val_dir(data, labels)
-    args = {"input_size": (3, input_size, input_size)} if input_size else {}
+    hw = tuple(input_size) if isinstance(input_size, (tuple, list)) else (input_size, input_size)
+    args = {"input_size": (3, *hw)} if input_size else {}  # (H, W): a plan converted at a non-square input
     cfg = timm.data.resolve_data_config(args, model=model)
     transform = timm.data.create_transform(**cfg, is_training=False)
     try:

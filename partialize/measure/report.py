@@ -178,6 +178,21 @@ def layer_rows(model: nn.Module, per_module_macs: dict[str, float]) -> list[dict
     return rows
 
 
+def accuracy_with_notes(model: nn.Module, data: str, **kw) -> tuple[dict, list[str]]:
+    """:func:`evaluate_accuracy` and its user warnings (class folders vs outputs, unreadable images left
+    out) as report notes, where a reader sees them; any other warning is shown as it would have been."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        accuracy = evaluate_accuracy(model, data, **kw)
+    notes = []
+    for w in seen:
+        if issubclass(w.category, UserWarning):
+            notes.append(f"accuracy: {w.message}")
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return accuracy, notes
+
+
 def measure_model(
     model: nn.Module,
     name: str,
@@ -205,14 +220,8 @@ def measure_model(
     if data is not None:
         if progress:
             progress(f"{name}: accuracy on {data}")
-        with warnings.catch_warnings(record=True) as seen:  # in the report, where a reader sees it
-            warnings.simplefilter("always")
-            accuracy = evaluate_accuracy(model, data, limit=data_limit, input_size=chw[1])
-        for w in seen:  # a user warning goes into the notes; any other is shown as it would have been
-            if issubclass(w.category, UserWarning):
-                notes.append(f"accuracy: {w.message}")
-            else:
-                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        accuracy, said = accuracy_with_notes(model, data, limit=data_limit, input_size=chw[1])
+        notes.extend(said)
     else:
         notes.append("accuracy not measured (no --data)")
     notes.extend(mb["notes"])

@@ -13,7 +13,6 @@ import copy
 import json
 import os
 import sys
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,8 +25,7 @@ from .._modes import in_mode
 from ..base_model import build_model
 from ..engine.planner import make_plan
 from ..errors import CheckpointError, PartializeError
-from ..measure.accuracy import evaluate_accuracy
-from ..measure.report import build_report, report_markdown
+from ..measure.report import accuracy_with_notes, build_report, report_markdown
 from ..models.partialnet import partialnet_train_settings
 from ..serialization import load, read_plan, save
 from . import memory
@@ -294,11 +292,8 @@ def _report(frozen, run: _Run, input_size: int, name: str, baseline, weighted: b
             m.notes = [n for n in m.notes if not n.startswith("accuracy")]
             m.notes.append(f"accuracy not measured: {run.data!r} has no val/ folder")
     elif baseline is not None and not both:
-        with warnings.catch_warnings(record=True) as seen:  # e.g. unreadable images left out: into the notes
-            warnings.simplefilter("always", UserWarning)
-            rep.model.accuracy = evaluate_accuracy(frozen, run.data, input_size=input_size)
-        rep.model.notes = [n for n in rep.model.notes if not n.startswith("accuracy")]
-        rep.model.notes += [f"accuracy: {w.message}" for w in seen if issubclass(w.category, UserWarning)]
+        rep.model.accuracy, said = accuracy_with_notes(frozen, run.data, input_size=input_size)
+        rep.model.notes = [n for n in rep.model.notes if not n.startswith("accuracy")] + said
         rep.baseline.notes.append("accuracy not measured: the original's trained weights were not given")
     paths = [os.path.join(run.out_dir, "report.json"), os.path.join(run.out_dir, "report.md")]
     rep.to_json(paths[0])
